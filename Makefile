@@ -1,0 +1,41 @@
+# The README's commands. Everything installs itself on a fresh Debian machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SEEDS ?= 10000
+NODES ?= 5
+
+.PHONY: test demo soak bench docs deps clean
+
+# Debian's Berkeley DB headers are needed to build the berkeleydb binding.
+deps:
+	@if [ ! -f /usr/include/db.h ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libdb5.3-dev; \
+		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libdb5.3-dev; fi; \
+	fi
+
+$(STAMP): setup.cfg pyproject.toml | deps
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	@touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/kommander demo
+
+soak: $(STAMP)
+	$(PY) -m kommander.testing.sim --seeds $(SEEDS) --nodes $(NODES)
+
+bench: $(STAMP)
+	$(PY) benchmarks/core_bench.py
+
+docs: $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]' --config-settings editable_mode=compat
+	$(VENV)/bin/sphinx-build -q -W -b html docs docs/_build/html
+
+clean:
+	rm -rf $(VENV) build *.egg-info docs/_build

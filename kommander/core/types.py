@@ -1,0 +1,317 @@
+"""Data the core consumes and produces: log entries, Raft messages, hard state and ``Ready``.
+
+Everything here is an immutable, slotted dataclass holding tuples, never lists, so that a value
+handed to the runtime (or shared between simulated nodes) can never change under anyone's feet.
+Node ids are strings. Log indexes and terms are non-negative integers that fit in 64 bits; index 0
+and term 0 stand for "before the first entry".
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+NodeId = str
+
+
+class EntryKind(enum.IntEnum):
+    """What an entry means to the layer that applies it. The values are part of the wire format."""
+
+    #: An application entry, applied as soon as it is committed.
+    NORMAL = 0
+    #: Appended by a new leader at the start of its term; carries nothing. Committing it commits
+    #: everything before it (Raft paper, section 8) and resolves undecided two-phase tickets.
+    NOOP = 1
+    #: A two-phase application entry: applied only when a ``COMMIT`` marker for its ticket is.
+    PROPOSED = 2
+    #: Two-phase decision: apply the ``PROPOSED`` entries of ``ticket``.
+    COMMIT = 3
+    #: Two-phase decision: discard the ``PROPOSED`` entries of ``ticket``.
+    ROLLBACK = 4
+    #: A checkpoint marker written by ``replicate_checkpoint``.
+    CHECKPOINT = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One log entry.
+
+    :ivar index: position in the partition's log, from 1, without gaps.
+    :ivar term: the leader's term when the entry was created.
+    :ivar kind: see :class:`EntryKind`.
+    :ivar log_type: the application's label for the entry (the seed's ``LogType``).
+    :ivar data: the application's payload.
+    :ivar timestamp: Hybrid Logical Clock reading taken by the runtime when it proposed the entry
+        (packed as ``physical_ms << 16 | logical``), 0 when none was given.
+    :ivar ticket: for ``PROPOSED`` entries, the ticket (index of the first entry of the proposal
+        batch); for ``COMMIT`` and ``ROLLBACK``, the ticket decided; 0 otherwise.
+    """
+
+    index: int
+    term: int
+    kind: EntryKind = EntryKind.NORMAL
+    log_type: str = ""
+    data: bytes = b""
+    timestamp: int = 0
+    ticket: int = 0
+
+    def size(self) -> int:
+        """Approximate bytes this entry costs on the wire and in memory, for batching limits."""
+        return len(self.data) + len(self.log_type) + 24
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """What the runtime hands to :meth:`RaftNode.propose` for one entry; the core adds index and term."""
+
+    log_type: str
+    data: bytes
+    timestamp: int = 0
+    kind: EntryKind = EntryKind.NORMAL
+    ticket: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HardState:
+    """State that must be durable before any message depending on it leaves the node.
+
+    ``commit`` is persisted for faster recovery only; losing it is safe.
+    """
+
+    term: int = 0
+    vote: NodeId | None = None
+    commit: int = 0
+
+
+class Role(enum.Enum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre-candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+@dataclass(frozen=True, slots=True)
+class SoftState:
+    """Volatile state the runtime reports to the application: who leads, and in which term."""
+
+    role: Role
+    leader: NodeId | None
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadState:
+    """A confirmed ReadIndex request: once ``index`` is applied locally, reading is linearizable."""
+
+    context: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotMeta:
+    """Describes a state-machine snapshot: it holds the effect of every entry up to ``index``."""
+
+    index: int
+    term: int
+
+
+# --------------------------------------------------------------------------- messages
+# Every message carries the sender's term, its id and the recipient's id. Messages are per
+# partition: the runtime adds the partition number when it hands them to a transport.
+
+
+@dataclass(frozen=True, slots=True)
+class VoteRequest:
+    """RequestVote (and PreVote when ``pre_vote``). ``transfer`` marks a leadership transfer,
+    which lets voters ignore their leader lease."""
+
+    term: int
+    src: NodeId
+    dst: NodeId
+    last_index: int
+    last_term: int
+    pre_vote: bool = False
+    transfer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VoteResponse:
+    term: int
+    src: NodeId
+    dst: NodeId
+    granted: bool
+    pre_vote: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AppendEntries:
+    """AppendEntries carrying ``entries`` that follow ``(prev_index, prev_term)``."""
+
+    term: int
+    src: NodeId
+    dst: NodeId
+    prev_index: int
+    prev_term: int
+    entries: tuple[Entry, ...]
+    commit: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppendEntriesResponse:
+    """Reply to :class:`AppendEntries`.
+
+    On success ``index`` is the last index the follower now holds in agreement with the leader.
+    On rejection ``index`` is the rejected ``prev_index`` and ``(hint_index, hint_term)`` tell the
+    leader where the logs may agree: the follower's last index at or below ``prev_index`` whose
+    term is at most the rejected ``prev_term``, and that entry's term.
+    """
+
+    term: int
+    src: NodeId
+    dst: NodeId
+    success: bool
+    index: int
+    hint_index: int = 0
+    hint_term: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Leader liveness and commit propagation. ``commit`` never exceeds what the follower is known
+    to hold. ``context`` numbers the heartbeat round, which confirms ReadIndex requests."""
+
+    term: int
+    src: NodeId
+    dst: NodeId
+    commit: int
+    context: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatResponse:
+    term: int
+    src: NodeId
+    dst: NodeId
+    context: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutNow:
+    """Leadership transfer: the recipient starts an election at once, skipping PreVote."""
+
+    term: int
+    src: NodeId
+    dst: NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class InstallSnapshot:
+    """The leader's log no longer holds what the follower needs: install the snapshot ``meta``.
+
+    The core only names the snapshot; the runtime streams its bytes and steps this message into
+    the follower's core once the follower holds the whole snapshot.
+    """
+
+    term: int
+    src: NodeId
+    dst: NodeId
+    meta: SnapshotMeta
+
+
+# --------------------------------------------------------------------------- runtime messages
+# Snapshot bytes are streamed by the runtime, not the core; these travel over the same transport.
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    """A piece of the snapshot ``meta`` from the leader: ``data`` belongs at byte ``offset``;
+    ``done`` marks the last piece."""
+
+    term: int
+    src: NodeId
+    dst: NodeId
+    meta: SnapshotMeta
+    offset: int
+    data: bytes
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChunkAck:
+    """The follower's reply to a :class:`SnapshotChunk`: it holds ``offset`` bytes of snapshot
+    ``meta`` (flow control). ``success`` is false when it wants the transfer restarted from 0."""
+
+    term: int
+    src: NodeId
+    dst: NodeId
+    meta: SnapshotMeta
+    offset: int
+    success: bool
+
+
+Message = (
+    VoteRequest
+    | VoteResponse
+    | AppendEntries
+    | AppendEntriesResponse
+    | Heartbeat
+    | HeartbeatResponse
+    | TimeoutNow
+    | InstallSnapshot
+    | SnapshotChunk
+    | SnapshotChunkAck
+)
+
+MESSAGE_TYPES: tuple[type, ...] = (
+    VoteRequest,
+    VoteResponse,
+    AppendEntries,
+    AppendEntriesResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    TimeoutNow,
+    InstallSnapshot,
+    SnapshotChunk,
+    SnapshotChunkAck,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Everything the core wants done, handed out once by :meth:`RaftNode.ready`.
+
+    The runtime's contract, which the simulator enforces:
+
+    1. Persist ``hard_state`` (when not ``None``) and ``entries`` as one ordered write. When
+       ``entries`` starts at or below the last stored index, the stored suffix from
+       ``entries[0].index`` is replaced. Writes of successive ``Ready`` objects are applied in the
+       order ``ready()`` returned them.
+    2. ``messages`` may be sent at once, before that write completes: they are a leader's
+       replication traffic, which the Raft thesis (section 10.2.1) allows in parallel with the
+       leader's own disk write because the leader counts itself towards a quorum only once
+       ``advance`` tells it its entries are durable.
+    3. ``persisted_messages`` (votes, vote requests, replies to the leader) must not leave the node
+       before this ``Ready``'s write is durable: they promise what is on disk.
+    4. ``snapshot``, when set, must be installed in the state machine (and recorded in the WAL)
+       before ``committed_entries`` are applied.
+    5. ``committed_entries`` are applied in order; they never run ahead of what is durable locally.
+    6. Call :meth:`RaftNode.advance` with this object once its write is durable, in ``ready()`` order.
+
+    ``soft_state`` is set when the role, leader or term changed. ``read_states`` are confirmed
+    ReadIndex requests.
+    """
+
+    hard_state: HardState | None = None
+    entries: tuple[Entry, ...] = ()
+    messages: tuple[Message, ...] = ()
+    persisted_messages: tuple[Message, ...] = ()
+    committed_entries: tuple[Entry, ...] = ()
+    read_states: tuple[ReadState, ...] = ()
+    soft_state: SoftState | None = None
+    snapshot: SnapshotMeta | None = None
+    #: ReadIndex contexts that will never be confirmed (leadership lost or never held).
+    dropped_reads: tuple[int, ...] = field(default=())
+
+    def must_persist(self) -> bool:
+        """Whether the runtime has anything to write for this ``Ready``."""
+        return self.hard_state is not None or bool(self.entries) or self.snapshot is not None

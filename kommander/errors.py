@@ -1,0 +1,21 @@
+"""Every Kommander error; one root, :class:`KommanderError`."""
+
+from kommander.core.errors import (
+    CompactedError,
+    ConfigurationError,
+    FrameTooLarge,
+    KommanderError,
+    NotLeader,
+    ProposalDropped,
+    ProtocolError,
+)
+
+__all__ = [
+    "CompactedError",
+    "ConfigurationError",
+    "FrameTooLarge",
+    "KommanderError",
+    "NotLeader",
+    "ProposalDropped",
+    "ProtocolError",
+]

@@ -1,0 +1,239 @@
+"""The collaborators of a Kommander node, as zope interfaces.
+
+:class:`kommander.manager.RaftManager` is written against these and nothing else: a transport,
+a write-ahead log, a discovery service, a clock and a state machine. Built-in implementations live
+in :mod:`kommander.plugins`; third parties ship their own and register them through the pluggy
+hooks of :mod:`kommander.hookspecs`.
+
+Conventions for every interface here:
+
+* Methods that do I/O return a :class:`twisted.internet.defer.Deferred`; the docstring says what it
+  fires with and which failures it may carry. Errors are :class:`kommander.errors.KommanderError`
+  subclasses unless stated otherwise.
+* Everything is called from the reactor thread. An implementation that needs threads (Berkeley DB)
+  keeps them to itself and fires its Deferreds on the reactor thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zope.interface import Attribute, Interface
+
+from kommander.core.types import Entry, HardState, SnapshotMeta
+
+
+@dataclass(frozen=True, slots=True)
+class WalWrite:
+    """One partition's share of a :meth:`IWAL.write` batch.
+
+    :ivar partition: the partition number.
+    :ivar hard_state: new hard state, or ``None`` to keep the stored one.
+    :ivar entries: entries to append. If ``entries[0].index`` is at or below the stored last index,
+        the stored suffix from that index on is removed first (a conflicting suffix), in the same
+        atomic write. ``entries`` are contiguous and never leave a gap after the stored log.
+    """
+
+    partition: int
+    hard_state: HardState | None = None
+    entries: tuple[Entry, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WalState:
+    """What :meth:`IWAL.load` finds for one partition.
+
+    :ivar hard_state: the last stored hard state (``HardState()`` on a fresh log).
+    :ivar checkpoint: the last compaction point, or ``None``; every entry at or below
+        ``checkpoint.index`` was compacted away.
+    :ivar entries: the stored entries after the checkpoint, contiguous, in index order.
+    """
+
+    hard_state: HardState = field(default_factory=HardState)
+    checkpoint: SnapshotMeta | None = None
+    entries: tuple[Entry, ...] = ()
+
+
+class IWAL(Interface):
+    """A durable, per-partition Raft log plus hard state.
+
+    Ordering: operations take effect in the order they were called, whatever thread does the work;
+    a read issued after a write sees that write. Durability: when a Deferred returned by a mutating
+    method fires, its effect survives a process crash (and, in ``sync`` mode, a power failure).
+    A failed write leaves the log as it was before the call: nothing partial is ever visible.
+    """
+
+    durability = Attribute("``'sync'`` (fsync before firing) or ``'nosync'`` (see the docs' risks).")
+
+    def open(partitions: int) -> "Deferred[None]":
+        """Open or create the log for partitions ``0 .. partitions-1``. Recovers after a crash."""
+
+    def close() -> "Deferred[None]":
+        """Finish pending writes, flush and release every resource. Idempotent."""
+
+    def load(partition: int) -> "Deferred[WalState]":
+        """Read back what is stored for ``partition``: hard state, checkpoint and entries."""
+
+    def write(batch: "Sequence[WalWrite]") -> "Deferred[None]":
+        """Apply a group of writes, possibly for many partitions, atomically and with one sync.
+
+        This is group commit: the runtime gathers what every partition produced in one reactor
+        turn into one call. Fires once the whole batch is durable.
+        """
+
+    def read(partition: int, low: int, high: int) -> "Deferred[tuple[Entry, ...]]":
+        """Entries with ``low <= index <= high`` (fewer if the log ends sooner).
+
+        Fails with :class:`kommander.errors.CompactedError` if ``low`` is at or below the checkpoint.
+        """
+
+    def last_index_and_term(partition: int) -> "Deferred[tuple[int, int]]":
+        """The last stored ``(index, term)``, the checkpoint's when no entry follows it, else (0, 0)."""
+
+    def truncate_suffix(partition: int, from_index: int) -> "Deferred[None]":
+        """Remove every entry with ``index >= from_index``. Never reaches at or below the checkpoint."""
+
+    def compact(partition: int, checkpoint: SnapshotMeta) -> "Deferred[None]":
+        """Record ``checkpoint`` and remove every entry with ``index <= checkpoint.index``.
+
+        If the stored entry at ``checkpoint.index`` does not have ``checkpoint.term`` (a snapshot
+        installed from the leader over a divergent log), every entry is removed. Never moves the
+        checkpoint backwards: an older checkpoint is ignored.
+        """
+
+
+class IMessageReceiver(Interface):
+    """What a transport delivers to: the :class:`RaftManager`."""
+
+    node_id = Attribute("This node's id; messages for another id are refused by the transport.")
+    cluster_id = Attribute("The cluster's id; peers of another cluster are refused.")
+    partitions = Attribute("The number of partitions; a message for one out of range is refused.")
+
+    def message_received(peer: str, partition: int, message: object) -> None:
+        """One decoded message from ``peer`` (the id the connection's handshake proved)."""
+
+    def peer_status_changed(peer: str, connected: bool) -> None:
+        """The connection to ``peer`` came up or went down."""
+
+
+class ITransport(Interface):
+    """Carries Raft messages between nodes; one channel per peer shared by every partition.
+
+    Delivery is best effort: messages may be lost, duplicated or reordered between channels, and
+    Raft retransmits. Within one channel, messages arrive in the order sent. A message is delivered
+    with the partition it was sent for, never another.
+    """
+
+    def start(receiver: IMessageReceiver) -> "Deferred[None]":
+        """Begin listening and accept peers; fires once the listening port is bound."""
+
+    def stop() -> "Deferred[None]":
+        """Close every connection and the listening port."""
+
+    def update_peers(peers: "Mapping[str, str]") -> None:
+        """Set the known peers: node id -> endpoint description to connect to.
+
+        Connections to peers no longer listed are closed; new ones are opened lazily or at once.
+        """
+
+    def send(peer: str, messages: "Sequence[tuple[int, object]]") -> None:
+        """Queue ``(partition, message)`` pairs for ``peer``.
+
+        Never blocks and never raises for network trouble: when the peer is unreachable or its
+        outgoing queue is full, messages are dropped (and counted). Messages queued during one
+        reactor turn go out together.
+        """
+
+    def is_connected(peer: str) -> bool:
+        """Whether a channel to ``peer`` is up now."""
+
+
+class IDiscovery(Interface):
+    """Tells the node which other nodes make up the cluster."""
+
+    def start() -> "Deferred[None]":
+        """Begin discovering; fires when the initial view is known."""
+
+    def stop() -> "Deferred[None]":
+        """Stop announcing and listening."""
+
+    def nodes() -> "Mapping[str, str]":
+        """The cluster's nodes now, this one included: node id -> peer endpoint description."""
+
+    def subscribe(callback: "Callable[[Mapping[str, str]], None]") -> "Callable[[], None]":
+        """Call ``callback(nodes)`` whenever the view changes; returns a function that unsubscribes."""
+
+
+class IClock(Interface):
+    """A Hybrid Logical Clock.
+
+    Readings are ``int`` values packing ``physical_ms << 16 | logical``; ties between nodes are
+    broken by node id where a total order is needed. Readings strictly increase on one node, and
+    after :meth:`update` with a remote reading every later local reading is greater than it.
+    """
+
+    node_id = Attribute("The node id used to break ties.")
+
+    def now() -> int:
+        """A reading for a local or send event, greater than every earlier one on this node."""
+
+    def update(remote: int) -> int:
+        """Merge a remote reading (a receive event) and return a reading greater than both."""
+
+
+class IStateMachine(Interface):
+    """The application's replicated state machine.
+
+    :meth:`apply` is called with committed entries strictly in log order, once per index per process
+    lifetime; after a restart entries are replayed from the last checkpoint. Only application
+    entries arrive here (``NORMAL`` entries and the ``PROPOSED`` entries of committed tickets);
+    Kommander's own markers do not.
+    """
+
+    def apply(partition: int, entry: Entry) -> "bool | None | Deferred[bool | None]":
+        """Apply one committed entry. ``False`` (or a failure) reports a replication error, which is
+        logged and fired as ``on_replication_error``; the log still moves on, so ``apply`` must be
+        deterministic: every node must reach the same verdict."""
+
+    def checkpoint(partition: int, index: int) -> "Deferred[None] | None":
+        """A checkpoint entry at ``index`` was applied; everything up to ``index`` may be
+        snapshotted. Called in log order like :meth:`apply`."""
+
+
+class IRaft(Interface):
+    """The public face of a node (:class:`kommander.manager.RaftManager`)."""
+
+    def join_cluster() -> "Deferred[None]":
+        """Open the WAL, restore every partition, start transport and discovery, start ticking."""
+
+    def leave_cluster() -> "Deferred[None]":
+        """Stop ticking, fail pending operations, stop transport and discovery, close the WAL."""
+
+    def am_i_leader(partition: int) -> bool:
+        """Whether this node leads ``partition`` now (as far as it knows)."""
+
+    def get_leader(partition: int) -> "str | None":
+        """The node id this node believes leads ``partition``, or ``None``."""
+
+    def wait_for_leader(partition: int, timeout: float) -> "Deferred[str]":
+        """Fires with the leader's id once one is known; fails with ``TimeoutError`` after ``timeout``."""
+
+    def replicate_logs(
+        partition: int, log_type: str, data: "bytes | Sequence[bytes]", auto_commit: bool = True
+    ) -> "Deferred[ReplicationResult]":
+        """Replicate one or more entries. Never fails: problems are reported in the result's status."""
+
+    def commit_logs(partition: int, ticket_id: int) -> "Deferred[ReplicationResult]":
+        """Commit the entries of a two-phase ticket so that they are applied."""
+
+    def rollback_logs(partition: int, ticket_id: int) -> "Deferred[ReplicationResult]":
+        """Discard the entries of a two-phase ticket; refused once they are applied."""
+
+    def replicate_checkpoint(partition: int) -> "Deferred[ReplicationResult]":
+        """Write a checkpoint marker; once applied the log below it may be compacted."""
+
+    def read_index(partition: int) -> "Deferred[int]":
+        """Linearizable read barrier: fires with a commit index once it is applied locally.
+
+        Fails with :class:`kommander.errors.NotLeader` when this node does not lead.
+        """

@@ -1,0 +1,1 @@
+"""Test helpers shipped with Kommander: the deterministic simulator and conformance suites."""
