@@ -108,12 +108,16 @@ class IMessageReceiver(Interface):
     node_id = Attribute("This node's id; messages for another id are refused by the transport.")
     cluster_id = Attribute("The cluster's id; peers of another cluster are refused.")
     partitions = Attribute("The number of partitions; a message for one out of range is refused.")
+    metadata = Attribute(
+        "``Mapping[str, str]`` this node advertises to peers in the handshake, such as its HTTP URL "
+        "(``{'http': 'http://127.0.0.1:9001'}``); at most 16 items of at most 1,024 characters."
+    )
 
     def message_received(peer: str, partition: int, message: object) -> None:
         """One decoded message from ``peer`` (the id the connection's handshake proved)."""
 
-    def peer_status_changed(peer: str, connected: bool) -> None:
-        """The connection to ``peer`` came up or went down."""
+    def peer_status_changed(peer: str, connected: bool, metadata: "Mapping[str, str]") -> None:
+        """The connection to ``peer`` came up (with the metadata it advertised) or went down."""
 
 
 class ITransport(Interface):
