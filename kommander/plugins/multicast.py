@@ -1,0 +1,327 @@
+"""Discovery by UDP multicast announcements on a local network.
+
+Every node periodically sends one datagram to a multicast group::
+
+    b"KMDR" | version (1 byte) | CBOR map {"cluster": str, "node": str, "endpoint": str,
+                                           "metadata": {str: str}}
+
+The CBOR part must be in canonical form (RFC 8949 section 4.2.1, as ``cbor2.dumps(...,
+canonical=True)`` writes it) with exactly those keys: a datagram is accepted only if re-encoding
+what was decoded gives the same bytes, which refuses duplicate keys, tags, indefinite lengths and
+trailing bytes in one check. Anything else, and announcements of other clusters, are ignored with a
+rate-limited log line; a datagram can never make discovery fail.
+
+**Nodes never leave the view.** Discovery only tells the runtime *where* nodes are; who votes is
+decided by Raft. If a node that stopped announcing (crashed, partitioned, or just losing UDP
+packets) were dropped from the view, a runtime or operator that derived membership from the view
+would shrink the quorum behind Raft's back, and two halves of a partition could each elect a
+leader. A silent node is Raft's business: it keeps being contacted and catches up when it returns.
+A node that announces a new endpoint for its id (a restart on another port) replaces its old
+endpoint. :meth:`MulticastDiscovery.last_seen` tells operators which nodes have gone quiet.
+
+There is no authentication: use it on trusted networks, and keep ``ttl`` at 1 (one subnet) or 0
+(this host). The socket is bound to the group address, and the group is joined and sent to on the
+pinned ``interface`` only (``127.0.0.1`` by default, so nothing leaves the host unless you choose
+an interface). Binding to the group address works on Linux and the BSDs, not on Windows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import cbor2
+from twisted.internet import defer, task
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from kommander.core.errors import ConfigurationError
+from kommander.interfaces import IDiscovery
+
+MAGIC = b"KMDR"
+VERSION = 1
+DEFAULT_GROUP = "239.255.42.99"
+#: Unassigned by IANA and below Linux's ephemeral range, so it does not collide with client sockets.
+DEFAULT_PORT = 24816
+DEFAULT_INTERFACE = "127.0.0.1"
+DEFAULT_INTERVAL = 1.0
+#: Larger datagrams are refused; well under Ethernet's fragmentation-free limit would be better,
+#: but metadata may carry URLs. Ours is checked against this at construction.
+MAX_DATAGRAM_BYTES = 8192
+MAX_ENDPOINT_CHARS = 1024
+MAX_METADATA_ITEMS = 16
+MAX_METADATA_CHARS = 1024
+#: Seconds (of the reactor's clock) between two log lines about ignored datagrams of one kind.
+LOG_INTERVAL = 10.0
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_HEADER = MAGIC + bytes([VERSION])
+_KEYS = frozenset({"cluster", "node", "endpoint", "metadata"})
+
+
+class MalformedAnnouncement(ValueError):
+    """A datagram is not a well-formed announcement; the message says why."""
+
+
+def _check_text(what: str, value: Any, high: int) -> str:
+    if type(value) is not str or not 1 <= len(value) <= high:
+        raise MalformedAnnouncement(f"{what} must be a string of 1-{high} characters")
+    return value
+
+
+def _check_fields(cluster: Any, node: Any, endpoint: Any, metadata: Any) -> None:
+    _check_text("cluster", cluster, 128)
+    if type(node) is not str or not _NODE_ID.match(node):
+        raise MalformedAnnouncement("node must be a valid node id")
+    _check_text("endpoint", endpoint, MAX_ENDPOINT_CHARS)
+    if type(metadata) is not dict or len(metadata) > MAX_METADATA_ITEMS:
+        raise MalformedAnnouncement(f"metadata must be a map of at most {MAX_METADATA_ITEMS} items")
+    for key, value in metadata.items():
+        _check_text("metadata key", key, MAX_METADATA_CHARS)
+        if type(value) is not str or len(value) > MAX_METADATA_CHARS:
+            raise MalformedAnnouncement(f"metadata value must be a string of at most {MAX_METADATA_CHARS} characters")
+
+
+def encode_announcement(cluster: str, node: str, endpoint: str, metadata: Mapping[str, str]) -> bytes:
+    """The datagram announcing ``node`` of ``cluster`` at ``endpoint``.
+
+    :raises MalformedAnnouncement: a field breaks the limits peers enforce.
+    """
+    metadata = dict(metadata)
+    _check_fields(cluster, node, endpoint, metadata)
+    body = {"cluster": cluster, "node": node, "endpoint": endpoint, "metadata": metadata}
+    return _HEADER + cbor2.dumps(body, canonical=True)
+
+
+def decode_announcement(data: bytes) -> tuple[str, str, str, dict[str, str]]:
+    """Parse a datagram into ``(cluster, node, endpoint, metadata)``.
+
+    :raises MalformedAnnouncement: for anything but a well-formed announcement of this version.
+    """
+    if len(data) > MAX_DATAGRAM_BYTES:
+        raise MalformedAnnouncement(f"{len(data)} bytes, more than {MAX_DATAGRAM_BYTES}")
+    if not data.startswith(MAGIC):
+        raise MalformedAnnouncement("bad magic")
+    if data[: len(_HEADER)] != _HEADER:
+        raise MalformedAnnouncement(f"unsupported version {data[len(MAGIC):len(MAGIC) + 1]!r}")
+    payload = data[len(_HEADER) :]
+    try:
+        body = cbor2.loads(payload)
+    except Exception as exc:  # untrusted bytes: any decoder complaint means "malformed"
+        raise MalformedAnnouncement(f"not CBOR: {exc}") from None
+    if type(body) is not dict or set(body) != _KEYS:
+        raise MalformedAnnouncement(f"expected a map with keys {sorted(_KEYS)}")
+    _check_fields(body["cluster"], body["node"], body["endpoint"], body["metadata"])
+    if cbor2.dumps(body, canonical=True) != payload:
+        raise MalformedAnnouncement("not canonical CBOR (duplicate keys, tags or trailing bytes)")
+    return body["cluster"], body["node"], body["endpoint"], body["metadata"]
+
+
+class _AnnouncementProtocol(DatagramProtocol):
+    def __init__(self, discovery: "MulticastDiscovery") -> None:
+        self._discovery = discovery
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self._discovery.datagram_received(datagram, addr)
+
+
+@implementer(IDiscovery)
+class MulticastDiscovery:
+    """Finds the nodes of one cluster through periodic multicast announcements.
+
+    :param reactor: provides ``listenMulticast`` and ``callLater``.
+    :param node_id: this node's id.
+    :param cluster_id: announcements of other clusters are ignored.
+    :param endpoint: the client endpoint description peers use to reach this node's transport.
+    :param metadata: what this node advertises (such as its HTTP URL).
+    :param group: the IPv4 multicast group.
+    :param port: the UDP port every node of the group uses.
+    :param interface: the local address the group is joined and sent on (the only one used).
+    :param ttl: multicast TTL: 0 keeps datagrams on this host, 1 on this subnet.
+    :param interval: seconds between announcements.
+    :param seeds: nodes known in advance (node id -> endpoint), in the view from the start.
+    :raises ConfigurationError: a setting is out of range or the announcement would be refused.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        node_id: str,
+        cluster_id: str,
+        endpoint: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        group: str = DEFAULT_GROUP,
+        port: int = DEFAULT_PORT,
+        interface: str = DEFAULT_INTERFACE,
+        ttl: int = 1,
+        interval: float = DEFAULT_INTERVAL,
+        seeds: Mapping[str, str] | None = None,
+    ) -> None:
+        if not 1 <= port <= 65535:
+            raise ConfigurationError(f"multicast port {port}: use 1-65535")
+        if not 0 <= ttl <= 255:
+            raise ConfigurationError(f"multicast ttl {ttl}: use 0-255 (0: this host, 1: this subnet)")
+        if not interval > 0:
+            raise ConfigurationError(f"multicast interval {interval}: use a positive number of seconds")
+        try:
+            self._announcement = encode_announcement(cluster_id, node_id, endpoint, metadata or {})
+        except MalformedAnnouncement as exc:
+            raise ConfigurationError(f"multicast discovery cannot announce this node: {exc}") from None
+        if len(self._announcement) > MAX_DATAGRAM_BYTES:
+            raise ConfigurationError(f"multicast announcement of {len(self._announcement)} bytes: shrink the metadata")
+        self._reactor = reactor
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.endpoint = endpoint
+        self.group = group
+        self.port = port
+        self.interface = interface
+        self.ttl = ttl
+        self.interval = interval
+        self._view: dict[str, str] = {node_id: endpoint}
+        for seed_id, seed_endpoint in (seeds or {}).items():
+            if seed_id != node_id:
+                self._view[seed_id] = seed_endpoint
+        self._metadata: dict[str, Mapping[str, str]] = {node_id: MappingProxyType(dict(metadata or {}))}
+        self._last_seen: dict[str, float] = {}
+        self._subscribers: list[Callable[[Mapping[str, str]], None]] = []
+        self._protocol = _AnnouncementProtocol(self)
+        self._port: Any = None
+        self._loop: task.LoopingCall | None = None
+        #: Ignored datagrams by reason, for tests and metrics.
+        self.ignored: Counter[str] = Counter()
+        self._logged_at: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ IDiscovery
+
+    def start(self) -> defer.Deferred[None]:
+        """Bind, join the group on the pinned interface and send the first announcement.
+
+        Fires once the first announcement is sent; the initial view is this node plus the seeds.
+        Fails (and releases the socket) when the group cannot be joined.
+        """
+        if self._port is not None:
+            return defer.succeed(None)
+        port = self._port = self._reactor.listenMulticast(
+            self.port, self._protocol, interface=self.group, maxPacketSize=MAX_DATAGRAM_BYTES + 1, listenMultiple=True
+        )
+        port.setTTL(self.ttl)
+        # Loopback delivery lets several nodes on one host (and tests) hear each other.
+        port.setLoopbackMode(True)
+        d = defer.maybeDeferred(port.setOutgoingInterface, self.interface)
+        d.addCallback(lambda _: port.joinGroup(self.group, self.interface))
+        d.addCallbacks(self._joined, self._failed_to_join, callbackArgs=(port,), errbackArgs=(port,))
+        return d
+
+    def _joined(self, _: object, port: Any) -> None:
+        if self._port is not port:
+            return  # stopped while joining
+        self._loop = task.LoopingCall(self.announce)
+        self._loop.clock = self._reactor
+        self._loop.start(self.interval, now=True)
+
+    def _failed_to_join(self, failure: Any, port: Any) -> Any:
+        if self._port is port:
+            self._port = None
+            port.stopListening()
+        return failure
+
+    def stop(self) -> defer.Deferred[None]:
+        """Stop announcing and close the socket (which leaves the group). Idempotent."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        port, self._port = self._port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening).addCallback(lambda _: None)
+
+    def nodes(self) -> Mapping[str, str]:
+        """Every node seen or seeded, this one included: node id -> endpoint (a snapshot)."""
+        return MappingProxyType(dict(self._view))
+
+    def subscribe(self, callback: Callable[[Mapping[str, str]], None]) -> Callable[[], None]:
+        """Call ``callback(nodes)`` after every change of the view; returns the unsubscribe function."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    # ------------------------------------------------------------------ extras
+
+    def metadata(self, node_id: str) -> Mapping[str, str]:
+        """What ``node_id`` advertised in its last announcement (empty if never heard)."""
+        return self._metadata.get(node_id, MappingProxyType({}))
+
+    def last_seen(self) -> Mapping[str, float]:
+        """Reactor time of the last announcement heard from each node (not this one, not seeds)."""
+        return MappingProxyType(dict(self._last_seen))
+
+    def announce(self) -> None:
+        """Send this node's announcement now (also done every ``interval`` seconds)."""
+        if self._port is None:
+            return
+        try:
+            self._port.write(self._announcement, (self.group, self.port))
+        except OSError as exc:
+            # A route change or a downed interface must not kill the LoopingCall: retry next time.
+            self._ignore("send-failed", "multicast announcement not sent: {error}", error=exc)
+
+    # ------------------------------------------------------------------ receiving
+
+    def datagram_received(self, datagram: bytes, addr: Any) -> None:
+        """Handle one datagram from the group. Never raises for bad input."""
+        try:
+            cluster, node, endpoint, metadata = decode_announcement(datagram)
+        except MalformedAnnouncement as exc:
+            self._ignore("malformed", "ignored a malformed discovery datagram from {addr}: {why}", addr=addr, why=exc)
+            return
+        if cluster != self.cluster_id:
+            self._ignore("other-cluster", "ignored an announcement of cluster {cluster!r} from {addr}", cluster=cluster, addr=addr)
+            return
+        if node == self.node_id:
+            if endpoint != self.endpoint:
+                self._ignore(
+                    "duplicate-id", "another node at {addr} announces our id with endpoint {endpoint!r}", addr=addr, endpoint=endpoint
+                )
+            return
+        self._last_seen[node] = self._reactor.seconds()
+        self._metadata[node] = MappingProxyType(metadata)
+        previous = self._view.get(node)
+        if previous == endpoint:
+            return
+        if previous is None:
+            self._log.info("discovered node {node} at {endpoint}", node=node, endpoint=endpoint)
+            # Answer a newcomer at once instead of making it wait up to one interval for us.
+            self.announce()
+        else:
+            self._log.info("node {node} moved from {old} to {new}", node=node, old=previous, new=endpoint)
+        self._view[node] = endpoint
+        self._notify()
+
+    def _notify(self) -> None:
+        view = self.nodes()
+        for callback in list(self._subscribers):
+            try:
+                callback(view)
+            except Exception:
+                self._log.failure("discovery subscriber {callback!r} failed", callback=callback)
+
+    def _ignore(self, reason: str, fmt: str, **fields: Any) -> None:
+        self.ignored[reason] += 1
+        now = self._reactor.seconds()
+        last = self._logged_at.get(reason)
+        if last is not None and now - last < LOG_INTERVAL:
+            return
+        self._logged_at[reason] = now
+        self._log.warn(fmt + " ({count} of this kind so far)", count=self.ignored[reason], **fields)

@@ -1,0 +1,270 @@
+"""Tests of static and multicast discovery (kommander.plugins.static, kommander.plugins.multicast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import cbor2
+import pytest
+from twisted.internet import task
+from zope.interface.verify import verifyObject
+
+from kommander.core.errors import ConfigurationError
+from kommander.interfaces import IDiscovery
+from kommander.plugins.multicast import (
+    MAGIC,
+    MAX_DATAGRAM_BYTES,
+    VERSION,
+    MalformedAnnouncement,
+    MulticastDiscovery,
+    decode_announcement,
+    encode_announcement,
+)
+from kommander.plugins.static import StaticDiscovery
+
+SCENARIO = Path(__file__).with_name("multicast_scenario.py")
+
+
+# ----------------------------------------------------------------------------- static
+
+
+def test_static_provides_idiscovery() -> None:
+    """StaticDiscovery provides IDiscovery."""
+    assert verifyObject(IDiscovery, StaticDiscovery({"a": "tcp:host=127.0.0.1:port=1"}))
+
+
+def test_static_reports_the_configured_nodes() -> None:
+    """StaticDiscovery's view is exactly the mapping given, and a copy of it."""
+    given = {"a": "tcp:host=127.0.0.1:port=1", "b": "tcp:host=127.0.0.1:port=2"}
+    discovery = StaticDiscovery(given)
+    given["c"] = "tcp:host=127.0.0.1:port=3"
+    assert dict(discovery.nodes()) == {"a": "tcp:host=127.0.0.1:port=1", "b": "tcp:host=127.0.0.1:port=2"}
+
+
+def test_static_start_fires_and_subscribers_are_never_called() -> None:
+    """start/stop fire at once; subscribing works and unsubscribing is idempotent."""
+    discovery = StaticDiscovery({"a": "x"})
+    calls: list[object] = []
+    unsubscribe = discovery.subscribe(calls.append)
+    fired: list[object] = []
+    discovery.start().addCallback(fired.append)
+    discovery.stop().addCallback(fired.append)
+    unsubscribe()
+    unsubscribe()
+    assert fired == [None, None]
+    assert calls == []
+
+
+def test_static_refuses_empty_entries() -> None:
+    """An empty node id or endpoint is refused at construction."""
+    with pytest.raises(ValueError):
+        StaticDiscovery({"a": ""})
+
+
+# ----------------------------------------------------------------------------- datagram format
+
+
+def test_announcement_round_trip() -> None:
+    """encode_announcement output decodes back to the same fields."""
+    data = encode_announcement("c1", "n1", "tcp:host=127.0.0.1:port=5", {"http": "http://x"})
+    assert data.startswith(MAGIC + bytes([VERSION]))
+    assert decode_announcement(data) == ("c1", "n1", "tcp:host=127.0.0.1:port=5", {"http": "http://x"})
+
+
+def _body(**fields: object) -> dict:
+    body = {"cluster": "c", "node": "n", "endpoint": "e", "metadata": {}}
+    body.update(fields)
+    return body
+
+
+@pytest.mark.parametrize(
+    "datagram",
+    [
+        b"",
+        b"KMD",
+        b"XXXX" + bytes([VERSION]) + cbor2.dumps(_body(), canonical=True),
+        MAGIC + bytes([VERSION + 1]) + cbor2.dumps(_body(), canonical=True),
+        MAGIC + bytes([VERSION]) + b"\xff",
+        MAGIC + bytes([VERSION]) + cbor2.dumps([1, 2]),
+        MAGIC + bytes([VERSION]) + cbor2.dumps(_body(extra="x"), canonical=True),
+        MAGIC + bytes([VERSION]) + cbor2.dumps(_body(node=""), canonical=True),
+        MAGIC + bytes([VERSION]) + cbor2.dumps(_body(node="bad id"), canonical=True),
+        MAGIC + bytes([VERSION]) + cbor2.dumps(_body(endpoint=b"bytes"), canonical=True),
+        MAGIC + bytes([VERSION]) + cbor2.dumps(_body(metadata={"k": 1}), canonical=True),
+        MAGIC + bytes([VERSION]) + cbor2.dumps(_body(metadata={str(i): "v" for i in range(17)}), canonical=True),
+        MAGIC + bytes([VERSION]) + cbor2.dumps(_body(), canonical=True) + b"\x00",
+        MAGIC + bytes([VERSION]) + cbor2.dumps(cbor2.CBORTag(55799, _body()), canonical=True),
+        MAGIC + bytes([VERSION]) + b"x" * MAX_DATAGRAM_BYTES,
+    ],
+)
+def test_decode_refuses_malformed_datagrams(datagram: bytes) -> None:
+    """Bad magic, version, CBOR, keys, types, limits, tags, trailing bytes and size are refused."""
+    with pytest.raises(MalformedAnnouncement):
+        decode_announcement(datagram)
+
+
+def test_decode_refuses_non_canonical_cbor() -> None:
+    """A map whose keys are not in canonical order is refused, which also rules out duplicates."""
+    body = _body()
+    unordered = cbor2.dumps(dict(reversed(list(body.items()))))
+    assert unordered != cbor2.dumps(body, canonical=True)
+    with pytest.raises(MalformedAnnouncement, match="canonical"):
+        decode_announcement(MAGIC + bytes([VERSION]) + unordered)
+
+
+# ----------------------------------------------------------------------------- view logic (no sockets)
+
+
+def _discovery(clock: task.Clock, **kwargs: object) -> MulticastDiscovery:
+    return MulticastDiscovery(clock, "n1", "c1", "tcp:host=127.0.0.1:port=1", **kwargs)
+
+
+def test_multicast_provides_idiscovery() -> None:
+    """MulticastDiscovery provides IDiscovery."""
+    assert verifyObject(IDiscovery, _discovery(task.Clock()))
+
+
+def test_multicast_view_starts_with_self_and_seeds() -> None:
+    """Before anything is heard the view is this node plus the seeds (a seed for our own id is ignored)."""
+    d = _discovery(task.Clock(), seeds={"n2": "tcp:host=127.0.0.1:port=2", "n1": "elsewhere"})
+    assert dict(d.nodes()) == {"n1": "tcp:host=127.0.0.1:port=1", "n2": "tcp:host=127.0.0.1:port=2"}
+
+
+def test_multicast_adds_nodes_of_its_cluster_and_notifies() -> None:
+    """An announcement of our cluster adds the node, records its metadata and notifies subscribers once."""
+    clock = task.Clock()
+    clock.advance(42)
+    d = _discovery(clock)
+    views: list[dict] = []
+    d.subscribe(lambda view: views.append(dict(view)))
+    datagram = encode_announcement("c1", "n2", "tcp:host=127.0.0.1:port=2", {"http": "h"})
+    d.datagram_received(datagram, ("127.0.0.1", 5))
+    d.datagram_received(datagram, ("127.0.0.1", 5))
+    assert views == [{"n1": "tcp:host=127.0.0.1:port=1", "n2": "tcp:host=127.0.0.1:port=2"}]
+    assert dict(d.metadata("n2")) == {"http": "h"}
+    assert d.last_seen() == {"n2": 42}
+
+
+def test_multicast_replaces_a_moved_endpoint_and_never_removes_nodes() -> None:
+    """A node announcing a new endpoint replaces the old one; silence never removes a node."""
+    clock = task.Clock()
+    d = _discovery(clock)
+    d.datagram_received(encode_announcement("c1", "n2", "old", {}), None)
+    d.datagram_received(encode_announcement("c1", "n2", "new", {}), None)
+    clock.advance(3600)
+    assert d.nodes()["n2"] == "new"
+
+
+def test_multicast_ignores_other_clusters_garbage_and_own_id() -> None:
+    """Other clusters, garbage and another node claiming our id are counted, not added."""
+    d = _discovery(task.Clock())
+    calls: list[object] = []
+    d.subscribe(calls.append)
+    d.datagram_received(encode_announcement("other", "n3", "e", {}), None)
+    d.datagram_received(b"\x00garbage", None)
+    d.datagram_received(encode_announcement("c1", "n1", "impostor", {}), None)
+    d.datagram_received(encode_announcement("c1", "n1", "tcp:host=127.0.0.1:port=1", {}), None)
+    assert set(d.nodes()) == {"n1"}
+    assert calls == []
+    assert d.ignored == {"other-cluster": 1, "malformed": 1, "duplicate-id": 1}
+
+
+def test_multicast_rate_limits_its_log() -> None:
+    """Many bad datagrams produce one warning per LOG_INTERVAL, while all are counted."""
+    from twisted.logger import globalLogPublisher
+
+    clock = task.Clock()
+    d = _discovery(clock)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _ in range(100):
+            d.datagram_received(b"junk", None)
+        clock.advance(11)
+        d.datagram_received(b"junk", None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warned = [e for e in events if "malformed discovery datagram" in e.get("log_format", "")]
+    assert len(warned) == 2
+    assert d.ignored["malformed"] == 101
+
+
+def test_multicast_subscriber_failure_does_not_break_discovery() -> None:
+    """A subscriber that raises is logged; later subscribers are still called and the view updated."""
+    d = _discovery(task.Clock())
+    seen: list[object] = []
+
+    def broken(view: object) -> None:
+        raise RuntimeError("boom")
+
+    d.subscribe(broken)
+    unsubscribe = d.subscribe(seen.append)
+    d.datagram_received(encode_announcement("c1", "n2", "e2", {}), None)
+    unsubscribe()
+    d.datagram_received(encode_announcement("c1", "n3", "e3", {}), None)
+    assert len(seen) == 1
+    assert set(d.nodes()) == {"n1", "n2", "n3"}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"port": 0}, {"ttl": 256}, {"interval": 0}, {"metadata": {"k": "v" * 2000}}],
+)
+def test_multicast_refuses_bad_settings(kwargs: dict) -> None:
+    """Out-of-range port, TTL, interval or oversized metadata fail at construction."""
+    with pytest.raises(ConfigurationError):
+        _discovery(task.Clock(), **kwargs)
+
+
+def test_multicast_stop_before_start_is_harmless() -> None:
+    """stop() on a discovery that never started fires at once."""
+    fired: list[object] = []
+    _discovery(task.Clock()).stop().addCallback(fired.append)
+    assert fired == [None]
+
+
+# ----------------------------------------------------------------------------- real sockets
+
+
+def _namespace_prefix() -> list[str] | None:
+    """``unshare -n`` wrapper when a private network namespace can be made here, else None."""
+    unshare, ip = shutil.which("unshare"), shutil.which("ip")
+    if unshare is None or ip is None:
+        return None
+    probe = subprocess.run([unshare, "-n", ip, "link", "set", "lo", "up"], capture_output=True, timeout=10)
+    return [unshare, "-n", "sh", "-c", f'{ip} link set lo up && exec "$0" "$@"'] if probe.returncode == 0 else None
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_multicast_nodes_find_each_other_over_loopback() -> None:
+    """Three nodes on loopback (TTL 0, private namespace when possible) converge within seconds,
+    see each other's metadata, and ignore the garbage and the foreign cluster sent to the group."""
+    prefix = _namespace_prefix()
+    if prefix is None and os.environ.get("KOMMANDER_TEST_NO_HOST_MULTICAST"):
+        pytest.skip("no private network namespace and host multicast disabled")
+    command = [sys.executable, str(SCENARIO), "--port", str(_free_udp_port()), "--nodes", "3", "--timeout", "10"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SCENARIO.parent.parent), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run((prefix or []) + command, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    want = {"n0", "n1", "n2"}
+    for node, view in result["views"].items():
+        assert set(view) == want, (node, view)
+        assert view["n2"] == "tcp:host=127.0.0.1:port=9002"
+    assert result["metadata"]["n0"]["n1"] == {"http": "http://127.0.0.1:9101"}
+    assert result["converged_after"] < 10
+    # n0 listened while the garbage was sent: every datagram was ignored, none crashed it.
+    assert sum(result["ignored"]["n0"].values()) == result["garbage_sent"]
+    assert result["ignored"]["n0"]["other-cluster"] == 1
+    assert all(count == 2 for count in result["changes"].values())
