@@ -1,0 +1,426 @@
+"""The blocking half of the Berkeley DB write-ahead log: every call here does disk I/O.
+
+:class:`BDBStore` is used by exactly one thread, the writer thread of
+:class:`~kommander.plugins.bdb.BerkeleyDBWAL`, so it needs no locks of its own and opens the
+environment without ``DB_THREAD``. Nothing here knows about Twisted.
+
+Layout: one transactional environment in the log's directory holding one file, ``wal.db``, with
+a ``meta`` table and a ``log.<partition>`` table per partition (see :mod:`.bdb_codec`). One file
+keeps the number of open file descriptors constant however many partitions there are.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import Callable, Sequence
+
+from berkeleydb import db
+
+from kommander.core.errors import CompactedError, KommanderError
+from kommander.core.types import Entry, HardState, SnapshotMeta
+from kommander.interfaces import WalState, WalWrite
+from kommander.plugins import bdb_codec as codec
+from kommander.plugins.wal_common import (
+    COMPACT_ALL,
+    COMPACT_IGNORE,
+    COMPACT_PREFIX,
+    LogBounds,
+    WALError,
+    after_truncate,
+    check_append,
+    check_compact,
+    check_partition,
+    check_truncate,
+    term_before,
+)
+
+DATA_FILE = "wal.db"
+LOCK_FILE = "kommander-wal.lock"
+
+# Operation kinds of :meth:`BDBStore.apply`.
+WRITE = "write"
+TRUNCATE = "truncate_suffix"
+COMPACT = "compact"
+
+_ENV_FLAGS = (
+    db.DB_CREATE | db.DB_INIT_TXN | db.DB_INIT_LOG | db.DB_INIT_LOCK | db.DB_INIT_MPOOL | db.DB_RECOVER
+    # The environment belongs to one process (the lock file enforces it) and is recovered on
+    # every open anyway, so its regions live in this process's heap rather than in __db.* files
+    # that a crash would leave behind.
+    | db.DB_PRIVATE
+)
+
+
+class BDBStore:
+    """Berkeley DB storage for a write-ahead log, driven synchronously by one thread.
+
+    :param path: the environment directory (created if missing).
+    :param durability: ``"sync"`` or ``"nosync"`` (see :class:`~kommander.plugins.bdb.BerkeleyDBWAL`).
+    :param cache_bytes: size of Berkeley DB's page cache.
+    :param log_file_bytes: size at which Berkeley DB starts a new log file.
+    :param page_size: page size of the tables, fixed when ``wal.db`` is created.
+    """
+
+    def __init__(
+        self, path: str, durability: str, cache_bytes: int, log_file_bytes: int, page_size: int = 16384
+    ) -> None:
+        self.path = path
+        self.durability = durability
+        self.cache_bytes = cache_bytes
+        self.log_file_bytes = log_file_bytes
+        self.page_size = page_size
+        self._env: db.DBEnv | None = None
+        self._meta: db.DB | None = None
+        self._logs: dict[int, db.DB] = {}
+        self._bounds: dict[int, LogBounds] = {}
+        self._partitions = 0
+        self._lock_fd: int | None = None
+        #: Committed transactions (each one log flush in ``sync`` mode) and the operations they held.
+        self.transactions = 0
+        self.operations = 0
+        #: Bytes of records written since the last Berkeley DB checkpoint (an estimate of log growth).
+        self.bytes_since_checkpoint = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self, partitions: int) -> None:
+        """Open (creating or recovering) the environment and a table per partition.
+
+        :raises WALError: when another process holds the directory or Berkeley DB fails.
+        """
+        if not isinstance(partitions, int) or partitions < 1:
+            raise WALError(f"partitions must be a positive integer, not {partitions!r}")
+        os.makedirs(self.path, exist_ok=True)
+        self._lock_directory()
+        try:
+            self._open_environment()
+            txn = self._env.txn_begin()
+            try:
+                self._meta = self._open_table("meta", txn)
+                stored_format = self._meta.get(codec.FORMAT_KEY, txn=txn)
+                if stored_format is None:
+                    self._meta.put(codec.FORMAT_KEY, codec.FORMAT, txn=txn)
+                elif stored_format != codec.FORMAT:
+                    raise WALError(f"{self.path} holds an unknown log format {stored_format!r}")
+                for partition in range(partitions):
+                    self._logs[partition] = self._open_table(f"log.{partition}", txn)
+                    self._bounds[partition] = self._read_bounds(partition, txn)
+            except BaseException:
+                txn.abort()
+                raise
+            txn.commit()
+            self._partitions = partitions
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, KommanderError):
+                raise
+            raise WALError(f"cannot open the log in {self.path}: {exc}", cause=exc) from exc
+
+    def close(self) -> None:
+        """Checkpoint, close every table and the environment, release the directory. Idempotent.
+
+        :raises WALError: when Berkeley DB fails to close cleanly (everything is released anyway).
+        """
+        problem: BaseException | None = None
+        if self._env is not None and self._partitions:
+            try:
+                # A checkpoint at close makes the next open's recovery start from here.
+                self._env.txn_checkpoint(0, 0, db.DB_FORCE)
+            except db.DBError as exc:
+                problem = exc
+        for table in [*self._logs.values(), self._meta]:
+            if table is not None:
+                try:
+                    table.close()
+                except db.DBError as exc:
+                    problem = problem or exc
+        self._logs.clear()
+        self._bounds.clear()
+        self._meta = None
+        self._partitions = 0
+        if self._env is not None:
+            try:
+                self._env.close()
+            except db.DBError as exc:
+                problem = problem or exc
+            self._env = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+        if problem is not None:
+            raise WALError(f"closing the log in {self.path} failed: {problem}", cause=problem) from problem
+
+    def checkpoint_log(self) -> None:
+        """Flush the cache to ``wal.db`` and write a Berkeley DB checkpoint, so that log files no
+        longer needed for recovery are removed (``DB_LOG_AUTO_REMOVE``)."""
+        if self._env is not None:
+            self._env.txn_checkpoint(0, 0, 0)
+            self.bytes_since_checkpoint = 0
+
+    def log_files(self) -> list[str]:
+        """Names of the Berkeley DB log files now in the directory."""
+        return sorted(name for name in os.listdir(self.path) if name.startswith("log.0"))
+
+    # ------------------------------------------------------------------ reads
+
+    def load(self, partition: int) -> WalState:
+        """Hard state, checkpoint and entries of ``partition``, by one cursor pass in key order."""
+        table = self._table(partition)
+        raw = self._meta.get(codec.hard_state_key(partition))
+        hard_state = codec.decode_hard_state(raw) if raw is not None else HardState()
+        return WalState(hard_state, self._bounds[partition].checkpoint, self._scan(table, None, None))
+
+    def read(self, partition: int, low: int, high: int) -> tuple[Entry, ...]:
+        """Entries ``low <= index <= high``.
+
+        :raises CompactedError: when ``low`` is at or below the checkpoint.
+        """
+        table = self._table(partition)
+        bounds = self._bounds[partition]
+        if bounds.checkpoint is not None and low <= bounds.floor:
+            raise CompactedError(f"partition {partition}: index {low} is at or below the checkpoint")
+        if high < low or low > bounds.last_index:
+            return ()
+        return self._scan(table, max(low, 1), high)
+
+    def last_index_and_term(self, partition: int) -> tuple[int, int]:
+        """The last stored ``(index, term)`` (kept in memory; no I/O)."""
+        self._table(partition)
+        bounds = self._bounds[partition]
+        return bounds.last_index, bounds.last_term
+
+    # ------------------------------------------------------------------ writes
+
+    def apply(self, operations: Sequence[tuple[str, tuple]]) -> list[BaseException | None]:
+        """Apply mutating operations in order, in ONE transaction committed with one log flush.
+
+        An operation that breaks the contract is refused on its own (its result is the error) and
+        leaves nothing behind, because every check of an operation runs before its first change.
+        A Berkeley DB failure aborts the transaction: every operation fails with a
+        :class:`WALError` carrying the cause, and nothing of the group is visible.
+
+        :param operations: ``(kind, args)`` pairs: ``(WRITE, (batch,))``,
+            ``(TRUNCATE, (partition, from_index))``, ``(COMPACT, (partition, checkpoint))``.
+        :returns: one result per operation: ``None`` for success, else the exception.
+        """
+        results: list[BaseException | None] = []
+        staged: dict[int, LogBounds] = {}
+        txn = self._begin()
+        try:
+            for kind, args in operations:
+                try:
+                    actions, bounds = self._plan(kind, args, staged, txn)
+                except db.DBError:
+                    raise
+                except Exception as exc:
+                    # A malformed request fails alone; the rest of the group still commits.
+                    if not isinstance(exc, KommanderError):
+                        exc = WALError(f"invalid {kind} request: {exc!r}", cause=exc)
+                    results.append(exc)
+                    continue
+                for action in actions:
+                    action(txn)
+                staged.update(bounds)
+                results.append(None)
+            committing, txn = txn, None
+            # Commit flushes the log to disk in sync mode (one fsync for the whole group) and
+            # only writes it to the OS with DB_TXN_WRITE_NOSYNC. On failure BDB aborts it.
+            committing.commit()
+        except Exception as exc:
+            if txn is not None:
+                self._abort(txn)
+            error = WALError(f"the write was rolled back: {exc}", cause=exc)
+            return [error for _ in operations]
+        self._bounds.update(staged)
+        self.transactions += 1
+        self.operations += len(operations)
+        return results
+
+    # ------------------------------------------------------------------ internals
+
+    def _lock_directory(self) -> None:
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise WALError(f"{self.path} is in use by another process", cause=exc) from exc
+        self._lock_fd = fd
+
+    def _open_environment(self) -> None:
+        env = db.DBEnv()
+        env.set_cachesize(self.cache_bytes // (1 << 30), self.cache_bytes % (1 << 30), 1)
+        env.set_lg_max(self.log_file_bytes)
+        # Berkeley DB wants log files at least four times the in-memory log buffer.
+        env.set_lg_bsize(min(1 << 20, self.log_file_bytes // 4))
+        env.log_set_config(db.DB_LOG_AUTO_REMOVE, 1)
+        if self.durability == "nosync":
+            env.set_flags(db.DB_TXN_WRITE_NOSYNC, 1)
+        env.open(self.path, _ENV_FLAGS, 0o600)
+        self._env = env
+
+    def _open_table(self, name: str, txn: db.DBTxn) -> db.DB:
+        table = db.DB(self._env)
+        table.set_get_returns_none(2)
+        table.set_pagesize(self.page_size)
+        table.open(DATA_FILE, name, dbtype=db.DB_BTREE, flags=db.DB_CREATE, mode=0o600, txn=txn)
+        return table
+
+    def _read_bounds(self, partition: int, txn: db.DBTxn) -> LogBounds:
+        raw = self._meta.get(codec.checkpoint_key(partition), txn=txn)
+        checkpoint = codec.decode_checkpoint(raw) if raw is not None else None
+        bounds = LogBounds(checkpoint, checkpoint.index if checkpoint else 0, checkpoint.term if checkpoint else 0)
+        cursor = self._logs[partition].cursor(txn)
+        try:
+            last = cursor.last()
+        finally:
+            cursor.close()
+        if last is not None:
+            bounds.last_index = codec.key_index(last[0])[0]
+            bounds.last_term = codec.entry_term(last[1])
+        return bounds
+
+    def _table(self, partition: int) -> db.DB:
+        if self._env is None:
+            raise WALError("the log is not open")
+        check_partition(partition, self._partitions)
+        return self._logs[partition]
+
+    def _begin(self) -> db.DBTxn:
+        if self._env is None:
+            raise WALError("the log is not open")
+        return self._env.txn_begin()
+
+    @staticmethod
+    def _abort(txn: db.DBTxn) -> None:
+        try:
+            txn.abort()
+        except db.DBError:
+            pass  # the environment is failing already; the caller reports the original error
+
+    def _bounds_of(self, partition: int, staged: dict[int, LogBounds]) -> LogBounds:
+        self._table(partition)
+        return (staged.get(partition) or self._bounds[partition]).copy()
+
+    def _term_at(self, partition: int, index: int, bounds: LogBounds, txn: db.DBTxn) -> int | None:
+        known = term_before(bounds, index)
+        if known is not None:
+            return known
+        raw = self._logs[partition].get(codec.index_key(index), txn=txn)
+        return codec.entry_term(raw) if raw is not None else None
+
+    def _plan(
+        self, kind: str, args: tuple, staged: dict[int, LogBounds], txn: db.DBTxn
+    ) -> tuple[list[Callable[[db.DBTxn], None]], dict[int, LogBounds]]:
+        """Check one operation and encode what it stores; no change is made yet.
+
+        :returns: the changes to make, as callables taking the transaction, and the partitions'
+            bounds once they are made.
+        :raises KommanderError: when the operation breaks the contract.
+        """
+        if kind == WRITE:
+            return self._plan_write(args[0], staged)
+        partition = args[0]
+        bounds = self._bounds_of(partition, staged)
+        table = self._logs[partition]
+        if kind == TRUNCATE:
+            from_index = args[1]
+            if not check_truncate(partition, bounds, from_index):
+                return [], {}
+            from_index = max(from_index, bounds.floor + 1)
+            after_truncate(bounds, from_index, self._term_at(partition, from_index - 1, bounds, txn) or 0)
+            return [lambda t: _delete_from(table, from_index, t)], {partition: bounds}
+        if kind == COMPACT:
+            checkpoint = args[1]
+            stored = None
+            if isinstance(checkpoint, SnapshotMeta) and isinstance(checkpoint.index, int):
+                if bounds.floor < checkpoint.index <= bounds.last_index:
+                    stored = self._term_at(partition, checkpoint.index, bounds, txn)
+            decision = check_compact(partition, bounds, checkpoint, stored)
+            if decision == COMPACT_IGNORE:
+                return [], {}
+            value = codec.encode_checkpoint(checkpoint)
+            key = codec.checkpoint_key(partition)
+            actions = [lambda t: self._meta.put(key, value, txn=t)]
+            if decision == COMPACT_PREFIX:
+                actions.append(lambda t: _delete_through(table, checkpoint.index, t))
+            elif decision == COMPACT_ALL:
+                actions.append(lambda t: table.truncate(txn=t))
+            return actions, {partition: bounds}
+        raise WALError(f"unknown operation {kind!r}")
+
+    def _plan_write(self, batch: Sequence[WalWrite], staged: dict[int, LogBounds]):
+        scratch: dict[int, LogBounds] = {}
+        actions: list[Callable[[db.DBTxn], None]] = []
+        for item in batch:
+            if not isinstance(item, WalWrite):
+                raise WALError(f"a batch holds WalWrite objects, not {item!r}")
+            partition = item.partition
+            bounds = scratch.get(partition) or self._bounds_of(partition, staged)
+            scratch[partition] = bounds
+            table = self._logs[partition]
+            if item.entries:
+                truncate_from = check_append(partition, bounds, item.entries)
+                records = [(codec.index_key(e.index), codec.encode_entry(e)) for e in item.entries]
+                self.bytes_since_checkpoint += sum(len(value) for _, value in records)
+                if truncate_from is not None:
+                    actions.append(lambda t, table=table, start=truncate_from: _delete_from(table, start, t))
+                actions.append(lambda t, table=table, records=records: _put_all(table, records, t))
+            if item.hard_state is not None:
+                if not isinstance(item.hard_state, HardState):
+                    raise WALError(f"partition {partition}: hard_state must be a HardState")
+                key, value = codec.hard_state_key(partition), codec.encode_hard_state(item.hard_state)
+                actions.append(lambda t, key=key, value=value: self._meta.put(key, value, txn=t))
+        return actions, scratch
+
+    def _scan(self, table: db.DB, low: int | None, high: int | None) -> tuple[Entry, ...]:
+        # The hot path of load(): one cursor pass, locals bound once, no per-entry method lookups.
+        decode, key_index, log_types = codec.decode_entry, codec.key_index, {}
+        out: list[Entry] = []
+        append = out.append
+        cursor = table.cursor()
+        try:
+            record = cursor.first() if low is None else cursor.set_range(codec.index_key(low))
+            step = cursor.next
+            while record is not None:
+                (index,) = key_index(record[0])
+                if high is not None and index > high:
+                    break
+                append(decode(index, record[1], log_types))
+                record = step()
+        finally:
+            cursor.close()
+        return tuple(out)
+
+
+def _put_all(table: db.DB, records: list[tuple[bytes, bytes]], txn: db.DBTxn) -> None:
+    put = table.put
+    for key, value in records:
+        put(key, value, txn=txn)
+
+
+def _delete_from(table: db.DB, index: int, txn: db.DBTxn) -> None:
+    """Delete every entry with an index at or above ``index``."""
+    cursor = table.cursor(txn)
+    try:
+        record = cursor.set_range(codec.index_key(index))
+        while record is not None:
+            cursor.delete()
+            record = cursor.next()
+    finally:
+        cursor.close()
+
+
+def _delete_through(table: db.DB, index: int, txn: db.DBTxn) -> None:
+    """Delete every entry with an index at or below ``index``."""
+    last_key = codec.index_key(index)
+    cursor = table.cursor(txn)
+    try:
+        record = cursor.first()
+        while record is not None and record[0] <= last_key:
+            cursor.delete()
+            record = cursor.next()
+    finally:
+        cursor.close()
+
