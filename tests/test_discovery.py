@@ -254,7 +254,10 @@ def test_multicast_nodes_find_each_other_over_loopback() -> None:
     if prefix is None and os.environ.get("KOMMANDER_TEST_NO_HOST_MULTICAST"):
         pytest.skip("no private network namespace and host multicast disabled")
     command = [sys.executable, str(SCENARIO), "--port", str(_free_udp_port()), "--nodes", "3", "--timeout", "10"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SCENARIO.parent.parent), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(SCENARIO.parent.parent), os.environ.get("PYTHONPATH")])),
+    )
     done = subprocess.run((prefix or []) + command, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])

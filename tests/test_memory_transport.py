@@ -19,7 +19,9 @@ from kommander.plugins.memory_transport import MemoryNetwork, MemoryTransport
 class Receiver:
     """Records what a transport delivers."""
 
-    def __init__(self, node_id: str, partitions: int = 4, cluster_id: str = "c", metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self, node_id: str, partitions: int = 4, cluster_id: str = "c", metadata: Mapping[str, str] | None = None
+    ):
         self.node_id = node_id
         self.cluster_id = cluster_id
         self.partitions = partitions

@@ -71,7 +71,13 @@ class ClockPlugin:
 def test_every_kind_has_a_documented_non_firstresult_hook() -> None:
     """Each kind's hook exists, is not firstresult, and its docstring says so."""
     registry = PluginRegistry(builtins=False, autoload=False)
-    for hook in ("kommander_transports", "kommander_wals", "kommander_discoveries", "kommander_clocks", "kommander_state_machines"):
+    for hook in (
+        "kommander_transports",
+        "kommander_wals",
+        "kommander_discoveries",
+        "kommander_clocks",
+        "kommander_state_machines",
+    ):
         caller = getattr(registry.plugin_manager.hook, hook)
         assert caller.spec is not None and caller.spec.opts["firstresult"] is False
         assert "Not ``firstresult``" in getattr(hookspecs, hook).__doc__
@@ -238,7 +244,16 @@ def test_factory_errors_carry_a_note_naming_the_plugin() -> None:
 
 @pytest.mark.parametrize(
     "value, disabled",
-    [("", False), ("0", False), ("false", False), ("No", False), ("off", False), ("1", True), ("true", True), ("yes", True)],
+    [
+        ("", False),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+        ("1", True),
+        ("true", True),
+        ("yes", True),
+    ],
 )
 def test_autoload_switch_values(value: str, disabled: bool) -> None:
     """KOMMANDER_DISABLE_PLUGIN_AUTOLOAD counts as set for true values only."""
@@ -249,7 +264,9 @@ def test_autoload_switch_values(value: str, disabled: bool) -> None:
 def test_autoload_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Entry points are loaded only when autoload is not disabled (the test suite disables it)."""
     calls: list[str] = []
-    monkeypatch.setattr(pluggy.PluginManager, "load_setuptools_entrypoints", lambda self, group, name=None: calls.append(group) or 0)
+    monkeypatch.setattr(
+        pluggy.PluginManager, "load_setuptools_entrypoints", lambda self, group, name=None: calls.append(group) or 0
+    )
     assert autoload_disabled()  # tests/conftest.py guarantees this
     PluginRegistry()
     assert calls == []
@@ -309,7 +326,8 @@ def test_builtin_factories_build_verified_objects(kind, name, module, interface,
 def test_static_factory_includes_this_node_and_the_peers() -> None:
     """The static plugin's view is the peers plus this node at its advertised endpoint."""
     discovery = PluginRegistry(autoload=False).create_discovery(
-        "static", make_ctx(peers={"n2": "tcp:host=127.0.0.1:port=2"}, options={"advertise": "tcp:host=10.0.0.1:port=7001"})
+        "static",
+        make_ctx(peers={"n2": "tcp:host=127.0.0.1:port=2"}, options={"advertise": "tcp:host=10.0.0.1:port=7001"}),
     )
     assert dict(discovery.nodes()) == {"n2": "tcp:host=127.0.0.1:port=2", "n1": "tcp:host=10.0.0.1:port=7001"}
 
@@ -327,7 +345,9 @@ def test_multicast_factory_reads_its_options() -> None:
     assert "n2" in discovery.nodes()
 
 
-@pytest.mark.parametrize("options", [{"multicast_port": "x"}, {"multicast_port": "70000"}, {"multicast_interval": "-1"}])
+@pytest.mark.parametrize(
+    "options", [{"multicast_port": "x"}, {"multicast_port": "70000"}, {"multicast_interval": "-1"}]
+)
 def test_bad_options_are_configuration_errors(options: dict) -> None:
     """Unparsable or out-of-range options raise ConfigurationError naming the option."""
     with pytest.raises(ConfigurationError, match="option multicast_"):
@@ -337,7 +357,9 @@ def test_bad_options_are_configuration_errors(options: dict) -> None:
 def test_bdb_factory_refuses_unknown_durability(tmp_path) -> None:
     """durability must be sync or nosync; the check runs before Berkeley DB is imported."""
     with pytest.raises(ConfigurationError, match="durability"):
-        PluginRegistry(autoload=False).create_wal("bdb", make_ctx(data_dir=str(tmp_path), options={"durability": "fast"}))
+        PluginRegistry(autoload=False).create_wal(
+            "bdb", make_ctx(data_dir=str(tmp_path), options={"durability": "fast"})
+        )
 
 
 def test_hlc_factory_follows_the_reactor_clock() -> None:
@@ -387,7 +409,9 @@ def _install(target: Path, work: Path) -> str:
     shutil.copytree(PLUGIN_DIST, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     if _pip_can_build():
         command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
-        done = subprocess.run(command + ["--target", str(target), str(source)], capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            command + ["--target", str(target), str(source)], capture_output=True, text=True, timeout=180
+        )
         assert done.returncode == 0, done.stderr
         return "pip"
     # The venv's setuptools cannot build wheels offline (it needs the 'wheel' package before 70.1).
@@ -406,8 +430,7 @@ def _install(target: Path, work: Path) -> str:
     return "layout"
 
 
-_PROBE = textwrap.dedent(
-    """
+_PROBE = textwrap.dedent("""
     import json
     from twisted.internet import task
     from kommander.config import RaftConfiguration
@@ -426,8 +449,7 @@ _PROBE = textwrap.dedent(
     except UnknownPluginError as exc:
         result["error"] = str(exc)
     print(json.dumps(result))
-    """
-)
+    """)
 
 
 def _probe(target: Path, disable: str) -> dict:

@@ -294,7 +294,11 @@ class MemoryTransport:
             self.network.stats["dropped.unreachable"] += len(messages)
             return
         for partition, _message in messages:
-            if isinstance(partition, bool) or not isinstance(partition, int) or not 0 <= partition < self.receiver.partitions:
+            if (
+                isinstance(partition, bool)
+                or not isinstance(partition, int)
+                or not 0 <= partition < self.receiver.partitions
+            ):
                 raise ValueError(f"partition {partition!r} outside 0..{self.receiver.partitions - 1}")
         self.network._send(self, peer, list(messages))
 

@@ -287,12 +287,20 @@ class MulticastDiscovery:
             self._ignore("malformed", "ignored a malformed discovery datagram from {addr}: {why}", addr=addr, why=exc)
             return
         if cluster != self.cluster_id:
-            self._ignore("other-cluster", "ignored an announcement of cluster {cluster!r} from {addr}", cluster=cluster, addr=addr)
+            self._ignore(
+                "other-cluster",
+                "ignored an announcement of cluster {cluster!r} from {addr}",
+                cluster=cluster,
+                addr=addr,
+            )
             return
         if node == self.node_id:
             if endpoint != self.endpoint:
                 self._ignore(
-                    "duplicate-id", "another node at {addr} announces our id with endpoint {endpoint!r}", addr=addr, endpoint=endpoint
+                    "duplicate-id",
+                    "another node at {addr} announces our id with endpoint {endpoint!r}",
+                    addr=addr,
+                    endpoint=endpoint,
                 )
             return
         self._last_seen[node] = self._reactor.seconds()
