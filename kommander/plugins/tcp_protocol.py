@@ -1,0 +1,305 @@
+"""The per-connection half of the TCP transport: framing, handshake and message checks.
+
+:class:`FrameReceiver` splits a byte stream into length-prefixed frames (4-byte big-endian length,
+then one CBOR item). :class:`PeerConnection` runs the handshake and checks every message before
+the owning :class:`~kommander.plugins.tcp.TCPTransport` sees it; the transport decides which
+connections to keep. Any violation closes the connection with a log line naming the peer address
+and the reason, and nothing reaches the receiver.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
+
+from kommander.codec import Handshake, decode_handshake, decode_message
+from kommander.core.errors import FrameTooLarge, ProtocolError
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress, IDelayedCall
+    from twisted.python.failure import Failure
+
+    from kommander.plugins.tcp import TCPTransport
+
+PREFIX_BYTES = 4
+#: Until a peer's handshake is accepted its frames may be at most this large: a handshake with
+#: the largest legal metadata (16 items of 1,024 four-byte characters each way) fits, and a
+#: stranger cannot make us buffer ``max_frame_bytes`` before saying who it is.
+HANDSHAKE_MAX_BYTES = 256 * 1024
+#: Frames are handed to the transport in writes of about this size, so that Twisted's buffer,
+#: which pauses us beyond 64 KiB, never holds much more than one such write plus one frame.
+WRITE_CHUNK_BYTES = 1024 * 1024
+
+
+def length_prefix(body: bytes) -> bytes:
+    """The 4-byte big-endian length that precedes ``body`` on the wire."""
+    return len(body).to_bytes(PREFIX_BYTES, "big")
+
+
+def describe_address(address: IAddress | None) -> str:
+    """``host:port`` for IP addresses, ``repr`` for anything else (UNIX sockets, test doubles)."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return repr(address)
+
+
+class FrameReceiver(Protocol):
+    """Splits a stream into frames: a 4-byte big-endian body length, then the body.
+
+    Like Twisted's ``IntNStringReceiver`` but with the limit set per instance (Twisted's default
+    of 99,999 bytes is far too small for a batch of entries) and with incoming data kept as a list
+    of chunks joined once per frame: re-concatenating the whole buffer on every read, as the
+    Twisted class does, is quadratic for a 16 MiB frame arriving in 64 KiB reads.
+    Memory held per connection is bounded by ``MAX_LENGTH`` plus one read.
+    """
+
+    #: The largest body accepted; a larger declared length calls :meth:`frame_too_large`.
+    MAX_LENGTH = 16 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._offset = 0  # bytes of _chunks[0] already consumed
+        self._buffered = 0  # unconsumed bytes in _chunks
+        self._body_length: int | None = None  # length of the frame in progress, once known
+        self._receiving = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._receiving or not data:
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        while self._receiving:
+            if self._body_length is None:
+                if self._buffered < PREFIX_BYTES:
+                    return
+                length = int.from_bytes(self._take(PREFIX_BYTES), "big")
+                if length > self.MAX_LENGTH:
+                    self.stop_receiving()
+                    self.frame_too_large(length)
+                    return
+                self._body_length = length
+            if self._buffered < self._body_length:
+                return
+            body = self._take(self._body_length)
+            self._body_length = None
+            self.frame_received(body)
+
+    def stop_receiving(self) -> None:
+        """Ignore every byte from now on (the connection is being closed) and free the buffer."""
+        self._receiving = False
+        self._chunks.clear()
+        self._buffered = 0
+
+    def _take(self, size: int) -> bytes:
+        if size == 0:
+            return b""  # an empty body, possibly with nothing buffered after its prefix
+        first = self._chunks[0]
+        start = self._offset
+        if len(first) - start < size:
+            # The frame spans reads: join what is buffered once; the rest stays as one chunk.
+            first = b"".join([first[start:], *list(self._chunks)[1:]])
+            self._chunks.clear()
+            self._chunks.append(first)
+            start = 0
+        out = first[start : start + size]
+        start += size
+        if start == len(first):
+            self._chunks.popleft()
+            start = 0
+        self._offset = start
+        self._buffered -= size
+        return out
+
+    def frame_received(self, body: bytes) -> None:
+        """One complete frame body arrived. Override."""
+        raise NotImplementedError
+
+    def frame_too_large(self, length: int) -> None:
+        """A frame declared ``length`` bytes, over :attr:`MAX_LENGTH`. Closes the connection."""
+        self.transport.abortConnection()
+
+
+@implementer(IPushProducer)
+class PeerConnection(FrameReceiver):
+    """One TCP connection to a peer, dialed (``outgoing``) or accepted.
+
+    Lifecycle: connected -> handshake sent and awaited -> verified (the transport accepted the
+    peer's handshake; messages flow) -> closed. The transport's Twisted buffer pauses and resumes
+    us as a streaming producer, so queued frames wait in the transport's bounded queue, not in
+    Twisted's unbounded one.
+
+    :param owner: the transport this connection belongs to.
+    :param outgoing: whether we dialed.
+    :param expected: for a dialed connection, the node id we meant to reach.
+    """
+
+    def __init__(self, owner: TCPTransport, outgoing: bool, expected: str | None = None) -> None:
+        super().__init__()
+        self.MAX_LENGTH = min(HANDSHAKE_MAX_BYTES, owner.max_frame_bytes)
+        self.owner = owner
+        self.outgoing = outgoing
+        self.expected = expected
+        self.address = "unknown"
+        #: The peer's handshake once the transport accepted it; ``None`` before.
+        self.handshake: Handshake | None = None
+        #: Reactor time the connection was verified, and of the last frame received.
+        self.verified_at: float | None = None
+        self.last_received = 0.0
+        self.paused = False
+        self.closed = False
+        #: Set by the transport when another connection to the same peer took this one's place.
+        self.superseded = False
+        self._handshake_timer: IDelayedCall | None = None
+
+    @property
+    def peer_id(self) -> str | None:
+        """The node id the peer's handshake proved, or ``None`` before it is verified."""
+        return self.handshake.node_id if self.handshake is not None else None
+
+    # ------------------------------------------------------------------ Twisted callbacks
+    def connectionMade(self) -> None:
+        self.address = describe_address(self.transport.getPeer())
+        self.last_received = self.owner.reactor.seconds()
+        if not self.owner.connection_made(self):
+            self.closed = True
+            self.stop_receiving()
+            self.transport.abortConnection()
+            return
+        self.transport.registerProducer(self, True)
+        # Both sides speak first; neither waits for the other's handshake before sending its own.
+        body = self.owner.handshake_frame
+        self._write_batch([length_prefix(body), body], 1, len(body) + PREFIX_BYTES)
+        self._handshake_timer = self.owner.reactor.callLater(
+            self.owner.handshake_timeout, self.refuse, "no handshake in time"
+        )
+
+    def frame_received(self, body: bytes) -> None:
+        self.last_received = self.owner.reactor.seconds()
+        self.owner.count_in(len(body) + PREFIX_BYTES)
+        if self.handshake is None:
+            self._handshake_received(body)
+            return
+        try:
+            partition, message = decode_message(body, self.owner.partitions)
+        except ProtocolError as exc:
+            self.refuse(str(exc))
+            return
+        peer = self.handshake.node_id
+        if message.src != peer:
+            self.refuse(f"message src {message.src!r} is not the handshake's node id {peer!r}")
+        elif message.dst != self.owner.node_id:
+            self.refuse(f"message dst {message.dst!r} is not this node ({self.owner.node_id!r})")
+        else:
+            self.owner.deliver(self, partition, message)
+
+    def _handshake_received(self, body: bytes) -> None:
+        try:
+            handshake = decode_handshake(body)
+        except ProtocolError as exc:
+            self.refuse(f"bad handshake: {exc}")
+            return
+        reason = self.owner.check_handshake(self, handshake)
+        if reason is not None:
+            self.refuse(reason)
+            return
+        self._cancel_handshake_timer()
+        self.handshake = handshake
+        self.MAX_LENGTH = self.owner.max_frame_bytes
+        self.verified_at = self.owner.reactor.seconds()
+        self.owner.connection_verified(self)
+
+    def frame_too_large(self, length: int) -> None:
+        limit = "max_frame_bytes" if self.handshake is not None else "the handshake limit"
+        self.refuse(str(FrameTooLarge(f"frame of {length} bytes exceeds {limit} ({self.MAX_LENGTH} bytes)")))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.closed = True
+        self.stop_receiving()
+        self._cancel_handshake_timer()
+        self.owner.connection_lost(self)
+
+    # ------------------------------------------------------------------ IPushProducer
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.owner.schedule_flush()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    # ------------------------------------------------------------------ used by the transport
+    def refuse(self, reason: str) -> None:
+        """Log ``reason`` with the peer address, count a protocol error and abort the connection."""
+        if self.closed:
+            return
+        self.owner.log.warn(
+            "closing connection {direction} {address} (node {peer}): {reason}",
+            direction="to" if self.outgoing else "from",
+            address=self.address,
+            peer=self.peer_id or self.expected or "unknown",
+            reason=reason,
+        )
+        self.owner.stats["protocol_errors"] += 1
+        self.close(abort=True)
+
+    def close(self, abort: bool = False) -> None:
+        """Close without logging: on stop, on replacement, or after :meth:`refuse` logged why."""
+        if self.closed:
+            return
+        self.closed = True
+        self.stop_receiving()
+        self._cancel_handshake_timer()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def write_from(self, queue: deque[bytes]) -> int:
+        """Write frames from the front of ``queue`` until it is empty or Twisted pauses us.
+
+        :param queue: frame bodies, oldest first; written ones are removed.
+        :returns: the bytes taken from the queue, length prefixes included.
+        """
+        taken = 0
+        while queue and not self.paused and not self.closed:
+            batch: list[bytes] = []
+            size = 0
+            while queue and size < WRITE_CHUNK_BYTES:
+                body = queue.popleft()
+                batch.append(length_prefix(body))
+                batch.append(body)
+                size += len(body) + PREFIX_BYTES
+            taken += size
+            # One writeSequence per batch: the frames of one reactor turn leave together when
+            # they fit in a batch, which is the common case. Twisted calls pauseProducing from
+            # inside writeSequence once its buffer is full, which ends this loop.
+            self._write_batch(batch, len(batch) // 2, size)
+        return taken
+
+    def _write_batch(self, pieces: list[bytes], frames: int, size: int) -> None:
+        self.owner.count_out(frames, size)
+        self.transport.writeSequence(pieces)
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
+
+class PeerFactory(Factory):
+    """Builds :class:`PeerConnection` instances for the listening port or for one dial."""
+
+    def __init__(self, owner: TCPTransport, outgoing: bool = False, expected: str | None = None) -> None:
+        self.owner = owner
+        self.outgoing = outgoing
+        self.expected = expected
+
+    def buildProtocol(self, addr: IAddress) -> PeerConnection:
+        return PeerConnection(self.owner, self.outgoing, self.expected)
