@@ -53,7 +53,7 @@ class UnknownPluginError(PluginError, ConfigurationError):
         self.name = name
         self.available = tuple(sorted(available))
         listed = ", ".join(self.available) or "none"
-        super().__init__(f"no {kind} plugin named {name!r}; available: {listed}")
+        super().__init__(f"no {kind.replace('_', ' ')} plugin named {name!r}; available: {listed}")
 
 
 class PluginKind(enum.StrEnum):
@@ -184,7 +184,11 @@ class PluginRegistry:
         for impl in caller.get_hookimpls():
             if impl.hookwrapper or impl.wrapper:
                 raise PluginError(f"plugin {impl.plugin_name!r} wraps {spec.hook}, which takes no wrappers")
-            answer = impl.function()
+            try:
+                answer = impl.function()
+            except Exception as exc:
+                exc.add_note(f"raised by {spec.hook} of plugin {impl.plugin_name!r}")
+                raise
             if answer is None:
                 continue
             if not isinstance(answer, Mapping):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from twisted.internet import task
+from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
 from zope.interface.verify import verifyObject
 
 from kommander.core.errors import ConfigurationError
@@ -227,6 +228,101 @@ def test_multicast_stop_before_start_is_harmless() -> None:
     fired: list[object] = []
     _discovery(task.Clock()).stop().addCallback(fired.append)
     assert fired == [None]
+
+
+class FakeMulticastPort:
+    """Records what MulticastDiscovery asks of its UDP port."""
+
+    def __init__(self, join_result=None) -> None:
+        self.calls: list[tuple] = []
+        self.written: list[tuple[bytes, tuple]] = []
+        self.join_result = join_result
+        self.listening = True
+
+    def setTTL(self, ttl):
+        self.calls.append(("ttl", ttl))
+
+    def setLoopbackMode(self, mode):
+        self.calls.append(("loopback", mode))
+
+    def setOutgoingInterface(self, addr):
+        self.calls.append(("outgoing", addr))
+        return defer.succeed(1)
+
+    def joinGroup(self, addr, interface=""):
+        self.calls.append(("join", addr, interface))
+        return self.join_result if self.join_result is not None else defer.succeed(None)
+
+    def write(self, datagram, addr):
+        self.written.append((datagram, addr))
+
+    def stopListening(self):
+        self.listening = False
+
+
+class FakeMulticastReactor(task.Clock):
+    """A task.Clock whose listenMulticast hands out a FakeMulticastPort (or raises)."""
+
+    def __init__(self, port: FakeMulticastPort | None = None, error: Exception | None = None) -> None:
+        super().__init__()
+        self.port, self.error, self.listened = port, error, []
+
+    def listenMulticast(self, port, protocol, interface="", maxPacketSize=8192, listenMultiple=False):
+        if self.error is not None:
+            raise self.error
+        self.listened.append((port, interface, maxPacketSize, listenMultiple))
+        return self.port
+
+
+def test_multicast_start_pins_the_interface_and_announces_periodically() -> None:
+    """start() binds the group address, joins and sends only on the pinned interface, then
+    announces every interval until stop()."""
+    port = FakeMulticastPort()
+    reactor = FakeMulticastReactor(port)
+    d = _discovery(reactor, port=25001, ttl=0, interval=2.0, interface="127.0.0.1")
+    fired: list[object] = []
+    d.start().addCallback(fired.append)
+    assert fired == [None]
+    assert reactor.listened == [(25001, "239.255.42.99", MAX_DATAGRAM_BYTES + 1, True)]
+    assert port.calls == [
+        ("ttl", 0),
+        ("loopback", True),
+        ("outgoing", "127.0.0.1"),
+        ("join", "239.255.42.99", "127.0.0.1"),
+    ]
+    reactor.pump([2.0, 2.0])
+    assert len(port.written) == 3
+    assert port.written[0] == (
+        encode_announcement("c1", "n1", "tcp:host=127.0.0.1:port=1", {}),
+        ("239.255.42.99", 25001),
+    )
+    d.stop()
+    reactor.advance(10)
+    assert len(port.written) == 3 and not port.listening
+
+
+def test_multicast_answers_a_newcomer_at_once() -> None:
+    """Hearing a new node triggers an immediate announcement instead of waiting an interval."""
+    port = FakeMulticastPort()
+    reactor = FakeMulticastReactor(port)
+    d = _discovery(reactor)
+    d.start()
+    before = len(port.written)
+    d.datagram_received(encode_announcement("c1", "n2", "e2", {}), None)
+    d.datagram_received(encode_announcement("c1", "n2", "e2", {}), None)
+    assert len(port.written) == before + 1
+
+
+def test_multicast_start_fails_cleanly() -> None:
+    """A bind error or a failed join fails start()'s Deferred and releases the socket."""
+    failures: list[object] = []
+    broken = _discovery(FakeMulticastReactor(error=CannotListenError("", 1, OSError("in use"))))
+    broken.start().addErrback(failures.append)
+    port = FakeMulticastPort(join_result=defer.fail(OSError("no such device")))
+    d = _discovery(FakeMulticastReactor(port))
+    d.start().addErrback(failures.append)
+    assert [f.type for f in failures] == [CannotListenError, OSError]
+    assert not port.listening
 
 
 # ----------------------------------------------------------------------------- real sockets

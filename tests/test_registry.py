@@ -201,6 +201,21 @@ def test_wrappers_on_factory_hooks_are_refused() -> None:
         registry.names("clock")
 
 
+def test_a_raising_hook_carries_a_note_naming_the_plugin() -> None:
+    """An exception inside a plugin's hook propagates with a note naming the plugin and hook."""
+
+    class Raising:
+        @hookimpl
+        def kommander_clocks(self):
+            raise RuntimeError("plugin bug")
+
+    registry = PluginRegistry(autoload=False)
+    registry.register(Raising(), name="raising-plugin")
+    with pytest.raises(RuntimeError, match="plugin bug") as info:
+        registry.names("clock")
+    assert any("raising-plugin" in note and "kommander_clocks" in note for note in info.value.__notes__)
+
+
 def test_register_refuses_a_taken_name() -> None:
     """Registering a second plugin under a taken name raises PluginError."""
     registry = PluginRegistry(autoload=False)
@@ -220,6 +235,8 @@ def test_unknown_name_lists_the_available_ones() -> None:
     assert isinstance(error, KommanderError) and isinstance(error, ConfigurationError)
     assert error.available == ("bdb", "memory")
     assert "'bdbx'" in str(error) and "bdb, memory" in str(error)
+    with pytest.raises(UnknownPluginError, match="no state machine plugin named 'nope'; available: kv"):
+        registry.create_state_machine("nope", make_ctx())
 
 
 def test_non_provider_is_refused_naming_the_plugin() -> None:

@@ -123,6 +123,7 @@ def _tcp_transport(ctx: PluginContext) -> Any:
 
 @hookimpl
 def kommander_transports() -> Mapping[str, TransportFactory]:
+    """``memory`` (in-process, for tests) and ``tcp``."""
     return {"memory": _memory_transport, "tcp": _tcp_transport}
 
 
@@ -148,6 +149,7 @@ def _bdb_wal(ctx: PluginContext) -> Any:
 
 @hookimpl
 def kommander_wals() -> Mapping[str, WALFactory]:
+    """``memory`` (for tests) and ``bdb`` (Berkeley DB under ``data_dir``)."""
     return {"memory": _memory_wal, "bdb": _bdb_wal}
 
 
@@ -182,6 +184,7 @@ def _multicast_discovery(ctx: PluginContext) -> Any:
 
 @hookimpl
 def kommander_discoveries() -> Mapping[str, DiscoveryFactory]:
+    """``static`` (the configured peers) and ``multicast``."""
     return {"static": _static_discovery, "multicast": _multicast_discovery}
 
 
@@ -206,6 +209,7 @@ def _hlc(ctx: PluginContext) -> Any:
 
 @hookimpl
 def kommander_clocks() -> Mapping[str, ClockFactory]:
+    """``hlc``, the Hybrid Logical Clock."""
     return {"hlc": _hlc}
 
 
@@ -220,4 +224,5 @@ def _kv(ctx: PluginContext) -> Any:
 
 @hookimpl
 def kommander_state_machines() -> Mapping[str, StateMachineFactory]:
+    """``kv``, the example key-value store."""
     return {"kv": _kv}

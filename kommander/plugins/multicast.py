@@ -209,9 +209,18 @@ class MulticastDiscovery:
         """
         if self._port is not None:
             return defer.succeed(None)
-        port = self._port = self._reactor.listenMulticast(
-            self.port, self._protocol, interface=self.group, maxPacketSize=MAX_DATAGRAM_BYTES + 1, listenMultiple=True
-        )
+        try:
+            port = self._reactor.listenMulticast(
+                self.port,
+                self._protocol,
+                interface=self.group,
+                maxPacketSize=MAX_DATAGRAM_BYTES + 1,
+                listenMultiple=True,
+            )
+        except Exception:
+            # CannotListenError and friends: report through the Deferred, as the interface promises.
+            return defer.fail()
+        self._port = port
         port.setTTL(self.ttl)
         # Loopback delivery lets several nodes on one host (and tests) hear each other.
         port.setLoopbackMode(True)
