@@ -455,6 +455,21 @@ def test_write_stops_when_twisted_pauses_mid_flush():
     assert node.transport.queued_bytes("a") > 0
 
 
+def test_stalled_peer_does_not_stall_others():
+    """A peer whose connection is paused keeps its frames queued while another peer gets its own."""
+    node = make_node()
+    slow, slow_wire = accept_verified(node)
+    fast, fast_wire = complete_dial(node)
+    fast.dataReceived(handshake("c"))
+    slow.pauseProducing()
+    for context in range(3):
+        node.transport.send("a", [(0, HeartbeatResponse(1, ME, "a", context))])
+        node.transport.send("c", [(0, HeartbeatResponse(1, ME, "c", context))])
+    node.reactor.advance(0)
+    assert len(frames_written(fast_wire)) == 1 + 3 and len(frames_written(slow_wire)) == 1
+    assert node.transport.queued_bytes("a") > 0 and node.transport.queued_bytes("c") == 0
+
+
 def test_invalid_local_message_is_logged_not_raised():
     """A message that cannot be encoded is logged and counted; send() does not raise."""
     node = make_node()
@@ -609,7 +624,9 @@ def test_loopback_two_nodes_exchange_messages_in_order():
     nodes, _ = yield start_cluster(reactor, ["n1", "n2"])
     try:
         (t1, r1), (t2, r2) = nodes["n1"], nodes["n2"]
-        batch = [(i % 8, AppendEntries(1, "n1", "n2", i, 1, (Entry(i + 1, 1, data=b"x" * 100),), i)) for i in range(500)]
+        batch = [
+            (i % 8, AppendEntries(1, "n1", "n2", i, 1, (Entry(i + 1, 1, data=b"x" * 100),), i)) for i in range(500)
+        ]
         for start in range(0, 500, 50):
             t1.send("n2", batch[start : start + 50])
         t2.send("n1", [(3, VoteRequest(2, "n2", "n1", 0, 0))])

@@ -198,7 +198,8 @@ class TCPTransport:
 
         def bound(port: IListeningPort) -> None:
             self.listening_port = port
-            self.log.info("node {node} listening on {address}", node=self.node_id, address=describe_address(port.getHost()))
+            address = describe_address(port.getHost())
+            self.log.info("node {node} listening on {address}", node=self.node_id, address=address)
             for peer in self._peers.values():
                 self._ensure_dial(peer)
 
@@ -265,7 +266,9 @@ class TCPTransport:
                 body = encode_message(partition, message)
             except ProtocolError as exc:
                 self.stats["encode_errors"] += 1
-                self.log.error("not sending a {kind} to {peer}: {error}", kind=type(message).__name__, peer=peer, error=exc)
+                self.log.error(
+                    "not sending a {kind} to {peer}: {error}", kind=type(message).__name__, peer=peer, error=exc
+                )
                 continue
             if len(body) > self.max_frame_bytes:
                 self.stats["encode_errors"] += 1
@@ -469,8 +472,12 @@ class TCPTransport:
         try:
             endpoint = clientFromString(self.reactor, peer.endpoint)
         except Exception as exc:  # any parse error of a configured string: log it, keep retrying
-            self.log.error("cannot dial node {peer}: bad endpoint {endpoint!r}: {error}",
-                           peer=peer.node_id, endpoint=peer.endpoint, error=exc)
+            self.log.error(
+                "cannot dial node {peer}: bad endpoint {endpoint!r}: {error}",
+                peer=peer.node_id,
+                endpoint=peer.endpoint,
+                error=exc,
+            )
             peer.failures += 1
             self._schedule_dial(peer)
             return
@@ -494,9 +501,13 @@ class TCPTransport:
         self._schedule_dial(peer)
         # The first failure of a streak is news; the retries of a down peer are not.
         emit = self.log.info if peer.failures == 1 else self.log.debug
-        emit("cannot connect to node {peer} at {endpoint}: {error}; retrying in {delay:.2f}s",
-             peer=peer.node_id, endpoint=peer.endpoint, error=failure.getErrorMessage(),
-             delay=peer.retry.getTime() - self.reactor.seconds() if peer.retry else 0.0)
+        emit(
+            "cannot connect to node {peer} at {endpoint}: {error}; retrying in {delay:.2f}s",
+            peer=peer.node_id,
+            endpoint=peer.endpoint,
+            error=failure.getErrorMessage(),
+            delay=peer.retry.getTime() - self.reactor.seconds() if peer.retry else 0.0,
+        )
 
     def _cancel_dial(self, peer: _Peer) -> None:
         if peer.retry is not None and peer.retry.active():
