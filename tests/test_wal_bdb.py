@@ -314,8 +314,8 @@ async def test_log_files_stay_bounded(make):
     files = await wal._run_in_writer(lambda store: store.log_files())
     highest = int(files[-1].split(".")[1])
     assert highest >= 40, "the test should have written many log files"
-    assert max(counts) <= 6, counts
-    assert sum(os.path.getsize(os.path.join(wal.path, name)) for name in files) <= 6 * 64 * 1024
+    assert max(counts) <= 4, counts
+    assert sum(os.path.getsize(os.path.join(wal.path, name)) for name in files) <= 4 * 64 * 1024
 
 
 @pytest_twisted.ensureDeferred

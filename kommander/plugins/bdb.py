@@ -63,7 +63,8 @@ class BerkeleyDBWAL:
     :param reactor: the reactor Deferreds fire on (results cross threads with ``callFromThread``).
     :param durability: ``"sync"`` (default) or ``"nosync"``; see :data:`DURABILITY_MODES`.
     :param checkpoint_interval: seconds between Berkeley DB checkpoints, which let it delete log
-        files it no longer needs; a checkpoint also happens every ``2 * log_file_bytes`` written.
+        files it no longer needs; a checkpoint also follows any commit once a log file's worth
+        (``log_file_bytes``) was logged since the last one.
     :param cache_bytes: Berkeley DB page cache size.
     :param log_file_bytes: size of each Berkeley DB log file.
     :param max_group_operations: at most this many queued operations share one transaction.
@@ -106,7 +107,7 @@ class BerkeleyDBWAL:
         self._max_group_entries = max_group_entries
         #: The blocking storage; touched only by the writer thread while the log is open.
         self.store = BDBStore(path, durability, cache_bytes, log_file_bytes)
-        self._checkpoint_bytes = 2 * log_file_bytes
+        self._checkpoint_kbytes = log_file_bytes // 1024
         self._queue: queue.SimpleQueue[_Operation] | None = None
         self._thread: threading.Thread | None = None
         self._state = "closed"  # -> "open" -> "closing" -> "closed"
@@ -259,8 +260,8 @@ class BerkeleyDBWAL:
                     operation = operations.get(timeout=max(0.0, next_checkpoint - time.monotonic()))
                 except queue.Empty:
                     pass
-            if operation is None or time.monotonic() >= next_checkpoint or store.bytes_since_checkpoint >= self._checkpoint_bytes:
-                self._checkpoint(store)
+            if operation is None or time.monotonic() >= next_checkpoint:
+                self._checkpoint(store, 0)
                 next_checkpoint = time.monotonic() + self.checkpoint_interval
                 if operation is None:
                     continue
@@ -278,6 +279,8 @@ class BerkeleyDBWAL:
                     weight += following.weight
                 results = store.apply([(op.kind, op.args) for op in group])
                 self._deliver([(op.deferred, error is None, error) for op, error in zip(group, results)])
+                # Bound the log files under heavy writing too, not only every checkpoint_interval.
+                self._checkpoint(store, self._checkpoint_kbytes)
                 continue
             ok, value = self._perform(store, operation)
             self._deliver([(operation.deferred, ok, value)])
@@ -298,8 +301,8 @@ class BerkeleyDBWAL:
         except Exception as exc:
             return False, WALError(f"{operation.kind} failed: {exc}", cause=exc)
 
-    def _checkpoint(self, store: BDBStore) -> None:
+    def _checkpoint(self, store: BDBStore, kbytes: int) -> None:
         try:
-            store.checkpoint_log()
+            store.checkpoint_log(kbytes)
         except Exception as exc:
             self._reactor.callFromThread(_log.error, "Berkeley DB checkpoint of {path} failed: {error!r}", path=self.path, error=exc)
