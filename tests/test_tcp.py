@@ -613,7 +613,13 @@ def start_cluster(reactor, names):
 
 @defer.inlineCallbacks
 def stop_cluster(nodes):
+    from twisted.internet import reactor
+
     yield defer.gatherResults([t.stop() for t, _ in nodes.values()])
+    ours = {t for t, _ in nodes.values()}
+    owners = [getattr(c.func, "__self__", None) for c in reactor.getDelayedCalls() if c.active()]
+    left = [owner for owner in owners if owner in ours or isinstance(owner, PeerConnection)]
+    assert left == [], "stop() left timers behind"
 
 
 @pytest_twisted.inlineCallbacks
@@ -634,6 +640,30 @@ def test_loopback_two_nodes_exchange_messages_in_order():
         assert [(p, m) for _, p, m in r2.messages] == batch
         assert r1.messages == [("n2", 3, VoteRequest(2, "n2", "n1", 0, 0))]
         assert ("n1", True, {"name": "n1"}) in r2.statuses and t1.stats["frames_out"] >= 501
+    finally:
+        yield stop_cluster(nodes)
+
+
+@pytest_twisted.inlineCallbacks
+def test_loopback_large_frames_with_backpressure(monkeypatch):
+    """Twenty 1 MiB AppendEntries cross a real socket intact (chunked reads, producer pauses)."""
+    from twisted.internet import reactor
+
+    pauses = []
+    original = PeerConnection.pauseProducing
+    monkeypatch.setattr(PeerConnection, "pauseProducing", lambda self: (pauses.append(1), original(self)))
+
+    nodes, _ = yield start_cluster(reactor, ["n1", "n2"])
+    try:
+        (t1, _), (_, r2) = nodes["n1"], nodes["n2"]
+        batch = [
+            (i % 8, AppendEntries(1, "n1", "n2", i, 1, (Entry(i + 1, 1, data=bytes([i]) * 1024 * 1024),), i))
+            for i in range(20)
+        ]
+        t1.send("n2", batch)
+        yield wait_until(reactor, lambda: len(r2.messages) == 20, timeout=20)
+        assert [(p, m) for _, p, m in r2.messages] == batch and t1.stats["dropped"] == 0
+        assert pauses  # Twisted's buffer filled and paused us at least once
     finally:
         yield stop_cluster(nodes)
 
