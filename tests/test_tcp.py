@@ -22,7 +22,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from kommander.codec import Handshake, decode_handshake, decode_message, encode_handshake, encode_message
-from kommander.core.errors import ConfigurationError
+from kommander.core.errors import ConfigurationError, FrameTooLarge, ProtocolError
 from kommander.core.types import AppendEntries, Entry, Heartbeat, HeartbeatResponse, VoteRequest
 from kommander.interfaces import IMessageReceiver, ITransport
 from kommander.plugins.tcp import TCPTransport, backoff_delay
@@ -470,19 +470,39 @@ def test_stalled_peer_does_not_stall_others():
     assert node.transport.queued_bytes("a") > 0 and node.transport.queued_bytes("c") == 0
 
 
-def test_invalid_local_message_is_logged_not_raised():
-    """A message that cannot be encoded is logged and counted; send() does not raise."""
+@pytest.mark.parametrize(
+    "message",
+    [
+        (0, Heartbeat(1, ME, "a" * 65, 0)),
+        (0, "not a message"),
+        (4, HeartbeatResponse(1, ME, "a", 1)),
+        (0, HeartbeatResponse(1, "c", "a", 1)),
+        (0, HeartbeatResponse(1, ME, "c", 1)),
+    ],
+    ids=["bad-node-id", "not-a-message", "partition", "wrong-src", "wrong-dst"],
+)
+def test_message_the_peer_would_refuse_raises_locally(message):
+    """A message the peer would refuse raises ProtocolError(remote=False); nothing is queued."""
     node = make_node()
-    node.transport.send("a", [(0, Heartbeat(1, ME, "a" * 65, 0)), (0, "not a message")])
-    assert node.transport.stats["encode_errors"] == 2 and "not sending" in node.log_text()
+    with pytest.raises(ProtocolError) as info:
+        node.transport.send("a", [(1, HeartbeatResponse(1, ME, "a", 1)), message])
+    assert info.value.remote is False and node.transport.queued_bytes("a") == 0
 
 
-def test_message_over_max_frame_bytes_not_sent():
-    """A message that would exceed max_frame_bytes is refused locally."""
+def test_message_over_max_frame_bytes_raises_locally():
+    """A message that would exceed max_frame_bytes raises FrameTooLarge and is not queued."""
     node = make_node(max_frame_bytes=64 * 1024)
     big = AppendEntries(1, ME, "a", 0, 0, (Entry(1, 1, data=bytes(70 * 1024)),), 0)
-    node.transport.send("a", [(0, big)])
-    assert node.transport.stats["encode_errors"] == 1 and node.transport.queued_bytes("a") == 0
+    with pytest.raises(FrameTooLarge):
+        node.transport.send("a", [(0, big)])
+    assert node.transport.queued_bytes("a") == 0
+
+
+def test_send_while_stopped_is_dropped():
+    """send() on a stopped transport drops and counts, even an invalid message."""
+    transport = TCPTransport(MemoryReactorClock(), ME, CLUSTER, "tcp:0")
+    transport.send("a", [(0, "not a message")])
+    assert transport.stats["dropped"] == 1
 
 
 def test_removed_peer_is_disconnected_and_reported_down():

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from kommander.codec import PROTOCOL_VERSION, Handshake, encode_handshake, encode_message
-from kommander.core.errors import ConfigurationError, ProtocolError
+from kommander.core.errors import ConfigurationError, FrameTooLarge, ProtocolError
 from kommander.interfaces import ITransport
 from kommander.plugins.tcp_protocol import PREFIX_BYTES, PeerConnection, PeerFactory, describe_address
 
@@ -48,7 +48,6 @@ STAT_NAMES = (
     "bytes_out",
     "dropped",
     "protocol_errors",
-    "encode_errors",
     "reconnects",
 )
 
@@ -253,33 +252,25 @@ class TCPTransport:
     def send(self, peer: str, messages: Sequence[tuple[int, Any]]) -> None:
         """Queue ``(partition, message)`` pairs for ``peer``; they are written at the end of the turn.
 
-        Never blocks and never raises for network trouble: messages for an unknown peer, or beyond
-        ``max_queue_bytes``, are dropped and counted in ``stats['dropped']``. A message that cannot
-        be encoded (a local bug) is logged and counted in ``stats['encode_errors']``.
+        Never blocks and never raises for network trouble: messages for an unknown peer, sent while
+        stopped, or beyond ``max_queue_bytes`` are dropped and counted in ``stats['dropped']``.
+
+        :raises ProtocolError: (``remote=False``) a message the peer would refuse: not encodable, a
+            partition out of range, ``src`` not this node or ``dst`` not ``peer``. That is a bug of
+            the caller; raising keeps it from closing the connection for every partition. Nothing
+            of the call is queued then.
+        :raises FrameTooLarge: (``remote=False``) a message larger than ``max_frame_bytes``.
         """
-        record = self._peers.get(peer)
-        if record is None or not self._running:
+        if not self._running:
             self.stats["dropped"] += len(messages)
             return
-        for partition, message in messages:
-            try:
-                body = encode_message(partition, message)
-            except ProtocolError as exc:
-                self.stats["encode_errors"] += 1
-                self.log.error(
-                    "not sending a {kind} to {peer}: {error}", kind=type(message).__name__, peer=peer, error=exc
-                )
-                continue
-            if len(body) > self.max_frame_bytes:
-                self.stats["encode_errors"] += 1
-                self.log.error(
-                    "not sending a {kind} of {size} bytes to {peer}: over max_frame_bytes={limit}",
-                    kind=type(message).__name__,
-                    size=len(body),
-                    peer=peer,
-                    limit=self.max_frame_bytes,
-                )
-                continue
+        # Encode everything before queueing anything, so a bad message leaves no half-sent call.
+        bodies = [self._encode(peer, partition, message) for partition, message in messages]
+        record = self._peers.get(peer)
+        if record is None:
+            self.stats["dropped"] += len(bodies)
+            return
+        for body in bodies:
             size = len(body) + PREFIX_BYTES
             if record.queued_bytes + size > self.max_queue_bytes:
                 self.stats["dropped"] += 1
@@ -441,6 +432,22 @@ class TCPTransport:
             conn = peer.connection
             if conn is not None and peer.queue and not conn.paused:
                 peer.queued_bytes -= conn.write_from(peer.queue)
+
+    def _encode(self, peer: str, partition: int, message: Any) -> bytes:
+        body = encode_message(partition, message)
+        if partition >= self.partitions:
+            raise ProtocolError(f"partition {partition} out of range (this node has {self.partitions})", remote=False)
+        if message.src != self.node_id or message.dst != peer:
+            raise ProtocolError(
+                f"{type(message).__name__} {message.src!r} -> {message.dst!r} sent by {self.node_id!r} to {peer!r}",
+                remote=False,
+            )
+        if len(body) > self.max_frame_bytes:
+            raise FrameTooLarge(
+                f"{type(message).__name__} of {len(body)} bytes exceeds max_frame_bytes={self.max_frame_bytes}",
+                remote=False,
+            )
+        return body
 
     def _drop_queue(self, peer: _Peer) -> None:
         self.stats["dropped"] += len(peer.queue)
