@@ -1,0 +1,177 @@
+"""Leader election: timers, PreVote, RequestVote, CheckQuorum and leadership transfer.
+
+Mixed into :class:`kommander.core.raft.RaftNode`; every attribute used here is defined there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kommander.core.errors import NotLeader
+from kommander.core.types import Role, TimeoutNow, VoteRequest, VoteResponse
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kommander.core.raft import RaftNode
+
+
+class Election:
+    """Election behaviour of a :class:`RaftNode`."""
+
+    # ------------------------------------------------------------------ timers
+
+    def _tick_election(self: "RaftNode") -> None:
+        self.election_elapsed += 1
+        if self.election_elapsed >= self.randomized_timeout and self.id in self.voters:
+            self.election_elapsed = 0
+            self._campaign(transfer=False)
+
+    def _tick_leader(self: "RaftNode") -> None:
+        self.heartbeat_elapsed += 1
+        self.election_elapsed += 1
+        if self.election_elapsed >= self.config.election_tick:
+            self.election_elapsed = 0
+            if self.config.check_quorum and not self._quorum_active():
+                # Partitioned from a majority: stop accepting writes that cannot commit, and let
+                # the majority side elect a leader without waiting for us.
+                self._become_follower(self.term, None)
+                return
+            if self.lead_transferee is not None:
+                self.lead_transferee = None  # the transfer did not finish in time: give up
+        if self.heartbeat_elapsed >= self.config.heartbeat_tick:
+            self.heartbeat_elapsed = 0
+            self._bcast_heartbeat(self._next_read_round())
+
+    def _quorum_active(self: "RaftNode") -> bool:
+        active = 1  # ourselves
+        for pr in self.progress.values():
+            if pr.recent_active:
+                active += 1
+            pr.recent_active = False
+        return active >= self.quorum
+
+    # ------------------------------------------------------------------ campaigning
+
+    def _campaign(self: "RaftNode", transfer: bool) -> None:
+        if self.config.pre_vote and not transfer:
+            self._become_pre_candidate()
+        else:
+            self._become_candidate(transfer)
+
+    def _become_pre_candidate(self: "RaftNode") -> None:
+        # PreVote (Raft thesis 9.6): ask whether we could win before bumping the term, so a node
+        # that was cut off cannot depose a healthy leader when it returns.
+        self._drop_leader_state()
+        self.role = Role.PRE_CANDIDATE
+        self.leader = None
+        self.votes = {self.id: True}
+        self.election_elapsed = 0
+        self._reset_randomized_timeout()
+        if self._tally() is True:
+            self._become_candidate(transfer=False)
+            return
+        last_index, last_term = self.log.last_index(), self.log.last_term()
+        for peer in self.peers:
+            self._msgs.append(
+                VoteRequest(self.term + 1, self.id, peer, last_index, last_term, pre_vote=True)
+            )
+
+    def _become_candidate(self: "RaftNode", transfer: bool) -> None:
+        self._reset(self.term + 1)
+        self.role = Role.CANDIDATE
+        self.vote = self.id
+        self.votes = {self.id: True}
+        if self._tally() is True:
+            self._become_leader()
+            return
+        last_index, last_term = self.log.last_index(), self.log.last_term()
+        for peer in self.peers:
+            # Sent only once our vote for ourselves is durable.
+            self._persisted_msgs.append(
+                VoteRequest(self.term, self.id, peer, last_index, last_term, transfer=transfer)
+            )
+
+    def _tally(self: "RaftNode") -> bool | None:
+        """``True`` once a quorum granted, ``False`` once a quorum refused, else ``None``."""
+        granted = sum(1 for v in self.votes.values() if v)
+        if granted >= self.quorum:
+            return True
+        if len(self.votes) - granted >= self.quorum:
+            return False
+        return None
+
+    # ------------------------------------------------------------------ voting
+
+    def _handle_vote_request(self: "RaftNode", m: VoteRequest) -> None:
+        can_vote = (
+            self.vote == m.src
+            or (self.vote is None and self.leader is None)
+            or (m.pre_vote and m.term > self.term)
+        )
+        if can_vote and self.log.is_up_to_date(m.last_index, m.last_term):
+            if m.pre_vote:
+                # A pre-vote changes nothing here, so the answer needs no persistence.
+                self._msgs.append(VoteResponse(m.term, self.id, m.src, True, True))
+            else:
+                self.vote = m.src
+                self.election_elapsed = 0
+                # Must not leave before the vote is durable: a vote forgotten in a crash could be
+                # given twice in one term.
+                self._persisted_msgs.append(VoteResponse(self.term, self.id, m.src, True, False))
+        else:
+            self._msgs.append(VoteResponse(self.term, self.id, m.src, False, m.pre_vote))
+
+    def _handle_vote_response(self: "RaftNode", m: VoteResponse) -> None:
+        if self.role is Role.PRE_CANDIDATE:
+            if not m.pre_vote:
+                return
+        elif self.role is Role.CANDIDATE:
+            if m.pre_vote or m.term != self.term:
+                return
+        else:
+            return
+        self.votes.setdefault(m.src, m.granted)
+        outcome = self._tally()
+        if outcome is True:
+            if self.role is Role.PRE_CANDIDATE:
+                self._become_candidate(transfer=False)
+            else:
+                self._become_leader()
+        elif outcome is False:
+            self._become_follower(self.term, None)
+
+    def _in_lease(self: "RaftNode") -> bool:
+        """Whether we heard from a live leader within the minimum election timeout, in which case
+        vote requests are ignored (CheckQuorum's leader lease)."""
+        return (
+            self.config.check_quorum
+            and self.leader is not None
+            and self.election_elapsed < self.config.election_tick
+        )
+
+    # ------------------------------------------------------------------ leadership transfer
+
+    def transfer_leadership(self: "RaftNode", target: str) -> None:
+        """Hand leadership to ``target`` (Raft thesis 3.10): bring it up to date, then tell it to
+        start an election at once with :class:`TimeoutNow`. Proposals are refused meanwhile; the
+        transfer is abandoned after an election timeout.
+
+        :raises NotLeader: when this node does not lead.
+        :raises ValueError: when ``target`` is not another voter.
+        """
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.leader)
+        if target not in self.progress:
+            raise ValueError(f"cannot transfer leadership to {target!r}: not another voter")
+        if self.lead_transferee == target:
+            return
+        self.lead_transferee = target
+        self.election_elapsed = 0
+        pr = self.progress[target]
+        if pr.match == self.log.last_index():
+            self._msgs.append(TimeoutNow(self.term, self.id, target))
+        else:
+            self._send_append(target, pr, send_empty=True)
+
+    def _maybe_finish_transfer(self: "RaftNode", peer: str) -> None:
+        if peer == self.lead_transferee and self.progress[peer].match == self.log.last_index():
+            self._msgs.append(TimeoutNow(self.term, self.id, peer))

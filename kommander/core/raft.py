@@ -1,0 +1,381 @@
+"""The Raft state machine of one partition: :class:`RaftNode`.
+
+A sans-IO object in the style of etcd's RawNode and h11: feed it :meth:`RaftNode.tick`,
+:meth:`RaftNode.step` and :meth:`RaftNode.propose`, collect :meth:`RaftNode.ready`, do what the
+:class:`~kommander.core.types.Ready` asks and confirm with :meth:`RaftNode.advance`. Same inputs,
+same outputs: time is a tick counter and randomness an injected :class:`random.Random`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kommander.core.election import Election
+from kommander.core.errors import NotLeader, ProposalDropped
+from kommander.core.log import RaftLog
+from kommander.core.progress import Progress
+from kommander.core.readindex import ReadIndex
+from kommander.core.replication import Replication
+from kommander.core.types import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Entry,
+    EntryKind,
+    HardState,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    Message,
+    Proposal,
+    Ready,
+    ReadState,
+    Role,
+    SnapshotMeta,
+    SoftState,
+    TimeoutNow,
+    VoteRequest,
+    VoteResponse,
+)
+
+_FROM_LEADER = (AppendEntries, Heartbeat, InstallSnapshot)
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    """Settings of one core. Times are in ticks.
+
+    :ivar node_id: this node.
+    :ivar voters: every voting node of the partition, this one included.
+    :ivar election_tick: minimum election timeout; a follower's timeout is drawn from
+        ``[election_tick, election_tick_max)``. Also the CheckQuorum period and leader lease.
+    :ivar heartbeat_tick: a leader sends heartbeats this often.
+    :ivar max_msg_entries: / :ivar max_msg_bytes: limits of one AppendEntries.
+    :ivar max_inflight_msgs: / :ivar max_inflight_bytes: per-follower pipelining window.
+    :ivar max_uncommitted_bytes: the leader refuses proposals beyond this much uncommitted data.
+    :ivar max_apply_entries: at most this many committed entries per ``Ready``.
+    """
+
+    node_id: str
+    voters: tuple[str, ...]
+    election_tick: int = 10
+    election_tick_max: int = 20
+    heartbeat_tick: int = 1
+    pre_vote: bool = True
+    check_quorum: bool = True
+    max_msg_entries: int = 1024
+    max_msg_bytes: int = 1 << 20
+    max_inflight_msgs: int = 256
+    max_inflight_bytes: int = 32 << 20
+    max_uncommitted_bytes: int = 64 << 20
+    max_apply_entries: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.node_id not in self.voters:
+            raise ValueError(f"node {self.node_id!r} is not among the voters {self.voters!r}")
+        if len(set(self.voters)) != len(self.voters):
+            raise ValueError(f"duplicate voters in {self.voters!r}")
+        if not 0 < self.heartbeat_tick < self.election_tick < self.election_tick_max:
+            raise ValueError("need 0 < heartbeat_tick < election_tick < election_tick_max")
+
+
+class RaftNode(Election, Replication, ReadIndex):
+    """One partition's Raft state machine.
+
+    :param config: see :class:`CoreConfig`.
+    :param rng: the only source of randomness (election timeouts).
+    :param hard_state: / :param snapshot: / :param entries: what the WAL holds, on restart.
+    """
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        rng: random.Random,
+        hard_state: HardState | None = None,
+        snapshot: SnapshotMeta | None = None,
+        entries: Sequence[Entry] = (),
+    ) -> None:
+        hard_state = hard_state or HardState()
+        self.config = config
+        self.id = config.node_id
+        self.voters = frozenset(config.voters)
+        self.peers = tuple(v for v in config.voters if v != self.id)
+        self.quorum = len(config.voters) // 2 + 1
+        self.rng = rng
+        self.log = RaftLog(snapshot, entries, hard_state.commit)
+        self.term = hard_state.term
+        self.vote = hard_state.vote
+        self.role = Role.FOLLOWER
+        self.leader: str | None = None
+        self.progress: dict[str, Progress] = {}
+        self.votes: dict[str, bool] = {}
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.randomized_timeout = config.election_tick
+        self.lead_transferee: str | None = None
+        # Leader: (last index, running total of proposed bytes) per proposal batch, for
+        # the uncommitted-bytes limit.
+        self._uncommitted: deque[tuple[int, int]] = deque()
+        self._proposed_bytes = 0
+        self._committed_bytes = 0
+        # Output buffers, drained by ready().
+        self._msgs: list[Message] = []
+        self._persisted_msgs: list[Message] = []
+        self._read_states: list[ReadState] = []
+        self._dropped_reads: list[int] = []
+        self._pending_snapshot: SnapshotMeta | None = None
+        self._commit_dirty = False
+        # ReadIndex bookkeeping (see readindex.py).
+        self._read_seq = 0
+        self._read_round_needed = False
+        self._pending_reads: deque[tuple[int, int, int]] = deque()
+        self._reads_waiting_commit: list[int] = []
+        # What the last Ready reported, to hand out only changes.
+        self._last_hard = HardState(self.term, self.vote, self.log.committed)
+        self._last_soft = SoftState(self.role, self.leader, self.term)
+        self._reset_randomized_timeout()
+
+    def __repr__(self) -> str:
+        return (
+            f"RaftNode({self.id!r}, {self.role.value}, term={self.term}, leader={self.leader!r}, "
+            f"last={self.log.last_index()}, commit={self.log.committed})"
+        )
+
+    # ------------------------------------------------------------------ inputs
+
+    def tick(self) -> None:
+        """Advance logical time by one tick."""
+        if self.role is Role.LEADER:
+            self._tick_leader()
+        else:
+            self._tick_election()
+
+    def campaign(self) -> None:
+        """Start an election now (as if the election timeout had elapsed)."""
+        if self.role is not Role.LEADER and self.id in self.voters:
+            self._campaign(transfer=False)
+
+    def step(self, m: Message) -> None:
+        """Process one message addressed to this node. Messages from unknown nodes, for other
+        nodes, or of a stale term are ignored (stale ones may get an answer revealing our term)."""
+        if m.dst != self.id or m.src not in self.voters or m.src == self.id:
+            return
+        if m.term > self.term:
+            if type(m) is VoteRequest:
+                if not m.transfer and self._in_lease():
+                    return  # a live leader exists: do not let this node disrupt it
+                if not m.pre_vote:
+                    self._become_follower(m.term, None)
+            elif type(m) is VoteResponse and m.pre_vote and m.granted:
+                pass  # granted pre-votes carry the term we would campaign with
+            elif isinstance(m, _FROM_LEADER):
+                self._become_follower(m.term, m.src)
+            else:
+                self._become_follower(m.term, None)
+        elif m.term < self.term:
+            if isinstance(m, (AppendEntries, Heartbeat)):
+                # Tell a stale leader about our term so it steps down; with PreVote and
+                # CheckQuorum it could otherwise never learn it.
+                self._msgs.append(AppendEntriesResponse(self.term, self.id, m.src, False, 0))
+            elif type(m) is VoteRequest and m.pre_vote:
+                self._msgs.append(VoteResponse(self.term, self.id, m.src, False, True))
+            return
+        kind = type(m)
+        if kind is VoteRequest:
+            self._handle_vote_request(m)
+        elif kind is VoteResponse:
+            self._handle_vote_response(m)
+        elif self.role is Role.LEADER:
+            if kind is AppendEntriesResponse:
+                self._handle_append_response(m)
+            elif kind is HeartbeatResponse:
+                self._handle_heartbeat_response(m)
+        elif isinstance(m, _FROM_LEADER):
+            if self.role is not Role.FOLLOWER:
+                self._become_follower(self.term, m.src)
+            self.leader = m.src
+            self.election_elapsed = 0
+            if kind is AppendEntries:
+                self._handle_append(m)
+            elif kind is Heartbeat:
+                self._handle_heartbeat(m)
+            else:
+                self._handle_snapshot(m)
+        elif kind is TimeoutNow and self.role is Role.FOLLOWER:
+            self._campaign(transfer=True)
+
+    def propose(self, proposals: Sequence[Proposal]) -> tuple[int, int]:
+        """Append entries to the leader's log.
+
+        ``PROPOSED`` entries get the index of the batch's first entry as their ticket.
+
+        :returns: ``(first_index, last_index)`` of the new entries.
+        :raises NotLeader: on a follower or candidate, with the leader hint.
+        :raises ProposalDropped: during a leadership transfer, or when too much is uncommitted.
+        """
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.leader)
+        if self.lead_transferee is not None:
+            raise ProposalDropped(f"leadership transfer to {self.lead_transferee} in progress")
+        if not proposals:
+            raise ValueError("nothing to propose")
+        size = 0
+        for p in proposals:
+            size += len(p.data) + 24
+        in_flight = self._proposed_bytes - self._committed_bytes
+        if in_flight and in_flight + size > self.config.max_uncommitted_bytes:
+            raise ProposalDropped(f"{in_flight} bytes uncommitted; limit {self.config.max_uncommitted_bytes}")
+        first = self.log.last_index() + 1
+        term = self.term
+        index = first
+        entries = []
+        append = entries.append
+        for p in proposals:
+            ticket = first if p.kind is EntryKind.PROPOSED else p.ticket
+            append(Entry(index, term, p.kind, p.log_type, p.data, p.timestamp, ticket))
+            index += 1
+        self._append_own(entries, size)
+        self._bcast_append()
+        return first, index - 1
+
+    def advance(self, ready: Ready) -> None:
+        """The writes of ``ready`` (and of every earlier ``Ready``) are durable."""
+        if ready.entries:
+            last = ready.entries[-1]
+            self.log.stable_to(last.index, last.term)
+            if self.role is Role.LEADER and self._maybe_commit():
+                self._commit_dirty = True
+
+    def compact(self, meta: SnapshotMeta) -> None:
+        """Forget entries up to ``meta.index``: the state machine's snapshot now covers them."""
+        self.log.compact(meta)
+
+    # ------------------------------------------------------------------ outputs
+
+    def has_ready(self) -> bool:
+        """Whether :meth:`ready` has anything to hand out."""
+        return bool(
+            self._msgs
+            or self._persisted_msgs
+            or self._read_states
+            or self._dropped_reads
+            or self._read_round_needed
+            or self._commit_dirty
+            or self._pending_snapshot is not None
+            or self.log.has_unstable()
+            or self.log.has_applicable()
+            or self.term != self._last_hard.term
+            or self.vote != self._last_hard.vote
+            or self.role is not self._last_soft.role
+            or self.leader != self._last_soft.leader
+        )
+
+    def ready(self) -> Ready:
+        """Hand out everything new since the last call; see :class:`Ready` for the contract."""
+        if self._read_round_needed:
+            self._bcast_heartbeat(self._next_read_round())
+        if self._commit_dirty:
+            self._commit_dirty = False
+            if self.role is Role.LEADER:
+                self._bcast_commit()
+        log = self.log
+        entries = log.take_unstable()
+        hard = None
+        last = self._last_hard
+        if (
+            self.term != last.term
+            or self.vote != last.vote
+            or (entries and log.committed != last.commit)
+        ):
+            hard = self._last_hard = HardState(self.term, self.vote, log.committed)
+        soft = None
+        if (
+            self.role is not self._last_soft.role
+            or self.leader != self._last_soft.leader
+            or self.term != self._last_soft.term
+        ):
+            soft = self._last_soft = SoftState(self.role, self.leader, self.term)
+        snapshot, self._pending_snapshot = self._pending_snapshot, None
+        ready = Ready(
+            hard,
+            entries,
+            tuple(self._msgs),
+            tuple(self._persisted_msgs),
+            log.take_applicable(self.config.max_apply_entries),
+            tuple(self._read_states),
+            soft,
+            snapshot,
+            tuple(self._dropped_reads),
+        )
+        self._msgs.clear()
+        self._persisted_msgs.clear()
+        self._read_states.clear()
+        self._dropped_reads.clear()
+        return ready
+
+    def soft_state(self) -> SoftState:
+        return SoftState(self.role, self.leader, self.term)
+
+    def hard_state(self) -> HardState:
+        return HardState(self.term, self.vote, self.log.committed)
+
+    # ------------------------------------------------------------------ role transitions
+
+    def _reset(self, term: int) -> None:
+        if term != self.term:
+            self.term = term
+            self.vote = None
+        self._drop_leader_state()
+        self.leader = None
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.votes = {}
+        self._reset_randomized_timeout()
+
+    def _drop_leader_state(self) -> None:
+        if self.role is Role.LEADER:
+            self._drop_reads()
+        self.progress = {}
+        self.lead_transferee = None
+        self._uncommitted.clear()
+        self._proposed_bytes = self._committed_bytes = 0
+        self._commit_dirty = False
+
+    def _reset_randomized_timeout(self) -> None:
+        self.randomized_timeout = self.rng.randrange(self.config.election_tick, self.config.election_tick_max)
+
+    def _become_follower(self, term: int, leader: str | None) -> None:
+        self._reset(term)
+        self.role = Role.FOLLOWER
+        self.leader = leader
+
+    def _become_leader(self) -> None:
+        # The term and our vote were made durable before any VoteRequest left; nothing to wait for.
+        self._drop_leader_state()
+        self.role = Role.LEADER
+        self.leader = self.id
+        self.heartbeat_elapsed = 0
+        self.election_elapsed = 0
+        next_index = self.log.last_index() + 1
+        self.progress = {peer: Progress(next_index) for peer in self.peers}
+        # A no-op of our term: committing it commits every earlier entry (Raft paper, section 8)
+        # and lets ReadIndex know the latest commit index.
+        noop = Entry(next_index, self.term, EntryKind.NOOP)
+        self._append_own([noop], 24)
+        self._bcast_append()
+
+    def _append_own(self, entries: list[Entry], size: int) -> None:
+        self.log.append(entries)
+        self._proposed_bytes += size
+        self._uncommitted.append((entries[-1].index, self._proposed_bytes))
+
+    def _on_commit(self) -> None:
+        """Bookkeeping after the leader's commit index moved."""
+        committed = self.log.committed
+        uncommitted = self._uncommitted
+        while uncommitted and uncommitted[0][0] <= committed:
+            self._committed_bytes = uncommitted.popleft()[1]
+        if self._reads_waiting_commit and self.log.term(committed) == self.term:
+            self._release_reads_waiting_commit()

@@ -1,0 +1,222 @@
+"""Log replication: the leader's AppendEntries flow control and the follower's consistency check.
+
+Mixed into :class:`kommander.core.raft.RaftNode`; every attribute used here is defined there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kommander.core.errors import CompactedError
+from kommander.core.progress import Progress, ProgressState, quorum_index
+from kommander.core.types import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kommander.core.raft import RaftNode
+
+
+class Replication:
+    """Replication behaviour of a :class:`RaftNode`."""
+
+    # ------------------------------------------------------------------ leader: sending
+
+    def _send_append(self: "RaftNode", peer: str, pr: Progress, send_empty: bool = False) -> bool:
+        """Send ``peer`` the entries from ``pr.next`` if flow control allows. Returns whether a
+        message went out (so callers can loop to fill the pipelining window)."""
+        config = self.config
+        if pr.is_paused(config.max_inflight_msgs, config.max_inflight_bytes):
+            return False
+        return self._send_append_unpaused(peer, pr, send_empty)
+
+    def _send_append_unpaused(self: "RaftNode", peer: str, pr: Progress, send_empty: bool) -> bool:
+        config = self.config
+        log = self.log
+        prev_index = pr.next - 1
+        try:
+            prev_term = log.term(prev_index)
+            batch = log.slice(pr.next, pr.next + config.max_msg_entries)
+        except CompactedError:
+            return self._send_snapshot(peer, pr)
+        if prev_term is None:
+            raise AssertionError(f"progress of {peer} points past our log: {pr!r}, last {log.last_index()}")
+        if not batch and not send_empty:
+            return False
+        size = 0
+        limit = config.max_msg_bytes
+        for i, entry in enumerate(batch):
+            size += len(entry.data) + 24
+            if size > limit and i > 0:
+                del batch[i:]
+                break
+        count = len(batch)
+        last = batch[-1].index if count else prev_index
+        self._msgs.append(
+            AppendEntries(self.term, self.id, peer, prev_index, prev_term, tuple(batch), log.committed)
+        )
+        pr.sent(last, size, count)
+        return True
+
+    def _send_snapshot(self: "RaftNode", peer: str, pr: Progress) -> bool:
+        if pr.state is ProgressState.SNAPSHOT:
+            return False
+        meta = self.log.snapshot
+        pr.become_snapshot(meta.index)
+        self._msgs.append(InstallSnapshot(self.term, self.id, peer, meta))
+        return True
+
+    def _bcast_append(self: "RaftNode") -> None:
+        for peer, pr in self.progress.items():
+            while self._send_append(peer, pr):
+                pass
+
+    def _bcast_heartbeat(self: "RaftNode", context: int) -> None:
+        committed = self.log.committed
+        for peer, pr in self.progress.items():
+            # Never claim a commit index the follower may not hold yet.
+            self._msgs.append(Heartbeat(self.term, self.id, peer, min(pr.match, committed), context))
+
+    def _bcast_commit(self: "RaftNode") -> None:
+        """Tell followers about a new commit index: piggy-backed on new entries where there are
+        some, by heartbeat otherwise."""
+        committed = self.log.committed
+        context = self._read_seq
+        for peer, pr in self.progress.items():
+            if not self._send_append(peer, pr):
+                self._msgs.append(Heartbeat(self.term, self.id, peer, min(pr.match, committed), context))
+
+    # ------------------------------------------------------------------ leader: acknowledgements
+
+    def _handle_append_response(self: "RaftNode", m: AppendEntriesResponse) -> None:
+        pr = self.progress.get(m.src)
+        if pr is None:
+            return
+        pr.recent_active = True
+        if not m.success:
+            hint = m.hint_index
+            if m.hint_term > 0:
+                # Skip every entry of ours that cannot match the follower's term at hint_index.
+                hint = self.log.find_conflict_by_term(m.hint_index, m.hint_term)
+            if pr.maybe_decrease(m.index, hint):
+                if pr.state is ProgressState.REPLICATE:
+                    pr.become_probe()
+                self._send_append(m.src, pr, send_empty=True)
+            return
+        if not pr.maybe_update(m.index):
+            return
+        if pr.state is ProgressState.PROBE:
+            pr.become_replicate()
+        elif pr.state is ProgressState.SNAPSHOT:
+            if pr.match >= pr.pending_snapshot:
+                pr.become_probe()
+        else:
+            pr.free_to(m.index)
+        if self._maybe_commit():
+            self._commit_dirty = True
+        self._maybe_finish_transfer(m.src)
+        while self._send_append(m.src, pr):
+            pass
+
+    def _handle_heartbeat_response(self: "RaftNode", m: HeartbeatResponse) -> None:
+        pr = self.progress.get(m.src)
+        if pr is None:
+            return
+        pr.recent_active = True
+        if m.context > pr.read_ack:
+            pr.read_ack = m.context
+            self._confirm_reads()
+        if pr.match >= self.log.last_index():
+            return
+        if pr.state is ProgressState.PROBE:
+            # The probe may have been lost: the reply proves the follower is there, try again.
+            pr.probe_sent = False
+            self._send_append(m.src, pr, send_empty=True)
+        elif pr.state is ProgressState.REPLICATE:
+            if pr.is_paused(self.config.max_inflight_msgs, self.config.max_inflight_bytes):
+                # The window may be full of messages the network lost, and nothing else would
+                # ever unblock it: send one empty AppendEntries past the window. The follower
+                # either acknowledges it (freeing the window) or rejects it (back to probing).
+                self._send_window_probe(m.src, pr)
+            else:
+                self._send_append(m.src, pr, send_empty=True)
+
+    def _send_window_probe(self: "RaftNode", peer: str, pr: Progress) -> None:
+        prev_index = pr.next - 1
+        try:
+            prev_term = self.log.term(prev_index)
+        except CompactedError:
+            self._send_snapshot(peer, pr)
+            return
+        self._msgs.append(
+            AppendEntries(self.term, self.id, peer, prev_index, prev_term, (), self.log.committed)
+        )
+
+    def report_snapshot(self: "RaftNode", peer: str, success: bool) -> None:
+        """The runtime finished (or gave up) streaming a snapshot to ``peer``. On failure the
+        leader probes again, which starts a new transfer if one is still needed."""
+        pr = self.progress.get(peer)
+        if pr is None or pr.state is not ProgressState.SNAPSHOT:
+            return
+        if not success:
+            pr.pending_snapshot = 0
+        pr.become_probe()
+
+    def _maybe_commit(self: "RaftNode") -> bool:
+        log = self.log
+        matches = [log.stable]
+        matches.extend(pr.match for pr in self.progress.values())
+        index = quorum_index(matches)
+        # Figure 8 of the Raft paper: only entries of the current term commit by counting
+        # replicas; earlier ones commit with them.
+        if index > log.committed and log.term(index) == self.term:
+            log.commit_to(index)
+            self._on_commit()
+            return True
+        return False
+
+    # ------------------------------------------------------------------ follower
+
+    def _handle_append(self: "RaftNode", m: AppendEntries) -> None:
+        log = self.log
+        if m.prev_index < log.committed:
+            # Everything up to our commit index already agrees with any leader's log.
+            self._persisted_msgs.append(
+                AppendEntriesResponse(self.term, self.id, m.src, True, log.committed)
+            )
+            return
+        last_new = log.maybe_append(m.prev_index, m.prev_term, m.entries)
+        if last_new is not None:
+            log.commit_to(min(m.commit, last_new))
+            # "I hold these entries" must be true on disk before the leader counts it.
+            self._persisted_msgs.append(AppendEntriesResponse(self.term, self.id, m.src, True, last_new))
+            return
+        hint_index = log.find_conflict_by_term(min(m.prev_index, log.last_index()), m.prev_term)
+        self._msgs.append(
+            AppendEntriesResponse(
+                self.term, self.id, m.src, False, m.prev_index, hint_index, log.term_or_zero(hint_index)
+            )
+        )
+
+    def _handle_heartbeat(self: "RaftNode", m: Heartbeat) -> None:
+        self.log.commit_to(min(m.commit, self.log.last_index()))
+        self._msgs.append(HeartbeatResponse(self.term, self.id, m.src, m.context))
+
+    def _handle_snapshot(self: "RaftNode", m: InstallSnapshot) -> None:
+        log = self.log
+        meta = m.meta
+        if meta.index <= log.committed:
+            reply = log.committed
+        elif log.matches(meta.index, meta.term):
+            # Our log already holds the snapshot's last entry: it is committed, keep the rest.
+            log.commit_to(meta.index)
+            reply = meta.index
+        else:
+            log.restore(meta)
+            self._pending_snapshot = meta
+            reply = meta.index
+        self._persisted_msgs.append(AppendEntriesResponse(self.term, self.id, m.src, True, reply))
