@@ -40,12 +40,14 @@ FORMAT_KEY = b"format"
 VERSION = 1
 
 _INDEX = struct.Struct(">Q")
-_ENTRY = struct.Struct(">BBQQQH")
+#: The fixed header of an entry value; public for the store's inlined decoding loop.
+ENTRY_HEADER = _ENTRY = struct.Struct(">BBQQQH")
 _HARD_STATE = struct.Struct(">BQQB")
 _CHECKPOINT = struct.Struct(">BQQ")
 _PARTITION = struct.Struct(">I")
 _HEADER = _ENTRY.size
-_KINDS = {kind.value: kind for kind in EntryKind}
+#: Stored kind byte -> EntryKind.
+KINDS = _KINDS = {kind.value: kind for kind in EntryKind}
 
 index_key = _INDEX.pack
 key_index = _INDEX.unpack
