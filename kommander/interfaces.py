@@ -173,7 +173,9 @@ class IClock(Interface):
 
     Readings are ``int`` values packing ``physical_ms << 16 | logical``; ties between nodes are
     broken by node id where a total order is needed. Readings strictly increase on one node, and
-    after :meth:`update` with a remote reading every later local reading is greater than it.
+    after :meth:`update` with a remote reading every later local reading is greater than it,
+    unless that reading lies further ahead of the local wall clock than the clock trusts (see
+    :meth:`kommander.plugins.hlc.HybridLogicalClock.update`), in which case it is ignored.
     """
 
     node_id = Attribute("The node id used to break ties.")

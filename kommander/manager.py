@@ -1,0 +1,622 @@
+"""The runtime: :class:`RaftManager` drives one Raft core per partition on the Twisted reactor.
+
+Everything happens on the reactor thread. Work is gathered per reactor turn: every partition's
+``Ready`` produced in one turn goes to the WAL as one write (group commit, one sync) and every
+message for one peer goes to the transport as one batch. A ``Ready``'s replication messages leave
+at once; its votes and acknowledgements leave only once its write is durable (see
+:class:`kommander.core.types.Ready`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from kommander.config import RaftConfiguration
+from kommander.core.errors import KommanderError, NotLeader
+from kommander.core.raft import CoreConfig, RaftNode
+from kommander.core.types import (
+    AppendEntries,
+    Entry,
+    EntryKind,
+    Message,
+    Proposal,
+    Ready,
+    Role,
+    SnapshotChunk,
+    SnapshotChunkAck,
+)
+from kommander.interfaces import (
+    IClock,
+    IDiscovery,
+    IMessageReceiver,
+    IRaft,
+    IStateMachine,
+    ITransport,
+    IWAL,
+    WalWrite,
+)
+from kommander.partition import PartitionRuntime, Request
+from kommander.results import Event, RaftOperationStatus, ReplicationResult, partition_for_key
+
+Status = RaftOperationStatus
+#: Messages the runtime handles itself instead of stepping them into a core.
+_RUNTIME_MESSAGES = (SnapshotChunk, SnapshotChunkAck)
+
+
+class _Batch:
+    """The Readys of one flush, in order, and whether their WAL write is durable yet."""
+
+    __slots__ = ("readies", "done")
+
+    def __init__(self, readies: list[tuple[PartitionRuntime, Ready]], done: bool) -> None:
+        self.readies = readies
+        self.done = done
+
+
+@implementer(IRaft, IMessageReceiver)
+class RaftManager:
+    """A Kommander node: ``max_partitions`` Raft groups sharing one transport, WAL and clock.
+
+    :param config: the node's settings; validated here.
+    :param discovery: who the other nodes are. The voters of every partition are the nodes it
+        reports when :meth:`join_cluster` runs (this node included); they do not change later.
+    :param wal: the write-ahead log.
+    :param transport: carries messages to peers.
+    :param clock: Hybrid Logical Clock stamping every entry; ``None`` stamps 0.
+    :param state_machine: applied to every committed application entry, optional (the events
+        serve the same purpose).
+    :param reactor: the Twisted reactor (or a ``task.Clock`` in tests); the global one if omitted.
+    :param rng: randomness for election timeouts; seed it for reproducible tests.
+    :param metadata: advertised to peers in the transport handshake (e.g. this node's HTTP URL).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: RaftConfiguration,
+        *,
+        discovery: IDiscovery,
+        wal: IWAL,
+        transport: ITransport,
+        clock: IClock | None = None,
+        state_machine: IStateMachine | None = None,
+        reactor: Any = None,
+        rng: random.Random | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config.validate()
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.reactor = reactor
+        self.node_id = config.node_id
+        self.cluster_id = config.cluster_id
+        self.partitions = config.max_partitions
+        self.metadata = dict(metadata or {})
+        self.discovery = discovery
+        self.wal = wal
+        self.transport = transport
+        self.clock = clock
+        self.state_machine = state_machine
+        self.rng = rng or random.Random()
+        self.voters: tuple[str, ...] = ()
+        self.runtimes: list[PartitionRuntime] = []
+        self.peer_metadata: dict[str, dict[str, str]] = {}
+        self.stats: dict[str, int] = {
+            "wal_writes": 0,
+            "wal_entries": 0,
+            "messages_sent": 0,
+            "messages_received": 0,
+            "entries_applied": 0,
+        }
+        # Events, as the seed names them.
+        self.on_replication_received = Event("on_replication_received")
+        self.on_replication_error = Event("on_replication_error")
+        self.on_leader_changed = Event("on_leader_changed")
+        self.on_log_restored = Event("on_log_restored")
+        self.on_restore_started = Event("on_restore_started")
+        self.on_restore_finished = Event("on_restore_finished")
+        self._running = False
+        self._failed: str | None = None
+        self._dirty: dict[int, PartitionRuntime] = {}
+        self._flush_call: Any = None
+        self._batches: deque[_Batch] = deque()
+        self._ticker: task.LoopingCall | None = None
+        self._unsubscribe: Any = None
+        self._next_context = 0
+        self._leader_waiters: dict[int, list[defer.Deferred[str]]] = {}
+        self._restoring: set[int] = set()
+        self._restored: defer.Deferred[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @defer.inlineCallbacks
+    def join_cluster(self) -> Any:
+        """Start the node: open and replay the WAL, start discovery and the transport, tick.
+
+        Fires once every partition has replayed the entries its WAL knew to be committed, so the
+        state machine is as up to date as the disk when it fires.
+        """
+        if self._running:
+            raise KommanderError("join_cluster called twice")
+        yield defer.maybeDeferred(self.discovery.start)
+        nodes = dict(self.discovery.nodes())
+        self.voters = tuple(sorted(set(nodes) | {self.node_id}))
+        yield self.wal.open(self.partitions)
+        low, high = self.config.election_ticks()
+        core_config = CoreConfig(
+            self.node_id,
+            self.voters,
+            election_tick=low,
+            election_tick_max=high,
+            pre_vote=self.config.pre_vote,
+            check_quorum=self.config.check_quorum,
+            max_msg_entries=self.config.max_batch_entries,
+            max_msg_bytes=self.config.max_batch_bytes,
+            max_inflight_msgs=self.config.max_inflight_messages,
+            max_inflight_bytes=self.config.max_inflight_bytes,
+            max_uncommitted_bytes=self.config.max_uncommitted_bytes,
+        )
+        self._restored = defer.Deferred()
+        for number in range(self.partitions):
+            state = yield self.wal.load(number)
+            core = RaftNode(
+                core_config,
+                random.Random(self.rng.getrandbits(64)),
+                state.hard_state,
+                state.checkpoint,
+                state.entries,
+            )
+            runtime = PartitionRuntime(self, number, core)
+            self.runtimes.append(runtime)
+            if runtime.restoring:
+                self._restoring.add(number)
+                self.on_restore_started.fire(number)
+        self._running = True
+        self.transport.update_peers({k: v for k, v in nodes.items() if k != self.node_id})
+        yield self.transport.start(self)
+        self._unsubscribe = self.discovery.subscribe(self._nodes_changed)
+        self._ticker = task.LoopingCall(self._tick)
+        self._ticker.clock = self.reactor
+        self._ticker.start(self.config.heartbeat_interval, now=False)
+        for runtime in self.runtimes:
+            self.mark_dirty(runtime)
+        if not self._restoring:
+            self._restored.callback(None)
+        self.log.info(
+            "node {node} joined cluster {cluster}: voters {voters}, {n} partitions",
+            node=self.node_id,
+            cluster=self.cluster_id,
+            voters=",".join(self.voters),
+            n=self.partitions,
+        )
+        yield self._restored
+
+    @defer.inlineCallbacks
+    def leave_cluster(self) -> Any:
+        """Stop the node: fail pending operations, finish WAL writes, stop transport and discovery."""
+        if not self._running:
+            return
+        self._running = False
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._fail_everything(Status.ERRORED, "the node is leaving the cluster")
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        yield self.transport.stop()
+        yield defer.maybeDeferred(self.discovery.stop)
+        yield self.wal.close()
+
+    def _fail_everything(self, status: Status, reason: str) -> None:
+        for runtime in self.runtimes:
+            runtime.fail_queued(status, reason)
+            runtime.fail_inflight(status, reason)
+            for context in list(runtime.reads):
+                runtime.reads.pop(context)[0].errback(Failure(KommanderError(reason)))
+            for _, d in runtime.confirmed_reads:
+                d.errback(Failure(KommanderError(reason)))
+            runtime.confirmed_reads.clear()
+        for waiters in self._leader_waiters.values():
+            for d in waiters:
+                d.errback(Failure(KommanderError(reason)))
+        self._leader_waiters.clear()
+
+    def _fail_stop(self, reason: str) -> None:
+        """A broken invariant or a failed disk write: this node must not go on pretending."""
+        if self._failed:
+            return
+        self._failed = reason
+        self.log.critical("node {node} stopping: {reason}", node=self.node_id, reason=reason)
+        self.leave_cluster()
+
+    # ------------------------------------------------------------------ queries
+
+    def _runtime(self, partition: int) -> PartitionRuntime:
+        if not isinstance(partition, int) or not 0 <= partition < len(self.runtimes):
+            raise ValueError(f"partition {partition!r} out of range 0..{self.partitions - 1}")
+        return self.runtimes[partition]
+
+    def am_i_leader(self, partition: int) -> bool:
+        return self._runtime(partition).core.role is Role.LEADER
+
+    def get_leader(self, partition: int) -> str | None:
+        return self._runtime(partition).core.leader
+
+    def partition_for_key(self, key: str | bytes) -> int:
+        """The partition a key belongs to (stable across nodes and runs)."""
+        return partition_for_key(key, self.partitions)
+
+    def wait_for_leader(self, partition: int, timeout: float = 10.0) -> defer.Deferred[str]:
+        leader = self.get_leader(partition)
+        if leader is not None:
+            return defer.succeed(leader)
+        d: defer.Deferred[str] = defer.Deferred()
+        self._leader_waiters.setdefault(partition, []).append(d)
+
+        def expire() -> None:
+            waiters = self._leader_waiters.get(partition, [])
+            if d in waiters:
+                waiters.remove(d)
+                d.errback(Failure(defer.TimeoutError(f"no leader for partition {partition} after {timeout}s")))
+
+        call = self.reactor.callLater(timeout, expire)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot of every partition's state (``GET /v1/status``)."""
+        parts = []
+        for runtime in self.runtimes:
+            core = runtime.core
+            parts.append(
+                {
+                    "partition": runtime.number,
+                    "role": core.role.value,
+                    "term": core.term,
+                    "leader": core.leader,
+                    "commit_index": core.log.committed,
+                    "applied_index": runtime.applied,
+                    "last_log_index": core.log.last_index(),
+                }
+            )
+        return {
+            "node_id": self.node_id,
+            "cluster_id": self.cluster_id,
+            "voters": list(self.voters),
+            "running": self._running,
+            "partitions": parts,
+        }
+
+    # ------------------------------------------------------------------ writes
+
+    def replicate_logs(
+        self,
+        partition: int,
+        log_type: str,
+        data: bytes | Sequence[bytes],
+        auto_commit: bool = True,
+    ) -> defer.Deferred[ReplicationResult]:
+        """Replicate one or more entries (one ``bytes`` or a sequence of them).
+
+        Fires with a :class:`ReplicationResult` once the entries are committed by a quorum,
+        durable in this node's WAL and applied by its state machine; with ``auto_commit=False``
+        once they are committed as a two-phase ticket (``result.ticket_id``), not yet applied.
+        Never fails: problems are reported in ``result.status``.
+        """
+        runtime = self._runtime(partition)
+        items = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        if not items or not all(isinstance(d, (bytes, bytearray, memoryview)) for d in items):
+            raise TypeError("data must be bytes or a non-empty sequence of bytes")
+        if not isinstance(log_type, str):
+            raise TypeError("log_type must be a str")
+        kind = EntryKind.NORMAL if auto_commit else EntryKind.PROPOSED
+        proposals = [Proposal(log_type, bytes(d), self._now_ts(), kind) for d in items]
+        if auto_commit:
+            return self._submit(runtime, proposals)
+
+        def record(result: ReplicationResult) -> None:
+            if result.success:
+                runtime.my_tickets[result.ticket_id] = "pending"
+            else:
+                runtime.my_tickets.pop(result.ticket_id, None)
+
+        return self._submit(runtime, proposals, record)
+
+    def commit_logs(self, partition: int, ticket_id: int) -> defer.Deferred[ReplicationResult]:
+        """Commit a two-phase ticket: its entries are applied on every node."""
+        return self._decide(partition, ticket_id, EntryKind.COMMIT)
+
+    def rollback_logs(self, partition: int, ticket_id: int) -> defer.Deferred[ReplicationResult]:
+        """Discard a two-phase ticket. Refused for applied entries and decided tickets."""
+        return self._decide(partition, ticket_id, EntryKind.ROLLBACK)
+
+    def _decide(self, partition: int, ticket: int, kind: EntryKind) -> defer.Deferred[ReplicationResult]:
+        runtime = self._runtime(partition)
+        if runtime.core.role is not Role.LEADER:
+            return defer.succeed(
+                ReplicationResult.failed(Status.NOT_LEADER, "only the leader decides tickets", runtime.core.leader)
+            )
+        state = runtime.my_tickets.get(ticket)
+        if state != "pending":
+            why = {
+                None: "unknown ticket: never proposed by this leader, already decided, or rolled back by "
+                "a leader change (applied entries cannot be rolled back)",
+                "replicating": "the ticket's entries are still being replicated",
+                "deciding": "a decision for this ticket is already being written",
+            }[state]
+            return defer.succeed(ReplicationResult.failed(Status.REFUSED, why))
+        runtime.my_tickets[ticket] = "deciding"
+
+        def done(result: ReplicationResult) -> None:
+            runtime.my_tickets.pop(ticket, None)
+
+        proposal = Proposal("", b"", self._now_ts(), kind, ticket)
+        return self._submit(runtime, [proposal], done)
+
+    def replicate_checkpoint(self, partition: int) -> defer.Deferred[ReplicationResult]:
+        """Write a checkpoint marker; once applied, the state machine's ``checkpoint`` runs."""
+        runtime = self._runtime(partition)
+        return self._submit(runtime, [Proposal("", b"", self._now_ts(), EntryKind.CHECKPOINT)])
+
+    def _submit(self, runtime: PartitionRuntime, proposals: list[Proposal], on_done: Any = None) -> Any:
+        if not self._running:
+            return defer.succeed(ReplicationResult.failed(Status.ERRORED, self._failed or "the node is not running"))
+        request = Request(proposals, self.reactor.seconds() + self.config.operation_timeout)
+        request.on_done = on_done
+        failure = runtime.enqueue(request)
+        if failure is not None:
+            if on_done is not None:
+                on_done(failure)
+            return defer.succeed(failure)
+        self.mark_dirty(runtime)
+        return request.deferred
+
+    def _now_ts(self) -> int:
+        return self.clock.now() if self.clock is not None else 0
+
+    def read_index(self, partition: int) -> defer.Deferred[int]:
+        """Linearizable read barrier: fires with an index once it is applied locally; reading the
+        state machine then observes every write that completed before this call. Fails with
+        :class:`NotLeader` when this node does not lead the partition."""
+        runtime = self._runtime(partition)
+        if not self._running:
+            return defer.fail(KommanderError(self._failed or "the node is not running"))
+        self._next_context += 1
+        context = self._next_context
+        try:
+            runtime.core.read_index(context)
+        except NotLeader as e:
+            return defer.fail(e)
+        d: defer.Deferred[int] = defer.Deferred()
+        runtime.reads[context] = (d, self.reactor.seconds() + self.config.operation_timeout)
+        self.mark_dirty(runtime)
+        return d
+
+    def transfer_leadership(self, partition: int, target: str) -> None:
+        """Ask the leader of ``partition`` (this node) to hand leadership to ``target``.
+
+        :raises NotLeader: when this node does not lead the partition.
+        """
+        runtime = self._runtime(partition)
+        runtime.core.transfer_leadership(target)
+        self.mark_dirty(runtime)
+
+    # ------------------------------------------------------------------ applying
+
+    def apply_to_state_machine(self, runtime: PartitionRuntime, entry: Entry, restoring: bool) -> Any:
+        """Apply one application entry: the state machine first, then the events. Returns what
+        the state machine returned (or a Deferred of it). Never raises."""
+        self.stats["entries_applied"] += 1
+        outcome: Any = None
+        if self.state_machine is not None:
+            try:
+                outcome = self.state_machine.apply(runtime.number, entry)
+            except Exception:  # noqa: BLE001 - the application's bug is reported, not fatal
+                return self._apply_failed(runtime, entry, Failure())
+            if isinstance(outcome, defer.Deferred):
+                return outcome.addCallbacks(
+                    self._after_apply,
+                    lambda f: self._apply_failed(runtime, entry, f),
+                    callbackArgs=(runtime, entry, restoring),
+                )
+        return self._after_apply(outcome, runtime, entry, restoring)
+
+    def _after_apply(self, outcome: Any, runtime: PartitionRuntime, entry: Entry, restoring: bool) -> Any:
+        if outcome is False:
+            self._report_apply_error(runtime, entry, "the state machine returned False")
+        event = self.on_log_restored if restoring else self.on_replication_received
+        for verdict in event.fire(runtime.number, entry):
+            if verdict is False:
+                self._report_apply_error(runtime, entry, f"an {event.name} handler returned False")
+            elif isinstance(verdict, Exception):
+                self._report_apply_error(runtime, entry, f"an {event.name} handler raised {verdict!r}")
+        return outcome
+
+    def _apply_failed(self, runtime: PartitionRuntime, entry: Entry, failure: Failure) -> Exception:
+        self._report_apply_error(runtime, entry, f"the state machine raised {failure.value!r}")
+        return failure.value
+
+    def _report_apply_error(self, runtime: PartitionRuntime, entry: Entry, reason: str) -> None:
+        self.log.error(
+            "partition {p}: applying entry {index} ({log_type}) failed: {reason}",
+            p=runtime.number,
+            index=entry.index,
+            log_type=entry.log_type,
+            reason=reason,
+        )
+        self.on_replication_error.fire(runtime.number, entry, reason)
+
+    def checkpoint_applied(self, runtime: PartitionRuntime, entry: Entry) -> Any:
+        checkpoint = getattr(self.state_machine, "checkpoint", None)
+        if checkpoint is None:
+            return None
+        try:
+            return checkpoint(runtime.number, entry.index)
+        except Exception:  # noqa: BLE001
+            self.log.failure("partition {p}: state machine checkpoint failed", p=runtime.number)
+            return None
+
+    def restore_finished(self, runtime: PartitionRuntime) -> None:
+        self._restoring.discard(runtime.number)
+        self.on_restore_finished.fire(runtime.number)
+        if not self._restoring and self._restored is not None and not self._restored.called:
+            self._restored.callback(None)
+
+    # ------------------------------------------------------------------ transport callbacks
+
+    def message_received(self, peer: str, partition: int, message: Message) -> None:
+        if not self._running:
+            return
+        self.stats["messages_received"] += 1
+        runtime = self.runtimes[partition]
+        if isinstance(message, _RUNTIME_MESSAGES):
+            self.log.debug("ignoring {kind} from {peer}", kind=type(message).__name__, peer=peer)
+            return
+        if self.clock is not None and type(message) is AppendEntries and message.entries:
+            stamp = message.entries[-1].timestamp
+            if stamp:
+                self.clock.update(stamp)
+        runtime.core.step(message)
+        self.mark_dirty(runtime)
+
+    def peer_status_changed(self, peer: str, connected: bool, metadata: Mapping[str, str]) -> None:
+        if connected:
+            self.peer_metadata[peer] = dict(metadata)
+        self.log.info("peer {peer} {state}", peer=peer, state="connected" if connected else "disconnected")
+
+    def _nodes_changed(self, nodes: Mapping[str, str]) -> None:
+        unknown = set(nodes) - set(self.voters)
+        if unknown:
+            self.log.warn(
+                "discovery reports nodes {nodes} that are not voters; membership is fixed at start-up",
+                nodes=",".join(sorted(unknown)),
+            )
+        self.transport.update_peers({k: v for k, v in nodes.items() if k != self.node_id and k in self.voters})
+
+    # ------------------------------------------------------------------ the drive loop
+
+    def _tick(self) -> None:
+        now = self.reactor.seconds()
+        for runtime in self.runtimes:
+            runtime.core.tick()
+            runtime.expire(now)
+            self._dirty[runtime.number] = runtime
+        self._flush()
+
+    def mark_dirty(self, runtime: PartitionRuntime) -> None:
+        """Schedule ``runtime`` for processing at the end of this reactor turn."""
+        self._dirty[runtime.number] = runtime
+        if self._flush_call is None and self._running:
+            self._flush_call = self.reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._running:
+            return
+        try:
+            self._flush_once()
+        except Exception:  # noqa: BLE001 - a broken invariant: stop rather than corrupt
+            self.log.failure("internal error in the Raft runtime")
+            self._fail_stop("internal error in the Raft runtime (see the log)")
+
+    def _flush_once(self) -> None:
+        outgoing: dict[str, list[tuple[int, Message]]] = {}
+        writes: list[WalWrite] = []
+        readies: list[tuple[PartitionRuntime, Ready]] = []
+        dirty, self._dirty = self._dirty, {}
+        for runtime in dirty.values():
+            runtime.drain_queue()
+            core = runtime.core
+            rounds = 0
+            while core.has_ready() and rounds < 16:
+                rounds += 1
+                ready = core.ready()
+                for m in ready.messages:
+                    outgoing.setdefault(m.dst, []).append((runtime.number, m))
+                if ready.must_persist():
+                    writes.append(WalWrite(runtime.number, ready.hard_state, ready.entries))
+                    self.stats["wal_entries"] += len(ready.entries)
+                readies.append((runtime, ready))
+                if ready.committed_entries:
+                    runtime.apply_entries(ready.committed_entries)
+                if ready.soft_state is not None:
+                    self._leadership_changed(runtime)
+                for rs in ready.read_states:
+                    runtime.read_confirmed(rs.context, rs.index)
+                for context in ready.dropped_reads:
+                    runtime.read_dropped(context)
+            if core.has_ready():
+                self._dirty[runtime.number] = runtime
+        self._send(outgoing)
+        if readies:
+            batch = _Batch(readies, done=not writes)
+            self._batches.append(batch)
+            if writes:
+                self.stats["wal_writes"] += 1
+                self.wal.write(writes).addCallbacks(self._write_done, self._write_failed, callbackArgs=(batch,))
+            self._complete_batches()
+        if self._dirty and self._flush_call is None and self._running:
+            self._flush_call = self.reactor.callLater(0, self._flush)
+
+    def _write_done(self, _: Any, batch: _Batch) -> None:
+        batch.done = True
+        if self._running:
+            self._complete_batches()
+
+    def _write_failed(self, failure: Failure) -> None:
+        self.log.failure("WAL write failed", failure)
+        self._fail_stop(f"WAL write failed: {failure.getErrorMessage()}")
+
+    def _complete_batches(self) -> None:
+        """Release, in order, what waited for durability: persisted messages, then advance()."""
+        outgoing: dict[str, list[tuple[int, Message]]] = {}
+        batches = self._batches
+        while batches and batches[0].done:
+            batch = batches.popleft()
+            for runtime, ready in batch.readies:
+                for m in ready.persisted_messages:
+                    outgoing.setdefault(m.dst, []).append((runtime.number, m))
+                runtime.core.advance(ready)
+                self.mark_dirty(runtime)
+        self._send(outgoing)
+
+    def _send(self, outgoing: dict[str, list[tuple[int, Message]]]) -> None:
+        for peer, messages in outgoing.items():
+            self.stats["messages_sent"] += len(messages)
+            try:
+                self.transport.send(peer, messages)
+            except (KommanderError, ValueError):
+                # The transport refused what we built: that is our bug, not the network's.
+                self.log.failure("transport refused messages for {peer}", peer=peer)
+
+    def _leadership_changed(self, runtime: PartitionRuntime) -> None:
+        previous = runtime.leader
+        runtime.leadership_changed()
+        leader = runtime.leader
+        if leader != previous:
+            self.log.info(
+                "partition {p}: leader is now {leader} (term {term})",
+                p=runtime.number,
+                leader=leader or "unknown",
+                term=runtime.core.term,
+            )
+            self.on_leader_changed.fire(runtime.number, leader)
+            if leader is not None:
+                for d in self._leader_waiters.pop(runtime.number, []):
+                    d.callback(leader)

@@ -1,0 +1,332 @@
+"""One partition's share of the runtime: its core, proposal queue, waiting callers and applier.
+
+:class:`kommander.manager.RaftManager` owns one :class:`PartitionRuntime` per partition and drives
+them all from the reactor; this module holds everything that is per partition.
+
+Two-phase replication (``auto_commit=False``) is resolved deterministically from the log alone,
+so every node reaches the same verdict:
+
+* ``PROPOSED`` entries are held back when committed, under their ticket (the index of the batch's
+  first entry).
+* A ``COMMIT`` marker applies the ticket's entries; a ``ROLLBACK`` marker discards them.
+* **Rule:** when a leader's ``NOOP`` (the first entry of every leader term) is applied, every
+  ticket still undecided is rolled back. A ticket lives within one leader term: only the leader
+  that proposed it can decide it, and a decision that did not reach the log before the next
+  leader's NOOP never will, so nothing the application did not commit is ever applied.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kommander.core.errors import NotLeader, ProposalDropped
+from kommander.core.raft import RaftNode
+from kommander.core.types import Entry, EntryKind, Proposal, Role
+from kommander.results import RaftOperationStatus, ReplicationResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kommander.manager import RaftManager
+
+_log = Logger()
+Status = RaftOperationStatus
+
+
+class Request:
+    """One caller waiting on entries: queued, then proposed, then applied."""
+
+    __slots__ = ("proposals", "deferred", "deadline", "first", "last", "term", "results", "on_done")
+
+    def __init__(self, proposals: list[Proposal], deadline: float) -> None:
+        self.proposals = proposals
+        self.deferred: defer.Deferred[ReplicationResult] = defer.Deferred()
+        self.deadline = deadline
+        self.first = 0
+        self.last = 0
+        self.term = 0
+        self.results: list[Any] = []
+        #: Called with the result just before the caller's Deferred fires (ticket bookkeeping).
+        self.on_done: Any = None
+
+    def finish(self, result: ReplicationResult) -> None:
+        if self.deferred.called:
+            return
+        if self.on_done is not None:
+            self.on_done(result)
+        self.deferred.callback(result)
+
+
+class PartitionRuntime:
+    """Runtime state of one partition."""
+
+    def __init__(self, manager: "RaftManager", number: int, core: RaftNode) -> None:
+        self.manager = manager
+        self.number = number
+        self.core = core
+        self.queue: deque[Request] = deque()
+        self.queued_entries = 0
+        #: Proposed requests of the current leader term, in index order.
+        self.inflight: deque[Request] = deque()
+        #: ReadIndex: context -> (Deferred, deadline); then (index, context, Deferred) once confirmed.
+        self.reads: dict[int, tuple[defer.Deferred[int], float]] = {}
+        self.confirmed_reads: deque[tuple[int, defer.Deferred[int]]] = deque()
+        self.applied = core.log.applied
+        #: Entries committed but not yet applied (apply may be asynchronous).
+        self.apply_queue: deque[Entry] = deque()
+        self.applying = False
+        #: Undecided two-phase tickets (every node): ticket -> held entries.
+        self.tickets: dict[int, list[Entry]] = {}
+        #: The leader's view of its own tickets: ticket -> "replicating" | "pending" | "deciding".
+        self.my_tickets: dict[int, str] = {}
+        self.role = core.role
+        self.leader: str | None = core.leader
+        self.term = core.term
+        self.restore_until = core.log.committed
+        self.restoring = self.restore_until > self.applied
+
+    # ------------------------------------------------------------------ proposing
+
+    def enqueue(self, request: Request) -> ReplicationResult | None:
+        """Queue a request; returns an immediate failure instead when it cannot be taken."""
+        core = self.core
+        if core.role is not Role.LEADER:
+            return ReplicationResult.failed(
+                Status.NOT_LEADER, f"not the leader of partition {self.number}", core.leader
+            )
+        if self.queued_entries + len(request.proposals) > self.manager.config.max_queued_proposals:
+            return ReplicationResult.failed(Status.QUEUE_FULL, f"partition {self.number}: proposal queue full")
+        self.queue.append(request)
+        self.queued_entries += len(request.proposals)
+        return None
+
+    def drain_queue(self) -> None:
+        """Hand queued requests to the core, all at once, as one batch of entries."""
+        queue = self.queue
+        if not queue:
+            return
+        core = self.core
+        if core.role is not Role.LEADER:
+            self.fail_queued(Status.NOT_LEADER, "leadership changed before the entries were written")
+            return
+        batch: list[Request] = []
+        proposals: list[Proposal] = []
+        limit = self.manager.config.max_batch_entries * 8
+        # Two-phase requests need their own core.propose call: their ticket is the index of
+        # the first entry of *their* batch.
+        while queue and (not proposals or len(proposals) + len(queue[0].proposals) <= limit):
+            if proposals and queue[0].proposals[0].kind is EntryKind.PROPOSED:
+                break
+            request = queue.popleft()
+            batch.append(request)
+            proposals.extend(request.proposals)
+            if request.proposals[0].kind is EntryKind.PROPOSED:
+                break
+        try:
+            first, _ = core.propose(proposals)
+        except ProposalDropped:
+            # Too much uncommitted data or a transfer: keep them queued until that passes.
+            queue.extendleft(reversed(batch))
+            return
+        except NotLeader as e:  # pragma: no cover - role checked above
+            queue.extendleft(reversed(batch))
+            self.fail_queued(Status.NOT_LEADER, str(e))
+            return
+        self.queued_entries -= len(proposals)
+        index = first
+        term = core.term
+        for request in batch:
+            request.first = index
+            request.last = index + len(request.proposals) - 1
+            request.term = term
+            index = request.last + 1
+            if request.proposals[0].kind is EntryKind.PROPOSED:
+                self.my_tickets[request.first] = "replicating"
+            self.inflight.append(request)
+        if queue:
+            self.manager.mark_dirty(self)
+
+    def fail_queued(self, status: Status, error: str) -> None:
+        queue, self.queue = self.queue, deque()
+        self.queued_entries = 0
+        for request in queue:
+            request.finish(ReplicationResult.failed(status, error, self.core.leader))
+
+    def fail_inflight(self, status: Status, error: str) -> None:
+        inflight, self.inflight = self.inflight, deque()
+        for request in inflight:
+            request.finish(ReplicationResult.failed(status, error, self.core.leader))
+
+    def expire(self, now: float) -> None:
+        """Fail requests and reads whose deadline passed (outcome unknown)."""
+        for requests in (self.queue, self.inflight):
+            while requests and requests[0].deadline <= now:
+                request = requests.popleft()
+                if requests is self.queue:
+                    self.queued_entries -= len(request.proposals)
+                request.finish(
+                    ReplicationResult.failed(Status.TIMEOUT, "no outcome within operation_timeout")
+                )
+        for context, (d, deadline) in list(self.reads.items()):
+            if deadline <= now:
+                del self.reads[context]
+                d.errback(Failure(defer.TimeoutError(f"read on partition {self.number} timed out")))
+
+    # ------------------------------------------------------------------ leadership
+
+    def leadership_changed(self) -> None:
+        """Called when the core's role, leader or term changed."""
+        core = self.core
+        was_leader = self.role is Role.LEADER
+        if was_leader and (core.role is not Role.LEADER or core.term != self.term):
+            # Requests whose entries are known committed still complete when applied; the rest
+            # may or may not commit under the next leader.
+            committed = core.log.committed
+            lost = [r for r in self.inflight if r.last > committed]
+            self.inflight = deque(r for r in self.inflight if r.last <= committed)
+            for request in lost:
+                request.finish(
+                    ReplicationResult.failed(
+                        Status.LEADERSHIP_LOST, "leadership lost; the entries may or may not commit", core.leader
+                    )
+                )
+            self.fail_queued(Status.NOT_LEADER, "leadership lost before the entries were written")
+            self.my_tickets.clear()
+        self.role, self.leader, self.term = core.role, core.leader, core.term
+
+    # ------------------------------------------------------------------ reads
+
+    def read_confirmed(self, context: int, index: int) -> None:
+        entry = self.reads.pop(context, None)
+        if entry is None:
+            return  # timed out meanwhile
+        d = entry[0]
+        if self.applied >= index:
+            d.callback(index)
+        else:
+            self.confirmed_reads.append((index, d))
+
+    def read_dropped(self, context: int) -> None:
+        entry = self.reads.pop(context, None)
+        if entry is not None:
+            entry[0].errback(Failure(NotLeader(self.core.leader, "leadership lost before the read was confirmed")))
+
+    def _release_reads(self) -> None:
+        reads = self.confirmed_reads
+        if not reads:
+            return
+        remaining: deque[tuple[int, defer.Deferred[int]]] = deque()
+        for index, d in reads:
+            if index <= self.applied:
+                d.callback(index)
+            else:
+                remaining.append((index, d))
+        self.confirmed_reads = remaining
+
+    # ------------------------------------------------------------------ applying
+
+    def apply_entries(self, entries: tuple[Entry, ...]) -> None:
+        self.apply_queue.extend(entries)
+        if not self.applying:
+            self._drain_apply()
+
+    def _drain_apply(self) -> None:
+        queue = self.apply_queue
+        while queue:
+            entry = queue.popleft()
+            outcome = self._apply_one(entry)
+            if isinstance(outcome, defer.Deferred):
+                self.applying = True
+                outcome.addBoth(self._applied_async, entry)
+                return
+            self._done(entry, outcome)
+        self.applying = False
+
+    def _applied_async(self, outcome: Any, entry: Entry) -> None:
+        self._done(entry, outcome)
+        self._drain_apply()
+
+    def _apply_one(self, entry: Entry) -> Any:
+        kind = entry.kind
+        if kind is EntryKind.NORMAL:
+            return self.manager.apply_to_state_machine(self, entry, self.restoring)
+        if kind is EntryKind.PROPOSED:
+            self.tickets.setdefault(entry.ticket, []).append(entry)
+            return None
+        if kind is EntryKind.COMMIT:
+            held = self.tickets.pop(entry.ticket, None)
+            if held is None:
+                return None
+            return self._apply_many(held)
+        if kind is EntryKind.ROLLBACK:
+            self.tickets.pop(entry.ticket, None)
+            return None
+        if kind is EntryKind.NOOP:
+            if self.tickets:
+                _log.info(
+                    "partition {p}: rolling back undecided tickets {tickets} at new leader's no-op {i}",
+                    p=self.number,
+                    tickets=sorted(self.tickets),
+                    i=entry.index,
+                )
+                self.tickets.clear()
+            return None
+        if kind is EntryKind.CHECKPOINT:
+            return self.manager.checkpoint_applied(self, entry)
+        raise AssertionError(f"unknown entry kind {kind!r}")
+
+    def _apply_many(self, entries: list[Entry]) -> Any:
+        """Apply a committed ticket's entries in order, waiting for asynchronous ones; returns
+        the tuple of their results (or a Deferred firing with it)."""
+        results: list[Any] = []
+
+        def run(start: int) -> Any:
+            for i in range(start, len(entries)):
+                outcome = self.manager.apply_to_state_machine(self, entries[i], self.restoring)
+                if isinstance(outcome, defer.Deferred):
+
+                    def resumed(value: Any, i: int = i) -> Any:
+                        results.append(value.value if isinstance(value, Failure) else value)
+                        return run(i + 1)
+
+                    return outcome.addBoth(resumed)
+                results.append(outcome)
+            return tuple(results)
+
+        return run(0)
+
+    def _done(self, entry: Entry, outcome: Any) -> None:
+        if isinstance(outcome, Failure):
+            outcome = outcome.value
+        self.applied = entry.index
+        if self.restoring and self.applied >= self.restore_until:
+            self.restoring = False
+            self.manager.restore_finished(self)
+        self._resolve(entry, outcome)
+        self._release_reads()
+
+    def _resolve(self, entry: Entry, outcome: Any) -> None:
+        inflight = self.inflight
+        index = entry.index
+        while inflight and inflight[0].last < index:  # pragma: no cover - defensive
+            inflight.popleft().finish(ReplicationResult.failed(Status.LEADERSHIP_LOST, "entries were replaced"))
+        if not inflight or inflight[0].first > index:
+            return
+        request = inflight[0]
+        if entry.term != request.term:
+            inflight.popleft()
+            request.finish(ReplicationResult.failed(Status.LEADERSHIP_LOST, "entries were replaced by a new leader"))
+            return
+        if entry.kind is EntryKind.NORMAL:
+            request.results.append(outcome)
+        elif entry.kind is EntryKind.COMMIT and isinstance(outcome, tuple):
+            request.results.extend(outcome)
+        if index == request.last:
+            inflight.popleft()
+            ticket = request.first if entry.kind is EntryKind.PROPOSED else entry.ticket
+            request.finish(
+                ReplicationResult(True, Status.SUCCESS, ticket, request.last, results=tuple(request.results))
+            )
