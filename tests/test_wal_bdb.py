@@ -336,7 +336,8 @@ async def test_load_is_fast(make):
     wal = make(durability="nosync")
     await wal.open(1)
     for start in range(1, 100_001, 10_000):
-        await wal.write([WalWrite(0, None, tuple(Entry(i, 1, log_type="kv", data=bytes(100)) for i in range(start, start + 10_000)))])
+        chunk = tuple(Entry(i, 1, log_type="kv", data=bytes(100)) for i in range(start, start + 10_000))
+        await wal.write([WalWrite(0, None, chunk)])
     started = time.monotonic()
     state = await wal.load(0)
     elapsed = time.monotonic() - started

@@ -89,7 +89,8 @@ class BerkeleyDBWAL:
                 f"durability {durability!r}: use 'sync' (survives power failure) or "
                 "'nosync' (survives a process crash only)"
             )
-        if not isinstance(checkpoint_interval, (int, float)) or not math.isfinite(checkpoint_interval) or checkpoint_interval <= 0:
+        interval_ok = isinstance(checkpoint_interval, (int, float)) and math.isfinite(checkpoint_interval)
+        if not interval_ok or checkpoint_interval <= 0:
             raise ConfigurationError(f"checkpoint_interval {checkpoint_interval!r}: use a positive number of seconds")
         for name, value, low in (
             ("cache_bytes", cache_bytes, 1 << 20),
@@ -177,6 +178,8 @@ class BerkeleyDBWAL:
             breaks the contract or Berkeley DB fails.
         """
         try:
+            # A snapshot: the caller may reuse its list while the writer thread works on it.
+            batch = tuple(batch)
             weight = sum(len(item.entries) for item in batch) or 1
         except Exception:
             weight = 1  # malformed; the writer refuses it with a proper error
@@ -277,7 +280,10 @@ class BerkeleyDBWAL:
                         break
                     group.append(following)
                     weight += following.weight
-                results = store.apply([(op.kind, op.args) for op in group])
+                try:
+                    results = store.apply([(op.kind, op.args) for op in group])
+                except Exception as exc:  # apply reports failures itself; this only guards the thread
+                    results = [WALError(f"write failed: {exc}", cause=exc)] * len(group)
                 self._deliver([(op.deferred, error is None, error) for op, error in zip(group, results)])
                 # Bound the log files under heavy writing too, not only every checkpoint_interval.
                 self._checkpoint(store, self._checkpoint_kbytes)
@@ -305,4 +311,6 @@ class BerkeleyDBWAL:
         try:
             store.checkpoint_log(kbytes)
         except Exception as exc:
-            self._reactor.callFromThread(_log.error, "Berkeley DB checkpoint of {path} failed: {error!r}", path=self.path, error=exc)
+            self._reactor.callFromThread(
+                _log.error, "Berkeley DB checkpoint of {path} failed: {error!r}", path=self.path, error=exc
+            )

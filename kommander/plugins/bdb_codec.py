@@ -75,7 +75,8 @@ def encode_entry(entry: Entry) -> bytes:
         log_type = entry.log_type.encode("utf-8")
         # memoryview() refuses an int, which bytes() would turn into that many zero bytes.
         data = entry.data if type(entry.data) is bytes else bytes(memoryview(entry.data))
-        return _ENTRY.pack(VERSION, entry.kind, entry.term, entry.timestamp, entry.ticket, len(log_type)) + log_type + data
+        header = _ENTRY.pack(VERSION, entry.kind, entry.term, entry.timestamp, entry.ticket, len(log_type))
+        return header + log_type + data
     except (struct.error, AttributeError, TypeError, ValueError) as exc:
         raise WALError(f"entry {entry.index} cannot be stored: {exc}", cause=exc) from exc
 

@@ -111,7 +111,10 @@ class BDBStore:
             txn.commit()
             self._partitions = partitions
         except BaseException as exc:
-            self.close()
+            try:
+                self.close()
+            except WALError:
+                pass  # the error worth reporting is the one that stopped the open
             if isinstance(exc, KommanderError):
                 raise
             raise WALError(f"cannot open the log in {self.path}: {exc}", cause=exc) from exc
@@ -219,8 +222,9 @@ class BDBStore:
         """
         results: list[BaseException | None] = []
         staged: dict[int, LogBounds] = {}
-        txn = self._begin()
+        txn = None
         try:
+            txn = self._begin()
             for kind, args in operations:
                 try:
                     actions, bounds = self._plan(kind, args, staged, txn)
@@ -390,7 +394,8 @@ class BDBStore:
         # The hot path of load(): one cursor pass with the decoding of bdb_codec.decode_entry
         # inlined and every name bound locally, which makes a million entries load about 30%
         # faster than calling the function (the Entry constructor is most of what remains).
-        unpack, header, kinds, version = codec.ENTRY_HEADER.unpack_from, codec.ENTRY_HEADER.size, codec.KINDS, codec.VERSION
+        unpack, header = codec.ENTRY_HEADER.unpack_from, codec.ENTRY_HEADER.size
+        kinds, version = codec.KINDS, codec.VERSION
         from_bytes, make = int.from_bytes, Entry
         log_types: dict[bytes, str] = {}
         out: list[Entry] = []

@@ -154,7 +154,9 @@ def random_operation(rng: random.Random, model: WALModel) -> tuple[str, tuple]:
                 term = max(q_term, 1)
             if rng.random() < 0.04:
                 first = q_last + 2 if rng.random() < 0.5 else q.floor()  # refused: gap or compacted
-            hard = HardState(term, rng.choice((None, "n1", "n2")), rng.randint(0, q_last)) if rng.random() < 0.5 else None
+            hard = None
+            if rng.random() < 0.5:
+                hard = HardState(term, rng.choice((None, "n1", "n2")), rng.randint(0, q_last))
             entries = random_entries(rng, first, rng.randint(0, 8), term)
             batch.append(WalWrite(part, hard, entries))
         return "write", (batch,)
