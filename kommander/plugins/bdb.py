@@ -158,16 +158,25 @@ class BerkeleyDBWAL:
     # ------------------------------------------------------------------ IWAL
 
     def load(self, partition: int) -> defer.Deferred[WalState]:
-        """:returns: a Deferred with the partition's hard state, checkpoint and entries."""
+        """Read back what is stored for ``partition``.
+
+        :returns: a Deferred with the partition's hard state, checkpoint and entries.
+        """
         return self._submit("load", (partition,))
 
     def read(self, partition: int, low: int, high: int) -> defer.Deferred[tuple[Entry, ...]]:
-        """:returns: a Deferred with the entries ``low <= index <= high``; fails with
-            :class:`~kommander.errors.CompactedError` when ``low`` is at or below the checkpoint."""
+        """Entries with ``low <= index <= high`` (fewer if the log ends sooner).
+
+        :returns: a Deferred with the entries; failing with
+            :class:`~kommander.errors.CompactedError` when ``low`` is at or below the checkpoint.
+        """
         return self._submit("read", (partition, low, high))
 
     def last_index_and_term(self, partition: int) -> defer.Deferred[tuple[int, int]]:
-        """:returns: a Deferred with the last stored ``(index, term)`` (the checkpoint's, or (0, 0))."""
+        """The last stored ``(index, term)``.
+
+        :returns: a Deferred with it; the checkpoint's when no entry follows it, else ``(0, 0)``.
+        """
         return self._submit("last_index_and_term", (partition,))
 
     def write(self, batch: Sequence[WalWrite]) -> defer.Deferred[None]:

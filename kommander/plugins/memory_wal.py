@@ -91,18 +91,25 @@ class MemoryWAL:
     # ------------------------------------------------------------------ reads
 
     def load(self, partition: int) -> defer.Deferred[WalState]:
-        """:returns: a fired Deferred with the partition's hard state, checkpoint and entries."""
+        """Read back what is stored for ``partition``.
+
+        :returns: a fired Deferred with the partition's hard state, checkpoint and entries.
+        """
         return self._call(self._load, partition)
 
     def read(self, partition: int, low: int, high: int) -> defer.Deferred[tuple[Entry, ...]]:
-        """:returns: a fired Deferred with the entries ``low <= index <= high`` (fewer if the log
-            ends sooner), or failed with :class:`~kommander.errors.CompactedError` when ``low`` is at
-            or below the checkpoint."""
+        """Entries with ``low <= index <= high`` (fewer if the log ends sooner).
+
+        :returns: a fired Deferred with the entries, or failed with
+            :class:`~kommander.errors.CompactedError` when ``low`` is at or below the checkpoint.
+        """
         return self._call(self._read, partition, low, high)
 
     def last_index_and_term(self, partition: int) -> defer.Deferred[tuple[int, int]]:
-        """:returns: a fired Deferred with the last stored ``(index, term)``, the checkpoint's when
-            no entry follows it, else ``(0, 0)``."""
+        """The last stored ``(index, term)``.
+
+        :returns: a fired Deferred with it; the checkpoint's when no entry follows it, else ``(0, 0)``.
+        """
         return self._call(self._last, partition)
 
     # ------------------------------------------------------------------ writes
