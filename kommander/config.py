@@ -52,8 +52,13 @@ class RaftConfiguration:
     max_uncommitted_bytes: int = 64 * 1024 * 1024
     #: A replicate/commit/read that has not finished after this long reports TIMEOUT.
     operation_timeout: float = 10.0
-    #: Write a checkpoint automatically every N applied entries per partition (0: never).
+    #: Take a checkpoint (snapshot + log compaction) automatically every N applied entries /
+    #: bytes of entry data per partition (0: never). Needs a state machine that can snapshot.
     checkpoint_every: int = 0
+    checkpoint_every_bytes: int = 0
+    #: Snapshot streaming to followers: bytes per chunk, chunks in flight.
+    snapshot_chunk_bytes: int = 1024 * 1024
+    snapshot_window: int = 4
 
     def election_ticks(self) -> tuple[int, int]:
         """The election timeout range in ticks of ``heartbeat_interval``."""
@@ -103,8 +108,14 @@ class RaftConfiguration:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name} {value!r}: use a positive integer")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            problems.append(f"checkpoint_every {self.checkpoint_every!r}: use 0 (off) or a positive integer")
+        for name in ("checkpoint_every", "checkpoint_every_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                problems.append(f"{name} {value!r}: use 0 (off) or a positive integer")
+        for name in ("snapshot_chunk_bytes", "snapshot_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} {value!r}: use a positive integer")
         if problems:
             raise ConfigurationError("invalid configuration: " + "; ".join(problems))
         return self

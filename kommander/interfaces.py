@@ -202,8 +202,22 @@ class IStateMachine(Interface):
         deterministic: every node must reach the same verdict."""
 
     def checkpoint(partition: int, index: int) -> "Deferred[None] | None":
-        """A checkpoint entry at ``index`` was applied; everything up to ``index`` may be
-        snapshotted. Called in log order like :meth:`apply`."""
+        """A checkpoint entry at ``index`` was applied (``replicate_checkpoint``). Called in log
+        order like :meth:`apply`; a snapshot at ``index`` follows if :meth:`snapshot` exists."""
+
+    def snapshot(partition: int) -> "Iterable[bytes]":
+        """Capture the partition's state as of the last applied entry.
+
+        Called between two :meth:`apply` calls. It must capture a consistent view at once (a
+        copy, or a copy-on-write handle) and return an iterable of byte chunks that produce it,
+        possibly lazily: the chunks are consumed while later entries are applied. Optional: a
+        state machine without it never has its log compacted.
+        """
+
+    def restore(partition: int, chunks: "Iterator[bytes]") -> "Deferred[None] | None":
+        """Replace the partition's state with a snapshot's, given as the chunks :meth:`snapshot`
+        produced (possibly re-split). Called at start-up and when a leader sends a snapshot;
+        no :meth:`apply` runs for the partition until it finishes."""
 
 
 class IRaft(Interface):

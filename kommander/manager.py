@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kommander.checkpoints import Checkpointer
 from kommander.config import RaftConfiguration
 from kommander.core.errors import KommanderError, NotLeader
 from kommander.core.raft import CoreConfig, RaftNode
@@ -26,6 +27,7 @@ from kommander.core.types import (
     AppendEntries,
     Entry,
     EntryKind,
+    InstallSnapshot,
     Message,
     Proposal,
     Ready,
@@ -45,10 +47,10 @@ from kommander.interfaces import (
 )
 from kommander.partition import PartitionRuntime, Request
 from kommander.results import Event, RaftOperationStatus, ReplicationResult, partition_for_key
+from kommander.snapshots import SnapshotStore
+from kommander.transfer import TransferTracker
 
 Status = RaftOperationStatus
-#: Messages the runtime handles itself instead of stepping them into a core.
-_RUNTIME_MESSAGES = (SnapshotChunk, SnapshotChunkAck)
 
 
 class _Batch:
@@ -76,6 +78,8 @@ class RaftManager:
     :param reactor: the Twisted reactor (or a ``task.Clock`` in tests); the global one if omitted.
     :param rng: randomness for election timeouts; seed it for reproducible tests.
     :param metadata: advertised to peers in the transport handshake (e.g. this node's HTTP URL).
+    :param snapshot_store: where checkpoints are kept; in memory if omitted (then they do not
+        survive the process: use a directory with a durable WAL).
     """
 
     log = Logger()
@@ -92,6 +96,7 @@ class RaftManager:
         reactor: Any = None,
         rng: random.Random | None = None,
         metadata: Mapping[str, str] | None = None,
+        snapshot_store: SnapshotStore | None = None,
     ) -> None:
         self.config = config.validate()
         if reactor is None:
@@ -109,6 +114,15 @@ class RaftManager:
         self.clock = clock
         self.state_machine = state_machine
         self.rng = rng or random.Random()
+        self.snapshot_store = snapshot_store or SnapshotStore(None, reactor)
+        self.checkpointer = Checkpointer(self)
+        low, high = config.election_ticks()
+        self.transfers = TransferTracker(
+            self,
+            chunk_size=config.snapshot_chunk_bytes,
+            window=config.snapshot_window,
+            timeout=max(5.0, 4 * high * config.heartbeat_interval),
+        )
         self.voters: tuple[str, ...] = ()
         self.runtimes: list[PartitionRuntime] = []
         self.peer_metadata: dict[str, dict[str, str]] = {}
@@ -170,14 +184,16 @@ class RaftManager:
         self._restored = defer.Deferred()
         for number in range(self.partitions):
             state = yield self.wal.load(number)
+            snapshot, entries, tickets = yield self.checkpointer.restore(number, state)
             core = RaftNode(
                 core_config,
                 random.Random(self.rng.getrandbits(64)),
                 state.hard_state,
-                state.checkpoint,
-                state.entries,
+                snapshot,
+                entries,
             )
             runtime = PartitionRuntime(self, number, core)
+            runtime.tickets = tickets
             self.runtimes.append(runtime)
             if runtime.restoring:
                 self._restoring.add(number)
@@ -234,7 +250,11 @@ class RaftManager:
                 d.errback(Failure(KommanderError(reason)))
         self._leader_waiters.clear()
 
-    def _fail_stop(self, reason: str) -> None:
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def fail_stop(self, reason: str) -> None:
         """A broken invariant or a failed disk write: this node must not go on pretending."""
         if self._failed:
             return
@@ -460,6 +480,7 @@ class RaftManager:
         self.on_replication_error.fire(runtime.number, entry, reason)
 
     def checkpoint_applied(self, runtime: PartitionRuntime, entry: Entry) -> Any:
+        runtime.snapshot_requested = True
         checkpoint = getattr(self.state_machine, "checkpoint", None)
         if checkpoint is None:
             return None
@@ -482,8 +503,11 @@ class RaftManager:
             return
         self.stats["messages_received"] += 1
         runtime = self.runtimes[partition]
-        if isinstance(message, _RUNTIME_MESSAGES):
-            self.log.debug("ignoring {kind} from {peer}", kind=type(message).__name__, peer=peer)
+        if isinstance(message, SnapshotChunk):
+            runtime.receiver.chunk(message)
+            return
+        if isinstance(message, SnapshotChunkAck):
+            self.transfers.acknowledged(partition, message)
             return
         if self.clock is not None and type(message) is AppendEntries and message.entries:
             stamp = message.entries[-1].timestamp
@@ -514,6 +538,7 @@ class RaftManager:
             runtime.core.tick()
             runtime.expire(now)
             self._dirty[runtime.number] = runtime
+        self.transfers.sweep(now)
         self._flush()
 
     def mark_dirty(self, runtime: PartitionRuntime) -> None:
@@ -533,11 +558,12 @@ class RaftManager:
             self._flush_once()
         except Exception:  # noqa: BLE001 - a broken invariant: stop rather than corrupt
             self.log.failure("internal error in the Raft runtime")
-            self._fail_stop("internal error in the Raft runtime (see the log)")
+            self.fail_stop("internal error in the Raft runtime (see the log)")
 
     def _flush_once(self) -> None:
         outgoing: dict[str, list[tuple[int, Message]]] = {}
         writes: list[WalWrite] = []
+        compactions: list[defer.Deferred[None]] = []
         readies: list[tuple[PartitionRuntime, Ready]] = []
         dirty, self._dirty = self._dirty, {}
         for runtime in dirty.values():
@@ -548,8 +574,17 @@ class RaftManager:
                 rounds += 1
                 ready = core.ready()
                 for m in ready.messages:
-                    outgoing.setdefault(m.dst, []).append((runtime.number, m))
-                if ready.must_persist():
+                    if type(m) is InstallSnapshot:
+                        self.transfers.start(runtime, m)
+                    else:
+                        outgoing.setdefault(m.dst, []).append((runtime.number, m))
+                if ready.snapshot is not None:
+                    # Installed from the leader (the file is already durable): the WAL drops the
+                    # log it replaces, ordered before this turn's write; the state machine
+                    # restores before any entry after the snapshot is applied.
+                    compactions.append(self.wal.compact(runtime.number, ready.snapshot))
+                    runtime.apply_entries((ready.snapshot,))
+                if ready.hard_state is not None or ready.entries:
                     writes.append(WalWrite(runtime.number, ready.hard_state, ready.entries))
                     self.stats["wal_entries"] += len(ready.entries)
                 readies.append((runtime, ready))
@@ -565,11 +600,15 @@ class RaftManager:
                 self._dirty[runtime.number] = runtime
         self._send(outgoing)
         if readies:
-            batch = _Batch(readies, done=not writes)
+            batch = _Batch(readies, done=not (writes or compactions))
             self._batches.append(batch)
             if writes:
                 self.stats["wal_writes"] += 1
-                self.wal.write(writes).addCallbacks(self._write_done, self._write_failed, callbackArgs=(batch,))
+                compactions.append(self.wal.write(writes))
+            if compactions:
+                defer.gatherResults(compactions, consumeErrors=True).addCallbacks(
+                    self._write_done, self._write_failed, callbackArgs=(batch,)
+                )
             self._complete_batches()
         if self._dirty and self._flush_call is None and self._running:
             self._flush_call = self.reactor.callLater(0, self._flush)
@@ -581,7 +620,7 @@ class RaftManager:
 
     def _write_failed(self, failure: Failure) -> None:
         self.log.failure("WAL write failed", failure)
-        self._fail_stop(f"WAL write failed: {failure.getErrorMessage()}")
+        self.fail_stop(f"WAL write failed: {failure.getErrorMessage()}")
 
     def _complete_batches(self) -> None:
         """Release, in order, what waited for durability: persisted messages, then advance()."""
@@ -596,6 +635,10 @@ class RaftManager:
                 self.mark_dirty(runtime)
         self._send(outgoing)
 
+    def send_now(self, peer: str, messages: list[tuple[int, Message]]) -> None:
+        """Send runtime messages (snapshot streaming) outside the Ready cycle."""
+        self._send({peer: messages})
+
     def _send(self, outgoing: dict[str, list[tuple[int, Message]]]) -> None:
         for peer, messages in outgoing.items():
             self.stats["messages_sent"] += len(messages)
@@ -608,6 +651,8 @@ class RaftManager:
     def _leadership_changed(self, runtime: PartitionRuntime) -> None:
         previous = runtime.leader
         runtime.leadership_changed()
+        if runtime.role is Role.LEADER:
+            runtime.receiver.reset()
         leader = runtime.leader
         if leader != previous:
             self.log.info(

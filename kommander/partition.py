@@ -26,8 +26,9 @@ from twisted.python.failure import Failure
 
 from kommander.core.errors import NotLeader, ProposalDropped
 from kommander.core.raft import RaftNode
-from kommander.core.types import Entry, EntryKind, Proposal, Role
+from kommander.core.types import Entry, EntryKind, Proposal, Role, SnapshotMeta
 from kommander.results import RaftOperationStatus, ReplicationResult
+from kommander.transfer import SnapshotReceiver
 
 if TYPE_CHECKING:  # pragma: no cover
     from kommander.manager import RaftManager
@@ -87,6 +88,13 @@ class PartitionRuntime:
         self.term = core.term
         self.restore_until = core.log.committed
         self.restoring = self.restore_until > self.applied
+        # Checkpoints (see checkpoints.py).
+        self.snapshot_index = core.log.snapshot.index
+        self.since_snapshot_entries = 0
+        self.since_snapshot_bytes = 0
+        self.snapshotting = False
+        self.snapshot_requested = False
+        self.receiver = SnapshotReceiver(manager, self)
 
     # ------------------------------------------------------------------ proposing
 
@@ -228,7 +236,8 @@ class PartitionRuntime:
 
     # ------------------------------------------------------------------ applying
 
-    def apply_entries(self, entries: tuple[Entry, ...]) -> None:
+    def apply_entries(self, entries: tuple[Entry | SnapshotMeta, ...]) -> None:
+        """Queue committed entries (or a snapshot to install, as its meta) for application."""
         self.apply_queue.extend(entries)
         if not self.applying:
             self._drain_apply()
@@ -249,7 +258,9 @@ class PartitionRuntime:
         self._done(entry, outcome)
         self._drain_apply()
 
-    def _apply_one(self, entry: Entry) -> Any:
+    def _apply_one(self, entry: Entry | SnapshotMeta) -> Any:
+        if isinstance(entry, SnapshotMeta):
+            return self.manager.checkpointer.install(self, entry)
         kind = entry.kind
         if kind is EntryKind.NORMAL:
             return self.manager.apply_to_state_machine(self, entry, self.restoring)
@@ -298,14 +309,20 @@ class PartitionRuntime:
 
         return run(0)
 
-    def _done(self, entry: Entry, outcome: Any) -> None:
+    def _done(self, entry: Entry | SnapshotMeta, outcome: Any) -> None:
         if isinstance(outcome, Failure):
+            if isinstance(entry, SnapshotMeta):
+                # The state machine could not take the leader's snapshot: this node cannot go on.
+                self.manager.fail_stop(f"partition {self.number}: installing a snapshot failed: {outcome.value!r}")
+                return
             outcome = outcome.value
         self.applied = entry.index
         if self.restoring and self.applied >= self.restore_until:
             self.restoring = False
             self.manager.restore_finished(self)
-        self._resolve(entry, outcome)
+        if isinstance(entry, Entry):
+            self._resolve(entry, outcome)
+            self.manager.checkpointer.after_apply(self, entry)
         self._release_reads()
 
     def _resolve(self, entry: Entry, outcome: Any) -> None:

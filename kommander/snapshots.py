@@ -1,0 +1,285 @@
+"""Snapshot storage: one file per partition checkpoint, written atomically, checked on read.
+
+A snapshot captures a partition at a log index: the state machine's bytes plus the runtime's
+own state at that point (undecided two-phase tickets). File layout (all integers big-endian)::
+
+    b"KMDRSNP1"  partition:u32  index:u64  term:u64  runtime_len:u32  runtime (CBOR)
+    state machine bytes ...
+    b"KEND"  state_len:u64  blake2b-256 of everything before the trailer (32 bytes)
+
+The same bytes travel to followers in :class:`~kommander.core.types.SnapshotChunk` messages, so
+a follower stores exactly what the leader stored and checks the same digest. Files are written
+to ``*.part``, fsynced and renamed, so a crash leaves either the old snapshot or the new one,
+never half of one; leftovers are removed on open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import cbor2
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from kommander.core.errors import KommanderError
+from kommander.core.types import Entry, EntryKind, SnapshotMeta
+
+MAGIC = b"KMDRSNP1"
+_HEADER = struct.Struct(">8sIQQI")
+_TRAILER = struct.Struct(">4sQ32s")
+CHUNK = 1024 * 1024
+_NAME = re.compile(r"^p(\d{5})-(\d{20})-(\d{20})\.snap$")
+_log = Logger()
+
+
+class SnapshotError(KommanderError):
+    """A snapshot is missing, corrupt or does not match what was expected."""
+
+
+def encode_runtime(tickets: dict[int, list[Entry]]) -> bytes:
+    """The runtime's part of a snapshot: undecided two-phase tickets and their held entries."""
+    return cbor2.dumps(
+        [[ticket, [[e.index, e.term, e.log_type, e.data, e.timestamp] for e in entries]] for ticket, entries in sorted(tickets.items())]
+    )
+
+
+def decode_runtime(data: bytes) -> dict[int, list[Entry]]:
+    try:
+        raw = cbor2.loads(data) if data else []
+        tickets: dict[int, list[Entry]] = {}
+        for ticket, entries in raw:
+            tickets[int(ticket)] = [
+                Entry(int(i), int(t), EntryKind.PROPOSED, str(lt), bytes(d), int(ts), int(ticket))
+                for i, t, lt, d, ts in entries
+            ]
+        return tickets
+    except Exception as e:  # noqa: BLE001 - any shape error means a corrupt snapshot
+        raise SnapshotError(f"corrupt runtime section in snapshot: {e!r}") from e
+
+
+class SnapshotWriter:
+    """Builds one snapshot file from the header, runtime section and state-machine chunks, or
+    receives the raw bytes of one from a leader (:meth:`write_raw`)."""
+
+    def __init__(self, store: "SnapshotStore", partition: int, meta: SnapshotMeta) -> None:
+        self.store = store
+        self.partition = partition
+        self.meta = meta
+        self.size = 0
+        self._hash = hashlib.blake2b(digest_size=32)
+        self._state_len = 0
+        self._sink = store._open_sink(partition, meta)
+        self._done = False
+
+    def write_header(self, runtime: bytes) -> None:
+        header = _HEADER.pack(MAGIC, self.partition, self.meta.index, self.meta.term, len(runtime))
+        self._emit(header + runtime)
+
+    def write_state(self, chunk: bytes) -> None:
+        self._state_len += len(chunk)
+        self._emit(chunk)
+
+    def write_trailer(self) -> None:
+        digest = self._hash.digest()
+        self._raw(_TRAILER.pack(b"KEND", self._state_len, digest))
+
+    def write_raw(self, chunk: bytes) -> None:
+        """Append bytes of a snapshot file received from a leader (checked in :meth:`finish`)."""
+        self._raw(chunk)
+
+    def _emit(self, data: bytes) -> None:
+        self._hash.update(data)
+        self._raw(data)
+
+    def _raw(self, data: bytes) -> None:
+        if data:
+            self._sink.write(data)
+            self.size += len(data)
+
+    def finish(self) -> defer.Deferred[SnapshotMeta]:
+        """Make the file durable and visible as the partition's latest snapshot, after checking
+        it end to end. Fails with :class:`SnapshotError` if the bytes do not check out."""
+        self._done = True
+        return self.store._commit(self.partition, self.meta, self._sink)
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self.store._abort(self._sink)
+
+
+class SnapshotStore:
+    """Keeps the latest snapshots of every partition.
+
+    :param directory: where files live; ``None`` keeps everything in memory (tests, memory WAL).
+    :param reactor: used to run fsyncs off the reactor thread when it has a thread pool.
+    """
+
+    def __init__(self, directory: str | None = None, reactor: Any = None) -> None:
+        self.directory = directory
+        self.reactor = reactor
+        self._memory: dict[tuple[int, int, int], bytes] = {}
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+            for name in os.listdir(directory):
+                if name.endswith(".part"):
+                    os.unlink(os.path.join(directory, name))  # an interrupted write or transfer
+
+    # ------------------------------------------------------------------ queries
+
+    def list(self, partition: int) -> list[SnapshotMeta]:
+        """Stored snapshots of ``partition``, oldest first."""
+        if self.directory is None:
+            metas = [SnapshotMeta(i, t) for p, i, t in self._memory if p == partition]
+        else:
+            metas = []
+            for name in os.listdir(self.directory):
+                m = _NAME.match(name)
+                if m and int(m.group(1)) == partition:
+                    metas.append(SnapshotMeta(int(m.group(2)), int(m.group(3))))
+        return sorted(metas, key=lambda meta: meta.index)
+
+    def latest(self, partition: int) -> SnapshotMeta | None:
+        metas = self.list(partition)
+        return metas[-1] if metas else None
+
+    def size(self, partition: int, meta: SnapshotMeta) -> int:
+        if self.directory is None:
+            return len(self._memory_bytes(partition, meta))
+        return os.path.getsize(self._path(partition, meta))
+
+    def read_raw(self, partition: int, meta: SnapshotMeta, offset: int, length: int) -> bytes:
+        """``length`` bytes of the stored file from ``offset`` (for streaming to followers)."""
+        if self.directory is None:
+            return self._memory_bytes(partition, meta)[offset : offset + length]
+        try:
+            with open(self._path(partition, meta), "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        except FileNotFoundError:
+            raise SnapshotError(f"snapshot {meta} of partition {partition} is gone") from None
+
+    def open(self, partition: int, meta: SnapshotMeta) -> tuple[dict[int, list[Entry]], Iterator[bytes]]:
+        """Check a stored snapshot end to end and return its runtime state and an iterator of
+        its state-machine bytes in chunks (read lazily; never the whole state in memory)."""
+        size = self.size(partition, meta)
+        if size < _HEADER.size + _TRAILER.size:
+            raise SnapshotError(f"snapshot {meta} of partition {partition} is truncated")
+        digest = hashlib.blake2b(digest_size=32)
+        offset = 0
+        body = size - _TRAILER.size
+        while offset < body:
+            chunk = self.read_raw(partition, meta, offset, min(CHUNK, body - offset))
+            if not chunk:
+                raise SnapshotError(f"snapshot {meta} of partition {partition} is truncated")
+            digest.update(chunk)
+            offset += len(chunk)
+        tag, state_len, expected = _TRAILER.unpack(self.read_raw(partition, meta, body, _TRAILER.size))
+        if tag != b"KEND" or expected != digest.digest():
+            raise SnapshotError(f"snapshot {meta} of partition {partition} fails its checksum")
+        magic, p, index, term, runtime_len = _HEADER.unpack(self.read_raw(partition, meta, 0, _HEADER.size))
+        if magic != MAGIC or p != partition or (index, term) != (meta.index, meta.term):
+            raise SnapshotError(f"snapshot file does not hold partition {partition} at {meta}")
+        start = _HEADER.size + runtime_len
+        if start + state_len != body:
+            raise SnapshotError(f"snapshot {meta} of partition {partition} has inconsistent lengths")
+        runtime = decode_runtime(self.read_raw(partition, meta, _HEADER.size, runtime_len))
+
+        def chunks() -> Iterator[bytes]:
+            at = start
+            while at < body:
+                piece = self.read_raw(partition, meta, at, min(CHUNK, body - at))
+                at += len(piece)
+                yield piece
+
+        return runtime, chunks()
+
+    # ------------------------------------------------------------------ writing
+
+    def writer(self, partition: int, meta: SnapshotMeta) -> SnapshotWriter:
+        return SnapshotWriter(self, partition, meta)
+
+    def prune(self, partition: int, keep: int = 2) -> None:
+        """Delete all but the newest ``keep`` snapshots of ``partition``."""
+        for meta in self.list(partition)[:-keep]:
+            if self.directory is None:
+                self._memory.pop((partition, meta.index, meta.term), None)
+            else:
+                try:
+                    os.unlink(self._path(partition, meta))
+                except FileNotFoundError:
+                    pass
+
+    def _path(self, partition: int, meta: SnapshotMeta) -> str:
+        return os.path.join(self.directory or "", f"p{partition:05d}-{meta.index:020d}-{meta.term:020d}.snap")
+
+    def _memory_bytes(self, partition: int, meta: SnapshotMeta) -> bytes:
+        try:
+            return self._memory[(partition, meta.index, meta.term)]
+        except KeyError:
+            raise SnapshotError(f"snapshot {meta} of partition {partition} is gone") from None
+
+    def _open_sink(self, partition: int, meta: SnapshotMeta) -> Any:
+        if self.directory is None:
+            return _MemorySink()
+        path = self._path(partition, meta) + ".part"
+        return open(path, "wb")
+
+    def _commit(self, partition: int, meta: SnapshotMeta, sink: Any) -> defer.Deferred[SnapshotMeta]:
+        if self.directory is None:
+            self._memory[(partition, meta.index, meta.term)] = bytes(sink.buffer)
+            return self._verified(partition, meta)
+        final = self._path(partition, meta)
+
+        def durable() -> None:
+            sink.flush()
+            os.fsync(sink.fileno())
+            sink.close()
+            os.replace(sink.name, final)
+            fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the rename itself must survive a crash
+            finally:
+                os.close(fd)
+
+        pool = getattr(self.reactor, "getThreadPool", None)
+        d = threads.deferToThreadPool(self.reactor, pool(), durable) if pool else defer.maybeDeferred(durable)
+        return d.addCallback(lambda _: self._verified(partition, meta))
+
+    def _verified(self, partition: int, meta: SnapshotMeta) -> defer.Deferred[SnapshotMeta]:
+        try:
+            self.open(partition, meta)
+        except SnapshotError as e:
+            self._discard(partition, meta)
+            return defer.fail(e)
+        return defer.succeed(meta)
+
+    def _discard(self, partition: int, meta: SnapshotMeta) -> None:
+        if self.directory is None:
+            self._memory.pop((partition, meta.index, meta.term), None)
+        else:
+            try:
+                os.unlink(self._path(partition, meta))
+            except FileNotFoundError:
+                pass
+
+    def _abort(self, sink: Any) -> None:
+        if self.directory is not None:
+            sink.close()
+            try:
+                os.unlink(sink.name)
+            except FileNotFoundError:
+                pass
+
+
+class _MemorySink:
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data

@@ -1,0 +1,226 @@
+"""Streaming snapshots from a leader to a follower whose next entry was compacted away.
+
+The leader's core names the snapshot in an :class:`InstallSnapshot` message; the runtime does not
+send that message but streams the snapshot file in :class:`SnapshotChunk` messages, at most
+``window`` chunks ahead of the follower's :class:`SnapshotChunkAck` (flow control). The follower
+writes the chunks to a ``.part`` file, checks the digest when the last one arrives, makes it
+durable and only then steps the ``InstallSnapshot`` into its core.
+
+Failure handling: a follower that sees a chunk out of order answers with the offset it holds,
+and the leader resumes from there; a leader that hears nothing for ``timeout`` seconds gives the
+transfer up and tells its core, which starts a new one from the current snapshot. A follower
+ignores snapshots no newer than its commit index, so an older snapshot never overwrites newer
+state; a crash mid-transfer leaves only a ``.part`` file, removed at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+
+from kommander.core.progress import ProgressState
+from kommander.core.types import InstallSnapshot, Role, SnapshotChunk, SnapshotChunkAck, SnapshotMeta
+from kommander.snapshots import SnapshotError, SnapshotWriter
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kommander.manager import RaftManager
+    from kommander.partition import PartitionRuntime
+
+_log = Logger()
+
+
+class SnapshotSender:
+    """Leader side: streams one snapshot to one follower."""
+
+    def __init__(
+        self,
+        manager: "RaftManager",
+        runtime: "PartitionRuntime",
+        message: InstallSnapshot,
+        chunk_size: int,
+        window: int,
+    ) -> None:
+        self.manager = manager
+        self.runtime = runtime
+        self.peer = message.dst
+        self.meta = message.meta
+        self.term = message.term
+        self.chunk_size = chunk_size
+        self.window = window
+        self.size = manager.snapshot_store.size(runtime.number, self.meta)
+        self.sent = 0
+        self.acked = 0
+        self.last_progress = manager.reactor.seconds()
+        self.bytes_sent = 0
+
+    def pump(self) -> None:
+        """Send chunks until the window is full or the file is out."""
+        store = self.manager.snapshot_store
+        number = self.runtime.number
+        limit = self.acked + self.window * self.chunk_size
+        out = []
+        while self.sent < self.size and self.sent < limit:
+            data = store.read_raw(number, self.meta, self.sent, self.chunk_size)
+            if not data:
+                raise SnapshotError(f"snapshot {self.meta} of partition {number} shrank while sending")
+            done = self.sent + len(data) >= self.size
+            out.append(
+                (number, SnapshotChunk(self.term, self.manager.node_id, self.peer, self.meta, self.sent, data, done))
+            )
+            self.sent += len(data)
+            self.bytes_sent += len(data)
+        if out:
+            self.manager.send_now(self.peer, out)
+
+    def acknowledged(self, ack: SnapshotChunkAck) -> None:
+        if ack.meta != self.meta:
+            return
+        self.last_progress = self.manager.reactor.seconds()
+        offset = max(0, min(ack.offset, self.size))
+        if not ack.success:
+            # The follower holds `offset` bytes of this snapshot: resume from there.
+            self.sent = self.acked = offset
+        elif offset > self.acked:
+            self.acked = offset
+        self.pump()
+
+    def finished(self) -> bool:
+        return self.acked >= self.size
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        return now - self.last_progress > timeout
+
+
+@dataclass
+class _Incoming:
+    meta: SnapshotMeta
+    leader: str
+    term: int
+    writer: SnapshotWriter
+    offset: int = 0
+
+
+class SnapshotReceiver:
+    """Follower side: assembles one partition's incoming snapshot and installs it."""
+
+    def __init__(self, manager: "RaftManager", runtime: "PartitionRuntime") -> None:
+        self.manager = manager
+        self.runtime = runtime
+        self.incoming: _Incoming | None = None
+
+    def chunk(self, m: SnapshotChunk) -> None:
+        core = self.runtime.core
+        if m.term < core.term:
+            return  # a deposed leader; its next message will learn our term
+        if m.meta.index <= core.log.committed:
+            # Nothing newer in it: let the core answer with our commit index.
+            self.reset()
+            self._step(m)
+            return
+        incoming = self.incoming
+        if incoming is None or (incoming.meta, incoming.leader, incoming.term) != (m.meta, m.src, m.term):
+            if m.offset != 0:
+                self._ack(m, 0, success=False)
+                return
+            self.reset()
+            writer = self.manager.snapshot_store.writer(self.runtime.number, m.meta)
+            incoming = self.incoming = _Incoming(m.meta, m.src, m.term, writer)
+        if m.offset != incoming.offset:
+            self._ack(m, incoming.offset, success=m.offset < incoming.offset)
+            return
+        incoming.writer.write_raw(m.data)
+        incoming.offset += len(m.data)
+        self._ack(m, incoming.offset, success=True)
+        if m.done:
+            self.incoming = None
+            incoming.writer.finish().addCallbacks(self._installed, self._failed, callbackArgs=(m,))
+
+    def reset(self) -> None:
+        if self.incoming is not None:
+            self.incoming.writer.abort()
+            self.incoming = None
+
+    def _installed(self, meta: SnapshotMeta, m: SnapshotChunk) -> None:
+        if not self.manager.running:
+            return
+        _log.info(
+            "partition {p}: received snapshot at {index} (term {term}) from {leader}",
+            p=self.runtime.number,
+            index=meta.index,
+            term=meta.term,
+            leader=m.src,
+        )
+        self._step(m)
+
+    def _failed(self, failure: Any) -> None:
+        _log.failure("partition {p}: snapshot transfer failed", failure, p=self.runtime.number)
+
+    def _step(self, m: SnapshotChunk) -> None:
+        self.runtime.core.step(InstallSnapshot(m.term, m.src, m.dst, m.meta))
+        self.manager.mark_dirty(self.runtime)
+
+    def _ack(self, m: SnapshotChunk, offset: int, success: bool) -> None:
+        ack = SnapshotChunkAck(self.runtime.core.term, self.manager.node_id, m.src, m.meta, offset, success)
+        self.manager.send_now(m.src, [(self.runtime.number, ack)])
+
+
+class TransferTracker:
+    """The manager's registry of outgoing transfers, one per (partition, follower)."""
+
+    def __init__(self, manager: "RaftManager", chunk_size: int, window: int, timeout: float) -> None:
+        self.manager = manager
+        self.chunk_size = chunk_size
+        self.window = window
+        self.timeout = timeout
+        self.senders: dict[tuple[int, str], SnapshotSender] = {}
+
+    def start(self, runtime: "PartitionRuntime", message: InstallSnapshot) -> None:
+        key = (runtime.number, message.dst)
+        current = self.senders.get(key)
+        if current is not None and current.meta == message.meta and current.term == message.term:
+            return
+        try:
+            sender = SnapshotSender(self.manager, runtime, message, self.chunk_size, self.window)
+            self.senders[key] = sender
+            _log.info(
+                "partition {p}: sending snapshot at {index} ({size} bytes) to {peer}",
+                p=runtime.number,
+                index=message.meta.index,
+                size=sender.size,
+                peer=message.dst,
+            )
+            sender.pump()
+        except (SnapshotError, OSError) as e:
+            _log.error("partition {p}: cannot send snapshot: {e}", p=runtime.number, e=e)
+            self.senders.pop(key, None)
+            runtime.core.report_snapshot(message.dst, False)
+
+    def acknowledged(self, number: int, ack: SnapshotChunkAck) -> None:
+        sender = self.senders.get((number, ack.src))
+        if sender is None:
+            return
+        try:
+            sender.acknowledged(ack)
+        except (SnapshotError, OSError) as e:
+            _log.error("partition {p}: snapshot transfer to {peer} failed: {e}", p=number, peer=ack.src, e=e)
+            self._abandon(number, ack.src)
+
+    def sweep(self, now: float) -> None:
+        """Drop transfers that finished or lost their purpose; give up on stalled ones."""
+        for (number, peer), sender in list(self.senders.items()):
+            core = sender.runtime.core
+            pr = core.progress.get(peer) if core.role is Role.LEADER else None
+            if pr is None or pr.state is not ProgressState.SNAPSHOT or core.term != sender.term:
+                del self.senders[(number, peer)]
+            elif sender.stalled(now, self.timeout):
+                # Also when every byte was acknowledged: the follower may have failed to install.
+                _log.warn("partition {p}: snapshot transfer to {peer} stalled; restarting", p=number, peer=peer)
+                self._abandon(number, peer)
+
+    def _abandon(self, number: int, peer: str) -> None:
+        sender = self.senders.pop((number, peer), None)
+        if sender is not None:
+            sender.runtime.core.report_snapshot(peer, False)
+            self.manager.mark_dirty(sender.runtime)
