@@ -1,0 +1,383 @@
+"""A synchronous, in-memory network of :class:`RaftNode` cores for the core's tests.
+
+In the spirit of etcd's raft test ``network`` (written from scratch): every node's ``Ready`` is
+handled at once, as a runtime would, and messages sit in one FIFO queue until :meth:`Network.
+stabilize` delivers them until nothing is left to say. No reactor, no sockets, no clock: time moves
+only through :meth:`Network.tick`.
+
+The runtime's side of the ``Ready`` contract is honoured and checked:
+
+* ``messages`` leave at once; ``persisted_messages`` only after the ``Ready``'s write;
+* writes are applied to the node's :class:`Disk` in ``ready()`` order, then ``advance`` is called
+  in the same order;
+* ``committed_entries`` are applied before the ``Ready``'s own write, so each must already be
+  durable: the harness raises if one is not.
+
+A node's disk can be made slow with :meth:`Network.hold_writes`: its ``Ready`` writes then queue
+(its plain ``messages`` still leave) until :meth:`Network.flush_writes`, and :meth:`Network.crash`
+loses them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from kommander.core.raft import CoreConfig, RaftNode
+from kommander.core.types import (
+    Entry,
+    EntryKind,
+    HardState,
+    Message,
+    Proposal,
+    Ready,
+    ReadState,
+    Role,
+    SnapshotMeta,
+    SoftState,
+)
+
+#: Deliveries :meth:`Network.stabilize` allows before it decides the cluster is spinning.
+MAX_DELIVERIES = 200_000
+
+Filter = Callable[[Message], bool]
+
+
+def ids(n: int) -> tuple[str, ...]:
+    """Node ids ``n1 .. nN``."""
+    return tuple(f"n{i}" for i in range(1, n + 1))
+
+
+def entries_of(terms: Sequence[int], first: int = 1) -> list[Entry]:
+    """Log entries with the given terms, numbered from ``first``; each carries its own position
+    as data, so two entries of one term at one index are equal."""
+    return [Entry(first + i, t, data=b"%d@%d" % (first + i, t)) for i, t in enumerate(terms)]
+
+
+class Disk:
+    """What survives a crash: hard state, snapshot and entries, written in ``Ready`` order."""
+
+    def __init__(self, hard: HardState | None = None, entries: Sequence[Entry] = ()) -> None:
+        self.hard = hard or HardState()
+        self.snapshot = SnapshotMeta(0, 0)
+        self.entries: list[Entry] = list(entries)
+
+    def last_index(self) -> int:
+        return self.entries[-1].index if self.entries else self.snapshot.index
+
+    def term(self, index: int) -> int | None:
+        if index == self.snapshot.index:
+            return self.snapshot.term
+        pos = index - self.snapshot.index - 1
+        if 0 <= pos < len(self.entries):
+            return self.entries[pos].term
+        return None
+
+    def write(self, ready: Ready) -> None:
+        if ready.hard_state is not None:
+            self.hard = ready.hard_state
+        if ready.snapshot is not None:
+            self.snapshot = ready.snapshot
+            self.entries = []
+        if ready.entries:
+            first = ready.entries[0].index
+            del self.entries[max(0, first - self.snapshot.index - 1) :]
+            if first != self.last_index() + 1:
+                raise AssertionError(f"write at {first} leaves a gap after {self.last_index()}")
+            self.entries.extend(ready.entries)
+
+
+@dataclass
+class Node:
+    """One node: its core, its disk and what the runtime saw of it."""
+
+    id: str
+    core: RaftNode
+    disk: Disk
+    #: Every entry handed out in ``committed_entries`` since this node last started, in order.
+    applied: list[Entry] = field(default_factory=list)
+    read_states: list[ReadState] = field(default_factory=list)
+    dropped_reads: list[int] = field(default_factory=list)
+    #: Every ``soft_state`` reported, in order.
+    soft_states: list[SoftState] = field(default_factory=list)
+    #: Every ``Ready`` handed out, in order (the persistence tests inspect them).
+    readies: list[Ready] = field(default_factory=list)
+    #: Writes handed out but not yet durable (only while the disk is held).
+    pending: deque[Ready] = field(default_factory=deque)
+    held: bool = False
+    alive: bool = True
+
+    @property
+    def applied_data(self) -> list[bytes]:
+        return [e.data for e in self.applied if e.kind is EntryKind.NORMAL]
+
+
+class Network:
+    """A cluster of cores joined by one FIFO message queue.
+
+    :param nodes: how many nodes (``n1 .. nN``), or their ids.
+    :param seed: seeds every node's :class:`random.Random`.
+    :param logs: node id -> terms of the entries it already holds (durable, from index 1).
+    :param terms: node id -> its durable term (default: its last entry's term).
+    :param config: overrides for every node's :class:`CoreConfig`.
+    """
+
+    def __init__(
+        self,
+        nodes: int | Sequence[str] = 3,
+        *,
+        seed: int = 0,
+        logs: dict[str, Sequence[int]] | None = None,
+        terms: dict[str, int] | None = None,
+        **config: object,
+    ) -> None:
+        self.ids = ids(nodes) if isinstance(nodes, int) else tuple(nodes)
+        self.seed = seed
+        self.config = config
+        self.nodes: dict[str, Node] = {}
+        self.queue: deque[Message] = deque()
+        self.filters: list[Filter] = []
+        #: Every message that passed the filters, in delivery order.
+        self.delivered: list[Message] = []
+        #: Every message a filter dropped.
+        self.dropped: list[Message] = []
+        self._starts = 0
+        logs = logs or {}
+        terms = terms or {}
+        for node_id in self.ids:
+            log = entries_of(logs.get(node_id, ()))
+            term = terms.get(node_id, log[-1].term if log else 0)
+            disk = Disk(HardState(term, None, 0), log)
+            self.nodes[node_id] = Node(node_id, self._make_core(node_id, disk), disk)
+
+    def _make_core(self, node_id: str, disk: Disk) -> RaftNode:
+        self._starts += 1
+        rng = random.Random(f"{self.seed}/{node_id}/{self._starts}")
+        return RaftNode(
+            CoreConfig(node_id, self.ids, **self.config),  # type: ignore[arg-type]
+            rng,
+            disk.hard,
+            disk.snapshot if disk.snapshot.index else None,
+            list(disk.entries),
+        )
+
+    # ------------------------------------------------------------------ access
+
+    def __getitem__(self, node_id: str) -> RaftNode:
+        return self.nodes[node_id].core
+
+    def node(self, node_id: str) -> Node:
+        return self.nodes[node_id]
+
+    def leaders(self) -> list[str]:
+        return [n.id for n in self.nodes.values() if n.alive and n.core.role is Role.LEADER]
+
+    def leader(self) -> str | None:
+        """The only live leader, or ``None``; raises if several claim the newest term."""
+        found = self.leaders()
+        if not found:
+            return None
+        top = max(self[i].term for i in found)
+        newest = [i for i in found if self[i].term == top]
+        assert len(newest) == 1, f"two leaders in term {top}: {newest}"
+        return newest[0]
+
+    def applied(self, node_id: str) -> list[Entry]:
+        return self.nodes[node_id].applied
+
+    def terms(self, node_id: str) -> list[int]:
+        """The terms of the entries in ``node_id``'s in-memory log."""
+        return [e.term for e in self[node_id].log.entries]
+
+    def count(self, kind: type, src: str | None = None, dst: str | None = None,
+              where: Callable[[Message], bool] | None = None) -> int:
+        """How many delivered messages match."""
+        return sum(
+            1
+            for m in self.delivered
+            if type(m) is kind
+            and (src is None or m.src == src)
+            and (dst is None or m.dst == dst)
+            and (where is None or where(m))
+        )
+
+    # ------------------------------------------------------------------ the runtime
+
+    def process(self, node_id: str) -> None:
+        """Do everything ``node_id``'s core asks until it has nothing more to say."""
+        node = self.nodes[node_id]
+        core = node.core
+        for _ in range(1000):
+            if not node.alive or not core.has_ready():
+                return
+            ready = core.ready()
+            node.readies.append(ready)
+            if ready.soft_state is not None:
+                node.soft_states.append(ready.soft_state)
+            node.read_states.extend(ready.read_states)
+            node.dropped_reads.extend(ready.dropped_reads)
+            for m in ready.messages:
+                self.send(m)
+            self._apply(node, ready)
+            node.pending.append(ready)
+            if not node.held:
+                self._write_pending(node)
+        raise AssertionError(f"{node_id} produced a Ready 1000 times in a row")
+
+    def _apply(self, node: Node, ready: Ready) -> None:
+        for entry in ready.committed_entries:
+            durable = node.disk.term(entry.index)
+            if durable != entry.term:
+                raise AssertionError(
+                    f"{node.id} was told to apply ({entry.index}, {entry.term}) but its disk holds "
+                    f"term {durable} there"
+                )
+            expected = node.applied[-1].index + 1 if node.applied else node.disk.snapshot.index + 1
+            if entry.index != expected:
+                raise AssertionError(f"{node.id} applied {entry.index}, expected {expected}")
+            node.applied.append(entry)
+
+    def _write_pending(self, node: Node) -> None:
+        while node.pending:
+            ready = node.pending.popleft()
+            node.disk.write(ready)
+            for m in ready.persisted_messages:
+                self.send(m)
+            node.core.advance(ready)
+
+    def send(self, m: Message) -> None:
+        if any(f(m) for f in self.filters):
+            self.dropped.append(m)
+        else:
+            self.queue.append(m)
+
+    def deliver(self, limit: int | None = None) -> int:
+        """Deliver queued messages (those sent meanwhile too), at most ``limit``; returns how many."""
+        done = 0
+        while self.queue and (limit is None or done < limit):
+            m = self.queue.popleft()
+            done += 1
+            if done > MAX_DELIVERIES:
+                raise AssertionError("the network never went quiet")
+            target = self.nodes.get(m.dst)
+            if target is None or not target.alive or any(f(m) for f in self.filters):
+                self.dropped.append(m)
+                continue
+            self.delivered.append(m)
+            target.core.step(m)
+            self.process(m.dst)
+        return done
+
+    def stabilize(self) -> int:
+        """Process every node, then deliver until no message is left."""
+        for node_id in self.ids:
+            self.process(node_id)
+        return self.deliver()
+
+    def step(self, m: Message) -> None:
+        """Hand ``m`` straight to its recipient (no filters) and process it."""
+        self.nodes[m.dst].core.step(m)
+        self.process(m.dst)
+
+    # ------------------------------------------------------------------ time and inputs
+
+    def tick(self, *node_ids: str, n: int = 1, stabilize: bool = True) -> None:
+        """Tick the given nodes (all live ones when none given) ``n`` times, delivering after each
+        round when ``stabilize``."""
+        targets = node_ids or self.ids
+        for _ in range(n):
+            for node_id in targets:
+                if self.nodes[node_id].alive:
+                    self[node_id].tick()
+                    self.process(node_id)
+            if stabilize:
+                self.deliver()
+
+    def campaign(self, node_id: str) -> None:
+        self[node_id].campaign()
+        self.stabilize()
+
+    def elect(self, node_id: str) -> RaftNode:
+        """Make ``node_id`` campaign and deliver everything; it must win."""
+        self.campaign(node_id)
+        core = self[node_id]
+        assert core.role is Role.LEADER, f"{node_id} did not win: {core!r}"
+        return core
+
+    def propose(self, node_id: str, *data: bytes, stabilize: bool = True, **fields: object) -> tuple[int, int]:
+        """Propose one NORMAL entry per ``data`` on ``node_id`` (which must lead)."""
+        result = self[node_id].propose([Proposal(fields.get("log_type", "t"), d) for d in data])  # type: ignore[arg-type]
+        self.process(node_id)
+        if stabilize:
+            self.stabilize()
+        return result
+
+    # ------------------------------------------------------------------ faults
+
+    def drop(self, *kinds: type, src: str | None = None, dst: str | None = None) -> Filter:
+        """Drop messages of ``kinds`` (every kind when none given) from ``src`` to ``dst``
+        (``None``: any). Returns the filter, for :meth:`restore`."""
+
+        def f(m: Message) -> bool:
+            return (
+                (not kinds or type(m) in kinds)
+                and (src is None or m.src == src)
+                and (dst is None or m.dst == dst)
+            )
+
+        self.filters.append(f)
+        return f
+
+    def cut(self, a: str, b: str) -> None:
+        """Cut the link between ``a`` and ``b``, both ways."""
+        self.drop(src=a, dst=b)
+        self.drop(src=b, dst=a)
+
+    def isolate(self, node_id: str) -> None:
+        """Cut ``node_id`` off from everyone."""
+        self.drop(src=node_id)
+        self.drop(dst=node_id)
+
+    def partition(self, *sides: Iterable[str]) -> None:
+        """Only nodes on the same side talk to each other."""
+        side_of = {i: n for n, side in enumerate(sides) for i in side}
+        self.filters.append(lambda m: side_of.get(m.src, -1) != side_of.get(m.dst, -1))
+
+    def restore(self, f: Filter) -> None:
+        self.filters.remove(f)
+
+    def heal(self) -> None:
+        """Remove every filter (messages already dropped stay lost)."""
+        self.filters.clear()
+
+    def hold_writes(self, node_id: str) -> None:
+        """Make ``node_id``'s disk slow: its writes wait for :meth:`flush_writes`."""
+        self.nodes[node_id].held = True
+
+    def flush_writes(self, node_id: str, release: bool = True) -> None:
+        """Complete ``node_id``'s queued writes (in order); ``release`` makes its disk fast again."""
+        node = self.nodes[node_id]
+        if release:
+            node.held = False
+        self._write_pending(node)
+        self.process(node_id)
+
+    def crash(self, node_id: str) -> None:
+        """Stop ``node_id``: what it had not yet written is lost, messages to it are dropped."""
+        node = self.nodes[node_id]
+        node.alive = False
+        node.pending.clear()
+
+    def restart(self, node_id: str) -> RaftNode:
+        """Start ``node_id`` again from its disk (crashing it first if it is running)."""
+        node = self.nodes[node_id]
+        if node.alive:
+            self.crash(node_id)
+        node.core = self._make_core(node_id, node.disk)
+        node.applied = []  # a volatile state machine: rebuilt from the log
+        node.alive = True
+        node.held = False
+        self.process(node_id)
+        return node.core
