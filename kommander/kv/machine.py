@@ -1,0 +1,284 @@
+"""The replicated key-value state machine: one dictionary per partition, ``str`` keys, ``bytes`` values.
+
+Commands travel in log entries of ``log_type`` :data:`LOG_TYPE` (``"kv"``). Their encoding is a
+small fixed layout, chosen over CBOR because every byte of it can be checked with no library in
+between, and because it is trivially the same on every node::
+
+    op: u8 | key_length: u16 big-endian | key: UTF-8 (1-1024 bytes) | operands
+
+    PUT    (op 1)  operands = value (every remaining byte, possibly none)
+    DELETE (op 2)  operands = nothing
+    CAS    (op 3)  operands = has_expected: u8 (0 or 1)
+                              [expected_length: u32 big-endian | expected]  (only when has_expected=1)
+                              value (every remaining byte)
+
+Anything else (an unknown op, a key that is empty, too long or not UTF-8, a length running past the
+end, trailing bytes after a DELETE, ``has_expected`` other than 0 or 1) is *malformed*:
+:meth:`KVStateMachine.apply` returns a :class:`KVResult` with ``error`` set and changes nothing. Every
+node reaches the same verdict on the same bytes, so a malformed entry never makes replicas diverge.
+
+Snapshots (:meth:`KVStateMachine.snapshot`, :meth:`KVStateMachine.restore`) are canonical CBOR maps
+``{key: value}``, so two replicas with the same state produce the same bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from kommander.core.types import Entry
+from kommander.hookspecs import PluginContext
+from kommander.interfaces import IStateMachine
+
+#: The ``log_type`` of KV commands; entries of other types are ignored.
+LOG_TYPE = "kv"
+#: The longest key, in bytes of UTF-8.
+MAX_KEY_BYTES = 1024
+
+OP_PUT = 1
+OP_DELETE = 2
+OP_CAS = 3
+_OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_CAS: "cas"}
+
+_HEADER = struct.Struct(">BH")
+_EXPECTED_LENGTH = struct.Struct(">I")
+
+
+class MalformedCommand(ValueError):
+    """Bytes that are not a valid KV command; the message says what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A decoded KV command.
+
+    :ivar op: :data:`OP_PUT`, :data:`OP_DELETE` or :data:`OP_CAS`.
+    :ivar key: the key.
+    :ivar value: the new value (PUT, CAS); ``None`` for DELETE.
+    :ivar expected: for CAS, the value the key must hold for the swap, or ``None`` for "absent".
+    """
+
+    op: int
+    key: str
+    value: bytes | None = None
+    expected: bytes | None = None
+
+    @property
+    def name(self) -> str:
+        return _OP_NAMES[self.op]
+
+
+@dataclass(frozen=True, slots=True)
+class KVResult:
+    """What applying one command did; the HTTP layer turns it into a status code.
+
+    :ivar op: ``"put"``, ``"delete"``, ``"cas"``, or ``"invalid"`` for a malformed command.
+    :ivar changed: the state changed: always for PUT; for DELETE, the key existed; for CAS, it
+        swapped.
+    :ivar existed: the key was present before the command.
+    :ivar error: why the command was refused (malformed); ``None`` otherwise.
+    """
+
+    op: str
+    changed: bool
+    existed: bool = False
+    error: str | None = None
+
+
+def validate_key(key: str) -> bytes:
+    """Check a key and return its UTF-8 bytes.
+
+    :raises MalformedCommand: the key is not a non-empty ``str`` of at most
+        :data:`MAX_KEY_BYTES` bytes of UTF-8 (lone surrogates cannot be encoded and are refused).
+    """
+    if not isinstance(key, str):
+        raise MalformedCommand(f"key must be a str, not {type(key).__name__}")
+    try:
+        raw = key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MalformedCommand("key is not valid Unicode text") from None
+    if not 1 <= len(raw) <= MAX_KEY_BYTES:
+        raise MalformedCommand(f"key must be 1-{MAX_KEY_BYTES} bytes of UTF-8, not {len(raw)}")
+    return raw
+
+
+def _check_bytes(what: str, value: Any) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise MalformedCommand(f"{what} must be bytes, not {type(value).__name__}")
+    return bytes(value)
+
+
+def encode_put(key: str, value: bytes) -> bytes:
+    """The command setting ``key`` to ``value``."""
+    raw = validate_key(key)
+    return _HEADER.pack(OP_PUT, len(raw)) + raw + _check_bytes("value", value)
+
+
+def encode_delete(key: str) -> bytes:
+    """The command removing ``key``."""
+    raw = validate_key(key)
+    return _HEADER.pack(OP_DELETE, len(raw)) + raw
+
+
+def encode_cas(key: str, expected: bytes | None, value: bytes) -> bytes:
+    """The command setting ``key`` to ``value`` only if it holds ``expected`` (``None``: absent)."""
+    raw = validate_key(key)
+    head = _HEADER.pack(OP_CAS, len(raw)) + raw
+    if expected is None:
+        operands = b"\x00"
+    else:
+        expected = _check_bytes("expected", expected)
+        operands = b"\x01" + _EXPECTED_LENGTH.pack(len(expected)) + expected
+    return head + operands + _check_bytes("value", value)
+
+
+def decode_command(data: bytes) -> Command:
+    """Decode and fully validate one command.
+
+    :raises MalformedCommand: for anything that :func:`encode_put`, :func:`encode_delete` or
+        :func:`encode_cas` would not have produced.
+    """
+    data = _check_bytes("command", data)
+    if len(data) < _HEADER.size:
+        raise MalformedCommand(f"command of {len(data)} bytes is shorter than its header")
+    op, key_length = _HEADER.unpack_from(data)
+    if op not in _OP_NAMES:
+        raise MalformedCommand(f"unknown op {op}")
+    end = _HEADER.size + key_length
+    if key_length == 0 or key_length > MAX_KEY_BYTES:
+        raise MalformedCommand(f"key length {key_length} is not 1-{MAX_KEY_BYTES}")
+    if end > len(data):
+        raise MalformedCommand("key runs past the end of the command")
+    try:
+        key = data[_HEADER.size : end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedCommand("key is not valid UTF-8") from None
+    rest = data[end:]
+    if op == OP_PUT:
+        return Command(op, key, rest)
+    if op == OP_DELETE:
+        if rest:
+            raise MalformedCommand(f"{len(rest)} trailing bytes after a delete")
+        return Command(op, key)
+    if not rest or rest[0] not in (0, 1):
+        raise MalformedCommand("cas needs has_expected 0 or 1 after the key")
+    if rest[0] == 0:
+        return Command(op, key, rest[1:], None)
+    if len(rest) < 1 + _EXPECTED_LENGTH.size:
+        raise MalformedCommand("cas expected length is truncated")
+    (expected_length,) = _EXPECTED_LENGTH.unpack_from(rest, 1)
+    start = 1 + _EXPECTED_LENGTH.size
+    if start + expected_length > len(rest):
+        raise MalformedCommand("cas expected value runs past the end of the command")
+    return Command(op, key, rest[start + expected_length :], rest[start : start + expected_length])
+
+
+@implementer(IStateMachine)
+class KVStateMachine:
+    """:class:`~kommander.interfaces.IStateMachine` holding one ``dict[str, bytes]`` per partition.
+
+    :param ctx: the node's plugin context; only ``ctx.config.max_partitions`` is used.
+
+    Reads (:meth:`get`) see the state as of the last applied entry; for a linearizable read, wait
+    for :meth:`kommander.manager.RaftManager.read_index` first (the HTTP layer does).
+    """
+
+    log = Logger()
+
+    def __init__(self, ctx: PluginContext) -> None:
+        self.partitions = ctx.config.max_partitions
+        self._data: list[dict[str, bytes]] = [{} for _ in range(self.partitions)]
+        #: Index of the last entry applied per partition (of any log type), for snapshots.
+        self.applied_index: list[int] = [0] * self.partitions
+
+    def _store(self, partition: int) -> dict[str, bytes]:
+        if not isinstance(partition, int) or not 0 <= partition < self.partitions:
+            raise ValueError(f"partition {partition!r} out of range 0..{self.partitions - 1}")
+        return self._data[partition]
+
+    # ------------------------------------------------------------------ IStateMachine
+
+    def apply(self, partition: int, entry: Entry) -> KVResult | None:
+        """Apply one committed entry.
+
+        :returns: ``None`` for entries of another ``log_type`` (ignored); otherwise a
+            :class:`KVResult`, whose ``error`` is set, with the state untouched, when the command
+            is malformed.
+        :raises ValueError: ``partition`` is out of range (a bug in the caller, not in the data).
+        """
+        store = self._store(partition)
+        self.applied_index[partition] = entry.index
+        if entry.log_type != LOG_TYPE:
+            return None
+        try:
+            command = decode_command(entry.data)
+        except MalformedCommand as e:
+            # Deterministic on every node, so the log moves on and replicas stay equal.
+            self.log.warn(
+                "partition {p}: ignoring malformed kv command at index {i}: {why}", p=partition, i=entry.index, why=e
+            )
+            return KVResult("invalid", False, error=str(e))
+        key = command.key
+        current = store.get(key)
+        existed = current is not None
+        if command.op == OP_PUT:
+            store[key] = command.value or b""
+            return KVResult("put", True, existed)
+        if command.op == OP_DELETE:
+            if existed:
+                del store[key]
+            return KVResult("delete", existed, existed)
+        if current != command.expected:
+            return KVResult("cas", False, existed)
+        store[key] = command.value or b""
+        return KVResult("cas", True, existed)
+
+    def checkpoint(self, partition: int, index: int) -> None:
+        """A checkpoint was applied at ``index``. Nothing to do yet: the whole state is in memory
+        and rebuilt from the log at start-up; snapshots will hook in here."""
+        self._store(partition)
+        return None
+
+    # ------------------------------------------------------------------ reads and snapshots
+
+    def get(self, partition: int, key: str) -> bytes | None:
+        """The value of ``key`` in ``partition``, or ``None`` when absent."""
+        return self._store(partition).get(key)
+
+    def __len__(self) -> int:
+        return sum(len(store) for store in self._data)
+
+    def keys(self, partition: int) -> list[str]:
+        """The keys of ``partition``, sorted."""
+        return sorted(self._store(partition))
+
+    def snapshot(self, partition: int) -> bytes:
+        """The whole state of ``partition`` as canonical CBOR (equal states give equal bytes)."""
+        return cbor2.dumps(self._store(partition), canonical=True)
+
+    def restore(self, partition: int, data: bytes) -> None:
+        """Replace the state of ``partition`` with a :meth:`snapshot`.
+
+        :raises MalformedCommand: ``data`` is not a CBOR map of valid keys to bytes; the state is
+            left unchanged.
+        """
+        store = self._store(partition)
+        try:
+            decoded = cbor2.loads(_check_bytes("snapshot", data))
+        except MalformedCommand:
+            raise
+        except Exception as e:  # cbor2 raises several types for bad input
+            raise MalformedCommand(f"snapshot is not valid CBOR: {e}") from None
+        if not isinstance(decoded, dict):
+            raise MalformedCommand(f"snapshot must be a map, not {type(decoded).__name__}")
+        for key, value in decoded.items():
+            validate_key(key)
+            if type(value) is not bytes:
+                raise MalformedCommand(f"snapshot value of {key!r} must be bytes")
+        store.clear()
+        store.update(decoded)

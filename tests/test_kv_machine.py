@@ -1,0 +1,225 @@
+"""Tests of kommander.kv.machine: the command encoding and the KV state machine."""
+
+from __future__ import annotations
+
+import struct
+
+import cbor2
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import task
+from zope.interface.verify import verifyObject
+
+from kommander.config import RaftConfiguration
+from kommander.core.types import Entry
+from kommander.hookspecs import PluginContext
+from kommander.interfaces import IStateMachine
+from kommander.kv.machine import (
+    LOG_TYPE,
+    MAX_KEY_BYTES,
+    OP_CAS,
+    OP_DELETE,
+    OP_PUT,
+    Command,
+    KVResult,
+    KVStateMachine,
+    MalformedCommand,
+    decode_command,
+    encode_cas,
+    encode_delete,
+    encode_put,
+)
+from kommander.registry import PluginRegistry
+
+
+def machine(partitions: int = 2) -> KVStateMachine:
+    ctx = PluginContext(task.Clock(), RaftConfiguration(node_id="n1", max_partitions=partitions))
+    return KVStateMachine(ctx)
+
+
+def entry(data: bytes, index: int = 1, log_type: str = LOG_TYPE) -> Entry:
+    return Entry(index=index, term=1, log_type=log_type, data=data)
+
+
+def test_provides_istatemachine() -> None:
+    """KVStateMachine provides IStateMachine."""
+    assert verifyObject(IStateMachine, machine())
+
+
+def test_registered_as_kv_plugin() -> None:
+    """The built-in plugin `kv` builds a KVStateMachine sized by the context's partitions."""
+    ctx = PluginContext(task.Clock(), RaftConfiguration(node_id="n1", max_partitions=3))
+    built = PluginRegistry(autoload=False).create_state_machine("kv", ctx)
+    assert isinstance(built, KVStateMachine)
+    assert built.partitions == 3
+
+
+@pytest.mark.parametrize(
+    "data, command",
+    [
+        (encode_put("k", b"v"), Command(OP_PUT, "k", b"v")),
+        (encode_put("k", b""), Command(OP_PUT, "k", b"")),
+        (encode_delete("ключ"), Command(OP_DELETE, "ключ")),
+        (encode_cas("k", None, b"new"), Command(OP_CAS, "k", b"new", None)),
+        (encode_cas("k", b"", b"new"), Command(OP_CAS, "k", b"new", b"")),
+        (encode_cas("a/b", b"old", b""), Command(OP_CAS, "a/b", b"", b"old")),
+    ],
+)
+def test_round_trip(data: bytes, command: Command) -> None:
+    """Every encoder's output decodes back to the command it describes."""
+    assert decode_command(data) == command
+
+
+def test_encoding_layout_is_documented_one() -> None:
+    """A PUT is op, big-endian key length, key, value: the layout the module documents."""
+    assert encode_put("ab", b"xyz") == b"\x01\x00\x02abxyz"
+    assert encode_delete("ab") == b"\x02\x00\x02ab"
+    assert encode_cas("ab", b"o", b"n") == b"\x03\x00\x02ab\x01\x00\x00\x00\x01on"
+
+
+@pytest.mark.parametrize("key", ["", "x" * (MAX_KEY_BYTES + 1), "\ud800", 7])
+def test_encoders_refuse_bad_keys(key: object) -> None:
+    """Empty, overlong, unencodable and non-str keys are refused when encoding."""
+    with pytest.raises(MalformedCommand):
+        encode_put(key, b"v")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (b"", "shorter than its header"),
+        (b"\x01\x00", "shorter than its header"),
+        (b"\x09\x00\x01k", "unknown op"),
+        (b"\x01\x00\x00", "key length 0"),
+        (b"\x01\x00\x05ab", "past the end"),
+        (b"\x01" + struct.pack(">H", MAX_KEY_BYTES + 1) + b"k" * (MAX_KEY_BYTES + 1), "key length"),
+        (b"\x01\x00\x01\xff", "UTF-8"),
+        (b"\x01\x00\x03\xed\xa0\x80", "UTF-8"),  # an encoded surrogate
+        (b"\x02\x00\x01kx", "trailing"),
+        (b"\x03\x00\x01k", "has_expected"),
+        (b"\x03\x00\x01k\x02", "has_expected"),
+        (b"\x03\x00\x01k\x01\x00\x00", "truncated"),
+        (b"\x03\x00\x01k\x01\x00\x00\x00\x09ab", "past the end"),
+    ],
+)
+def test_decode_refuses_malformed(data: bytes, why: str) -> None:
+    """Malformed commands raise MalformedCommand saying what is wrong."""
+    with pytest.raises(MalformedCommand, match=why):
+        decode_command(data)
+
+
+def test_put_get_delete() -> None:
+    """PUT stores, GET reads, DELETE removes and reports whether the key existed."""
+    m = machine()
+    assert m.apply(0, entry(encode_put("k", b"1"), 1)) == KVResult("put", True, False)
+    assert m.get(0, "k") == b"1"
+    assert m.apply(0, entry(encode_put("k", b"2"), 2)) == KVResult("put", True, True)
+    assert m.get(0, "k") == b"2"
+    assert m.apply(0, entry(encode_delete("k"), 3)) == KVResult("delete", True, True)
+    assert m.get(0, "k") is None
+    assert m.apply(0, entry(encode_delete("k"), 4)) == KVResult("delete", False, False)
+    assert m.applied_index[0] == 4
+
+
+def test_partitions_are_separate() -> None:
+    """A key written in one partition is absent from another."""
+    m = machine()
+    m.apply(0, entry(encode_put("k", b"v")))
+    assert m.get(1, "k") is None
+    assert len(m) == 1
+
+
+def test_cas() -> None:
+    """CAS swaps only when the current value equals expected; None expects absence."""
+    m = machine()
+    assert m.apply(0, entry(encode_cas("k", b"x", b"1"))) == KVResult("cas", False, False)
+    assert m.get(0, "k") is None
+    assert m.apply(0, entry(encode_cas("k", None, b"1"))) == KVResult("cas", True, False)
+    assert m.apply(0, entry(encode_cas("k", None, b"2"))) == KVResult("cas", False, True)
+    assert m.apply(0, entry(encode_cas("k", b"2", b"3"))) == KVResult("cas", False, True)
+    assert m.apply(0, entry(encode_cas("k", b"1", b"3"))) == KVResult("cas", True, True)
+    assert m.get(0, "k") == b"3"
+
+
+def test_malformed_command_is_an_error_outcome_and_changes_nothing() -> None:
+    """A malformed entry returns an error KVResult and leaves the state as it was."""
+    m = machine()
+    m.apply(0, entry(encode_put("k", b"v"), 1))
+    before = m.snapshot(0)
+    result = m.apply(0, entry(b"\x02\x00\x01kjunk", 2))
+    assert isinstance(result, KVResult)
+    assert result.op == "invalid" and not result.changed and "trailing" in (result.error or "")
+    assert m.snapshot(0) == before
+
+
+def test_other_log_types_are_ignored() -> None:
+    """Entries of another log type return None and do not touch the store."""
+    m = machine()
+    assert m.apply(0, entry(encode_put("k", b"v"), log_type="other")) is None
+    assert m.get(0, "k") is None
+
+
+def test_partition_out_of_range() -> None:
+    """A partition outside 0..partitions-1 is a ValueError, not an IndexError."""
+    m = machine(2)
+    with pytest.raises(ValueError):
+        m.apply(2, entry(encode_put("k", b"v")))
+    with pytest.raises(ValueError):
+        m.get(-1, "k")
+
+
+def test_checkpoint_is_a_no_op() -> None:
+    """checkpoint() returns None and keeps the state."""
+    m = machine()
+    m.apply(0, entry(encode_put("k", b"v")))
+    assert m.checkpoint(0, 1) is None
+    assert m.get(0, "k") == b"v"
+
+
+def test_snapshot_restore() -> None:
+    """restore(snapshot()) rebuilds the same partition; equal states give equal bytes."""
+    a, b = machine(), machine()
+    a.apply(0, entry(encode_put("x", b"1")))
+    a.apply(0, entry(encode_put("y", b"2")))
+    b.apply(0, entry(encode_put("y", b"2")))
+    b.apply(0, entry(encode_put("x", b"1")))
+    assert a.snapshot(0) == b.snapshot(0)
+    c = machine()
+    c.apply(0, entry(encode_put("stale", b"gone")))
+    c.restore(0, a.snapshot(0))
+    assert c.keys(0) == ["x", "y"]
+    assert c.get(0, "stale") is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\xff", cbor2.dumps([1, 2]), cbor2.dumps({"k": "not bytes"}), cbor2.dumps({1: b"v"}), cbor2.dumps({"": b"v"})],
+)
+def test_restore_refuses_bad_snapshots(data: bytes) -> None:
+    """A snapshot that is not a map of valid keys to bytes is refused and the state kept."""
+    m = machine()
+    m.apply(0, entry(encode_put("k", b"v")))
+    with pytest.raises(MalformedCommand):
+        m.restore(0, data)
+    assert m.get(0, "k") == b"v"
+
+
+@given(st.binary(max_size=64))
+def test_apply_never_raises_on_arbitrary_bytes(data: bytes) -> None:
+    """Whatever the bytes, apply returns a KVResult and never raises."""
+    m = machine()
+    result = m.apply(0, entry(data))
+    assert isinstance(result, KVResult)
+    if result.error is not None:
+        assert len(m) == 0
+
+
+@given(st.text(min_size=1, max_size=20), st.binary(max_size=20), st.none() | st.binary(max_size=20))
+def test_cas_round_trip_property(key: str, value: bytes, expected: bytes | None) -> None:
+    """decode(encode_cas(...)) gives back the key, expected and value for any input."""
+    try:
+        data = encode_cas(key, expected, value)
+    except MalformedCommand:
+        return  # keys with lone surrogates cannot be encoded
+    assert decode_command(data) == Command(OP_CAS, key, value, expected)
