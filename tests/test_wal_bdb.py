@@ -183,9 +183,10 @@ async def test_reactor_keeps_ticking_during_a_big_write(make):
     await wal.open(1)
     ticks = []
     loop = task.LoopingCall(lambda: ticks.append(time.monotonic()))
+    big = [WalWrite(0, None, tuple(Entry(i, 1, data=bytes(1 << 20)) for i in range(1, 33)))]
     loop.start(0.005)
     started = time.monotonic()
-    pending = wal.write([WalWrite(0, None, tuple(Entry(i, 1, data=bytes(1 << 20)) for i in range(1, 33)))])
+    pending = wal.write(big)
     returned = time.monotonic()
     assert not pending.called
     await pending
