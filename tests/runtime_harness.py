@@ -242,10 +242,16 @@ class Cluster:
 
     @staticmethod
     def result(d: defer.Deferred[Any]) -> Any:
-        """The result of a fired Deferred; raises its failure's exception."""
+        """The result of a fired Deferred, which keeps it; raises its failure's exception (and
+        consumes the failure, so the Deferred does not report it as unhandled)."""
         assert d.called, "the Deferred has not fired"
         box: list[Any] = []
-        d.addBoth(box.append)
+
+        def grab(value: Any) -> Any:
+            box.append(value)
+            return value
+
+        d.addBoth(grab)
         value = box[0]
         if isinstance(value, Failure):
             d.addErrback(lambda f: None)
