@@ -1,0 +1,395 @@
+"""The KV service's HTTP API on twisted.web (``docs/kv-api.rst`` is the user's reference).
+
+=========================================  =====================================================
+``PUT /v1/kv/{key}``                       body = value; 200 ``{"index": N}`` once applied
+``GET /v1/kv/{key}[?consistency=stale]``   200 value bytes, 404 absent; linearizable by default
+``DELETE /v1/kv/{key}``                    200 ``{"index": N}``, 404 absent
+``POST /v1/kv/{key}/cas``                  ``{"expected": str|null, "value": str}``; 200 or 409
+``GET /v1/status``                         the node's view of every partition
+=========================================  =====================================================
+
+A key is exactly one path segment, percent-decoded, then UTF-8 (so ``a%2Fb`` is the key ``a/b``).
+A node that does not lead the key's partition answers 307 with ``Location`` set to the same path
+and query on the leader's advertised HTTP URL (learnt from the transport handshake), or 503 with
+``Retry-After`` when it knows no leader or no URL for it. When the outcome of a write is unknown
+(timeout, leadership lost while it was in flight) the answer is 504: the write may or may not
+have happened. Every error is JSON ``{"error": ..., "leader": <node id or null>}``.
+
+Request bodies larger than the limit are refused with 413 as soon as their ``Content-Length`` is
+known, before the body is read or stored (:class:`KVRequest`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+from kommander.core.errors import KommanderError, NotLeader
+from kommander.kv.machine import LOG_TYPE, MAX_KEY_BYTES, KVResult, KVStateMachine, encode_cas, encode_delete
+from kommander.kv.machine import encode_put
+from kommander.results import RaftOperationStatus, ReplicationResult
+
+#: The default largest request body, in bytes.
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+#: Seconds a client is asked to wait before retrying a 503.
+RETRY_AFTER_SECONDS = 1
+#: Once a refused body has been discarded up to this many bytes, the connection is closed anyway.
+_MAX_DISCARD_BYTES = 4 * 1024 * 1024
+
+_JSON = b"application/json"
+_OCTETS = b"application/octet-stream"
+_KEY_METHODS = (b"GET", b"PUT", b"DELETE")
+_CAS_METHODS = (b"POST",)
+_STATUS_METHODS = (b"GET",)
+
+Status = RaftOperationStatus
+_log = Logger()
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A complete answer: status code, body, content type and extra headers."""
+
+    code: int
+    body: bytes
+    content_type: bytes = _JSON
+    headers: tuple[tuple[bytes, bytes], ...] = field(default=())
+
+
+def json_response(code: int, document: Any, headers: Iterable[tuple[bytes, bytes]] = ()) -> Response:
+    """A JSON answer (with a trailing newline, for terminals)."""
+    return Response(code, json.dumps(document).encode("utf-8") + b"\n", _JSON, tuple(headers))
+
+
+def error_response(code: int, message: str, leader: str | None = None, **extra: Any) -> Response:
+    """A JSON error ``{"error": message, "leader": leader, ...extra}``."""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    if code == 503:
+        headers = ((b"Retry-After", b"%d" % RETRY_AFTER_SECONDS),)
+    return json_response(code, {"error": message, "leader": leader, **extra}, headers)
+
+
+class _BadRequest(Exception):
+    """Raised while parsing a request; carries the response to send."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.code)
+        self.response = response
+
+
+def _bad(message: str, code: int = 400) -> _BadRequest:
+    return _BadRequest(error_response(code, message))
+
+
+def _method_not_allowed(method: bytes, allowed: tuple[bytes, ...]) -> _BadRequest:
+    response = error_response(405, f"method {method.decode('latin-1')!r} not allowed here")
+    return _BadRequest(
+        Response(response.code, response.body, response.content_type, ((b"Allow", b", ".join(allowed)),))
+    )
+
+
+def parse_key(segment: bytes) -> str:
+    """A key from one percent-decoded path segment.
+
+    :raises _BadRequest: empty, longer than :data:`MAX_KEY_BYTES` bytes, or not UTF-8.
+    """
+    if not segment:
+        raise _bad("empty key")
+    if len(segment) > MAX_KEY_BYTES:
+        raise _bad(f"key longer than {MAX_KEY_BYTES} bytes")
+    try:
+        return segment.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad("key is not valid UTF-8") from None
+
+
+def parse_cas_body(body: bytes) -> tuple[bytes | None, bytes]:
+    """``(expected, value)`` from a CAS body ``{"expected": str|null, "value": str}``.
+
+    Both keys are required (``"expected": null`` means "only if absent") and no other is allowed,
+    so that a misspelt key is an error rather than a silent "expected absent".
+
+    :raises _BadRequest: not UTF-8 JSON of exactly that shape.
+    """
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _bad('body is not JSON; send {"expected": str|null, "value": str}') from None
+    if not isinstance(document, dict) or set(document) != {"expected", "value"}:
+        raise _bad('body must be an object with exactly the keys "expected" and "value"')
+    expected, value = document["expected"], document["value"]
+    if not isinstance(value, str) or not (expected is None or isinstance(expected, str)):
+        raise _bad('"value" must be a string and "expected" a string or null')
+    try:
+        return (None if expected is None else expected.encode("utf-8")), value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from "\ud800"-style escapes
+        raise _bad("strings must be valid Unicode") from None
+
+
+class KVResource(resource.Resource):
+    """The whole API as one leaf resource that routes on ``request.postpath`` itself.
+
+    :param manager: the node's :class:`~kommander.manager.RaftManager`.
+    :param machine: the node's :class:`KVStateMachine`, or ``None`` when the node runs another
+        state machine (then only ``/v1/status`` is served and KV paths answer 501).
+    :param max_body_bytes: largest request body accepted.
+    """
+
+    isLeaf = True
+
+    def __init__(self, manager: Any, machine: KVStateMachine | None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        super().__init__()
+        if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes {max_body_bytes!r}: use a positive integer")
+        self.manager = manager
+        self.machine = machine
+        self.max_body_bytes = max_body_bytes
+
+    # ------------------------------------------------------------------ plumbing
+
+    def render(self, request: server.Request) -> Any:
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = defer.maybeDeferred(self._dispatch, request)
+        d.addErrback(self._unexpected, request)
+        d.addCallback(self._send, request, gone)
+        d.addErrback(lambda f: _log.failure("writing the response failed", f))
+        return server.NOT_DONE_YET
+
+    @staticmethod
+    def _unexpected(failure: Failure, request: server.Request) -> Response:
+        if failure.check(_BadRequest):
+            return failure.value.response
+        _log.failure("internal error serving {method} {uri}", failure, method=request.method, uri=request.uri)
+        return error_response(500, "internal error; see the node's log")
+
+    @staticmethod
+    def _send(response: Response, request: server.Request, gone: list[bool]) -> None:
+        if gone:
+            return  # the client went away; nothing to tell it
+        request.setResponseCode(response.code)
+        request.setHeader(b"Content-Type", response.content_type)
+        request.setHeader(b"Content-Length", b"%d" % len(response.body))
+        request.setHeader(b"Cache-Control", b"no-store")
+        for name, value in response.headers:
+            request.setHeader(name, value)
+        request.write(response.body)
+        request.finish()
+
+    def _dispatch(self, request: server.Request) -> Response | defer.Deferred[Response]:
+        path = request.postpath
+        method = request.method
+        if path == [b"v1", b"status"]:
+            if method not in _STATUS_METHODS:
+                raise _method_not_allowed(method, _STATUS_METHODS)
+            return self._status()
+        if len(path) in (3, 4) and path[:2] == [b"v1", b"kv"]:
+            if len(path) == 4 and path[3] != b"cas":
+                raise _bad("unknown path; write '/' inside a key as %2F", 404)
+            allowed = _KEY_METHODS if len(path) == 3 else _CAS_METHODS
+            if method not in allowed:
+                raise _method_not_allowed(method, allowed)
+            key = parse_key(path[2])
+            if self.machine is None:
+                raise _bad("this node does not run the kv state machine", 501)
+            if len(self.manager.runtimes) < self.manager.partitions:
+                return error_response(503, "the node is starting")
+            partition = self.manager.partition_for_key(key)
+            if len(path) == 4:
+                return self._cas(request, partition, key)
+            if method == b"GET":
+                return self._get(request, partition, key)
+            if method == b"PUT":
+                return self._replicate(request, partition, encode_put(key, self._body(request)))
+            return self._replicate(request, partition, encode_delete(key))
+        raise _bad("unknown path", 404)
+
+    def _body(self, request: server.Request) -> bytes:
+        content = request.content
+        body = content.read(self.max_body_bytes + 1) if content is not None else b""
+        if len(body) > self.max_body_bytes:  # KVRequest normally refuses these much earlier
+            raise _bad(f"request body over {self.max_body_bytes} bytes", 413)
+        return body
+
+    # ------------------------------------------------------------------ leaders
+
+    def _leader_url(self, leader: str) -> bytes | None:
+        metadata = self.manager.metadata if leader == self.manager.node_id else self.manager.peer_metadata.get(leader)
+        url = (metadata or {}).get("http")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            return None
+        try:
+            return url.rstrip("/").encode("ascii")
+        except UnicodeEncodeError:
+            return None
+
+    def _not_leader(self, request: server.Request, partition: int, leader: str | None) -> Response:
+        """307 to the leader's same URL, or 503 when the leader or its URL is unknown."""
+        if leader is None:
+            return error_response(503, f"no leader for partition {partition} yet")
+        base = self._leader_url(leader)
+        if base is None:
+            return error_response(503, f"the HTTP address of leader {leader} is not known yet", leader)
+        response = error_response(307, f"not the leader of partition {partition}", leader)
+        return Response(307, response.body, _JSON, ((b"Location", base + request.uri),))
+
+    # ------------------------------------------------------------------ writes
+
+    def _cas(self, request: server.Request, partition: int, key: str) -> defer.Deferred[Response]:
+        expected, value = parse_cas_body(self._body(request))
+        return self._replicate(request, partition, encode_cas(key, expected, value))
+
+    def _replicate(self, request: server.Request, partition: int, command: bytes) -> defer.Deferred[Response]:
+        d = self.manager.replicate_logs(partition, LOG_TYPE, command)
+        return d.addCallback(self._replicated, request, partition)
+
+    def _replicated(self, result: ReplicationResult, request: server.Request, partition: int) -> Response:
+        status = result.status
+        leader = self.manager.get_leader(partition)
+        if status is Status.SUCCESS:
+            outcome = result.results[-1] if result.results else None
+            if not isinstance(outcome, KVResult) or outcome.error is not None:
+                _log.error("partition {p}: unexpected outcome {o!r} of a kv command", p=partition, o=outcome)
+                return error_response(500, "the state machine did not apply the command", leader)
+            if outcome.changed:
+                return json_response(200, {"index": result.log_index})
+            if outcome.op == "delete":
+                return error_response(404, "key not found", leader, index=result.log_index)
+            return error_response(409, "the key does not hold the expected value", leader, index=result.log_index)
+        if status is Status.NOT_LEADER:
+            return self._not_leader(request, partition, result.leader)
+        if status in (Status.TIMEOUT, Status.LEADERSHIP_LOST):
+            return error_response(504, f"outcome unknown: {result.error}", result.leader or leader)
+        if status in (Status.QUEUE_FULL, Status.ERRORED):
+            return error_response(503, result.error or status.value, leader)
+        return error_response(500, f"{status.value}: {result.error}", leader)
+
+    # ------------------------------------------------------------------ reads
+
+    def _get(self, request: server.Request, partition: int, key: str) -> Response | defer.Deferred[Response]:
+        values = request.args.get(b"consistency", [b"linearizable"])
+        if len(values) != 1 or values[0] not in (b"linearizable", b"stale"):
+            raise _bad("consistency must be 'stale' (or 'linearizable', the default)")
+        if values[0] == b"stale":
+            return self._value(partition, key)
+        d = self.manager.read_index(partition)
+        return d.addCallbacks(
+            lambda _: self._value(partition, key), self._read_failed, errbackArgs=(request, partition)
+        )
+
+    def _value(self, partition: int, key: str) -> Response:
+        assert self.machine is not None
+        value = self.machine.get(partition, key)
+        if value is None:
+            return error_response(404, "key not found", self.manager.get_leader(partition))
+        return Response(200, value, _OCTETS)
+
+    def _read_failed(self, failure: Failure, request: server.Request, partition: int) -> Response:
+        leader = self.manager.get_leader(partition)
+        if failure.check(NotLeader):
+            return self._not_leader(request, partition, failure.value.leader_hint)
+        if failure.check(defer.TimeoutError):
+            return error_response(504, "the read was not confirmed in time", leader)
+        if failure.check(KommanderError):
+            return error_response(503, failure.getErrorMessage(), leader)
+        return failure  # type: ignore[return-value]  # unexpected: logged as a 500
+
+    # ------------------------------------------------------------------ status
+
+    def _status(self) -> Response:
+        document = self.manager.status()
+        document["http"] = self.manager.metadata.get("http")
+        return json_response(200, document)
+
+
+class KVRequest(server.Request):
+    """A request that refuses an oversized body as soon as its size is known.
+
+    With ``Content-Length`` that is when the headers end, before any of the body is read: the
+    413 goes out at once (any ``Expect: 100-continue`` is left unanswered, so well-behaved clients
+    never send the body). A chunked body is counted as it arrives and refused when it passes the
+    limit. Either way the body is discarded, never stored, and the connection closes once it ends
+    (or once :data:`_MAX_DISCARD_BYTES` were discarded): closing with unread data would make the
+    kernel reset the connection and could destroy the 413 before the client reads it.
+    """
+
+    _refused = False
+    _received = 0
+    _discarded = 0
+
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return getattr(getattr(site, "resource", None), "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self.requestHeaders.removeHeader(b"Expect")
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if not self._refused:
+            self._received += len(data)
+            if self._received <= self._limit():
+                super().handleContentChunk(data)
+                return
+            self._refuse()
+        self._discarded += len(data)
+        if self._discarded > _MAX_DISCARD_BYTES and self.channel is not None:
+            self.channel.transport.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            # The whole refused body went by: the 413 is out, close instead of processing.
+            if self.channel is not None:
+                self.channel.transport.loseConnection()
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        limit = self._limit()
+        body = error_response(413, f"request body over {limit} bytes").body
+        # The request line is parsed but process() has not run, so the normal response machinery
+        # is not usable yet; this is a complete, self-contained HTTP/1.1 response.
+        head = (
+            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % len(body)
+        )
+        self.content = None
+        if self.channel is not None:
+            self.channel.transport.write(head + body)
+
+
+def make_site(
+    manager: Any,
+    machine: KVStateMachine | None,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    reactor: Any = None,
+) -> server.Site:
+    """A :class:`~twisted.web.server.Site` serving the API of ``manager`` and ``machine``.
+
+    :param reactor: for the site's connection timeouts; the global reactor when ``None``.
+    """
+    root = KVResource(manager, machine, max_body_bytes)
+    kwargs: dict[str, Any] = {"requestFactory": KVRequest}
+    if reactor is not None:
+        kwargs["reactor"] = reactor
+    try:
+        # Bodies are values, never HTML forms: do not let twisted.web parse them into args.
+        site = server.Site(root, parsePOSTFormSubmission=False, **kwargs)
+    except TypeError:  # Twisted releases before the option existed
+        site = server.Site(root, **kwargs)
+    site.displayTracebacks = False
+    return site
