@@ -299,11 +299,26 @@ class Network:
         self[node_id].campaign()
         self.stabilize()
 
-    def elect(self, node_id: str) -> RaftNode:
-        """Make ``node_id`` campaign and deliver everything; it must win."""
+    def heartbeat(self, node_id: str) -> None:
+        """Tick the leader ``node_id`` until it sends one round of heartbeats, and deliver.
+
+        Followers learn a commit index that moved after their own acknowledgement only from the
+        next AppendEntries or heartbeat; this is how tests let them catch up."""
+        core = self[node_id]
+        assert core.role is Role.LEADER, f"{node_id} does not lead: {core!r}"
+        for _ in range(core.config.heartbeat_tick):
+            core.tick()
+            self.process(node_id)
+        self.deliver()
+
+    def elect(self, node_id: str, settle: bool = True) -> RaftNode:
+        """Make ``node_id`` campaign and deliver everything; it must win. With ``settle``, one
+        heartbeat round then tells every follower the commit index of the new leader's no-op."""
         self.campaign(node_id)
         core = self[node_id]
         assert core.role is Role.LEADER, f"{node_id} did not win: {core!r}"
+        if settle:
+            self.heartbeat(node_id)
         return core
 
     def propose(self, node_id: str, *data: bytes, stabilize: bool = True, **fields: object) -> tuple[int, int]:
