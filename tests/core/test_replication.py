@@ -1,0 +1,313 @@
+"""Log replication: the consistency check, backtracking, flow control and pipelining."""
+
+from __future__ import annotations
+
+import random
+
+from kommander.core.progress import ProgressState
+from kommander.core.raft import CoreConfig, RaftNode
+from kommander.core.types import (
+    AppendEntries,
+    AppendEntriesResponse,
+    HardState,
+    Heartbeat,
+    HeartbeatResponse,
+    Proposal,
+)
+
+from .harness import Network, entries_of, ids
+
+PAYLOAD = bytes(100)
+
+
+def follower(log, term=None, node_id="n2") -> RaftNode:
+    hard = HardState(term if term is not None else (log[-1] if log else 0), None, 0)
+    return RaftNode(CoreConfig(node_id, ids(3)), random.Random(1), hard, None, entries_of(log))
+
+
+def replies(core: RaftNode) -> list:
+    ready = core.ready()
+    return [m for m in ready.messages + ready.persisted_messages if type(m) is AppendEntriesResponse]
+
+
+def appends_to(net: Network, dst: str, *, with_entries: bool = True, source=None) -> list[AppendEntries]:
+    msgs = net.delivered if source is None else source
+    return [
+        m for m in msgs if type(m) is AppendEntries and m.dst == dst and (m.entries or not with_entries)
+    ]
+
+
+# ---------------------------------------------------------------------- follower side
+
+
+def test_consistency_check_rejects_mismatched_prev():
+    """AppendEntries whose (prev_index, prev_term) we do not hold is refused with a hint."""
+    core = follower([1, 1, 2], term=3)
+    core.step(AppendEntries(3, "n1", "n2", 3, 3, entries_of([3], first=4), 0))
+    (reply,) = replies(core)
+    assert not reply.success
+    assert (reply.index, reply.hint_index, reply.hint_term) == (3, 3, 2)
+    assert core.log.last_index() == 3
+
+
+def test_consistency_check_rejects_prev_past_the_end():
+    """A prev beyond our log is refused with our last index as the hint."""
+    core = follower([1, 1], term=3)
+    core.step(AppendEntries(3, "n1", "n2", 7, 3, (), 0))
+    (reply,) = replies(core)
+    assert (reply.success, reply.index, reply.hint_index, reply.hint_term) == (False, 7, 2, 1)
+
+
+def test_follower_truncates_conflicting_suffix():
+    """A follower replaces its uncommitted divergent entries by the leader's."""
+    net = Network(3, logs={"n1": [1, 1, 3, 3], "n2": [1, 1, 3, 3], "n3": [1, 1, 2, 2, 2, 2]})
+    net.elect("n1")
+    assert net.terms("n3") == net.terms("n1") == [1, 1, 3, 3, 4]
+    assert [e.term for e in net.node("n3").disk.entries] == [1, 1, 3, 3, 4]
+
+
+def test_duplicate_old_append_does_not_truncate():
+    """An AppendEntries older than our commit index is acknowledged with the commit index."""
+    core = follower([1, 1, 1, 1], term=1)
+    core.step(AppendEntries(1, "n1", "n2", 4, 1, (), 4))
+    core.ready()
+    core.step(AppendEntries(1, "n1", "n2", 1, 1, entries_of([1], first=2), 4))
+    (reply,) = replies(core)
+    assert (reply.success, reply.index) == (True, 4)
+    assert core.log.last_index() == 4
+
+
+def test_append_commit_capped_by_what_the_message_vouches_for():
+    """The commit index from AppendEntries never covers our own entries beyond the message."""
+    core = follower([1, 1, 2, 2, 2], term=3)
+    core.step(AppendEntries(3, "n1", "n2", 2, 1, (), 5))
+    assert core.log.committed == 2
+
+
+def test_heartbeat_commit_capped_by_last_index():
+    """A heartbeat's commit index is capped by the follower's last index."""
+    core = follower([1, 1], term=1)
+    core.step(Heartbeat(1, "n1", "n2", 9))
+    assert core.log.committed == 2
+
+
+def test_heartbeat_never_advances_commit_over_divergent_entries():
+    """The leader's heartbeats claim no commit index a lagging, divergent follower may not hold."""
+    net = Network(3, logs={"n1": [1, 1, 3, 3], "n2": [1, 1, 3, 3], "n3": [1, 1, 2, 2]})
+    net.drop(AppendEntries, dst="n3")
+    net.elect("n1")
+    net.tick("n1", n=5)
+    assert net["n1"].log.committed == 5
+    heartbeats = [m for m in net.delivered if type(m) is Heartbeat and m.dst == "n3"]
+    assert heartbeats and all(m.commit == 0 for m in heartbeats)
+    assert net["n3"].log.committed == 0
+    assert net.applied("n3") == []
+
+
+# ---------------------------------------------------------------------- leader: backtracking
+
+
+def rejections(net: Network, src: str) -> int:
+    """Round trips spent backtracking: the distinct prev indexes ``src`` refused (a probe repeated
+    because a heartbeat reply arrived meanwhile is the same round trip)."""
+    return len({m.index for m in net.delivered
+                if type(m) is AppendEntriesResponse and m.src == src and not m.success})
+
+
+def test_fast_backtracking_over_a_long_divergent_tail():
+    """A follower with 100 conflicting entries is repaired in O(terms) round trips, not O(entries)."""
+    net = Network(
+        3,
+        logs={"n1": [1] * 10 + [3] * 50, "n2": [1] * 10 + [3] * 50, "n3": [1] * 10 + [2] * 100},
+    )
+    net.elect("n1")
+    assert net.terms("n3") == net.terms("n1")
+    assert rejections(net, "n3") == 1
+
+
+def test_fast_backtracking_one_round_trip_per_term():
+    """Backtracking over several terms costs one rejection per term skipped."""
+    net = Network(
+        3,
+        logs={
+            "n1": [1] * 10 + [2] * 10 + [4] * 10,
+            "n2": [1] * 10 + [2] * 10 + [4] * 10,
+            "n3": [1] * 10 + [3] * 30,
+        },
+    )
+    net.elect("n1")
+    assert net.terms("n3") == net.terms("n1")
+    assert rejections(net, "n3") == 2
+
+
+def test_short_follower_catches_up_in_one_rejection():
+    """A follower that merely lacks entries tells the leader its last index at once."""
+    net = Network(3, logs={"n1": [1] * 60, "n2": [1] * 60, "n3": [1] * 5})
+    net.elect("n1")
+    assert net["n3"].log.last_index() == 61
+    assert rejections(net, "n3") == 1
+
+
+def test_stale_rejection_is_ignored():
+    """A late rejection of an AppendEntries already overtaken by acks does not rewind the follower."""
+    net = Network(3)
+    net.elect("n1")
+    net.propose("n1", b"a", b"b")
+    pr = net["n1"].progress["n2"]
+    before = (pr.state, pr.match, pr.next)
+    net.step(AppendEntriesResponse(1, "n2", "n1", False, 1, 1, 1))
+    assert (pr.state, pr.match, pr.next) == before
+    assert net.queue == type(net.queue)()
+
+
+# ---------------------------------------------------------------------- leader: flow control
+
+
+def test_probe_then_replicate():
+    """A new leader probes each follower with one message; an acknowledgement switches to REPLICATE."""
+    net = Network(3)
+    leader = net["n1"]
+    # n3's answers are lost, heartbeat replies too (each of those would unpause the probe).
+    net.drop(AppendEntriesResponse, HeartbeatResponse, src="n3")
+    net.elect("n1", settle=False)
+    assert leader.progress["n2"].state is ProgressState.REPLICATE
+    assert leader.progress["n3"].state is ProgressState.PROBE
+    for data in (b"a", b"b", b"c"):
+        net.propose("n1", data)
+    # Paused: only the first probe (carrying the no-op) went to n3.
+    assert len(appends_to(net, "n3")) == 1
+    assert len(appends_to(net, "n2")) == 4
+    net.heal()
+    net.heartbeat("n1")
+    assert leader.progress["n3"].state is ProgressState.REPLICATE
+    assert net.terms("n3") == net.terms("n1")
+
+
+def test_inflight_window_bounds_messages():
+    """At most max_inflight_msgs unacknowledged AppendEntries go to a follower."""
+    net = Network(3, max_inflight_msgs=4)
+    net.elect("n1")
+    net.drop(AppendEntriesResponse, HeartbeatResponse, src="n3")
+    mark = len(net.delivered)
+    for i in range(20):
+        net.propose("n1", b"%d" % i)
+    assert len(appends_to(net, "n3", source=net.delivered[mark:])) == 4
+    assert len(appends_to(net, "n2", source=net.delivered[mark:])) == 20
+    net.heal()
+    net.heartbeat("n1")  # the window probe finds everything delivered
+    assert net.terms("n3") == net.terms("n1")
+
+
+def test_inflight_window_bounds_bytes():
+    """Sending stops once the unacknowledged bytes reach max_inflight_bytes."""
+    net = Network(3, max_inflight_bytes=1000, max_msg_entries=1)
+    net.elect("n1")
+    net.drop(AppendEntriesResponse, HeartbeatResponse, src="n3")
+    mark = len(net.delivered)
+    net.propose("n1", *([PAYLOAD] * 20))
+    sent = appends_to(net, "n3", source=net.delivered[mark:])
+    # 124 bytes an entry: eight make 992 < 1000, the ninth fills the window.
+    assert len(sent) == 9
+    assert net["n1"].progress["n3"].inflight_bytes == 9 * 124
+
+
+def test_inflight_bytes_count_what_was_sent():
+    """The byte window counts the entries a message carries, not the one cut off by max_msg_bytes."""
+    net = Network(3, max_msg_bytes=300, max_inflight_bytes=1000)
+    net.elect("n1")
+    net.drop(AppendEntriesResponse, HeartbeatResponse, src="n3")
+    mark = len(net.delivered)
+    net.propose("n1", *([PAYLOAD] * 30))
+    sent = appends_to(net, "n3", source=net.delivered[mark:])
+    assert [len(m.entries) for m in sent] == [2] * 5  # 248 bytes each; 4 x 248 < 1000
+    pr = net["n1"].progress["n3"]
+    assert pr.inflight_bytes == sum(len(e.data) + 24 for m in sent for e in m.entries)
+
+
+def test_many_entries_per_message_up_to_max_msg_entries():
+    """A backlog goes out in messages of max_msg_entries entries."""
+    net = Network(3, max_msg_entries=8)
+    net.elect("n1")
+    mark = len(net.delivered)
+    net.propose("n1", *[b"x"] * 20)
+    assert [len(m.entries) for m in appends_to(net, "n2", source=net.delivered[mark:])] == [8, 8, 4]
+
+
+def test_many_entries_per_message_up_to_max_msg_bytes():
+    """A backlog goes out in messages of at most max_msg_bytes; an oversized entry goes alone."""
+    net = Network(3, max_msg_bytes=1000)
+    net.elect("n1")
+    mark = len(net.delivered)
+    net.propose("n1", *([PAYLOAD] * 20), bytes(5000), b"z")
+    sizes = [[len(e.data) for e in m.entries] for m in appends_to(net, "n2", source=net.delivered[mark:])]
+    assert sizes == [[100] * 8, [100] * 8, [100] * 4, [5000], [1]]
+    assert net.terms("n2") == net.terms("n1")
+
+
+def test_pipelining_sends_before_acknowledgement():
+    """In REPLICATE the leader sends the next AppendEntries before the previous one is acked."""
+    net = Network(3)
+    leader = net.elect("n1")
+    leader.propose([Proposal("t", b"a")])
+    net.process("n1")
+    leader.propose([Proposal("t", b"b")])
+    net.process("n1")
+    queued = [m for m in net.queue if type(m) is AppendEntries and m.dst == "n2"]
+    assert [(m.prev_index, len(m.entries)) for m in queued] == [(1, 1), (2, 1)]
+    assert not any(type(m) is AppendEntriesResponse for m in net.queue)
+    net.deliver()
+    assert leader.progress["n2"].match == 3
+
+
+def test_lost_appends_recovered_by_window_probe():
+    """When the whole window is lost, the next heartbeat reply triggers a probe that repairs it."""
+    net = Network(3, max_inflight_msgs=2)
+    net.elect("n1")
+    lost = net.drop(AppendEntries, dst="n3")
+    quiet = net.drop(HeartbeatResponse, src="n3")
+    for i in range(6):
+        net.propose("n1", b"%d" % i)
+    net.restore(lost)
+    net.propose("n1", b"more")
+    assert net["n3"].log.last_index() == 1  # stuck: the window is full of lost messages
+    net.restore(quiet)
+    mark = len(net.delivered)
+    net.heartbeat("n1")
+    probes = [m for m in appends_to(net, "n3", with_entries=False, source=net.delivered[mark:]) if not m.entries]
+    assert probes and probes[0].prev_index == 3  # the window's end: two lost messages of one entry
+    assert net.terms("n3") == net.terms("n1")
+    assert net["n1"].progress["n3"].state is ProgressState.REPLICATE
+
+
+def test_lost_probe_recovered_on_heartbeat_reply():
+    """A lost probe is resent once a heartbeat reply shows the follower is there."""
+    net = Network(3, logs={"n1": [1] * 5, "n2": [1] * 5, "n3": [1] * 2})
+    lost = net.drop(AppendEntries, dst="n3")
+    quiet = net.drop(HeartbeatResponse, src="n3")
+    net.elect("n1", settle=False)
+    net.restore(lost)
+    net.propose("n1", b"x")
+    assert net["n3"].log.last_index() == 2  # the probe was lost: paused
+    net.restore(quiet)
+    net.heartbeat("n1")
+    assert net.terms("n3") == net.terms("n1")
+
+
+def test_heartbeat_reply_in_sync_sends_nothing():
+    """A follower known to hold everything is sent no AppendEntries on heartbeat replies."""
+    net = Network(3)
+    net.elect("n1")
+    mark = len(net.delivered)
+    net.heartbeat("n1")
+    kinds = sorted({type(m).__name__ for m in net.delivered[mark:]})
+    assert kinds == ["Heartbeat", "HeartbeatResponse"]
+
+
+def test_stale_success_does_not_move_match_back():
+    """A duplicate, older acknowledgement leaves match where it was."""
+    net = Network(3)
+    leader = net.elect("n1")
+    net.propose("n1", b"a", b"b")
+    match = leader.progress["n2"].match
+    net.step(AppendEntriesResponse(1, "n2", "n1", True, 1))
+    assert leader.progress["n2"].match == match == 3
