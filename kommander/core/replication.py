@@ -50,10 +50,11 @@ class Replication:
         size = 0
         limit = config.max_msg_bytes
         for i, entry in enumerate(batch):
-            size += len(entry.data) + 24
-            if size > limit and i > 0:
+            entry_size = len(entry.data) + 24
+            if size + entry_size > limit and i > 0:
                 del batch[i:]
                 break
+            size += entry_size
         count = len(batch)
         last = batch[-1].index if count else prev_index
         self._msgs.append(
