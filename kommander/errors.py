@@ -8,6 +8,7 @@ from kommander.core.errors import (
     NotLeader,
     ProposalDropped,
     ProtocolError,
+    StorageError,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "NotLeader",
     "ProposalDropped",
     "ProtocolError",
+    "StorageError",
 ]

@@ -61,6 +61,14 @@ class IWAL(Interface):
     a read issued after a write sees that write. Durability: when a Deferred returned by a mutating
     method fires, its effect survives a process crash (and, in ``sync`` mode, a power failure).
     A failed write leaves the log as it was before the call: nothing partial is ever visible.
+
+    Refusals, which :mod:`kommander.testing.wal_conformance` checks for every implementation:
+    an append or ``truncate_suffix`` at or below the checkpoint fails with
+    :class:`~kommander.errors.CompactedError`; entries that leave a gap or are not contiguous fail
+    with :class:`~kommander.errors.StorageError`; calls after :meth:`close` fail with a
+    ``KommanderError``. ``read`` never raises ``CompactedError`` when there is no checkpoint. A
+    checkpoint at the recorded index is ignored; ``compact`` beyond the last entry removes every
+    entry.
     """
 
     durability = Attribute("``'sync'`` (fsync before firing) or ``'nosync'`` (see the docs' risks).")
@@ -205,13 +213,19 @@ class IStateMachine(Interface):
         """A checkpoint entry at ``index`` was applied (``replicate_checkpoint``). Called in log
         order like :meth:`apply`; a snapshot at ``index`` follows if :meth:`snapshot` exists."""
 
+
+class ISnapshotStateMachine(IStateMachine):
+    """A state machine that can be snapshotted, which lets Kommander compact its log and send
+    followers a snapshot instead of the whole history. Kommander checks for the two methods;
+    declaring this interface documents it."""
+
     def snapshot(partition: int) -> "Iterable[bytes]":
         """Capture the partition's state as of the last applied entry.
 
         Called between two :meth:`apply` calls. It must capture a consistent view at once (a
         copy, or a copy-on-write handle) and return an iterable of byte chunks that produce it,
-        possibly lazily: the chunks are consumed while later entries are applied. Optional: a
-        state machine without it never has its log compacted.
+        possibly lazily: the chunks are consumed while later entries are applied. A state machine
+        without it never has its log compacted.
         """
 
     def restore(partition: int, chunks: "Iterator[bytes]") -> "Deferred[None] | None":

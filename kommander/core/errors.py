@@ -30,6 +30,20 @@ class CompactedError(KommanderError):
     """The requested log index is below the last checkpoint; its entries were compacted away."""
 
 
+class StorageError(KommanderError):
+    """The write-ahead log (or snapshot store) refused a request or its storage failed.
+
+    :ivar cause: the underlying exception, also chained as ``__cause__``; ``None`` when the request
+        itself was at fault.
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        if cause is not None:
+            self.__cause__ = cause
+
+
 class ProtocolError(KommanderError):
     """A peer violated the wire protocol.
 

@@ -26,6 +26,7 @@ Options read from :attr:`PluginContext.options <kommander.hookspecs.PluginContex
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -144,12 +145,13 @@ def _bdb_wal(ctx: PluginContext) -> Any:
         raise ConfigurationError(f"option durability={durability!r}: use 'sync' or 'nosync'")
     from kommander.plugins.bdb import BerkeleyDBWAL
 
-    return BerkeleyDBWAL(ctx.data_dir, ctx.reactor, durability=durability)
+    # Its own directory, so Berkeley DB's log.* files never mix with snapshots or other data.
+    return BerkeleyDBWAL(os.path.join(ctx.data_dir, "wal"), ctx.reactor, durability=durability)
 
 
 @hookimpl
 def kommander_wals() -> Mapping[str, WALFactory]:
-    """``memory`` (for tests) and ``bdb`` (Berkeley DB under ``data_dir``)."""
+    """``memory`` (for tests) and ``bdb`` (Berkeley DB in ``data_dir/wal``)."""
     return {"memory": _memory_wal, "bdb": _bdb_wal}
 
 

@@ -12,21 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from kommander.core.errors import CompactedError, KommanderError
+from kommander.core.errors import CompactedError, KommanderError, StorageError
 from kommander.core.types import Entry, SnapshotMeta
 
 
-class WALError(KommanderError):
-    """The write-ahead log refused a request or its storage failed.
-
-    :ivar cause: the underlying exception (a Berkeley DB error, for instance), also chained as
-        ``__cause__``; ``None`` when the request itself was at fault.
-    """
-
-    def __init__(self, message: str, cause: BaseException | None = None) -> None:
-        super().__init__(message)
-        self.cause = cause
-        self.__cause__ = cause
+#: The WALs' errors are the project's :class:`StorageError`; the old name stays for plugins.
+WALError = StorageError
 
 
 @dataclass(slots=True)
