@@ -102,6 +102,8 @@ class Node:
     dropped_reads: list[int] = field(default_factory=list)
     #: Every ``soft_state`` reported, in order.
     soft_states: list[SoftState] = field(default_factory=list)
+    #: The commit index each time it changed, in this lifetime of the node.
+    commits: list[int] = field(default_factory=list)
     #: Every ``Ready`` handed out, in order (the persistence tests inspect them).
     readies: list[Ready] = field(default_factory=list)
     #: Writes handed out but not yet durable (only while the disk is held).
@@ -121,6 +123,7 @@ class Network:
     :param seed: seeds every node's :class:`random.Random`.
     :param logs: node id -> terms of the entries it already holds (durable, from index 1).
     :param terms: node id -> its durable term (default: its last entry's term).
+    :param votes: node id -> whom it voted for in that term.
     :param config: overrides for every node's :class:`CoreConfig`.
     """
 
@@ -131,6 +134,7 @@ class Network:
         seed: int = 0,
         logs: dict[str, Sequence[int]] | None = None,
         terms: dict[str, int] | None = None,
+        votes: dict[str, str] | None = None,
         **config: object,
     ) -> None:
         self.ids = ids(nodes) if isinstance(nodes, int) else tuple(nodes)
@@ -139,6 +143,9 @@ class Network:
         self.nodes: dict[str, Node] = {}
         self.queue: deque[Message] = deque()
         self.filters: list[Filter] = []
+        #: Functions that see every message as it is sent and return it, a changed copy, or
+        #: ``None`` to lose it.
+        self.rewriters: list[Callable[[Message], Message | None]] = []
         #: Every message that passed the filters, in delivery order.
         self.delivered: list[Message] = []
         #: Every message a filter dropped.
@@ -146,10 +153,11 @@ class Network:
         self._starts = 0
         logs = logs or {}
         terms = terms or {}
+        votes = votes or {}
         for node_id in self.ids:
             log = entries_of(logs.get(node_id, ()))
             term = terms.get(node_id, log[-1].term if log else 0)
-            disk = Disk(HardState(term, None, 0), log)
+            disk = Disk(HardState(term, votes.get(node_id), 0), log)
             self.nodes[node_id] = Node(node_id, self._make_core(node_id, disk), disk)
 
     def _make_core(self, node_id: str, disk: Disk) -> RaftNode:
@@ -210,7 +218,11 @@ class Network:
         node = self.nodes[node_id]
         core = node.core
         for _ in range(1000):
-            if not node.alive or not core.has_ready():
+            if not node.alive:
+                return
+            if not node.commits or node.commits[-1] != core.log.committed:
+                node.commits.append(core.log.committed)
+            if not core.has_ready():
                 return
             ready = core.ready()
             node.readies.append(ready)
@@ -248,6 +260,12 @@ class Network:
             node.core.advance(ready)
 
     def send(self, m: Message) -> None:
+        for rewrite in self.rewriters:
+            changed = rewrite(m)
+            if changed is None:
+                self.dropped.append(m)
+                return
+            m = changed
         if any(f(m) for f in self.filters):
             self.dropped.append(m)
         else:
@@ -364,8 +382,9 @@ class Network:
         self.filters.remove(f)
 
     def heal(self) -> None:
-        """Remove every filter (messages already dropped stay lost)."""
+        """Remove every filter and rewriter (messages already dropped stay lost)."""
         self.filters.clear()
+        self.rewriters.clear()
 
     def hold_writes(self, node_id: str) -> None:
         """Make ``node_id``'s disk slow: its writes wait for :meth:`flush_writes`."""
@@ -392,6 +411,7 @@ class Network:
             self.crash(node_id)
         node.core = self._make_core(node_id, node.disk)
         node.applied = []  # a volatile state machine: rebuilt from the log
+        node.commits = []
         node.alive = True
         node.held = False
         self.process(node_id)
