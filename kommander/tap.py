@@ -1,0 +1,480 @@
+"""``twistd kommander``: the command line of a node (:class:`Options`) and the service it runs
+(:func:`makeService`).
+
+::
+
+    twistd -n kommander --node-id n1 --listen tcp:7001:interface=127.0.0.1 \\
+        --peers n2=tcp:host=127.0.0.1:port=7002,n3=tcp:host=127.0.0.1:port=7003 \\
+        --http tcp:8001:interface=127.0.0.1 --data ./data/n1 --partitions 8
+
+Every option may also come from a TOML file (``--config FILE``) whose keys are the long option
+names; the command line overrides the file. Plugin names (``--wal``, ``--transport``,
+``--discovery``, ``--state-machine``, ``--clock``) are resolved through
+:class:`~kommander.registry.PluginRegistry`. Every mistake is a :class:`usage.UsageError` that
+names the option, which twistd prints with the usage text instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.application import service, strports
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from kommander.config import RaftConfiguration
+from kommander.core.errors import ConfigurationError, KommanderError
+from kommander.hookspecs import PluginContext
+from kommander.registry import PluginError, PluginKind, PluginRegistry
+
+#: Defaults of the options that have one; the others default to "not given".
+DEFAULTS: Mapping[str, str] = {
+    "partitions": "1",
+    "wal": "bdb",
+    "transport": "tcp",
+    "discovery": "static",
+    "state-machine": "kv",
+    "clock": "hlc",
+    "cluster-id": "kommander",
+    "heartbeat-interval": "0.05",
+    "election-timeout-min": "0.5",
+    "election-timeout-max": "1.0",
+    "durability": "sync",
+    "max-body-bytes": str(1024 * 1024),
+}
+
+_PLUGIN_OPTIONS = {
+    "wal": PluginKind.WAL,
+    "transport": PluginKind.TRANSPORT,
+    "discovery": PluginKind.DISCOVERY,
+    "state-machine": PluginKind.STATE_MACHINE,
+    "clock": PluginKind.CLOCK,
+}
+_TIMINGS = ("heartbeat-interval", "election-timeout-min", "election-timeout-max")
+#: RaftConfiguration field -> the option that sets it, to name options in its error messages.
+_FIELD_OPTIONS = {
+    "node_id": "--node-id",
+    "cluster_id": "--cluster-id",
+    "max_partitions": "--partitions",
+    "heartbeat_interval": "--heartbeat-interval",
+    "election_timeout_min": "--election-timeout-min",
+    "election_timeout_max": "--election-timeout-max",
+}
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+_log = Logger()
+
+
+def split_description(description: str) -> tuple[list[str], dict[str, str]]:
+    """Split a Twisted endpoint description into positional and keyword arguments.
+
+    ``tcp:8001:interface=127.0.0.1`` gives ``(["tcp", "8001"], {"interface": "127.0.0.1"})``.
+    Backslash escapes a ``:`` or ``=`` (as in ``interface=\\:\\:1``), as Twisted's parser does.
+    """
+    fields: list[list[str]] = [[""]]
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            fields[-1][-1] += next(chars, "")
+        elif char == ":":
+            fields.append([""])
+        elif char == "=" and len(fields[-1]) == 1:
+            fields[-1].append("")
+        else:
+            fields[-1][-1] += char
+    positional = [f[0] for f in fields if len(f) == 1]
+    keywords = {f[0]: f[1] for f in fields if len(f) == 2}
+    return positional, keywords
+
+
+def _listen_address(description: str) -> tuple[str, str, int] | None:
+    """``(type, host, port)`` a ``tcp:``/``ssl:`` server description listens on, else ``None``."""
+    positional, keywords = split_description(description)
+    kind = positional[0].lower() if positional else ""
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    port = keywords.get("port", positional[1] if len(positional) > 1 else "")
+    if not port.isdigit() or int(port) == 0:
+        return None
+    host = keywords.get("interface", "")
+    if host in _WILDCARDS:
+        host = "::1" if kind == "tcp6" else "127.0.0.1"
+    return kind, host, int(port)
+
+
+def advertised_peer_endpoint(listen: str) -> str | None:
+    """The client endpoint peers should dial for a node listening on ``listen``, if derivable.
+
+    ``tcp:7001:interface=127.0.0.1`` gives ``tcp:host=127.0.0.1:port=7001``. A wildcard or
+    missing interface is advertised as loopback: pass ``--option advertise=...`` when peers are
+    on other hosts.
+    """
+    found = _listen_address(listen)
+    if found is None:
+        return None
+    kind, host, port = found
+    client = "ssl" if kind == "ssl" else "tcp"
+    escaped = host.replace(":", "\\:")  # an IPv6 address's colons would split the description
+    return f"{client}:host={escaped}:port={port}"
+
+
+def advertised_http_url(http: str) -> str | None:
+    """The base URL clients should use for a site listening on ``http``, if derivable.
+
+    ``tcp:8001:interface=127.0.0.1`` gives ``http://127.0.0.1:8001``; ``ssl:`` gives ``https://``.
+    """
+    found = _listen_address(http)
+    if found is None:
+        return None
+    kind, host, port = found
+    scheme = "https" if kind == "ssl" else "http"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def parse_peers(value: str) -> dict[str, str]:
+    """``ID=ENDPOINT[,ID=ENDPOINT...]`` as a dict.
+
+    :raises usage.UsageError: an item without ``=``, an invalid or repeated id, or an endpoint
+        that is not a valid client endpoint description.
+    """
+    peers: dict[str, str] = {}
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        node_id, sep, endpoint = item.partition("=")
+        node_id, endpoint = node_id.strip(), endpoint.strip()
+        if not sep or not endpoint:
+            raise usage.UsageError(f"--peers: {item!r} is not ID=ENDPOINT (e.g. n2=tcp:host=127.0.0.1:port=7002)")
+        if not _NODE_ID.match(node_id):
+            raise usage.UsageError(f"--peers: {node_id!r} is not a valid node id")
+        if node_id in peers:
+            raise usage.UsageError(f"--peers: node {node_id!r} is listed twice")
+        check_endpoint("--peers", endpoint, server=False)
+        peers[node_id] = endpoint
+    return peers
+
+
+def check_endpoint(option: str, description: str, server: bool) -> None:
+    """Parse an endpoint description the way Twisted will, without listening or connecting.
+
+    :raises usage.UsageError: Twisted cannot parse it; the message names ``option``.
+    """
+    from twisted.internet import reactor  # only stored by the endpoint objects, never run
+
+    kind = "server" if server else "client"
+    try:
+        (serverFromString if server else clientFromString)(reactor, description)
+    except Exception as e:  # parsers raise ValueError, TypeError, KeyError, ... for bad input
+        example = "tcp:8001:interface=127.0.0.1" if server else "tcp:host=127.0.0.1:port=8002"
+        raise usage.UsageError(
+            f"{option}: {description!r} is not a valid {kind} endpoint description ({e}); e.g. {example}"
+        ) from None
+
+
+class Options(usage.Options):
+    """The options of ``twistd kommander``; see ``docs/running.rst``."""
+
+    synopsis = (
+        "--node-id ID --listen ENDPOINT --peers ID=ENDPOINT[,ID=ENDPOINT...] --http ENDPOINT "
+        "--data DIR --partitions N [options]"
+    )
+    longdesc = (
+        "Run a Kommander node: Raft over --listen, the KV HTTP API on --http, the write-ahead log "
+        "under --data. ENDPOINT is a Twisted endpoint description. Options can also be set in a "
+        "TOML --config file, keyed by the long option names; the command line wins."
+    )
+    optParameters = [
+        ["node-id", None, None, "This node's id: letters, digits, '_.:-'; unique in the cluster. Required."],
+        ["listen", None, None, "Server endpoint for Raft traffic, e.g. tcp:7001:interface=127.0.0.1. Required."],
+        ["peers", None, None, "The other nodes as ID=ENDPOINT[,ID=ENDPOINT...] (client endpoints)."],
+        ["http", None, None, "Server endpoint of the KV HTTP API, e.g. tcp:8001:interface=127.0.0.1."],
+        ["data", None, None, "Directory for durable state (the WAL); created if missing."],
+        ["partitions", None, None, "Number of partitions, the same on every node [default: 1]."],
+        ["wal", None, None, "Write-ahead log plugin [default: bdb]."],
+        ["transport", None, None, "Transport plugin [default: tcp]."],
+        ["discovery", None, None, "Discovery plugin: static or multicast [default: static]."],
+        ["state-machine", None, None, "State machine plugin [default: kv]."],
+        ["clock", None, None, "Clock plugin [default: hlc]."],
+        ["config", None, None, "TOML file of options keyed by long option name; the command line wins."],
+        ["cluster-id", None, None, "Peers with another cluster id are refused [default: kommander]."],
+        ["heartbeat-interval", None, None, "Seconds between heartbeats and ticks [default: 0.05]."],
+        ["election-timeout-min", None, None, "Shortest election timeout, seconds [default: 0.5]."],
+        ["election-timeout-max", None, None, "Longest election timeout, seconds [default: 1.0]."],
+        ["durability", None, None, "WAL durability: sync (fsync every write) or nosync [default: sync]."],
+        ["advertise-http", None, None, "Base URL clients are redirected to [default: derived from --http]."],
+        ["max-body-bytes", None, None, "Largest HTTP request body accepted [default: 1048576]."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plugin_options: dict[str, str] = {}
+        self._cli_options: list[tuple[str, str]] = []
+        self.peers: dict[str, str] = {}
+        self.metadata: dict[str, str] = {}
+        self.config: RaftConfiguration | None = None
+        self.registry: PluginRegistry | None = None
+
+    def opt_option(self, value: str) -> None:
+        """KEY=VALUE plugin option, e.g. durability=nosync or multicast_ttl=0; repeatable."""
+        key, sep, item = value.partition("=")
+        if not sep or not key.strip():
+            raise usage.UsageError(f"--option: {value!r} is not KEY=VALUE")
+        self._cli_options.append((key.strip(), item))
+
+    # ------------------------------------------------------------------ validation
+
+    def postOptions(self) -> None:
+        file_options = self._merge_config_file()
+        for name, default in DEFAULTS.items():
+            if self[name] is None:
+                self[name] = default
+        self.plugin_options = {**file_options, **dict(self._cli_options)}
+        if not self["node-id"]:
+            raise usage.UsageError("--node-id is required")
+        if not _NODE_ID.match(self["node-id"]):
+            raise usage.UsageError(
+                f"--node-id {self['node-id']!r}: use 1-64 letters, digits or '_.:-', starting with a letter or digit"
+            )
+        if not self["listen"]:
+            raise usage.UsageError("--listen is required (e.g. --listen tcp:7001:interface=127.0.0.1)")
+        check_endpoint("--listen", self["listen"], server=True)
+        if self["http"]:
+            check_endpoint("--http", self["http"], server=True)
+        self.peers = parse_peers(self["peers"] or "")
+        # The same --peers list may be given to every node: this node's own entry is not a peer.
+        self.peers.pop(self["node-id"], None)
+        if self["durability"] not in ("sync", "nosync"):
+            raise usage.UsageError(f"--durability {self['durability']!r}: use sync or nosync")
+        self.plugin_options["durability"] = self["durability"]
+        advertise = advertised_peer_endpoint(self["listen"])
+        if advertise is not None:
+            self.plugin_options.setdefault("advertise", advertise)
+        self.metadata = self._metadata()
+        self["max-body-bytes"] = self._int("max-body-bytes", 1, 1 << 30)
+        self.config = self._raft_configuration()
+        self._resolve_plugins()
+
+    def _merge_config_file(self) -> dict[str, str]:
+        """Fill options not given on the command line from ``--config``; return its ``option`` table."""
+        path = self["config"]
+        if not path:
+            return {}
+        try:
+            with open(path, "rb") as f:
+                document = tomllib.load(f)
+        except OSError as e:
+            raise usage.UsageError(f"--config {path!r}: cannot read it: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise usage.UsageError(f"--config {path!r}: not valid TOML: {e}") from None
+        known = {name for name, *_ in self.optParameters} - {"config"}
+        plugin_options: dict[str, str] = {}
+        for raw_key, value in document.items():
+            key = raw_key.replace("_", "-")
+            where = f"--config {path!r}: key {raw_key!r}"
+            if key == "option":
+                plugin_options = _option_table(where, value)
+            elif key == "peers" and isinstance(value, dict):
+                # Checked even when the command line overrides it: a broken file is reported.
+                text = ",".join(f"{k}={_text(where, v)}" for k, v in value.items())
+                if self["peers"] is None:
+                    self["peers"] = text
+            elif key in known:
+                text = _text(where, value)
+                if self[key] is None:
+                    self[key] = text
+            else:
+                raise usage.UsageError(f"{where} is not an option; use long option names such as node-id")
+        return plugin_options
+
+    def _int(self, name: str, low: int, high: int) -> int:
+        raw = str(self[name]).strip()
+        if not raw.isdigit() or not low <= int(raw) <= high:
+            raise usage.UsageError(f"--{name} {self[name]!r}: use a whole number from {low} to {high}")
+        return int(raw)
+
+    def _seconds(self, name: str) -> float:
+        try:
+            value = float(self[name])
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise usage.UsageError(f"--{name} {self[name]!r}: use a positive number of seconds")
+        return value
+
+    def _metadata(self) -> dict[str, str]:
+        url = self["advertise-http"]
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+                raise usage.UsageError(f"--advertise-http {url!r}: use a base URL such as http://10.0.0.5:8001")
+            return {"http": url.rstrip("/")}
+        derived = advertised_http_url(self["http"]) if self["http"] else None
+        return {"http": derived} if derived else {}
+
+    def _raft_configuration(self) -> RaftConfiguration:
+        found = _listen_address(self["listen"])
+        config = RaftConfiguration(
+            node_id=self["node-id"],
+            host=found[1] if found else "127.0.0.1",
+            port=found[2] if found else 0,
+            max_partitions=self._int("partitions", 1, 4096),
+            cluster_id=self["cluster-id"],
+            **{name.replace("-", "_"): self._seconds(name) for name in _TIMINGS},
+        )
+        try:
+            return config.validate()
+        except ConfigurationError as e:
+            message = str(e)
+            for field_name, option in _FIELD_OPTIONS.items():
+                message = re.sub(rf"\b{field_name}\b", option, message)
+            raise usage.UsageError(message) from None
+
+    def _resolve_plugins(self) -> None:
+        try:
+            self.registry = PluginRegistry()
+        except PluginError as e:
+            raise usage.UsageError(f"loading plugins failed: {e}") from None
+        for option, kind in _PLUGIN_OPTIONS.items():
+            available = self.registry.names(kind)
+            if self[option] not in available:
+                raise usage.UsageError(
+                    f"--{option} {self[option]!r}: no such plugin; available: {', '.join(available) or 'none'}"
+                )
+
+
+def _text(where: str, value: Any) -> str:
+    """A TOML scalar as the string the command line would have given."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise usage.UsageError(f"{where}: use a string or a number, not {type(value).__name__}")
+    return str(value)
+
+
+def _option_table(where: str, value: Any) -> dict[str, str]:
+    """The ``option`` key: a table ``{KEY = VALUE}`` or a list of ``"KEY=VALUE"`` strings."""
+    if isinstance(value, dict):
+        return {str(k): _text(where, v) for k, v in value.items()}
+    if isinstance(value, list):
+        table: dict[str, str] = {}
+        for item in value:
+            key, sep, text = _text(where, item).partition("=")
+            if not sep or not key:
+                raise usage.UsageError(f"{where}: {item!r} is not KEY=VALUE")
+            table[key] = text
+        return table
+    raise usage.UsageError(f"{where}: use a table of KEY = VALUE")
+
+
+class RaftService(service.Service):
+    """Joins the cluster when started and leaves it when stopped.
+
+    If joining fails (the Raft port is taken, the WAL cannot be opened) the failure is logged and
+    the reactor stopped, so the process ends instead of serving without Raft.
+    """
+
+    name = "kommander-raft"
+
+    def __init__(self, manager: Any, reactor: Any) -> None:
+        self.manager = manager
+        self.reactor = reactor
+        self.failure: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.manager.join_cluster().addCallbacks(self._joined, self._failed)
+
+    def _joined(self, _: Any) -> None:
+        _log.info(
+            "node {node} is serving {n} partitions; HTTP at {http}",
+            node=self.manager.node_id,
+            n=self.manager.partitions,
+            http=self.manager.metadata.get("http", "(not served)"),
+        )
+
+    def _failed(self, failure: Any) -> None:
+        self.failure = failure
+        _log.failure("node {node} could not join the cluster; stopping", failure, node=self.manager.node_id)
+
+        def stop() -> None:
+            if getattr(self.reactor, "running", False):
+                self.reactor.stop()
+
+        # twistd starts services before the reactor runs; stopping must wait until it does.
+        self.reactor.callWhenRunning(stop)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.manager.leave_cluster()
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    """Build the node that ``options`` describe: the HTTP site and the Raft node, not started.
+
+    :param options: parsed :class:`Options`.
+    :param reactor: the reactor to run on; the global one when ``None`` (tests pass a fake).
+    :raises SystemExit: a plugin refused its configuration; the message says why (twistd does
+        not turn exceptions from here into usage errors, and a traceback would hide the reason).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    from kommander.kv.http import make_site
+    from kommander.kv.machine import KVStateMachine
+    from kommander.manager import RaftManager
+
+    assert options.config is not None and options.registry is not None, "parse the options first"
+    registry = options.registry
+    data_dir = options["data"]
+    try:
+        if data_dir:
+            os.makedirs(data_dir, exist_ok=True)
+        ctx = PluginContext(
+            reactor,
+            options.config,
+            data_dir=data_dir,
+            listen=options["listen"],
+            peers=options.peers,
+            options=options.plugin_options,
+            metadata=options.metadata,
+        )
+        built = {option: registry.create(kind, options[option], ctx) for option, kind in _PLUGIN_OPTIONS.items()}
+        manager = RaftManager(
+            options.config,
+            discovery=built["discovery"],
+            wal=built["wal"],
+            transport=built["transport"],
+            clock=built["clock"],
+            state_machine=built["state-machine"],
+            reactor=reactor,
+            metadata=options.metadata,
+        )
+    except (KommanderError, OSError, ValueError) as e:
+        notes = "; ".join(getattr(e, "__notes__", ()))
+        raise SystemExit(f"twistd kommander: {e}" + (f" ({notes})" if notes else "")) from None
+    top = service.MultiService()
+    if options["http"]:
+        machine = built["state-machine"]
+        site = make_site(
+            manager,
+            machine if isinstance(machine, KVStateMachine) else None,
+            max_body_bytes=options["max-body-bytes"],
+            reactor=reactor,
+        )
+        http = strports.service(options["http"], site, reactor=reactor)
+        http.setName("kommander-http")
+        # Added first: a taken HTTP port fails twistd at start-up, before the node joins Raft.
+        http.setServiceParent(top)
+    RaftService(manager, reactor).setServiceParent(top)
+    top.manager = manager  # type: ignore[attr-defined]  # for tests and embedding
+    return top

@@ -1,0 +1,393 @@
+"""Tests of kommander.tap: the twistd options, the config file, and the services makeService builds."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet import defer, task, threads
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+
+from kommander import tap
+from kommander.kv.http import KVResource
+from kommander.kv.machine import KVStateMachine
+
+BASE = [
+    "--node-id",
+    "n1",
+    "--listen",
+    "tcp:7001:interface=127.0.0.1",
+    "--peers",
+    "n2=tcp:host=127.0.0.1:port=7002,n3=tcp:host=127.0.0.1:port=7003",
+    "--http",
+    "tcp:8001:interface=127.0.0.1",
+    "--data",
+    "unused",
+    "--partitions",
+    "8",
+]
+MEMORY = ["--wal", "memory", "--transport", "memory"]
+
+
+def parse(*args: str) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def with_option(name: str, value: str) -> list[str]:
+    """BASE with ``--name`` replaced (or added) by ``value``."""
+    args = list(BASE)
+    if name in args:
+        args[args.index(name) + 1] = value
+    else:
+        args += [name, value]
+    return args
+
+
+def without(name: str) -> list[str]:
+    args = list(BASE)
+    i = args.index(name)
+    del args[i : i + 2]
+    return args
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def test_design_command_line() -> None:
+    """The DESIGN.md command line parses into the node's configuration, peers and metadata."""
+    options = parse(*BASE)
+    assert options.config is not None
+    assert options.config.node_id == "n1" and options.config.max_partitions == 8
+    assert options.peers == {"n2": "tcp:host=127.0.0.1:port=7002", "n3": "tcp:host=127.0.0.1:port=7003"}
+    assert options.metadata == {"http": "http://127.0.0.1:8001"}
+    assert options.plugin_options["advertise"] == "tcp:host=127.0.0.1:port=7001"
+
+
+def test_defaults_give_a_kv_node() -> None:
+    """Without the optional options a node uses bdb, tcp, static, kv, hlc, sync and the default timings."""
+    options = parse(*BASE)
+    assert [options[k] for k in ("wal", "transport", "discovery", "state-machine", "clock")] == [
+        "bdb",
+        "tcp",
+        "static",
+        "kv",
+        "hlc",
+    ]
+    assert options.plugin_options["durability"] == "sync"
+    assert options.config is not None and options.config.cluster_id == "kommander"
+    assert (options.config.heartbeat_interval, options.config.election_timeout_min) == (0.05, 0.5)
+    assert options["max-body-bytes"] == 1024 * 1024
+
+
+def test_partitions_default_to_one() -> None:
+    """--partitions may be omitted: one partition."""
+    assert parse(*without("--partitions")).config.max_partitions == 1  # type: ignore[union-attr]
+
+
+def test_own_id_in_peers_is_ignored() -> None:
+    """The same --peers list, this node included, can be given to every node."""
+    options = parse(*with_option("--peers", "n1=tcp:host=127.0.0.1:port=7001,n2=tcp:host=127.0.0.1:port=7002"))
+    assert options.peers == {"n2": "tcp:host=127.0.0.1:port=7002"}
+
+
+def test_plugin_options_timings_and_cluster() -> None:
+    """--option is repeatable, --durability wins over it, and timings and cluster id reach the config."""
+    options = parse(
+        *BASE,
+        "--option",
+        "multicast_ttl=0",
+        "--option",
+        "advertise=tcp:host=10.0.0.1:port=7001",
+        "--option",
+        "durability=sync",
+        "--durability",
+        "nosync",
+        "--cluster-id",
+        "blue",
+        "--heartbeat-interval",
+        "0.1",
+        "--election-timeout-min",
+        "1",
+        "--election-timeout-max",
+        "2.5",
+        "--discovery",
+        "multicast",
+    )
+    assert options.plugin_options == {
+        "multicast_ttl": "0",
+        "advertise": "tcp:host=10.0.0.1:port=7001",
+        "durability": "nosync",
+    }
+    config = options.config
+    assert config is not None
+    assert (config.cluster_id, config.heartbeat_interval, config.election_timeout_max) == ("blue", 0.1, 2.5)
+
+
+def test_advertise_http() -> None:
+    """--advertise-http replaces the URL derived from --http; IPv6 and ssl derive sensibly."""
+    assert parse(*BASE, "--advertise-http", "http://node1.example:80/").metadata == {
+        "http": "http://node1.example:80"
+    }
+    assert tap.advertised_http_url("tcp6:8001:interface=\\:\\:1") == "http://[::1]:8001"
+    assert tap.advertised_http_url("ssl:8443:privateKey=k.pem") == "https://127.0.0.1:8443"
+    assert tap.advertised_http_url("tcp:0:interface=127.0.0.1") is None
+    assert tap.advertised_http_url("unix:/tmp/s") is None
+    assert tap.advertised_peer_endpoint("tcp:port=7001:interface=0.0.0.0") == "tcp:host=127.0.0.1:port=7001"
+
+
+def test_split_description() -> None:
+    """Endpoint descriptions split on unescaped ':' into positional and keyword arguments."""
+    assert tap.split_description("tcp:8001:interface=127.0.0.1") == (["tcp", "8001"], {"interface": "127.0.0.1"})
+    assert tap.split_description("tcp6:1:interface=\\:\\:1") == (["tcp6", "1"], {"interface": "::1"})
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (without("--node-id"), "--node-id"),
+        (with_option("--node-id", "-bad"), "--node-id"),
+        (with_option("--node-id", "n" * 65), "--node-id"),
+        (without("--listen"), "--listen"),
+        (with_option("--listen", "nope:7001"), "--listen"),
+        (with_option("--listen", "tcp:port=notaport"), "--listen"),
+        (with_option("--http", "tcp:http"), "--http"),
+        (with_option("--peers", "n2"), "--peers"),
+        (with_option("--peers", "n2="), "--peers"),
+        (with_option("--peers", "=tcp:host=a:port=1"), "--peers"),
+        (with_option("--peers", "bad id=tcp:host=a:port=1"), "--peers"),
+        (with_option("--peers", "n2=tcp:host=a:port=1,n2=tcp:host=b:port=1"), "--peers"),
+        (with_option("--peers", "n2=bogus:thing"), "--peers"),
+        (with_option("--partitions", "x"), "--partitions"),
+        (with_option("--partitions", "0"), "--partitions"),
+        (with_option("--partitions", "4097"), "--partitions"),
+        (with_option("--partitions", "-3"), "--partitions"),
+        (with_option("--heartbeat-interval", "fast"), "--heartbeat-interval"),
+        (with_option("--election-timeout-max", "-1"), "--election-timeout-max"),
+        (with_option("--election-timeout-min", "inf"), "--election-timeout-min"),
+        (with_option("--election-timeout-min", "0.06"), "--election-timeout-min"),
+        (with_option("--election-timeout-max", "0.4"), "--election-timeout-max"),
+        (with_option("--cluster-id", "x" * 200), "--cluster-id"),
+        (with_option("--wal", "nope"), "--wal"),
+        (with_option("--transport", "carrier-pigeon"), "--transport"),
+        (with_option("--discovery", "dns"), "--discovery"),
+        (with_option("--state-machine", "sql"), "--state-machine"),
+        (with_option("--clock", "atomic"), "--clock"),
+        (with_option("--durability", "maybe"), "--durability"),
+        (with_option("--advertise-http", "ftp://x"), "--advertise-http"),
+        (with_option("--advertise-http", "http://x/sub/path"), "--advertise-http"),
+        (with_option("--max-body-bytes", "big"), "--max-body-bytes"),
+        (BASE + ["--option", "novalue"], "--option"),
+        (BASE + ["--option", "=v"], "--option"),
+        (with_option("--config", "/nonexistent/kommander.toml"), "--config"),
+    ],
+)
+def test_bad_options_are_usage_errors_naming_the_option(args: list[str], option: str) -> None:
+    """Every bad option raises UsageError whose message names the option."""
+    with pytest.raises(usage.UsageError) as info:
+        parse(*args)
+    assert option in str(info.value)
+
+
+def test_unknown_plugin_lists_the_available_ones() -> None:
+    """An unknown plugin name is refused with the list of names that exist."""
+    with pytest.raises(usage.UsageError, match="available: bdb, memory"):
+        parse(*with_option("--wal", "nope"))
+
+
+# ---------------------------------------------------------------------------- config file
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_supplies_options(tmp_path: Path) -> None:
+    """A TOML file keyed by long option names (or their underscore forms) configures the node."""
+    path = write(
+        tmp_path,
+        """
+node-id = "n7"
+listen = "tcp:7007:interface=127.0.0.1"
+http = "tcp:8007:interface=127.0.0.1"
+partitions = 4
+election_timeout_min = 0.6
+wal = "memory"
+
+[peers]
+n8 = "tcp:host=127.0.0.1:port=7008"
+
+[option]
+multicast_ttl = 0
+""",
+    )
+    options = parse("--config", path)
+    config = options.config
+    assert config is not None
+    assert (config.node_id, config.max_partitions, config.election_timeout_min) == ("n7", 4, 0.6)
+    assert options["wal"] == "memory"
+    assert options.peers == {"n8": "tcp:host=127.0.0.1:port=7008"}
+    assert options.plugin_options["multicast_ttl"] == "0"
+    assert options.metadata == {"http": "http://127.0.0.1:8007"}
+
+
+def test_command_line_overrides_config_file(tmp_path: Path) -> None:
+    """Options on the command line win over the file, plugin options key by key."""
+    path = write(
+        tmp_path,
+        'node-id = "n7"\npartitions = 4\npeers = "n8=tcp:host=h:port=1"\noption = ["a=1", "b=2"]\n',
+    )
+    options = parse("--config", path, *BASE, "--option", "b=3")
+    assert options.config is not None and options.config.node_id == "n1"
+    assert options.config.max_partitions == 8
+    assert "n8" not in options.peers
+    assert options.plugin_options["a"] == "1" and options.plugin_options["b"] == "3"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("node-id = ", "not valid TOML"),
+        ('colour = "blue"', "'colour' is not an option"),
+        ("partitions = true", "use a string or a number"),
+        ("partitions = [1]", "use a string or a number"),
+        ('option = "x"', "table"),
+        ('option = ["novalue"]', "KEY=VALUE"),
+        ('config = "other.toml"', "is not an option"),
+    ],
+)
+def test_bad_config_files(tmp_path: Path, text: str, message: str) -> None:
+    """A malformed config file or an unknown key is a UsageError naming --config."""
+    with pytest.raises(usage.UsageError, match=message) as info:
+        parse("--config", write(tmp_path, text), *BASE)
+    assert "--config" in str(info.value)
+
+
+# ---------------------------------------------------------------------------- makeService
+
+
+def test_make_service_builds_http_and_raft_services(tmp_path: Path) -> None:
+    """makeService returns the HTTP site on --http and the Raft node, neither started."""
+    options = parse(*with_option("--data", str(tmp_path / "data")), *MEMORY)
+    top = tap.makeService(options, reactor=MemoryReactorClock())
+    assert isinstance(top, MultiService) and not top.running
+    http = top.getServiceNamed("kommander-http")
+    raft = top.getServiceNamed("kommander-raft")
+    assert isinstance(http, StreamServerEndpointService)
+    assert http.endpoint._port == 8001 and http.endpoint._interface == "127.0.0.1"
+    root = http.factory.resource
+    assert isinstance(root, KVResource) and isinstance(root.machine, KVStateMachine)
+    manager = raft.manager
+    assert manager is top.manager and manager.partitions == 8
+    assert manager.metadata == {"http": "http://127.0.0.1:8001"}
+    assert (tmp_path / "data").is_dir()
+
+
+def test_make_service_without_http(tmp_path: Path) -> None:
+    """Without --http only the Raft service is built."""
+    options = parse(*without("--http"), *MEMORY)
+    top = tap.makeService(options, reactor=MemoryReactorClock())
+    assert [s.name for s in top] == ["kommander-raft"]
+    assert top.manager.metadata == {}
+
+
+def test_make_service_with_berkeley_db(tmp_path: Path) -> None:
+    """The default WAL is Berkeley DB under --data, with the durability asked for."""
+    from kommander.plugins.bdb import BerkeleyDBWAL
+
+    options = parse(*with_option("--data", str(tmp_path / "n1")), "--durability", "nosync")
+    manager = tap.makeService(options, reactor=MemoryReactorClock()).manager
+    assert isinstance(manager.wal, BerkeleyDBWAL) and manager.wal.durability == "nosync"
+
+
+def test_make_service_reports_plugin_refusals_without_traceback() -> None:
+    """A plugin refusing its options ends twistd with a one-line message, not a traceback."""
+    options = parse(*BASE, "--wal", "memory", "--option", "max_frame_bytes=12")
+    with pytest.raises(SystemExit) as info:
+        tap.makeService(options, reactor=MemoryReactorClock())
+    assert "max_frame_bytes" in str(info.value.code)
+
+
+class _FailingManager:
+    node_id = "n1"
+    partitions = 1
+    metadata: dict[str, str] = {}
+
+    def __init__(self) -> None:
+        self.left = False
+
+    def join_cluster(self) -> defer.Deferred[None]:
+        return defer.fail(RuntimeError("port taken"))
+
+    def leave_cluster(self) -> defer.Deferred[None]:
+        self.left = True
+        return defer.succeed(None)
+
+
+class _Reactor:
+    running = True
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def callWhenRunning(self, f: Any) -> None:
+        f()
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_failed_join_stops_the_reactor() -> None:
+    """When join_cluster fails, the service logs it and stops the reactor."""
+    reactor = _Reactor()
+    manager = _FailingManager()
+    raft = tap.RaftService(manager, reactor)
+    raft.startService()
+    assert reactor.stopped and raft.failure is not None and raft.failure.check(RuntimeError)
+    raft.stopService()
+    assert manager.left
+
+
+def test_raft_service_joins_and_leaves(tmp_path: Path) -> None:
+    """Starting the service joins the cluster (single node, memory plugins); stopping leaves it."""
+    clock = task.Clock()
+    options = parse(*without("--http"), "--peers", "", *MEMORY)
+    top = tap.makeService(options, reactor=clock)
+    top.startService()
+    clock.advance(0)
+    manager = top.manager
+    for _ in range(100):
+        clock.advance(0.05)
+        if manager.am_i_leader(0):
+            break
+    assert manager.am_i_leader(0)
+    d = top.stopService()
+    clock.advance(0)
+    assert d.called and not manager.status()["running"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_node_serves_http_on_loopback(tmp_path: Path) -> None:
+    """A single node on 127.0.0.1 port 0 (real reactor, tcp transport) answers /v1/status."""
+    from twisted.internet import reactor
+
+    args = ["--node-id", "solo", "--listen", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1"]
+    top = tap.makeService(parse(*args, "--wal", "memory"), reactor=reactor)
+    top.startService()
+    try:
+        port = yield top.getServiceNamed("kommander-http")._waitingForPort
+        url = f"http://127.0.0.1:{port.getHost().port}/v1/status"
+        body = yield threads.deferToThread(lambda: urllib.request.urlopen(url, timeout=5).read())
+        assert json.loads(body)["node_id"] == "solo"
+    finally:
+        yield top.stopService()
