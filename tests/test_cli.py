@@ -1,0 +1,155 @@
+"""Tests of kommander.cli: the status table, fetching it, and argument errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.error
+from typing import Any
+
+import pytest
+
+from kommander import cli
+
+STATUS = {
+    "node_id": "n2",
+    "cluster_id": "kommander",
+    "voters": ["n1", "n2", "n3"],
+    "running": True,
+    "http": "http://127.0.0.1:8002",
+    "partitions": [
+        {
+            "partition": 0,
+            "role": "leader",
+            "term": 3,
+            "leader": "n2",
+            "commit_index": 120,
+            "applied_index": 120,
+            "last_log_index": 121,
+        },
+        {
+            "partition": 1,
+            "role": "follower",
+            "term": 12,
+            "leader": None,
+            "commit_index": 7,
+            "applied_index": 6,
+            "last_log_index": 7,
+        },
+    ],
+}
+
+TABLE = """\
+node n2  cluster kommander  http://127.0.0.1:8002  voters n1,n2,n3
+partition  role      term  leader  commit  applied  last
+        0  leader       3  n2         120      120   121
+        1  follower    12  -            7        6     7"""
+
+
+class _Response(io.BytesIO):
+    def __enter__(self) -> "_Response":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def fake_urlopen(monkeypatch: pytest.MonkeyPatch, outcome: Any) -> list[str]:
+    """Make urlopen return ``outcome`` (bytes) or raise it; returns the URLs asked for."""
+    asked: list[str] = []
+
+    def urlopen(url: str, timeout: float) -> _Response:
+        asked.append(url)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return _Response(outcome)
+
+    monkeypatch.setattr(cli.urllib.request, "urlopen", urlopen)
+    return asked
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(list(argv), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_format_status_table() -> None:
+    """The table has a header about the node and one aligned row per partition; None shows as '-'."""
+    assert cli.format_status(STATUS) == TABLE
+
+
+def test_format_status_tolerates_missing_fields() -> None:
+    """Missing fields print as '-' and a stopped node is marked, instead of raising."""
+    text = cli.format_status({"node_id": "n1", "running": False, "partitions": [{"partition": 0}, "junk"]})
+    lines = text.splitlines()
+    assert lines[0] == "node n1  (not running)"
+    assert lines[2].split() == ["0", "-", "-", "-", "-", "-", "-"]
+    assert len(lines) == 4
+
+
+@pytest.mark.parametrize(
+    "given, url",
+    [
+        ("http://127.0.0.1:8001", "http://127.0.0.1:8001/v1/status"),
+        ("http://127.0.0.1:8001/", "http://127.0.0.1:8001/v1/status"),
+        ("127.0.0.1:8001", "http://127.0.0.1:8001/v1/status"),
+        ("http://h:1/v1/status", "http://h:1/v1/status"),
+    ],
+)
+def test_status_url(given: str, url: str) -> None:
+    """A base URL, with or without scheme or trailing slash, leads to its /v1/status."""
+    assert cli.status_url(given) == url
+
+
+def test_status_command_prints_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kommander status URL` fetches /v1/status and prints the table; exit status 0."""
+    asked = fake_urlopen(monkeypatch, json.dumps(STATUS).encode())
+    code, out, err = run("status", "http://127.0.0.1:8002")
+    assert (code, out, err) == (0, TABLE + "\n", "")
+    assert asked == ["http://127.0.0.1:8002/v1/status"]
+
+
+@pytest.mark.parametrize(
+    "outcome, message",
+    [
+        (urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")), "cannot reach"),
+        (TimeoutError("timed out"), "cannot reach"),
+        (urllib.error.HTTPError("http://x/v1/status", 500, "Internal Server Error", {}, None), "answered 500"),
+        (b"<html>not json</html>", "did not answer JSON"),
+        (b'{"hello": "world"}', "not answer a Kommander status"),
+        (b"[]", "not answer a Kommander status"),
+    ],
+)
+def test_status_command_errors(monkeypatch: pytest.MonkeyPatch, outcome: Any, message: str) -> None:
+    """Unreachable or wrong answers print one clear line on stderr and exit 1."""
+    fake_urlopen(monkeypatch, outcome)
+    code, out, err = run("status", "http://127.0.0.1:9")
+    assert code == 1 and out == ""
+    assert err.startswith("kommander status: ") and message in err
+
+
+def test_status_command_against_closed_port() -> None:
+    """A real connection refused on loopback is reported, not raised."""
+    code, _, err = run("status", "http://127.0.0.1:9", "--timeout", "2")
+    assert code == 1 and "cannot reach http://127.0.0.1:9/v1/status" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["status"],
+        ["status", "http://x", "--timeout", "-1"],
+        ["demo", "--partitions", "0"],
+        ["demo", "--partitions", "many"],
+        ["demo", "--time-limit", "soon"],
+    ],
+)
+def test_argument_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Missing or bad arguments exit with status 2 and a usage message."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert "usage: kommander" in capsys.readouterr().err
