@@ -102,6 +102,7 @@ class Cluster:
     :param seed: seeds every random choice (network and election timeouts), so runs repeat.
     :param state_machine: ``node_id -> IStateMachine`` (or ``None``), called at every start.
     :param wal: ``node_id -> MemoryWAL`` (a subclass, for instance), called once per node.
+    :param clock_skew: ``node_id -> seconds`` added to that node's wall clock (its HLC's physical source).
     :param config: extra :class:`RaftConfiguration` fields for every node.
     """
 
@@ -112,6 +113,7 @@ class Cluster:
         seed: int = 0,
         state_machine: Callable[[str], Any] | None = None,
         wal: Callable[[str], MemoryWAL] | None = None,
+        clock_skew: dict[str, float] | None = None,
         **config: Any,
     ) -> None:
         self.clock = task.Clock()
@@ -123,6 +125,7 @@ class Cluster:
         self.partitions = partitions
         self.config = config
         self.state_machine = state_machine
+        self.clock_skew = dict(clock_skew or {})
         self.ids = [f"n{i}" for i in range(1, n + 1)]
         self.nodes = {node_id: Node(node_id, partitions) for node_id in self.ids}
         if wal is not None:
@@ -137,6 +140,7 @@ class Cluster:
         assert node.manager is None, f"node {node_id} is already running"
         config = RaftConfiguration(node_id=node_id, max_partitions=self.partitions, **self.config)
         clock = self.clock
+        skew = self.clock_skew.get(node_id, 0.0)
         transport = CountingTransport(self.network, node_id)
         node.state_machine = self.state_machine(node_id) if self.state_machine else None
         manager = RaftManager(
@@ -144,7 +148,7 @@ class Cluster:
             discovery=StaticDiscovery({i: "memory" for i in self.ids}),
             wal=node.wal,
             transport=transport,
-            clock=HybridLogicalClock(node_id, physical_ms=lambda: int(clock.seconds() * 1000)),
+            clock=HybridLogicalClock(node_id, physical_ms=lambda: int((clock.seconds() + skew) * 1000)),
             state_machine=node.state_machine,
             reactor=self.clock,
             rng=random.Random(self.rng.getrandbits(64)),
