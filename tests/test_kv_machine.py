@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 
-import cbor2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,7 +13,7 @@ from zope.interface.verify import verifyObject
 from kommander.config import RaftConfiguration
 from kommander.core.types import Entry
 from kommander.hookspecs import PluginContext
-from kommander.interfaces import IStateMachine
+from kommander.interfaces import ISnapshotStateMachine, IStateMachine
 from kommander.kv.machine import (
     LOG_TYPE,
     MAX_KEY_BYTES,
@@ -42,9 +41,14 @@ def entry(data: bytes, index: int = 1, log_type: str = LOG_TYPE) -> Entry:
     return Entry(index=index, term=1, log_type=log_type, data=data)
 
 
-def test_provides_istatemachine() -> None:
-    """KVStateMachine provides IStateMachine."""
+def snapshot_bytes(m: KVStateMachine, partition: int = 0) -> bytes:
+    return b"".join(m.snapshot(partition))
+
+
+def test_provides_isnapshotstatemachine() -> None:
+    """KVStateMachine provides IStateMachine and ISnapshotStateMachine."""
     assert verifyObject(IStateMachine, machine())
+    assert verifyObject(ISnapshotStateMachine, machine())
 
 
 def test_registered_as_kv_plugin() -> None:
@@ -146,11 +150,11 @@ def test_malformed_command_is_an_error_outcome_and_changes_nothing() -> None:
     """A malformed entry returns an error KVResult and leaves the state as it was."""
     m = machine()
     m.apply(0, entry(encode_put("k", b"v"), 1))
-    before = m.snapshot(0)
+    before = snapshot_bytes(m)
     result = m.apply(0, entry(b"\x02\x00\x01kjunk", 2))
     assert isinstance(result, KVResult)
     assert result.op == "invalid" and not result.changed and "trailing" in (result.error or "")
-    assert m.snapshot(0) == before
+    assert snapshot_bytes(m) == before
 
 
 def test_other_log_types_are_ignored() -> None:
@@ -177,31 +181,70 @@ def test_checkpoint_is_a_no_op() -> None:
     assert m.get(0, "k") == b"v"
 
 
-def test_snapshot_restore() -> None:
-    """restore(snapshot()) rebuilds the same partition; equal states give equal bytes."""
+def test_snapshot_restore_with_chunks_cut_anywhere() -> None:
+    """restore() rebuilds a partition from snapshot() chunks even when they are re-split byte by byte."""
+    a = machine()
+    for i in range(40):
+        a.apply(0, entry(encode_put(f"k{i}", bytes([i]) * 5000), i + 1))
+    chunks = list(a.snapshot(0))
+    assert len(chunks) > 1 and all(isinstance(c, bytes) for c in chunks)
+    stream = b"".join(chunks)
+    c = machine()
+    c.apply(0, entry(encode_put("stale", b"gone")))
+    c.restore(0, iter([stream[i : i + 1] for i in range(len(stream))]))
+    assert c.keys(0) == sorted(f"k{i}" for i in range(40))
+    assert c.get(0, "k7") == bytes([7]) * 5000 and c.get(0, "stale") is None
+
+
+def test_equal_states_give_equal_snapshots() -> None:
+    """Two replicas that reached the same state by different orders produce the same bytes."""
     a, b = machine(), machine()
     a.apply(0, entry(encode_put("x", b"1")))
     a.apply(0, entry(encode_put("y", b"2")))
     b.apply(0, entry(encode_put("y", b"2")))
     b.apply(0, entry(encode_put("x", b"1")))
-    assert a.snapshot(0) == b.snapshot(0)
-    c = machine()
-    c.apply(0, entry(encode_put("stale", b"gone")))
-    c.restore(0, a.snapshot(0))
-    assert c.keys(0) == ["x", "y"]
-    assert c.get(0, "stale") is None
+    assert snapshot_bytes(a) == snapshot_bytes(b)
+
+
+def test_snapshot_is_taken_at_the_call() -> None:
+    """Entries applied while the chunks are consumed do not leak into the snapshot."""
+    m = machine()
+    m.apply(0, entry(encode_put("x", b"1"), 1))
+    chunks = m.snapshot(0)
+    m.apply(0, entry(encode_put("x", b"2"), 2))
+    m.apply(0, entry(encode_put("y", b"3"), 3))
+    other = machine()
+    other.restore(0, chunks)
+    assert (other.get(0, "x"), other.get(0, "y")) == (b"1", None)
+
+
+def test_empty_snapshot_round_trips() -> None:
+    """An empty partition snapshots to just the magic and restores to empty."""
+    m = machine()
+    assert snapshot_bytes(m) == b"KVS1"
+    m.apply(0, entry(encode_put("x", b"1")))
+    m.restore(0, [b"KVS1"])
+    assert m.keys(0) == []
 
 
 @pytest.mark.parametrize(
     "data",
-    [b"\xff", cbor2.dumps([1, 2]), cbor2.dumps({"k": "not bytes"}), cbor2.dumps({1: b"v"}), cbor2.dumps({"": b"v"})],
+    [
+        b"",
+        b"XXXX",
+        b"KVS1\x00",
+        b"KVS1\x00\x00\x00\x00\x00\x00",
+        b"KVS1\x00\x01k\x00\x00\x00\x05ab",
+        b"KVS1\x00\x01\xff\x00\x00\x00\x00",
+        b"KVS1\x00\x01k\x00\x00\x00\x00\x00\x01k\x00\x00\x00\x00",
+    ],
 )
 def test_restore_refuses_bad_snapshots(data: bytes) -> None:
-    """A snapshot that is not a map of valid keys to bytes is refused and the state kept."""
+    """A stream that is not a valid snapshot is refused and the state kept."""
     m = machine()
     m.apply(0, entry(encode_put("k", b"v")))
     with pytest.raises(MalformedCommand):
-        m.restore(0, data)
+        m.restore(0, [data])
     assert m.get(0, "k") == b"v"
 
 

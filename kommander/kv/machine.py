@@ -17,23 +17,27 @@ end, trailing bytes after a DELETE, ``has_expected`` other than 0 or 1) is *malf
 :meth:`KVStateMachine.apply` returns a :class:`KVResult` with ``error`` set and changes nothing. Every
 node reaches the same verdict on the same bytes, so a malformed entry never makes replicas diverge.
 
-Snapshots (:meth:`KVStateMachine.snapshot`, :meth:`KVStateMachine.restore`) are canonical CBOR maps
-``{key: value}``, so two replicas with the same state produce the same bytes.
+Snapshots (:meth:`KVStateMachine.snapshot`, :meth:`KVStateMachine.restore`) are a byte stream,
+cut into chunks anywhere the runtime likes::
+
+    b"KVS1" | { key_length: u16 | key: UTF-8 | value_length: u32 | value }*   (keys in sorted order)
+
+Sorted keys make two replicas with the same state produce the same bytes.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import cbor2
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from kommander.core.types import Entry
 from kommander.hookspecs import PluginContext
-from kommander.interfaces import IStateMachine
+from kommander.interfaces import ISnapshotStateMachine
 
 #: The ``log_type`` of KV commands; entries of other types are ignored.
 LOG_TYPE = "kv"
@@ -47,6 +51,11 @@ _OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_CAS: "cas"}
 
 _HEADER = struct.Struct(">BH")
 _EXPECTED_LENGTH = struct.Struct(">I")
+_SNAPSHOT_MAGIC = b"KVS1"
+_SNAPSHOT_KEY = struct.Struct(">H")
+_SNAPSHOT_VALUE = struct.Struct(">I")
+#: A snapshot chunk holds about this many bytes (more when one value alone is larger).
+SNAPSHOT_CHUNK_BYTES = 64 * 1024
 
 
 class MalformedCommand(ValueError):
@@ -178,9 +187,10 @@ def decode_command(data: bytes) -> Command:
     return Command(op, key, rest[start + expected_length :], rest[start : start + expected_length])
 
 
-@implementer(IStateMachine)
+@implementer(ISnapshotStateMachine)
 class KVStateMachine:
-    """:class:`~kommander.interfaces.IStateMachine` holding one ``dict[str, bytes]`` per partition.
+    """:class:`~kommander.interfaces.ISnapshotStateMachine` holding one ``dict[str, bytes]`` per
+    partition.
 
     :param ctx: the node's plugin context; only ``ctx.config.max_partitions`` is used.
 
@@ -239,8 +249,8 @@ class KVStateMachine:
         return KVResult("cas", True, existed)
 
     def checkpoint(self, partition: int, index: int) -> None:
-        """A checkpoint was applied at ``index``. Nothing to do yet: the whole state is in memory
-        and rebuilt from the log at start-up; snapshots will hook in here."""
+        """A checkpoint was applied at ``index``. Nothing to do: the runtime follows it with
+        :meth:`snapshot`, and the state lives in memory."""
         self._store(partition)
         return None
 
@@ -257,28 +267,67 @@ class KVStateMachine:
         """The keys of ``partition``, sorted."""
         return sorted(self._store(partition))
 
-    def snapshot(self, partition: int) -> bytes:
-        """The whole state of ``partition`` as canonical CBOR (equal states give equal bytes)."""
-        return cbor2.dumps(self._store(partition), canonical=True)
+    def snapshot(self, partition: int) -> Iterable[bytes]:
+        """The state of ``partition`` as of now, as chunks of the documented snapshot stream.
 
-    def restore(self, partition: int, data: bytes) -> None:
-        """Replace the state of ``partition`` with a :meth:`snapshot`.
+        The dictionary is copied at once (values are immutable ``bytes``), so applying later
+        entries while the chunks are consumed does not change the snapshot.
+        """
+        items = dict(self._store(partition))
+        return _snapshot_chunks(items)
 
-        :raises MalformedCommand: ``data`` is not a CBOR map of valid keys to bytes; the state is
-            left unchanged.
+    def restore(self, partition: int, chunks: Iterable[bytes]) -> None:
+        """Replace the state of ``partition`` with the snapshot the ``chunks`` make up (cut anywhere).
+
+        :raises MalformedCommand: the stream is not a valid snapshot; the state is left unchanged.
         """
         store = self._store(partition)
-        try:
-            decoded = cbor2.loads(_check_bytes("snapshot", data))
-        except MalformedCommand:
-            raise
-        except Exception as e:  # cbor2 raises several types for bad input
-            raise MalformedCommand(f"snapshot is not valid CBOR: {e}") from None
-        if not isinstance(decoded, dict):
-            raise MalformedCommand(f"snapshot must be a map, not {type(decoded).__name__}")
-        for key, value in decoded.items():
-            validate_key(key)
-            if type(value) is not bytes:
-                raise MalformedCommand(f"snapshot value of {key!r} must be bytes")
+        decoded = decode_snapshot(b"".join(bytes(chunk) for chunk in chunks))
         store.clear()
         store.update(decoded)
+
+
+def _snapshot_chunks(items: dict[str, bytes]) -> Iterator[bytes]:
+    pending = [_SNAPSHOT_MAGIC]
+    size = len(_SNAPSHOT_MAGIC)
+    for key in sorted(items):
+        raw, value = key.encode("utf-8"), items[key]
+        pending += [_SNAPSHOT_KEY.pack(len(raw)), raw, _SNAPSHOT_VALUE.pack(len(value)), value]
+        size += len(raw) + len(value) + _SNAPSHOT_KEY.size + _SNAPSHOT_VALUE.size
+        if size >= SNAPSHOT_CHUNK_BYTES:
+            yield b"".join(pending)
+            pending, size = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
+def decode_snapshot(data: bytes) -> dict[str, bytes]:
+    """Decode a whole snapshot stream.
+
+    :raises MalformedCommand: wrong magic, a truncated record, an invalid or repeated key.
+    """
+    if not data.startswith(_SNAPSHOT_MAGIC):
+        raise MalformedCommand("snapshot does not start with the KVS1 magic")
+    items: dict[str, bytes] = {}
+    offset, end = len(_SNAPSHOT_MAGIC), len(data)
+    while offset < end:
+        if offset + _SNAPSHOT_KEY.size > end:
+            raise MalformedCommand("snapshot record truncated in its key length")
+        (key_length,) = _SNAPSHOT_KEY.unpack_from(data, offset)
+        offset += _SNAPSHOT_KEY.size
+        if not 1 <= key_length <= MAX_KEY_BYTES or offset + key_length + _SNAPSHOT_VALUE.size > end:
+            raise MalformedCommand("snapshot record has a bad or truncated key")
+        try:
+            key = data[offset : offset + key_length].decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedCommand("snapshot key is not valid UTF-8") from None
+        offset += key_length
+        (value_length,) = _SNAPSHOT_VALUE.unpack_from(data, offset)
+        offset += _SNAPSHOT_VALUE.size
+        if offset + value_length > end:
+            raise MalformedCommand("snapshot value runs past the end")
+        if key in items:
+            raise MalformedCommand(f"snapshot repeats key {key!r}")
+        items[key] = data[offset : offset + value_length]
+        offset += value_length
+    return items
