@@ -200,6 +200,15 @@ class Cluster:
         node.manager = None
         node.transport = None
 
+    def crash(self, node_id: str) -> int:
+        """Stop ``node_id`` as a power cut would: WAL writes not yet durable are lost (with a
+        :class:`DelayedWAL`), then the manager is stopped. :returns: the batches lost."""
+        node = self.nodes[node_id]
+        lose = getattr(node.wal, "lose_unsynced", None)
+        lost = lose() if lose is not None else 0
+        self.stop(node_id)
+        return lost
+
     def restart(self, node_id: str) -> RaftManager:
         """Stop ``node_id`` if it runs, then start a fresh manager on the same WAL."""
         if self.nodes[node_id].manager is not None:
@@ -398,3 +407,9 @@ class DelayedWAL(MemoryWAL):
         while self._pending:
             self._sync()
         return super().close()
+
+    def lose_unsynced(self) -> int:
+        """A power cut: forget every write not yet durable (its Deferred never fires).
+        :returns: how many batches were lost."""
+        lost, self._pending = len(self._pending), []
+        return lost

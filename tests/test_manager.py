@@ -344,6 +344,39 @@ def test_follower_restart_restores_its_log_replays_and_catches_up() -> None:
     cluster.close()
 
 
+def test_join_waits_for_an_asynchronous_replay() -> None:
+    """With an apply returning Deferreds, a restarted node's join_cluster fires only after the replay finished,
+    and on_restore_finished follows the last replayed apply."""
+    from twisted.internet import task
+
+    class Slow(RecordingStateMachine):
+        def apply(self, partition, entry):
+            super().apply(partition, entry)
+            return task.deferLater(cluster.clock, 0.05, lambda: True)
+
+    cluster = Cluster(3, 1, seed=26, state_machine=Slow).start_all()
+    cluster.wait_for_leaders()
+    for i in range(5):
+        assert cluster.write(0, b"%d" % i).success
+    cluster.wait_caught_up()
+    cluster.advance(0.5)
+    node = cluster.nodes["n2"]
+    cluster.stop("n2")
+    manager = cluster.build("n2")
+    node.restore_events.clear()
+    joined = manager.join_cluster()
+    cluster.clock.advance(0)
+    assert not joined.called and node.restore_events == [("started", 0)]
+    cluster.wait(joined, max_seconds=2)
+    assert node.restore_events == [("started", 0), ("finished", 0)]
+    replayed = [e.data for e in node.history[0]]
+    assert replayed and replayed == [b"%d" % i for i in range(len(replayed))]
+    assert manager.runtimes[0].applied == manager.runtimes[0].restore_until
+    cluster.wait_caught_up()
+    assert node.data(0) == [b"%d" % i for i in range(5)]
+    cluster.close()
+
+
 def test_full_cluster_restart_keeps_every_acknowledged_entry() -> None:
     """Stopping every node and restarting all on their WALs keeps (and replays) every acknowledged entry."""
     cluster = Cluster(3, PARTITIONS, seed=7).start_all()
