@@ -48,6 +48,7 @@ DEFAULTS: Mapping[str, str] = {
     "election-timeout-max": "1.0",
     "durability": "sync",
     "max-body-bytes": str(1024 * 1024),
+    "checkpoint-every": "0",
 }
 
 _PLUGIN_OPTIONS = {
@@ -214,6 +215,7 @@ class Options(usage.Options):
         ["durability", None, None, "WAL durability: sync (fsync every write) or nosync [default: sync]."],
         ["advertise-http", None, None, "Base URL clients are redirected to [default: derived from --http]."],
         ["max-body-bytes", None, None, "Largest HTTP request body accepted [default: 1048576]."],
+        ["checkpoint-every", None, None, "Snapshot and compact each partition every N entries; 0: never [default: 0]."],
     ]
 
     def __init__(self) -> None:
@@ -330,6 +332,7 @@ class Options(usage.Options):
             port=found[2] if found else 0,
             max_partitions=self._int("partitions", 1, 4096),
             cluster_id=self["cluster-id"],
+            checkpoint_every=self._int("checkpoint-every", 0, 1 << 40),
             **{name.replace("-", "_"): self._seconds(name) for name in _TIMINGS},
         )
         try:
@@ -432,6 +435,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     from kommander.kv.http import make_site
     from kommander.kv.machine import KVStateMachine
     from kommander.manager import RaftManager
+    from kommander.snapshots import SnapshotStore
 
     assert options.config is not None and options.registry is not None, "parse the options first"
     registry = options.registry
@@ -449,6 +453,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             metadata=options.metadata,
         )
         built = {option: registry.create(kind, options[option], ctx) for option, kind in _PLUGIN_OPTIONS.items()}
+        # Snapshots must be as durable as the log they let the node compact.
+        snapshots = SnapshotStore(os.path.join(data_dir, "snapshots") if data_dir else None, reactor)
         manager = RaftManager(
             options.config,
             discovery=built["discovery"],
@@ -458,6 +464,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             state_machine=built["state-machine"],
             reactor=reactor,
             metadata=options.metadata,
+            snapshot_store=snapshots,
         )
     except (KommanderError, OSError, ValueError) as e:
         notes = "; ".join(getattr(e, "__notes__", ()))

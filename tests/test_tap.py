@@ -185,6 +185,7 @@ def test_split_description() -> None:
         (with_option("--advertise-http", "ftp://x"), "--advertise-http"),
         (with_option("--advertise-http", "http://x/sub/path"), "--advertise-http"),
         (with_option("--max-body-bytes", "big"), "--max-body-bytes"),
+        (with_option("--checkpoint-every", "often"), "--checkpoint-every"),
         (BASE + ["--option", "novalue"], "--option"),
         (BASE + ["--option", "=v"], "--option"),
         (with_option("--config", "/nonexistent/kommander.toml"), "--config"),
@@ -308,6 +309,14 @@ def test_make_service_with_berkeley_db(tmp_path: Path) -> None:
     options = parse(*with_option("--data", str(tmp_path / "n1")), "--durability", "nosync")
     manager = tap.makeService(options, reactor=MemoryReactorClock()).manager
     assert isinstance(manager.wal, BerkeleyDBWAL) and manager.wal.durability == "nosync"
+    assert manager.snapshot_store.directory == str(tmp_path / "n1" / "snapshots")
+
+
+def test_checkpoint_every() -> None:
+    """--checkpoint-every reaches the configuration; snapshots stay in memory without --data."""
+    options = parse(*without("--data"), *MEMORY, "--checkpoint-every", "500")
+    assert options.config is not None and options.config.checkpoint_every == 500
+    assert tap.makeService(options, reactor=MemoryReactorClock()).manager.snapshot_store.directory is None
 
 
 def test_make_service_reports_plugin_refusals_without_traceback() -> None:
