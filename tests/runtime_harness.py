@@ -103,6 +103,7 @@ class Cluster:
     :param state_machine: ``node_id -> IStateMachine`` (or ``None``), called at every start.
     :param wal: ``node_id -> MemoryWAL`` (a subclass, for instance), called once per node.
     :param clock_skew: ``node_id -> seconds`` added to that node's wall clock (its HLC's physical source).
+    :param codec: pass every message through the CBOR wire codec, as the TCP transport does.
     :param config: extra :class:`RaftConfiguration` fields for every node.
     """
 
@@ -114,6 +115,7 @@ class Cluster:
         state_machine: Callable[[str], Any] | None = None,
         wal: Callable[[str], MemoryWAL] | None = None,
         clock_skew: dict[str, float] | None = None,
+        codec: bool = False,
         **config: Any,
     ) -> None:
         self.clock = task.Clock()
@@ -121,7 +123,7 @@ class Cluster:
         # one second in keeps HLC readings positive and easy to read.
         self.clock.advance(1.0)
         self.rng = random.Random(seed)
-        self.network = MemoryNetwork(self.clock, random.Random(self.rng.getrandbits(32)))
+        self.network = MemoryNetwork(self.clock, random.Random(self.rng.getrandbits(32)), codec=codec)
         self.partitions = partitions
         self.config = config
         self.state_machine = state_machine
