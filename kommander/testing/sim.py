@@ -13,6 +13,7 @@ After every step it checks:
 * Leader Completeness: a new leader holds every entry committed before it was elected.
 * State Machine Safety: no two nodes apply different entries at one index, and every state
   machine that applied up to an index has the same fingerprint there.
+* Applied entries are durable when applied and stay durable: no later write replaces them.
 * Commit durability: when a leader commits an index, a quorum holds that entry durably.
 * Persistence ordering: a vote, vote request or acknowledgement leaves a node only when what it
   promises is durable.
@@ -37,12 +38,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kommander.core.errors import KommanderError
+from kommander.core.progress import ProgressState
 from kommander.core.raft import CoreConfig, RaftNode
 from kommander.core.types import (
     AppendEntriesResponse,
     Entry,
     EntryKind,
     HardState,
+    InstallSnapshot,
     Message,
     Proposal,
     Ready,
@@ -81,6 +84,14 @@ class SimStateMachine:
     def fingerprint(self) -> object:
         return self.digest
 
+    def snapshot(self) -> object:
+        """A copy of the state, stored as the node's snapshot and sent to lagging followers."""
+        return self.digest
+
+    def restore(self, state: object) -> None:
+        """Replace the state with a snapshot's."""
+        self.digest = state  # type: ignore[assignment]
+
 
 @dataclass
 class SimConfig:
@@ -97,6 +108,10 @@ class SimConfig:
     #: Fraction of the step budget spent with faults before the final calm phase.
     chaos_fraction: float = 0.7
     faults: bool = True
+    #: Snapshot and compact the log every N applied entries (plus a random 0..N), 0 for never.
+    compact_every: int = 12
+    #: Ticks a leader waits for a snapshot transfer before giving it up.
+    snapshot_timeout_ticks: int = 30
 
 
 @dataclass
@@ -118,6 +133,14 @@ class SimResult:
         )
 
 
+@dataclass(frozen=True)
+class _Compaction:
+    """A snapshot taken at ``meta``, queued behind the writes in flight like the runtime's."""
+
+    meta: SnapshotMeta
+    state: object
+
+
 class SimNode:
     """One simulated process: the core plus its durable state and its disk queue."""
 
@@ -129,9 +152,14 @@ class SimNode:
         # Durable state: what a crash keeps.
         self.hard = HardState()
         self.snapshot = SnapshotMeta(0, 0)
+        self.snapshot_state: object = None
         self.entries: list[Entry] = []
+        #: Snapshots received from leaders: durable (like the runtime's snapshot files) before
+        #: the core hears of them, whether or not the core installs them.
+        self.received: dict[SnapshotMeta, object] = {}
         # Volatile state.
-        self.writes: deque[Ready] = deque()
+        self.writes: deque[Ready | _Compaction] = deque()
+        self.next_compact = 0
         self.writing = 0
         self.paused_until = 0
         self.sm: SimStateMachine | None = None
@@ -146,6 +174,17 @@ class SimNode:
             return self.entries[pos].term
         return None
 
+    def holds(self, index: int, term: int) -> bool:
+        """Whether the committed entry ``(index, term)`` is durable here: in the log, inside the
+        snapshot, or inside a received snapshot (which a restart adopts)."""
+        covered = max([self.snapshot.index, *(meta.index for meta in self.received)])
+        return index <= covered or self.durable_term(index) == term
+
+    def compact(self, meta: SnapshotMeta, state: object) -> None:
+        """Take a snapshot at ``meta`` (instantly durable) and drop the log up to it."""
+        del self.entries[: meta.index - self.snapshot.index]
+        self.snapshot, self.snapshot_state = meta, state
+
     def durable_last(self) -> int:
         return self.entries[-1].index if self.entries else self.snapshot.index
 
@@ -153,7 +192,9 @@ class SimNode:
         if ready.hard_state is not None:
             self.hard = ready.hard_state
         if ready.snapshot is not None:
-            self.snapshot = ready.snapshot
+            if ready.snapshot not in self.received:
+                raise Violation("snapshot", f"{self.id}: core installed {ready.snapshot} it was never given")
+            self.snapshot, self.snapshot_state = ready.snapshot, self.received[ready.snapshot]
             self.entries = []
         if ready.entries:
             first = ready.entries[0].index
@@ -271,6 +312,7 @@ class Simulation:
             max_msg_entries=cfg.max_msg_entries,
             max_inflight_msgs=cfg.max_inflight_msgs,
         )
+        self._adopt_received(node)
         node.core = RaftNode(
             core_config,
             random.Random(self.rng.getrandbits(64)),
@@ -283,10 +325,34 @@ class Simulation:
         node.writes.clear()
         node.writing = 0
         node.sm = self.make_sm()
+        if node.snapshot.index:
+            node.sm.restore(node.snapshot_state)
         node.applied = node.snapshot.index
+        node.next_compact = node.applied + self._compact_gap()
         node.commit_seen = node.core.log.committed
         self._log(f"start {node_id} term={node.hard.term} last={node.durable_last()}")
         self._process(node)
+
+    def _adopt_received(self, node: SimNode) -> None:
+        """Restart as the runtime does: a received snapshot newer than the log's own wins, and
+        log entries that do not continue it are dropped."""
+        newest = max(self.received_newer(node), key=lambda meta: meta.index, default=None)
+        if newest is not None:
+            keep: list[Entry] = []
+            if node.durable_term(newest.index) == newest.term:
+                keep = node.entries[newest.index - node.snapshot.index :]
+            node.snapshot, node.snapshot_state = newest, node.received[newest]
+            node.entries = keep
+            self._log(f"restart {node.id} adopts received snapshot at {newest.index}")
+        node.received = {}
+
+    @staticmethod
+    def received_newer(node: SimNode) -> list[SnapshotMeta]:
+        return [meta for meta in node.received if meta.index > node.snapshot.index]
+
+    def _compact_gap(self) -> int:
+        every = self.config.compact_every
+        return every + self.rng.randint(0, every) if every else 1 << 62
 
     def _crash(self, node_id: str) -> None:
         node = self.nodes[node_id]
@@ -306,7 +372,10 @@ class Simulation:
             ready = core.ready()
             self._observe(node, ready)
             for m in ready.messages:
-                self._send(node, m)
+                if type(m) is InstallSnapshot:
+                    self._send_snapshot(node, m)
+                else:
+                    self._send(node, m)
             node.writes.append(ready)
             if node.writing == 0:
                 self._start_write(node)
@@ -330,9 +399,17 @@ class Simulation:
         batch = [node.writes.popleft() for _ in range(node.writing)]
         node.writing = 0
         for ready in batch:
+            if type(ready) is _Compaction:
+                if ready.meta.index > node.snapshot.index:
+                    node.compact(ready.meta, ready.state)
+                    node.core.compact(ready.meta)
+                    self._log(f"compact {node.id} at {ready.meta.index}")
+                continue
             # One write on disk, but checked Ready by Ready: each one's promises must hold once
             # it (and everything before it) is durable.
             node.persist(ready)
+            if ready.entries and ready.entries[0].index <= node.applied:
+                self._check_applied_durable(node, ready.entries[0].index)
             for m in ready.persisted_messages:
                 self._send(node, m)
             node.core.advance(ready)
@@ -342,7 +419,11 @@ class Simulation:
 
     def _apply(self, node: SimNode, ready: Ready) -> None:
         if ready.snapshot is not None:
-            raise Violation("snapshot", f"{node.id} got a snapshot the simulator never sent")
+            meta = ready.snapshot
+            node.sm.restore(node.received[meta])
+            node.applied = meta.index
+            self._check_fingerprint(node, meta.index)
+            self._log(f"install {node.id} snapshot at {meta.index}")
         for entry in ready.committed_entries:
             if entry.index != node.applied + 1:
                 raise Violation("apply-order", f"{node.id} applied {entry.index} after {node.applied}")
@@ -362,16 +443,27 @@ class Simulation:
                 )
             node.sm.apply(entry)
             node.applied = entry.index
-            state = node.sm.fingerprint()
-            seen = self.fingerprints.setdefault(entry.index, state)
-            if seen != state:
-                raise Violation(
-                    "state-machine-safety", f"{node.id} state at {entry.index} differs from another node's"
-                )
+            self._check_fingerprint(node, entry.index)
+        if ready.snapshot is not None:
+            node.next_compact = node.applied + self._compact_gap()
+        elif node.applied >= node.next_compact:
+            # As the runtime does: the snapshot is captured now, and the WAL compaction queues
+            # behind the writes already in flight; the core forgets entries once it is done.
+            meta = SnapshotMeta(node.applied, node.core.log.term(node.applied))
+            node.writes.append(_Compaction(meta, node.sm.snapshot()))
+            if node.writing == 0:
+                self._start_write(node)
+            node.next_compact = node.applied + self._compact_gap()
+
+    def _check_fingerprint(self, node: SimNode, index: int) -> None:
+        state = node.sm.fingerprint()
+        seen = self.fingerprints.setdefault(index, state)
+        if seen != state:
+            raise Violation("state-machine-safety", f"{node.id} state at {index} differs from another node's")
 
     # ------------------------------------------------------------------ network
 
-    def _send(self, node: SimNode, m: Message) -> None:
+    def _send(self, node: SimNode, m: Message, attachment: object = None) -> None:
         self._check_persistence(node, m)
         if (m.src, m.dst) in self.blocked:
             return
@@ -380,18 +472,39 @@ class Simulation:
             return
         copies = 2 if self.duplicate and rng.random() < self.duplicate else 1
         for _ in range(copies):
-            self._schedule(rng.randint(1, self.max_delay), "deliver", m)
+            self._schedule(rng.randint(1, self.max_delay), "deliver", m, attachment)
 
-    def _on_deliver(self, m: Message) -> None:
+    def _on_deliver(self, m: Message, attachment: object = None) -> None:
         node = self.nodes[m.dst]
         if not node.alive or (m.src, m.dst) in self.blocked:
             return
         if node.paused_until > self.now:
             # A paused process reads its socket when it resumes.
-            self._schedule(node.paused_until - self.now, "deliver", m)
+            self._schedule(node.paused_until - self.now, "deliver", m, attachment)
             return
+        if type(m) is InstallSnapshot and m.meta.index > node.core.log.committed:
+            # As the runtime does: the snapshot's bytes are durable before the core hears of it.
+            node.received[m.meta] = attachment
         node.core.step(m)
         self._process(node)
+
+    def _send_snapshot(self, node: SimNode, m: InstallSnapshot) -> None:
+        """Stream the leader's snapshot (one message here); give the transfer up after a timeout
+        as the runtime does, which makes the core try again."""
+        if node.snapshot != m.meta:
+            raise Violation("snapshot", f"{node.id} offered snapshot {m.meta} but holds {node.snapshot}")
+        self._log(f"send snapshot {m.src}->{m.dst} at {m.meta.index}")
+        self._send(node, m, node.snapshot_state)
+        self._schedule(self.config.snapshot_timeout_ticks * TICK, "snapshot_timeout", node.id, node.incarnation, m)
+
+    def _on_snapshot_timeout(self, node_id: str, incarnation: int, m: InstallSnapshot) -> None:
+        node = self.nodes[node_id]
+        if not node.alive or node.incarnation != incarnation or node.core.term != m.term:
+            return
+        pr = node.core.progress.get(m.dst)
+        if pr is not None and pr.state is ProgressState.SNAPSHOT:
+            node.core.report_snapshot(m.dst, False)
+            self._process(node)
 
     # ------------------------------------------------------------------ time, clients, faults
 
@@ -576,7 +689,7 @@ class Simulation:
                     )
             if core.role is Role.LEADER:
                 term = log.term(commit)
-                holders = sum(1 for n in self.nodes.values() if n.durable_term(commit) == term)
+                holders = sum(1 for n in self.nodes.values() if n.holds(commit, term))
                 if holders < self.quorum:
                     raise Violation(
                         "commit-durability",
@@ -586,6 +699,16 @@ class Simulation:
                 self.result_stats["commits"] += commit - self.commit_max
                 self.commit_max = commit
             node.commit_seen = commit
+
+    def _check_applied_durable(self, node: SimNode, first: int) -> None:
+        """A write that replaced stored entries from ``first`` must leave every applied entry on
+        disk: the state machine may not run ahead of the log it would restart from."""
+        for index in range(first, node.applied + 1):
+            if not node.holds(index, self.committed[index]):
+                raise Violation(
+                    "apply-before-durable",
+                    f"{node.id} applied {index} but a later write left term {node.durable_term(index)} there",
+                )
 
     def _check_persistence(self, node: SimNode, m: Message) -> None:
         kind = type(m)
