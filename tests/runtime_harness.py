@@ -218,11 +218,14 @@ class Cluster:
         return self.start(node_id)
 
     def close(self) -> None:
-        """Stop every running node and check nothing is left on the clock but the network's calls."""
+        """Stop every running node, let messages in flight drain, and check that no node left a
+        timer behind on the clock."""
         for node_id in self.ids:
             if self.nodes[node_id].manager is not None:
                 self.stop(node_id)
         self.advance(1.0)
+        left = self.clock.getDelayedCalls()
+        assert not left, f"timers left after every node stopped: {left}"
 
     # ------------------------------------------------------------------ time
 
