@@ -208,6 +208,24 @@ def test_stable_to_ignores_replaced_entries():
     assert log.stable == 4
 
 
+def test_older_write_does_not_make_a_pending_rewrite_stable():
+    """After a truncation, an older write completing counts as durable only below the truncation
+    until the write that rewrites the suffix on disk completes too."""
+    log = stable_log([1])
+    log.maybe_append(1, 1, entries_of([2, 2, 2], first=2))
+    log.take_unstable()  # write 1: (2..4, term 2)
+    log.maybe_append(2, 2, entries_of([3], first=3))
+    log.take_unstable()  # write 2: (3, term 3), replacing 3..4 on disk
+    log.maybe_append(2, 2, entries_of([2, 2], first=3))
+    log.take_unstable()  # write 3: (3..4, term 2) again
+    log.stable_to(4, 2)  # write 1: its last entry matches the log again, but write 2 will undo it
+    assert log.stable == 2
+    log.stable_to(3, 3)  # write 2: replaced since
+    assert log.stable == 2
+    log.stable_to(4, 2)  # write 3
+    assert log.stable == 4
+
+
 def test_stable_to_marks_durable():
     """A completed write of our own entries makes them stable."""
     log = stable_log([])
