@@ -23,7 +23,17 @@ from kommander.core.types import Entry, SnapshotMeta
 class RaftLog:
     """Entries ``snapshot.index + 1 .. last_index`` plus the cursors above."""
 
-    __slots__ = ("entries", "snapshot", "committed", "applied", "stable", "unstable_from")
+    __slots__ = (
+        "entries",
+        "snapshot",
+        "committed",
+        "applied",
+        "stable",
+        "unstable_from",
+        "_writes_handed_out",
+        "_writes_durable",
+        "_rewrite",
+    )
 
     def __init__(
         self,
@@ -43,6 +53,14 @@ class RaftLog:
         self.unstable_from = last + 1
         self.committed = max(self.snapshot.index, min(committed, last))
         self.applied = self.snapshot.index
+        # Writes are numbered in the order take_unstable() hands them out, which is also the order
+        # in which stable_to() learns that they are durable.
+        self._writes_handed_out = 0
+        self._writes_durable = 0
+        # After a truncation: (index, write number). Writes handed out before the truncation may
+        # still store the replaced entries and the write numbered here replaces them on disk, so
+        # until that write is durable nothing above ``index`` counts as stable.
+        self._rewrite: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -155,6 +173,10 @@ class RaftLog:
                 del mine[pos:]
                 self.stable = min(self.stable, entry.index - 1)
                 self.unstable_from = min(self.unstable_from, entry.index)
+                limit = entry.index - 1
+                if self._rewrite is not None:
+                    limit = min(limit, self._rewrite[0])
+                self._rewrite = (limit, self._writes_handed_out + 1)
                 break
             start += 1
         if start < n:
@@ -182,13 +204,24 @@ class RaftLog:
         offset = self.snapshot.index
         out = tuple(self.entries[self.unstable_from - offset - 1 :])
         self.unstable_from = self.last_index() + 1
+        self._writes_handed_out += 1
         return out
 
     def stable_to(self, index: int, term: int) -> None:
-        """A write ending with ``(index, term)`` is durable. Ignored when that entry has since
-        been replaced by a conflicting one (a later write will cover its replacement)."""
+        """The next write handed out by :meth:`take_unstable`, ending with ``(index, term)``, is
+        durable. Ignored when that entry has since been replaced by a conflicting one (a later
+        write will cover its replacement); capped below a truncation whose rewrite, handed out
+        after this write, is not durable yet (it will replace on disk what this write stored)."""
+        self._writes_durable += 1
+        limit = index
+        rewrite = self._rewrite
+        if rewrite is not None:
+            if self._writes_durable >= rewrite[1]:
+                self._rewrite = None
+            else:
+                limit = rewrite[0]
         if index > self.stable and self.matches(index, term):
-            self.stable = index
+            self.stable = min(index, limit)
 
     def applicable_limit(self) -> int:
         return min(self.committed, self.stable)
@@ -216,6 +249,7 @@ class RaftLog:
         self.applied = meta.index
         self.stable = meta.index
         self.unstable_from = meta.index + 1
+        self._rewrite = None
 
     def compact(self, meta: SnapshotMeta) -> None:
         """Drop entries up to ``meta.index`` (already applied and captured in a snapshot)."""
