@@ -161,8 +161,10 @@ class RaftManager:
         Fires once every partition has replayed the entries its WAL knew to be committed, so the
         state machine is as up to date as the disk when it fires.
         """
-        if self._running:
-            raise KommanderError("join_cluster called twice")
+        if self._running or self.runtimes:
+            raise KommanderError(
+                "join_cluster called twice: a RaftManager joins once; create a new one on the same WAL to rejoin"
+            )
         yield defer.maybeDeferred(self.discovery.start)
         nodes = dict(self.discovery.nodes())
         self.voters = tuple(sorted(set(nodes) | {self.node_id}))
@@ -348,7 +350,9 @@ class RaftManager:
             return self._submit(runtime, proposals)
 
         def record(result: ReplicationResult) -> None:
-            if result.success:
+            # A ticket can only be decided by the leader term that proposed it: if leadership
+            # changed meanwhile, the next leader's no-op has already rolled it back.
+            if result.success and self._leads_term_of(runtime, result.ticket_id):
                 runtime.my_tickets[result.ticket_id] = "pending"
             else:
                 runtime.my_tickets.pop(result.ticket_id, None)
@@ -370,6 +374,9 @@ class RaftManager:
                 ReplicationResult.failed(Status.NOT_LEADER, "only the leader decides tickets", runtime.core.leader)
             )
         state = runtime.my_tickets.get(ticket)
+        if state == "pending" and not self._leads_term_of(runtime, ticket):
+            runtime.my_tickets.pop(ticket, None)
+            state = None
         if state != "pending":
             why = {
                 None: "unknown ticket: never proposed by this leader, already decided, or rolled back by "
@@ -385,6 +392,17 @@ class RaftManager:
 
         proposal = Proposal("", b"", self._now_ts(), kind, ticket)
         return self._submit(runtime, [proposal], done)
+
+    @staticmethod
+    def _leads_term_of(runtime: PartitionRuntime, index: int) -> bool:
+        """Whether this node leads in the term that wrote the entry at ``index``."""
+        core = runtime.core
+        if core.role is not Role.LEADER:
+            return False
+        try:
+            return core.log.term(index) == core.term
+        except KommanderError:  # compacted: long decided
+            return False
 
     def replicate_checkpoint(self, partition: int) -> defer.Deferred[ReplicationResult]:
         """Write a checkpoint marker; once applied, the state machine's ``checkpoint`` runs."""
@@ -510,7 +528,8 @@ class RaftManager:
             self.transfers.acknowledged(partition, message)
             return
         if self.clock is not None and type(message) is AppendEntries and message.entries:
-            stamp = message.entries[-1].timestamp
+            # Receive event: merge the latest reading carried (a no-op carries none).
+            stamp = max(entry.timestamp for entry in message.entries)
             if stamp:
                 self.clock.update(stamp)
         runtime.core.step(message)
@@ -619,6 +638,8 @@ class RaftManager:
             self._complete_batches()
 
     def _write_failed(self, failure: Failure) -> None:
+        if failure.check(defer.FirstError):
+            failure = failure.value.subFailure
         self.log.failure("WAL write failed", failure)
         self.fail_stop(f"WAL write failed: {failure.getErrorMessage()}")
 

@@ -206,11 +206,6 @@ def test_hlc_timestamps_increase_along_the_log_across_a_leader_change() -> None:
     cluster.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: message_received merges only the last entry's timestamp of an AppendEntries into the HLC and "
-    "skips it when 0, so a batch ending with a new leader's no-op (timestamp 0) merges nothing",
-)
 def test_hlc_merges_entries_learned_in_a_batch_that_ends_with_a_noop() -> None:
     """A follower that learns an entry stamped by a node with a fast clock, in the same AppendEntries as the new
     leader's no-op, stamps its own later entries above it when it leads."""
@@ -759,11 +754,6 @@ def test_join_cluster_twice_fails() -> None:
     cluster.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: join_cluster after leave_cluster on the same RaftManager appends a second set of "
-    "PartitionRuntimes (self.runtimes is never reset), so the node runs two cores per partition",
-)
 def test_join_after_leave_on_the_same_manager_runs_one_core_per_partition() -> None:
     """A manager that left the cluster and joins again drives exactly one core per partition (or refuses)."""
     cluster = Cluster(3, 2, seed=21).start_all()

@@ -238,12 +238,6 @@ def test_a_follower_down_during_the_decision_applies_the_ticket_on_catch_up() ->
     cluster.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a two-phase proposal that finishes after its leader lost the term re-registers the ticket as "
-    "'pending' in my_tickets (leadership_changed cleared it first), so when the node leads again commit_logs "
-    "writes a COMMIT for a ticket the new leader's no-op already rolled back and reports SUCCESS",
-)
 def test_committed_ticket_on_a_deposed_leader_cannot_be_committed_after_a_rollback() -> None:
     """If leadership moves while a ticket's entries are committed but not yet applied on the leader (its applier
     is busy), the ticket is rolled back; when that node leads again, commit_logs must not report SUCCESS."""
