@@ -387,17 +387,19 @@ class Demo:
         restarted = time.monotonic()
         self.start(victim)
 
-        def caught_up() -> bool:
-            view = self.status(victim)
+        def caught_up(node: Node) -> bool:
+            view = self.status(node)
             if view is None or not view.get("running") or len(view["partitions"]) != self.partitions:
                 return False  # not answering yet, or still opening its log
             return all(p["applied_index"] >= targets.get(p["partition"], 0) for p in view["partitions"])
 
-        self.wait_for(f"{victim.node_id} to catch up", caught_up, 30.0, victim.node_id)
+        self.wait_for(f"{victim.node_id} to catch up", lambda: caught_up(victim), 30.0, victim.node_id)
         self.ok(
             f"restarted {victim.node_id} on its data directory; caught up in {time.monotonic() - restarted:.2f} s "
             f"(applied index per partition >= {targets})"
         )
+        # A follower among the survivors learns the last commits with the next heartbeat.
+        self.wait_for("every node to apply the last writes", lambda: all(map(caught_up, self.nodes)), 10.0)
 
         for key_name, value in sorted(self.values.items()):
             got = self.get(victim, key_name, stale=True)

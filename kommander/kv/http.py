@@ -32,8 +32,15 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from kommander.core.errors import KommanderError, NotLeader
-from kommander.kv.machine import LOG_TYPE, MAX_KEY_BYTES, KVResult, KVStateMachine, encode_cas, encode_delete
-from kommander.kv.machine import encode_put
+from kommander.kv.machine import (
+    LOG_TYPE,
+    MAX_KEY_BYTES,
+    KVResult,
+    KVStateMachine,
+    encode_cas,
+    encode_delete,
+    encode_put,
+)
 from kommander.results import RaftOperationStatus, ReplicationResult
 
 #: The default largest request body, in bytes.
