@@ -140,6 +140,9 @@ class RaftManager:
         self.on_log_restored = Event("on_log_restored")
         self.on_restore_started = Event("on_restore_started")
         self.on_restore_finished = Event("on_restore_finished")
+        #: Fired with the reason when the node stops itself (a failed WAL write, a broken
+        #: invariant): a process running it should exit so a supervisor restarts it.
+        self.on_fail_stop = Event("on_fail_stop")
         self._running = False
         self._failed: str | None = None
         self._dirty: dict[int, PartitionRuntime] = {}
@@ -263,6 +266,7 @@ class RaftManager:
         self._failed = reason
         self.log.critical("node {node} stopping: {reason}", node=self.node_id, reason=reason)
         self.leave_cluster()
+        self.on_fail_stop.fire(reason)
 
     # ------------------------------------------------------------------ queries
 

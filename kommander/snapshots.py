@@ -124,6 +124,7 @@ class SnapshotStore:
         self.directory = directory
         self.reactor = reactor
         self._memory: dict[tuple[int, int, int], bytes] = {}
+        self._sinks = 0
         if directory is not None:
             os.makedirs(directory, exist_ok=True)
             for name in os.listdir(directory):
@@ -227,7 +228,10 @@ class SnapshotStore:
     def _open_sink(self, partition: int, meta: SnapshotMeta) -> Any:
         if self.directory is None:
             return _MemorySink()
-        path = self._path(partition, meta) + ".part"
+        # Each writer its own temporary file: a follower may be taking its own checkpoint at
+        # the very index a leader's snapshot for it is arriving at.
+        self._sinks += 1
+        path = f"{self._path(partition, meta)}.{os.getpid()}-{self._sinks}.part"
         return open(path, "wb")
 
     def _commit(self, partition: int, meta: SnapshotMeta, sink: Any) -> defer.Deferred[SnapshotMeta]:

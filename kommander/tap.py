@@ -48,7 +48,7 @@ DEFAULTS: Mapping[str, str] = {
     "election-timeout-max": "1.0",
     "durability": "sync",
     "max-body-bytes": str(1024 * 1024),
-    "checkpoint-every": "0",
+    "checkpoint-every": "10000",
 }
 
 _PLUGIN_OPTIONS = {
@@ -215,7 +215,7 @@ class Options(usage.Options):
         ["durability", None, None, "WAL durability: sync (fsync every write) or nosync [default: sync]."],
         ["advertise-http", None, None, "Base URL clients are redirected to [default: derived from --http]."],
         ["max-body-bytes", None, None, "Largest HTTP request body accepted [default: 1048576]."],
-        ["checkpoint-every", None, None, "Snapshot and compact each partition every N entries; 0: never [default: 0]."],
+        ["checkpoint-every", None, None, "Snapshot and compact each partition every N applied entries; 0: never [default: 10000]."],
     ]
 
     def __init__(self) -> None:
@@ -391,10 +391,18 @@ class RaftService(service.Service):
         self.manager = manager
         self.reactor = reactor
         self.failure: Any = None
+        self.exit_status = 0
+        #: Tests running the service in-process turn the final os._exit off.
+        self.exit_on_failure = True
 
     def startService(self) -> None:
         super().startService()
+        self.manager.on_fail_stop += self._fail_stopped
         self.manager.join_cluster().addCallbacks(self._joined, self._failed)
+
+    def _fail_stopped(self, reason: str) -> None:
+        _log.critical("node {node} stopped itself ({reason}); exiting", node=self.manager.node_id, reason=reason)
+        self._stop_and_exit()
 
     def _joined(self, _: Any) -> None:
         _log.info(
@@ -407,11 +415,29 @@ class RaftService(service.Service):
     def _failed(self, failure: Any) -> None:
         self.failure = failure
         _log.failure("node {node} could not join the cluster; stopping", failure, node=self.manager.node_id)
+        self._stop_and_exit()
+
+    def _stop_and_exit(self) -> None:
+        """Stop the reactor and make the process exit with status 1 (twistd itself would exit 0,
+        hiding the failure from supervisors and scripts)."""
+        if self.exit_status:
+            return
+        self.exit_status = 1
 
         def stop() -> None:
             if getattr(self.reactor, "running", False):
                 self.reactor.stop()
 
+        def exit_nonzero() -> None:
+            import os
+            import sys
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        if hasattr(self.reactor, "addSystemEventTrigger") and getattr(self, "exit_on_failure", True):
+            self.reactor.addSystemEventTrigger("after", "shutdown", exit_nonzero)
         # twistd starts services before the reactor runs; stopping must wait until it does.
         self.reactor.callWhenRunning(stop)
 

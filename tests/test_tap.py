@@ -16,6 +16,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from kommander import tap
+from kommander.results import Event
 from kommander.kv.http import KVResource
 from kommander.kv.machine import KVStateMachine
 
@@ -334,6 +335,7 @@ class _FailingManager:
 
     def __init__(self) -> None:
         self.left = False
+        self.on_fail_stop = Event("on_fail_stop")
 
     def join_cluster(self) -> defer.Deferred[None]:
         return defer.fail(RuntimeError("port taken"))
@@ -348,6 +350,10 @@ class _Reactor:
 
     def __init__(self) -> None:
         self.stopped = False
+        self.triggers: list[tuple[str, str, Any]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
+        self.triggers.append((phase, event, f))
 
     def callWhenRunning(self, f: Any) -> None:
         f()
@@ -363,8 +369,21 @@ def test_failed_join_stops_the_reactor() -> None:
     raft = tap.RaftService(manager, reactor)
     raft.startService()
     assert reactor.stopped and raft.failure is not None and raft.failure.check(RuntimeError)
+    assert raft.exit_status == 1 and [(p, e) for p, e, _ in reactor.triggers] == [("after", "shutdown")]
     raft.stopService()
     assert manager.left
+
+
+def test_fail_stop_of_a_running_node_stops_the_reactor_and_exits_nonzero() -> None:
+    """A node that stops itself (WAL failure) makes the process stop and exit with status 1."""
+    reactor = _Reactor()
+    manager = _FailingManager()
+    manager.join_cluster = lambda: defer.Deferred()  # type: ignore[method-assign]
+    raft = tap.RaftService(manager, reactor)
+    raft.startService()
+    assert not reactor.stopped
+    manager.on_fail_stop.fire("WAL write failed: disk full")
+    assert reactor.stopped and raft.exit_status == 1 and len(reactor.triggers) == 1
 
 
 def test_raft_service_joins_and_leaves(tmp_path: Path) -> None:
