@@ -1,0 +1,122 @@
+"""Deliberately broken variants of the core, to prove the simulator's checks can fail.
+
+Each mutation is a context manager that patches :class:`RaftNode` (or :class:`RaftLog`) for the
+duration of a ``with`` block and restores it afterwards; :data:`MUTATIONS` maps a name to the
+mutation and the violation kind the simulator must report for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from kommander.core.log import RaftLog
+from kommander.core.progress import quorum_index
+from kommander.core.raft import RaftNode
+from kommander.core.types import AppendEntriesResponse, ReadState, VoteRequest, VoteResponse
+
+
+@contextlib.contextmanager
+def patched(cls: type, name: str, make: Callable[[Callable], Callable]) -> Iterator[None]:
+    original = getattr(cls, name)
+    setattr(cls, name, make(original))
+    try:
+        yield
+    finally:
+        setattr(cls, name, original)
+
+
+def _unpersist(kind: type, name: str):
+    """Move the ``kind`` replies that ``name`` queued for after the write into the plain messages."""
+
+    def make(original):
+        def handler(self, m):
+            before = len(self._persisted_msgs)
+            original(self, m)
+            queued = self._persisted_msgs[before:]
+            early = [r for r in queued if type(r) is kind]
+            self._persisted_msgs[before:] = [r for r in queued if type(r) is not kind]
+            self._msgs.extend(early)
+
+        return handler
+
+    return patched(RaftNode, name, make)
+
+
+def vote_before_persist():
+    """(a) A granted vote leaves before the vote is durable."""
+    return _unpersist(VoteResponse, "_handle_vote_request")
+
+
+def ack_before_persist():
+    """(b) A follower acknowledges entries before they are durable."""
+    return _unpersist(AppendEntriesResponse, "_handle_append")
+
+
+def count_unstable_entries():
+    """(c) The leader counts its own entries towards commit before advance() says they are durable."""
+
+    def make(original):
+        def maybe_commit(self):
+            log = self.log
+            matches = [log.last_index()]
+            matches.extend(pr.match for pr in self.progress.values())
+            index = quorum_index(matches)
+            if index > log.committed and log.term(index) == self.term:
+                log.commit_to(index)
+                self._on_commit()
+                return True
+            return False
+
+        return maybe_commit
+
+    return patched(RaftNode, "_maybe_commit", make)
+
+
+def reads_without_heartbeat():
+    """(d) ReadIndex confirms a read at once, without a heartbeat round proving leadership."""
+
+    def make(original):
+        def register(self, context):
+            self._read_states.append(ReadState(context, self.log.committed))
+
+        return register
+
+    return patched(RaftNode, "_register_read", make)
+
+
+def vote_for_any_log():
+    """(e) Votes (and pre-votes) skip the section 5.4.1 up-to-date check."""
+    return patched(RaftLog, "is_up_to_date", lambda original: lambda self, index, term: True)
+
+
+def two_votes_per_term():
+    """(f) A node may vote a second time in a term, for another candidate."""
+
+    def make(original):
+        def handler(self, m: VoteRequest):
+            if (
+                not m.pre_vote
+                and m.term == self.term
+                and self.vote not in (None, m.src)
+                and getattr(self, "_revoted_in", None) != self.term
+            ):
+                self._revoted_in = self.term
+                self.vote = None
+                self.leader = None
+            original(self, m)
+
+        return handler
+
+    return patched(RaftNode, "_handle_vote_request", make)
+
+
+#: name -> (mutation, violation kind the simulator must report)
+MUTATIONS = {
+    "vote_before_persist": (vote_before_persist, "persistence"),
+    "ack_before_persist": (ack_before_persist, "persistence"),
+    "count_unstable_entries": (count_unstable_entries, "commit-durability"),
+    "reads_without_heartbeat": (reads_without_heartbeat, "linearizability"),
+    "vote_for_any_log": (vote_for_any_log, "leader-completeness"),
+    "two_votes_per_term": (two_votes_per_term, "election-safety"),
+}
