@@ -10,6 +10,7 @@ survived the process. Nothing sleeps: time moves only through :meth:`Cluster.adv
 from __future__ import annotations
 
 import random
+import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -21,13 +22,14 @@ from zope.interface import implementer
 
 from kommander.config import RaftConfiguration
 from kommander.core.types import AppendEntries, Entry
-from kommander.interfaces import IStateMachine, WalWrite
+from kommander.interfaces import ISnapshotStateMachine, IStateMachine, WalWrite
 from kommander.manager import RaftManager
 from kommander.plugins.hlc import HybridLogicalClock
 from kommander.plugins.memory_transport import MemoryNetwork, MemoryTransport
 from kommander.plugins.memory_wal import MemoryWAL
 from kommander.plugins.static import StaticDiscovery
 from kommander.results import ReplicationResult
+from kommander.snapshots import SnapshotStore
 
 #: Simulated seconds per step of :meth:`Cluster.run_until`: a fifth of the default heartbeat.
 STEP = 0.01
@@ -56,6 +58,8 @@ class Node:
     """One node id across restarts: its durable log and what its managers applied.
 
     :ivar wal: survives every restart of the node.
+    :ivar snapshots: the node's snapshot store; survives restarts like ``wal`` (a store that a
+        restart lost would leave a compacted WAL unrecoverable).
     :ivar manager: the running manager, or ``None`` while the node is down.
     :ivar applied: partition -> entries delivered by ``on_replication_received``, every lifetime.
     :ivar restored: partition -> entries delivered by ``on_log_restored``, every lifetime.
@@ -71,6 +75,7 @@ class Node:
         self.node_id = node_id
         self.partitions = partitions
         self.wal = MemoryWAL()
+        self.snapshots = SnapshotStore()
         self.manager: RaftManager | None = None
         #: the state machine of the current (or last) lifetime, if the cluster makes them.
         self.state_machine: Any = None
@@ -89,6 +94,12 @@ class Node:
         assert self.manager is not None, f"node {self.node_id} is down"
         return self.manager
 
+    def wipe(self) -> None:
+        """Lose the node's disk: a fresh WAL and snapshot store (the node must be down)."""
+        assert self.manager is None, f"node {self.node_id} is running"
+        self.wal = MemoryWAL()
+        self.snapshots = SnapshotStore()
+
     def data(self, partition: int) -> list[bytes]:
         """Payloads this node's current lifetime has applied on ``partition``, in order."""
         return [e.data for e in self.history[partition]]
@@ -102,6 +113,8 @@ class Cluster:
     :param seed: seeds every random choice (network and election timeouts), so runs repeat.
     :param state_machine: ``node_id -> IStateMachine`` (or ``None``), called at every start.
     :param wal: ``node_id -> MemoryWAL`` (a subclass, for instance), called once per node.
+    :param snapshots: ``node_id -> SnapshotStore`` (a directory store, for instance), called once
+        per node; in memory by default.
     :param clock_skew: ``node_id -> seconds`` added to that node's wall clock (its HLC's physical source).
     :param codec: pass every message through the CBOR wire codec, as the TCP transport does.
     :param config: extra :class:`RaftConfiguration` fields for every node.
@@ -114,6 +127,7 @@ class Cluster:
         seed: int = 0,
         state_machine: Callable[[str], Any] | None = None,
         wal: Callable[[str], MemoryWAL] | None = None,
+        snapshots: Callable[[str], SnapshotStore] | None = None,
         clock_skew: dict[str, float] | None = None,
         codec: bool = False,
         **config: Any,
@@ -133,6 +147,9 @@ class Cluster:
         if wal is not None:
             for node_id, node in self.nodes.items():
                 node.wal = wal(node_id)
+        if snapshots is not None:
+            for node_id, node in self.nodes.items():
+                node.snapshots = snapshots(node_id)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -154,6 +171,7 @@ class Cluster:
             state_machine=node.state_machine,
             reactor=self.clock,
             rng=random.Random(self.rng.getrandbits(64)),
+            snapshot_store=node.snapshots,
         )
         node.history = {p: [] for p in range(self.partitions)}
 
@@ -371,6 +389,67 @@ class RecordingStateMachine:
 
     def checkpoint(self, partition: int, index: int) -> None:
         self.checkpoints.append((partition, index))
+
+
+_RECORD = struct.Struct(">QI")
+
+
+@implementer(ISnapshotStateMachine)
+class ListStateMachine:
+    """A snapshot-capable state machine whose state is every applied ``(index, data)`` pair, so a
+    test can tell exactly which entries a node's state holds, however it got there (applied,
+    restored from a snapshot, or both).
+
+    Snapshots are the records ``index: u64 | length: u32 | data`` concatenated, produced lazily
+    in chunks of ``records_per_chunk`` records.
+
+    :ivar state: partition -> ``[(index, data), ...]`` in apply order.
+    :ivar snapshots: ``(partition, last index captured)`` per :meth:`snapshot` call.
+    :ivar restores: ``(partition, last index restored)`` per :meth:`restore` call.
+    :ivar checkpoints: ``(partition, index)`` per :meth:`checkpoint` call.
+    """
+
+    def __init__(self, node_id: str, records_per_chunk: int = 8) -> None:
+        self.node_id = node_id
+        self.records_per_chunk = records_per_chunk
+        self.state: dict[int, list[tuple[int, bytes]]] = {}
+        self.snapshots: list[tuple[int, int]] = []
+        self.restores: list[tuple[int, int]] = []
+        self.checkpoints: list[tuple[int, int]] = []
+
+    def apply(self, partition: int, entry: Entry) -> Any:
+        self.state.setdefault(partition, []).append((entry.index, entry.data))
+        return b"ok:" + entry.data
+
+    def checkpoint(self, partition: int, index: int) -> None:
+        self.checkpoints.append((partition, index))
+
+    def data(self, partition: int) -> list[bytes]:
+        """The payloads the state holds for ``partition``, in order."""
+        return [data for _, data in self.state.get(partition, [])]
+
+    def snapshot(self, partition: int) -> Iterable[bytes]:
+        items = list(self.state.get(partition, []))  # the view is captured now, not when consumed
+        self.snapshots.append((partition, items[-1][0] if items else 0))
+        step = self.records_per_chunk
+
+        def chunks() -> Iterable[bytes]:
+            for i in range(0, len(items), step):
+                yield b"".join(_RECORD.pack(index, len(data)) + data for index, data in items[i : i + step])
+
+        return chunks()
+
+    def restore(self, partition: int, chunks: Iterable[bytes]) -> None:
+        blob = b"".join(chunks)
+        items: list[tuple[int, bytes]] = []
+        offset = 0
+        while offset < len(blob):
+            index, length = _RECORD.unpack_from(blob, offset)
+            offset += _RECORD.size
+            items.append((index, blob[offset : offset + length]))
+            offset += length
+        self.state[partition] = items
+        self.restores.append((partition, items[-1][0] if items else 0))
 
 
 class CountingWAL(MemoryWAL):
