@@ -29,7 +29,7 @@ class Replication:
     def _send_append(self: "RaftNode", peer: str, pr: Progress, send_empty: bool = False) -> bool:
         """Send ``peer`` the entries from ``pr.next`` if flow control allows. Returns whether a
         message went out (so callers can loop to fill the pipelining window)."""
-        if not send_empty and pr.next > self.log.last_index():
+        if not send_empty and pr.next == self.log.last_index() + 1:
             return False  # caught up: the common end of every send loop, so decide it cheaply
         config = self.config
         if pr.is_paused(config.max_inflight_msgs, config.max_inflight_bytes):
