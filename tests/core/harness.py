@@ -98,6 +98,10 @@ class Node:
     disk: Disk
     #: Every entry handed out in ``committed_entries`` since this node last started, in order.
     applied: list[Entry] = field(default_factory=list)
+    #: Index the state machine is at (its snapshot's, or its last applied entry's).
+    sm_index: int = 0
+    #: Snapshots the core told the runtime to install, in order.
+    installed: list[SnapshotMeta] = field(default_factory=list)
     read_states: list[ReadState] = field(default_factory=list)
     dropped_reads: list[int] = field(default_factory=list)
     #: Every ``soft_state`` reported, in order.
@@ -239,6 +243,9 @@ class Network:
         raise AssertionError(f"{node_id} produced a Ready 1000 times in a row")
 
     def _apply(self, node: Node, ready: Ready) -> None:
+        if ready.snapshot is not None:
+            node.installed.append(ready.snapshot)
+            node.sm_index = ready.snapshot.index
         for entry in ready.committed_entries:
             durable = node.disk.term(entry.index)
             if durable != entry.term:
@@ -246,10 +253,10 @@ class Network:
                     f"{node.id} was told to apply ({entry.index}, {entry.term}) but its disk holds "
                     f"term {durable} there"
                 )
-            expected = node.applied[-1].index + 1 if node.applied else node.disk.snapshot.index + 1
-            if entry.index != expected:
-                raise AssertionError(f"{node.id} applied {entry.index}, expected {expected}")
+            if entry.index != node.sm_index + 1:
+                raise AssertionError(f"{node.id} applied {entry.index}, expected {node.sm_index + 1}")
             node.applied.append(entry)
+            node.sm_index = entry.index
 
     def _write_pending(self, node: Node) -> None:
         while node.pending:
@@ -386,6 +393,17 @@ class Network:
         self.filters.clear()
         self.rewriters.clear()
 
+    def compact(self, node_id: str, index: int) -> SnapshotMeta:
+        """Snapshot ``node_id``'s state machine at ``index`` (applied already) and compact its log
+        and disk up to it, as a runtime does after a checkpoint."""
+        node = self.nodes[node_id]
+        meta = SnapshotMeta(index, node.core.log.term(index))
+        node.core.compact(meta)
+        disk = node.disk
+        del disk.entries[: index - disk.snapshot.index]
+        disk.snapshot = meta
+        return meta
+
     def hold_writes(self, node_id: str) -> None:
         """Make ``node_id``'s disk slow: its writes wait for :meth:`flush_writes`."""
         self.nodes[node_id].held = True
@@ -410,7 +428,8 @@ class Network:
         if node.alive:
             self.crash(node_id)
         node.core = self._make_core(node_id, node.disk)
-        node.applied = []  # a volatile state machine: rebuilt from the log
+        node.applied = []  # a volatile state machine: rebuilt from its snapshot and the log
+        node.sm_index = node.disk.snapshot.index
         node.commits = []
         node.alive = True
         node.held = False

@@ -12,7 +12,9 @@ from kommander.core.types import (
     HardState,
     Heartbeat,
     HeartbeatResponse,
+    InstallSnapshot,
     Proposal,
+    SnapshotMeta,
 )
 
 from .harness import Network, entries_of, ids
@@ -311,3 +313,102 @@ def test_stale_success_does_not_move_match_back():
     match = leader.progress["n2"].match
     net.step(AppendEntriesResponse(1, "n2", "n1", True, 1))
     assert leader.progress["n2"].match == match == 3
+
+
+# ---------------------------------------------------------------------- snapshots
+
+
+def lagging_behind_snapshot() -> Network:
+    """n3 missed everything after the no-op; n1 then compacted its log past what n3 needs."""
+    net = Network(3)
+    net.elect("n1")
+    net.isolate("n3")
+    for i in range(10):
+        net.propose("n1", b"%d" % i)
+    net.heartbeat("n1")
+    net.compact("n1", 8)
+    net.heal()
+    return net
+
+
+def test_follower_needing_compacted_entries_gets_a_snapshot():
+    """A follower behind the leader's snapshot is sent InstallSnapshot, then the entries after it."""
+    net = lagging_behind_snapshot()
+    net.heartbeat("n1")
+    (offer,) = [m for m in net.delivered if type(m) is InstallSnapshot]
+    assert (offer.dst, offer.meta) == ("n3", SnapshotMeta(8, 1))
+    assert net.node("n3").installed == [SnapshotMeta(8, 1)]
+    assert net.node("n3").disk.snapshot == SnapshotMeta(8, 1)
+    assert net["n3"].log.entries == net["n1"].log.entries
+    assert [e.index for e in net.applied("n3")] == [1, 9, 10, 11]
+    assert net["n1"].progress["n3"].state is ProgressState.REPLICATE
+
+
+def test_snapshot_sent_once_while_in_flight():
+    """While a snapshot transfer is under way the leader sends that follower nothing else."""
+    net = lagging_behind_snapshot()
+    net.drop(InstallSnapshot)
+    mark = len(net.delivered)
+    net.heartbeat("n1")
+    net.propose("n1", b"more")
+    net.heartbeat("n1")
+    assert len([m for m in net.dropped if type(m) is InstallSnapshot]) == 1
+    assert not appends_to(net, "n3", source=net.delivered[mark:])
+    assert net["n1"].progress["n3"].state is ProgressState.SNAPSHOT
+
+
+def test_failed_snapshot_transfer_is_retried():
+    """When the runtime reports a failed transfer, the leader probes again and offers a new one."""
+    net = lagging_behind_snapshot()
+    lost = net.drop(InstallSnapshot)
+    net.heartbeat("n1")
+    net.restore(lost)
+    net["n1"].report_snapshot("n3", False)
+    net.process("n1")
+    net.heartbeat("n1")
+    assert net.node("n3").installed == [SnapshotMeta(8, 1)]
+    assert net.terms("n3") == net.terms("n1")
+
+
+def test_snapshot_of_entries_the_follower_holds_keeps_its_log():
+    """A follower already holding the snapshot's last entry keeps its log and only commits."""
+    core = follower([1, 1, 1, 1, 1], term=1)
+    core.step(InstallSnapshot(1, "n1", "n2", SnapshotMeta(3, 1)))
+    ready = core.ready()
+    assert ready.snapshot is None
+    assert core.log.last_index() == 5 and core.log.committed == 3
+    (ack,) = ready.persisted_messages
+    assert (ack.success, ack.index) == (True, 3)
+
+
+def test_snapshot_older_than_commit_is_acknowledged_and_ignored():
+    """An old snapshot (below our commit index) changes nothing; the ack reports our commit."""
+    core = follower([1, 1, 1, 1, 1], term=1)
+    core.step(Heartbeat(1, "n1", "n2", 5))
+    core.ready()
+    core.step(InstallSnapshot(1, "n1", "n2", SnapshotMeta(2, 1)))
+    ready = core.ready()
+    assert ready.snapshot is None and core.log.last_index() == 5
+    assert [(m.success, m.index) for m in ready.persisted_messages] == [(True, 5)]
+
+
+def test_conflicting_follower_log_replaced_by_snapshot():
+    """A follower whose log disagrees at the snapshot's index drops it for the snapshot."""
+    core = follower([1, 2, 2], term=3)
+    core.step(InstallSnapshot(3, "n1", "n2", SnapshotMeta(5, 3)))
+    ready = core.ready()
+    assert ready.snapshot == SnapshotMeta(5, 3)
+    assert (core.log.last_index(), core.log.last_term(), core.log.committed, core.log.entries) == (5, 3, 5, [])
+    assert ready.messages == () and [m.index for m in ready.persisted_messages] == [5]
+
+
+def test_restart_from_snapshot_and_log():
+    """A node restarted from a compacted disk resumes from its snapshot and rejoins."""
+    net = lagging_behind_snapshot()
+    net.heartbeat("n1")
+    net.compact("n3", 9)
+    core = net.restart("n3")
+    assert (core.log.first_index, core.log.last_index()) == (10, 11)
+    net.propose("n1", b"after")
+    net.heartbeat("n1")
+    assert net.node("n3").applied_data[-1] == b"after"
