@@ -660,29 +660,33 @@ def test_cluster_corrupted_snapshot_is_not_installed_and_the_leader_retries() ->
 
 
 def test_cluster_old_snapshot_never_overwrites_newer_state() -> None:
-    """An up-to-date follower handed a complete, valid snapshot older than its commit index does not restore
-    it, store it or lose any entry."""
+    """An up-to-date follower handed a complete, valid snapshot older than its commit index (one it does
+    not hold, with other contents) does not restore it, store it or lose any entry."""
     cluster = Cluster(3, partitions=1, seed=2, state_machine=ListStateMachine, **CLUSTER)
     cluster.start_all()
     cluster.wait_for_leaders()
-    for i in range(30):
+    for i in range(35):
         assert cluster.write(0, b"value-%03d" % i).success
     cluster.wait_caught_up()
     leader = cluster.leader(0)
     assert leader is not None
-    old = leader.m.snapshot_store.latest(0)
-    assert old is not None
-    for i in range(30, 35):
-        assert cluster.write(0, b"value-%03d" % i).success
-    cluster.wait_caught_up()
     follower = cluster.nodes[next(n for n in cluster.ids if n != leader.node_id)]
     before = list(follower.state_machine.state[0])
     stored = follower.m.snapshot_store.list(0)
     committed = follower.m.runtimes[0].core.log.committed
-    assert old.index < committed
-    size = leader.m.snapshot_store.size(0, old)
-    data = leader.m.snapshot_store.read_raw(0, old, 0, size)
     term = leader.m.runtimes[0].core.term
+    old = SnapshotMeta(25, term)
+    assert old not in stored and old.index < committed
+    source = ListStateMachine("source")
+    source.state[0] = [(1, b"stale")]
+    forged = SnapshotStore(None)
+    writer = forged.writer(0, old)
+    writer.write_header(encode_runtime({}))
+    for chunk in source.snapshot(0):
+        writer.write_state(chunk)
+    writer.write_trailer()
+    writer.finish()
+    data = forged.read_raw(0, old, 0, forged.size(0, old))
     follower.m.message_received(leader.node_id, 0, SnapshotChunk(term, leader.node_id, follower.node_id, old, 0, data, True))
     cluster.advance(1.0)
     assert follower.state_machine.restores == []
