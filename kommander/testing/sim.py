@@ -112,6 +112,11 @@ class SimConfig:
     compact_every: int = 12
     #: Ticks a leader waits for a snapshot transfer before giving it up.
     snapshot_timeout_ticks: int = 30
+    pre_vote: bool = True
+    check_quorum: bool = True
+    #: Chance that a chaos event also asks a leader to hand leadership to a random peer. Drawn
+    #: from a generator of its own, so 0 leaves every other random choice of a seed unchanged.
+    transfer_rate: float = 0.0
 
 
 @dataclass
@@ -217,6 +222,7 @@ class Simulation:
         self.seed = seed
         self.config = config or SimConfig()
         self.rng = random.Random(seed)
+        self.transfer_rng = random.Random(f"transfer/{seed}")
         self.make_sm = state_machine_factory
         self.ids = tuple(f"n{i}" for i in range(1, self.config.nodes + 1))
         self.quorum = len(self.ids) // 2 + 1
@@ -311,6 +317,8 @@ class Simulation:
             election_tick_max=cfg.election_tick_max,
             max_msg_entries=cfg.max_msg_entries,
             max_inflight_msgs=cfg.max_inflight_msgs,
+            pre_vote=cfg.pre_vote,
+            check_quorum=cfg.check_quorum,
         )
         self._adopt_received(node)
         node.core = RaftNode(
@@ -573,6 +581,8 @@ class Simulation:
         if not self.chaos:
             return
         self._schedule(self.rng.randint(10, 50), "chaos")
+        if self.config.transfer_rate and self.transfer_rng.random() < self.config.transfer_rate:
+            self._transfer()
         rng = self.rng
         roll = rng.random()
         down = [n for n in self.nodes.values() if not n.alive]
@@ -606,6 +616,20 @@ class Simulation:
             self.duplicate = rng.choice((0.0, 0.05, 0.2))
             self.max_delay = rng.choice((3, 10, 40, 120))
             self._log(f"net drop={self.drop} dup={self.duplicate} delay<={self.max_delay}")
+
+    def _transfer(self) -> None:
+        rng = self.transfer_rng
+        leaders = [
+            n for n in self.nodes.values()
+            if n.alive and n.paused_until <= self.now and n.core.role is Role.LEADER
+        ]
+        if not leaders:
+            return
+        node = rng.choice(leaders)
+        target = rng.choice([i for i in self.ids if i != node.id])
+        node.core.transfer_leadership(target)
+        self._log(f"transfer {node.id} -> {target}")
+        self._process(node)
 
     def _partition(self, side: set[str]) -> None:
         self.blocked = {(a, b) for a in self.ids for b in self.ids if (a in side) != (b in side)}

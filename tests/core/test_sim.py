@@ -4,6 +4,7 @@ its checks fail when the core is broken on purpose."""
 from __future__ import annotations
 
 import multiprocessing
+import re
 
 import pytest
 
@@ -17,9 +18,9 @@ STEPS = 2000
 WORKERS = 2
 
 
-def run_many(nodes: int, seeds: int = SEEDS, steps: int = STEPS):
+def run_many(nodes: int, seeds: int = SEEDS, steps: int = STEPS, **overrides):
     chunk = 25
-    jobs = [(start, min(start + chunk, seeds), nodes, steps) for start in range(0, seeds, chunk)]
+    jobs = [(start, min(start + chunk, seeds), nodes, steps, overrides) for start in range(0, seeds, chunk)]
     # spawn, not fork: the test process may hold threads (pytest-twisted) that fork would copy.
     with multiprocessing.get_context("spawn").Pool(WORKERS) as pool:
         return [row for rows in pool.map(run_seeds, jobs) for row in rows]
@@ -37,6 +38,44 @@ def test_seeds_without_violation(nodes):
     assert min(commits for *_, commits, _, _ in rows) > 0
     assert min(elections for *_, elections, _ in rows) > 0
     assert sum(crashes for *_, crashes in rows) > SEEDS
+
+
+@pytest.mark.parametrize(
+    "nodes, overrides",
+    [
+        (3, {"transfer_rate": 0.3}),
+        (5, {"transfer_rate": 0.3}),
+        (3, {"pre_vote": False}),
+        (5, {"check_quorum": False}),
+        (5, {"pre_vote": False, "check_quorum": False, "transfer_rate": 0.2}),
+    ],
+    ids=["transfers-3", "transfers-5", "no-prevote-3", "no-checkquorum-5", "plain-raft-transfers-5"],
+)
+def test_seeds_without_violation_in_other_configurations(nodes, overrides):
+    """Leadership transfers under faults, and Raft without PreVote or CheckQuorum: no violation."""
+    rows = run_many(nodes, seeds=60, **overrides)
+    assert [(seed, v) for seed, _, v, *_ in rows if v] == []
+    assert min(commits for *_, commits, _, _ in rows) > 0
+
+
+def test_transfers_happen_in_the_simulation():
+    """With transfer_rate set, leaders really are asked to hand over, and targets do take over."""
+    asked = completed = 0
+    for seed in range(10):
+        result = Simulation(seed, SimConfig(nodes=3, transfer_rate=0.5), trace_limit=None).run()
+        assert result.violation is None
+        pending = None
+        for line in result.trace:
+            transfer = re.search(r" transfer (\S+) -> (\S+)$", line)
+            leader = re.search(r" leader (\S+) term=", line)
+            if transfer:
+                asked += 1
+                pending = transfer.group(2)
+            elif leader and pending is not None:
+                completed += leader.group(1) == pending
+                pending = None
+    assert asked >= 20
+    assert completed >= 10
 
 
 def test_same_seed_same_trace():
