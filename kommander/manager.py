@@ -353,13 +353,13 @@ class RaftManager:
         if auto_commit:
             return self._submit(runtime, proposals)
 
-        def record(result: ReplicationResult) -> None:
+        def record(result: ReplicationResult, request: Any = None) -> None:
             # A ticket can only be decided by the leader term that proposed it: if leadership
             # changed meanwhile, the next leader's no-op has already rolled it back.
-            if result.success and self._leads_term_of(runtime, result.ticket_id):
-                runtime.my_tickets[result.ticket_id] = "pending"
-            else:
-                runtime.my_tickets.pop(result.ticket_id, None)
+            if result.success and self._leads_term(runtime, request.term):
+                runtime.my_tickets[result.ticket_id] = ("pending", request.term)
+            elif request is not None:
+                runtime.my_tickets.pop(request.first, None)
 
         return self._submit(runtime, proposals, record)
 
@@ -377,8 +377,8 @@ class RaftManager:
             return defer.succeed(
                 ReplicationResult.failed(Status.NOT_LEADER, "only the leader decides tickets", runtime.core.leader)
             )
-        state = runtime.my_tickets.get(ticket)
-        if state == "pending" and not self._leads_term_of(runtime, ticket):
+        state, term = runtime.my_tickets.get(ticket, (None, 0))
+        if state is not None and not self._leads_term(runtime, term):
             runtime.my_tickets.pop(ticket, None)
             state = None
         if state != "pending":
@@ -389,24 +389,19 @@ class RaftManager:
                 "deciding": "a decision for this ticket is already being written",
             }[state]
             return defer.succeed(ReplicationResult.failed(Status.REFUSED, why))
-        runtime.my_tickets[ticket] = "deciding"
+        runtime.my_tickets[ticket] = ("deciding", term)
 
-        def done(result: ReplicationResult) -> None:
+        def done(result: ReplicationResult, request: Any = None) -> None:
             runtime.my_tickets.pop(ticket, None)
 
         proposal = Proposal("", b"", self._now_ts(), kind, ticket)
         return self._submit(runtime, [proposal], done)
 
     @staticmethod
-    def _leads_term_of(runtime: PartitionRuntime, index: int) -> bool:
-        """Whether this node leads in the term that wrote the entry at ``index``."""
+    def _leads_term(runtime: PartitionRuntime, term: int) -> bool:
+        """Whether this node still leads in ``term`` (its tickets are decidable only then)."""
         core = runtime.core
-        if core.role is not Role.LEADER:
-            return False
-        try:
-            return core.log.term(index) == core.term
-        except KommanderError:  # compacted: long decided
-            return False
+        return core.role is Role.LEADER and core.term == term
 
     def replicate_checkpoint(self, partition: int) -> defer.Deferred[ReplicationResult]:
         """Write a checkpoint marker; once applied, the state machine's ``checkpoint`` runs."""
@@ -421,7 +416,7 @@ class RaftManager:
         failure = runtime.enqueue(request)
         if failure is not None:
             if on_done is not None:
-                on_done(failure)
+                on_done(failure, request)
             return defer.succeed(failure)
         self.mark_dirty(runtime)
         return request.deferred

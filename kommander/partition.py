@@ -50,14 +50,15 @@ class Request:
         self.last = 0
         self.term = 0
         self.results: list[Any] = []
-        #: Called with the result just before the caller's Deferred fires (ticket bookkeeping).
+        #: Called with the result and this request just before the caller's Deferred fires
+        #: (ticket bookkeeping).
         self.on_done: Any = None
 
     def finish(self, result: ReplicationResult) -> None:
         if self.deferred.called:
             return
         if self.on_done is not None:
-            self.on_done(result)
+            self.on_done(result, self)
         self.deferred.callback(result)
 
 
@@ -81,8 +82,9 @@ class PartitionRuntime:
         self.applying = False
         #: Undecided two-phase tickets (every node): ticket -> held entries.
         self.tickets: dict[int, list[Entry]] = {}
-        #: The leader's view of its own tickets: ticket -> "replicating" | "pending" | "deciding".
-        self.my_tickets: dict[int, str] = {}
+        #: The leader's view of its own tickets: ticket -> (state, term proposed in), state being
+        #: "replicating", "pending" or "deciding".
+        self.my_tickets: dict[int, tuple[str, int]] = {}
         self.role = core.role
         self.leader: str | None = core.leader
         self.term = core.term
@@ -152,7 +154,7 @@ class PartitionRuntime:
             request.term = term
             index = request.last + 1
             if request.proposals[0].kind is EntryKind.PROPOSED:
-                self.my_tickets[request.first] = "replicating"
+                self.my_tickets[request.first] = ("replicating", term)
             self.inflight.append(request)
         if queue:
             self.manager.mark_dirty(self)

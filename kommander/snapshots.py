@@ -150,9 +150,13 @@ class SnapshotStore:
         return metas[-1] if metas else None
 
     def size(self, partition: int, meta: SnapshotMeta) -> int:
+        """The stored file's size. :raises SnapshotError: when there is no such snapshot."""
         if self.directory is None:
             return len(self._memory_bytes(partition, meta))
-        return os.path.getsize(self._path(partition, meta))
+        try:
+            return os.path.getsize(self._path(partition, meta))
+        except FileNotFoundError:
+            raise SnapshotError(f"snapshot {meta} of partition {partition} is gone") from None
 
     def read_raw(self, partition: int, meta: SnapshotMeta, offset: int, length: int) -> bytes:
         """``length`` bytes of the stored file from ``offset`` (for streaming to followers)."""

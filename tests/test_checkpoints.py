@@ -527,7 +527,7 @@ def ticket_cluster() -> tuple[Cluster, Node, Node, int]:
 def test_undecided_ticket_survives_a_snapshot_install_and_a_later_commit_applies_it() -> None:
     """A follower installing a snapshot taken while ticket T was undecided holds T afterwards, and the
     COMMIT marker that follows applies T's entries on it. (The COMMIT is proposed below the public API,
-    see the xfail test after this one.)"""
+    see the test after this one.)"""
     cluster, leader, follower, ticket = ticket_cluster()
     cluster.heal()
     cluster.wait_caught_up()
@@ -545,11 +545,6 @@ def test_undecided_ticket_survives_a_snapshot_install_and_a_later_commit_applies
     cluster.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RaftManager._leads_term_of treats a ticket whose entries were compacted as 'long decided': "
-    "commit_logs is REFUSED ('unknown ticket') once a checkpoint passed the ticket on the leader",
-)
 def test_commit_logs_of_a_ticket_behind_a_checkpoint() -> None:
     """commit_logs succeeds for an undecided ticket after the leader checkpointed past it, and every node
     (the snapshot-installed follower too) applies its entries."""

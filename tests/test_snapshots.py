@@ -269,11 +269,6 @@ def test_open_of_a_missing_snapshot_in_memory_is_a_snapshot_error() -> None:
         SnapshotStore(None).open(0, META)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SnapshotStore.size (called first by open) does os.path.getsize unguarded, so a directory "
-    "store raises FileNotFoundError where the memory store raises SnapshotError",
-)
 def test_open_of_a_missing_snapshot_on_disk_is_a_snapshot_error(tmp_path: Any) -> None:
     """open() of a snapshot the directory store does not hold raises SnapshotError, as the memory store does."""
     with pytest.raises(SnapshotError):
