@@ -137,3 +137,32 @@ def test_stale_ack_of_an_old_term_is_ignored():
     net.heal()
     net.step(AppendEntriesResponse(1, "n2", "n1", True, 3))
     assert net["n1"].log.committed == 0
+
+
+def test_follower_acking_after_the_commit_learns_it_without_a_tick():
+    """A follower whose acknowledgement arrives after the entry committed is told the commit
+    index at once, not one heartbeat interval later."""
+    net = Network(3)
+    net.elect("n1", settle=False)
+    assert [net[i].log.committed for i in net.ids] == [1, 1, 1]
+    net.propose("n1", b"x")
+    assert [net[i].log.committed for i in net.ids] == [2, 2, 2]
+    assert net.node("n3").applied_data == [b"x"]
+
+
+def test_commit_broadcast_skips_followers_with_nothing_new():
+    """A commit is announced only to followers that can use it: no heartbeat carries a commit
+    index its follower was already sent."""
+    net = Network(3)
+    net.elect("n1")
+    mark = len(net.delivered)
+    for i in range(5):
+        net.propose("n1", b"%d" % i)
+    sent: dict[str, int] = {}
+    for m in net.delivered[mark:]:
+        if type(m) is Heartbeat:
+            assert m.commit > sent.get(m.dst, 0), m
+        if type(m) in (Heartbeat, AppendEntries):
+            usable = m.commit if type(m) is Heartbeat else min(m.commit, m.prev_index + len(m.entries))
+            sent[m.dst] = max(sent.get(m.dst, 0), usable)
+    assert [net[i].log.committed for i in net.ids] == [6, 6, 6]
