@@ -33,6 +33,7 @@ class Progress:
         "recent_active",
         "read_ack",
         "pending_snapshot",
+        "sent_commit",
     )
 
     def __init__(self, next_index: int) -> None:
@@ -50,6 +51,8 @@ class Progress:
         self.read_ack = 0
         #: In SNAPSHOT: the index of the snapshot being sent.
         self.pending_snapshot = 0
+        #: Highest commit index sent to the follower that it can use (it may not have arrived).
+        self.sent_commit = 0
 
     def __repr__(self) -> str:
         return (

@@ -59,10 +59,15 @@ class Replication:
             size += entry_size
         count = len(batch)
         last = batch[-1].index if count else prev_index
+        committed = log.committed
         self._msgs.append(
-            AppendEntries(self.term, self.id, peer, prev_index, prev_term, tuple(batch), log.committed)
+            AppendEntries(self.term, self.id, peer, prev_index, prev_term, tuple(batch), committed)
         )
         pr.sent(last, size, count)
+        # The follower can use the commit index up to what this message vouches for.
+        usable = committed if committed < last else last
+        if usable > pr.sent_commit:
+            pr.sent_commit = usable
         return True
 
     def _send_snapshot(self: "RaftNode", peer: str, pr: Progress) -> bool:
@@ -82,16 +87,26 @@ class Replication:
         committed = self.log.committed
         for peer, pr in self.progress.items():
             # Never claim a commit index the follower may not hold yet.
-            self._msgs.append(Heartbeat(self.term, self.id, peer, min(pr.match, committed), context))
+            commit = min(pr.match, committed)
+            self._msgs.append(Heartbeat(self.term, self.id, peer, commit, context))
+            if commit > pr.sent_commit:
+                pr.sent_commit = commit
 
     def _bcast_commit(self: "RaftNode") -> None:
         """Tell followers about a new commit index: piggy-backed on new entries where there are
         some, by heartbeat otherwise."""
-        committed = self.log.committed
         context = self._read_seq
         for peer, pr in self.progress.items():
             if not self._send_append(peer, pr):
-                self._msgs.append(Heartbeat(self.term, self.id, peer, min(pr.match, committed), context))
+                self._send_commit(peer, pr, context)
+
+    def _send_commit(self: "RaftNode", peer: str, pr: Progress, context: int) -> None:
+        """Heartbeat ``peer`` if it can learn a commit index it was not sent yet: the part of our
+        commit index that it is known to hold."""
+        commit = min(pr.match, self.log.committed)
+        if commit > pr.sent_commit:
+            pr.sent_commit = commit
+            self._msgs.append(Heartbeat(self.term, self.id, peer, commit, context))
 
     # ------------------------------------------------------------------ leader: acknowledgements
 
@@ -124,6 +139,10 @@ class Replication:
         self._maybe_finish_transfer(m.src)
         while self._send_append(m.src, pr):
             pass
+        if not self._commit_dirty:
+            # The commit index may have moved before this follower's ack arrived: tell it now
+            # rather than at the next heartbeat. (A pending broadcast tells everyone anyway.)
+            self._send_commit(m.src, pr, self._read_seq)
 
     def _handle_heartbeat_response(self: "RaftNode", m: HeartbeatResponse) -> None:
         pr = self.progress.get(m.src)
