@@ -227,6 +227,10 @@ class Network:
             if not node.commits or node.commits[-1] != core.log.committed:
                 node.commits.append(core.log.committed)
             if not core.has_ready():
+                # has_ready() must not miss anything ready() would hand out, or a runtime that
+                # trusts it would stall.
+                idle = core.ready()
+                assert idle == Ready(), f"{node_id}: has_ready() is False but ready() gave {idle}"
                 return
             ready = core.ready()
             node.readies.append(ready)
