@@ -4,7 +4,10 @@ its checks fail when the core is broken on purpose."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -92,6 +95,21 @@ def test_same_seed_same_trace():
         again.crashes,
     )
     assert first.trace != other.trace
+
+
+def test_replay_command_is_deterministic_across_processes():
+    """The printed replay command reproduces a run exactly in another process, whatever its hash
+    seed (nothing in the core or the simulator depends on set or dict-of-str ordering)."""
+    outputs = []
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        done = subprocess.run(
+            [sys.executable, "-m", "kommander.testing.sim", "--seed", "5", "--nodes", "5", "--trace"],
+            capture_output=True, text=True, env=env, timeout=120, check=True,
+        )
+        outputs.append(done.stdout)
+    assert outputs[0] == outputs[1]
+    assert "no violations" in outputs[0] and outputs[0].count("\n") > 50
 
 
 def test_faultless_run_commits_and_settles():
