@@ -121,15 +121,16 @@ def test_faultless_run_commits_and_settles():
     assert result.crashes == 0
 
 
-# Seed ranges were chosen by surveying each mutation (3 nodes unless noted, 300 seeds): a and b
-# are caught on every seed; c on 5% of seeds (first at 3), d on 1.3% (first at 36), e on 43%
-# (first at 1), f on 4.7% (5 nodes: 16%, first at 7). Each test stops at the first detection;
-# the ranges leave room for several detections should the core or simulator shift the seeds.
+# Seed ranges were chosen by surveying each mutation over 300 seeds (3 nodes unless noted): a and
+# b are caught on every seed; c on 3% of seeds (first at 36), d on 1.3% (36, 60, 199, 260), e on
+# 38% (first at 3), f with 5 nodes on 17% (first at 6). Each test stops at its first detection;
+# the ranges leave room for several detections should changes to the core or the simulator shift
+# what each seed does.
 MUTATION_RUNS = {
     "vote_before_persist": (3, range(0, 5), 5),
     "ack_before_persist": (3, range(0, 5), 5),
-    "count_unstable_entries": (3, range(0, 120), 1),
-    "reads_without_heartbeat": (3, range(0, 250), 1),
+    "count_unstable_entries": (3, range(0, 200), 1),
+    "reads_without_heartbeat": (3, range(0, 400), 1),
     "vote_for_any_log": (3, range(0, 30), 1),
     "two_votes_per_term": (5, range(0, 60), 1),
 }
