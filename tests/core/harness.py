@@ -350,9 +350,9 @@ class Network:
             self.heartbeat(node_id)
         return core
 
-    def propose(self, node_id: str, *data: bytes, stabilize: bool = True, **fields: object) -> tuple[int, int]:
+    def propose(self, node_id: str, *data: bytes, stabilize: bool = True, log_type: str = "t") -> tuple[int, int]:
         """Propose one NORMAL entry per ``data`` on ``node_id`` (which must lead)."""
-        result = self[node_id].propose([Proposal(fields.get("log_type", "t"), d) for d in data])  # type: ignore[arg-type]
+        result = self[node_id].propose([Proposal(log_type, d) for d in data])
         self.process(node_id)
         if stabilize:
             self.stabilize()

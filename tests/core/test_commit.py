@@ -140,8 +140,7 @@ def test_stale_ack_of_an_old_term_is_ignored():
 
 
 def test_follower_acking_after_the_commit_learns_it_without_a_tick():
-    """A follower whose acknowledgement arrives after the entry committed is told the commit
-    index at once, not one heartbeat interval later."""
+    """A follower acking after the commit is told the commit index at once, not at the next heartbeat."""
     net = Network(3)
     net.elect("n1", settle=False)
     assert [net[i].log.committed for i in net.ids] == [1, 1, 1]
@@ -151,8 +150,7 @@ def test_follower_acking_after_the_commit_learns_it_without_a_tick():
 
 
 def test_commit_broadcast_skips_followers_with_nothing_new():
-    """A commit is announced only to followers that can use it: no heartbeat carries a commit
-    index its follower was already sent."""
+    """No heartbeat carries a commit index its follower was already sent."""
     net = Network(3)
     net.elect("n1")
     mark = len(net.delivered)

@@ -211,8 +211,7 @@ def test_stable_to_ignores_replaced_entries():
 
 
 def test_older_write_does_not_make_a_pending_rewrite_stable():
-    """After a truncation, an older write completing counts as durable only below the truncation
-    until the write that rewrites the suffix on disk completes too."""
+    """An older write counts as stable only below a truncation until its rewrite is durable."""
     log = stable_log([1])
     log.maybe_append(1, 1, entries_of([2, 2, 2], first=2))
     log.take_unstable()  # write 1: (2..4, term 2)
@@ -320,8 +319,7 @@ def leader_logs(rng: random.Random, terms: int) -> dict[int, list[Entry]]:
 
 
 def test_stable_entries_are_on_disk():
-    """Random AppendEntries from successive leaders, writes completing late and in order: every
-    entry up to ``stable`` is on disk as the log has it, after every write (300 seeded runs)."""
+    """With random appends and late, ordered writes, every entry up to stable is on disk (300 runs)."""
     for seed in range(300):
         run_stable_scenario(seed)
 

@@ -78,8 +78,7 @@ def test_figure_8_c_no_commit_by_counting_older_term():
 
 
 def test_figure_8_d_that_entry_can_still_be_overwritten():
-    """Figure 8 (d): S5 can then be elected and replace it everywhere, so committing it would have
-    been unsafe."""
+    """Figure 8 (d): S5 can then win and overwrite that entry, so committing it was unsafe."""
     net = figure_8_c()
     net.crash("n1")
     net.heal()
@@ -178,8 +177,7 @@ def test_leader_append_only():
 
 @pytest.mark.parametrize("pre_vote, disrupted", [(True, False), (False, True)])
 def test_disruptive_rejoin_of_a_lagging_node(pre_vote, disrupted):
-    """Thesis 9.6: a node partitioned away while writes committed returns; only PreVote keeps it
-    from deposing the leader it cannot replace anyway."""
+    """Thesis 9.6: only PreVote keeps a returning, lagging node from deposing the leader."""
     net = Network(5, pre_vote=pre_vote, seed=11)
     net.elect("n1")
     net.isolate("n5")

@@ -108,8 +108,7 @@ def test_rejected_append_response_may_leave_at_once():
 
 
 def test_ack_of_already_held_entries_still_waits_for_the_write():
-    """Even an ack of entries held before is ordered after the Ready's write (earlier writes may
-    still be in flight)."""
+    """Even an ack of entries held before waits for the Ready's write (earlier ones may be in flight)."""
     follower = core(term=1)
     follower.step(AppendEntries(1, "n1", "n2", 0, 0, entries_of([1, 1]), 0))
     follower.ready()  # not yet durable
@@ -196,8 +195,7 @@ def write(disk: dict[int, int], ready: Ready) -> None:
 
 
 def test_applied_entries_stay_durable_across_a_truncating_write():
-    """An older write completing does not let entries be applied that a queued, truncating write
-    is about to replace on disk: every applied entry stays durable after every later write."""
+    """An applied entry stays on disk after every later write, even one queued to truncate it."""
     n3, readies = truncation_flip_flop()
     disk = {i: 1 for i in range(1, 5)}
     applied = [e for r in readies for e in r.committed_entries]

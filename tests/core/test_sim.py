@@ -98,8 +98,7 @@ def test_same_seed_same_trace():
 
 
 def test_replay_command_is_deterministic_across_processes():
-    """The printed replay command reproduces a run exactly in another process, whatever its hash
-    seed (nothing in the core or the simulator depends on set or dict-of-str ordering)."""
+    """The replay command reproduces a run in another process under another hash seed."""
     outputs = []
     for hash_seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed)

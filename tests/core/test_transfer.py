@@ -72,8 +72,7 @@ def test_transfer_to_lagging_follower_catches_it_up_first():
 
 
 def test_transfer_abandoned_after_election_timeout():
-    """If the target never takes over, the leader gives up after an election timeout and
-    accepts proposals again."""
+    """A transfer that does not finish is abandoned after an election timeout; proposals resume."""
     net = Network(3)
     leader = net.elect("n1")
     net.isolate("n2")
