@@ -19,7 +19,7 @@ from runtime_harness import Cluster, ListStateMachine, Node, RecordingStateMachi
 from twisted.internet import task
 
 from kommander.checkpoints import Checkpointer, entries_after
-from kommander.core.types import Entry, EntryKind, HardState, Proposal, SnapshotChunk, SnapshotMeta
+from kommander.core.types import Entry, EntryKind, HardState, SnapshotChunk, SnapshotMeta
 from kommander.interfaces import WalState, WalWrite
 from kommander.kv.machine import KVStateMachine, encode_delete, encode_put
 from kommander.plugins.memory_wal import MemoryWAL
@@ -75,8 +75,7 @@ def other_followers(cluster: Cluster, *not_these: Node) -> list[Node]:
 
 
 def test_replicate_checkpoint_snapshots_and_compacts_every_node() -> None:
-    """replicate_checkpoint: every node's state machine hears checkpoint(), takes a snapshot at the
-    marker's index, and its WAL drops every entry up to it."""
+    """replicate_checkpoint: every node calls checkpoint(), snapshots at the marker and compacts its WAL up to it."""
     cluster = Cluster(3, partitions=2, seed=1, state_machine=ListStateMachine)
     cluster.start_all()
     leaders = cluster.wait_for_leaders()
@@ -99,8 +98,7 @@ def test_replicate_checkpoint_snapshots_and_compacts_every_node() -> None:
 
 
 def test_checkpoint_every_n_entries() -> None:
-    """checkpoint_every=10: a snapshot after each 10 applied entries on every node, the WAL keeps
-    only what follows the newest, the store keeps the newest two."""
+    """checkpoint_every=10 snapshots every 10 applied entries on every node; WAL and store keep only the newest."""
     cluster = Cluster(3, partitions=1, seed=2, state_machine=ListStateMachine, checkpoint_every=10)
     cluster.start_all()
     leader = cluster.wait_for_leaders()[0]
@@ -119,8 +117,7 @@ def test_checkpoint_every_n_entries() -> None:
 
 
 def test_checkpoint_every_n_bytes() -> None:
-    """checkpoint_every_bytes=1000 with 300-byte entries: a snapshot every fourth entry, counted in
-    entry data bytes."""
+    """checkpoint_every_bytes=1000 with 300-byte entries snapshots every fourth entry on every node."""
     cluster = Cluster(3, partitions=1, seed=3, state_machine=ListStateMachine, checkpoint_every_bytes=1000)
     cluster.start_all()
     leader = cluster.wait_for_leaders()[0]
@@ -166,8 +163,7 @@ def test_state_machine_without_snapshot_is_never_compacted() -> None:
 
 
 def test_snapshot_captures_the_view_at_its_index_while_later_entries_apply() -> None:
-    """A snapshot streamed lazily (one record per chunk, one chunk per reactor turn) holds exactly the
-    entries up to its index, though later entries are applied while it is written."""
+    """A lazily streamed snapshot holds exactly the entries up to its index, though later ones apply meanwhile."""
     cluster = Cluster(
         3,
         partitions=1,
@@ -195,8 +191,7 @@ def test_snapshot_captures_the_view_at_its_index_while_later_entries_apply() -> 
 
 
 def test_partitioned_follower_catches_up_by_snapshot_then_log() -> None:
-    """A follower cut off while the others write past several checkpoints gets one snapshot, installs it,
-    then takes the rest from the log; its WAL is compacted at the snapshot and it holds every entry."""
+    """A follower cut off past several checkpoints installs one snapshot, then takes the rest from the log."""
     cluster = Cluster(3, partitions=1, seed=7, state_machine=ListStateMachine, checkpoint_every=10, **SMALL)
     cluster.start_all()
     leader, follower = lagging(cluster, 55)
@@ -219,8 +214,7 @@ def test_partitioned_follower_catches_up_by_snapshot_then_log() -> None:
 
 
 def test_wiped_follower_is_rebuilt_from_snapshot_and_log() -> None:
-    """A follower that lost its WAL and snapshot store (same node id) comes back empty, is sent the
-    snapshot, and ends with every entry."""
+    """A follower that lost its WAL and snapshots (same node id) is rebuilt by snapshot and log."""
     cluster = Cluster(3, partitions=1, seed=8, state_machine=ListStateMachine, checkpoint_every=10, **SMALL)
     cluster.start_all()
     cluster.wait_for_leaders()
@@ -242,8 +236,7 @@ def test_wiped_follower_is_rebuilt_from_snapshot_and_log() -> None:
 
 
 def test_follower_down_past_several_checkpoints_catches_up_after_restart() -> None:
-    """A follower stopped (not wiped) while the others pass several checkpoints restarts on its old log,
-    which no longer continues anywhere on the leader, and is caught up by snapshot."""
+    """A follower down while the others pass several checkpoints restarts on its old log and catches up by snapshot."""
     cluster = Cluster(3, partitions=1, seed=9, state_machine=ListStateMachine, checkpoint_every=10, **SMALL)
     cluster.start_all()
     cluster.wait_for_leaders()
@@ -265,8 +258,7 @@ def test_follower_down_past_several_checkpoints_catches_up_after_restart() -> No
 
 
 def test_restart_restores_the_snapshot_and_replays_only_the_log_after_it() -> None:
-    """A restarted node restores its newest snapshot once, and on_log_restored fires only for the
-    entries after it (none from before)."""
+    """A restart restores the newest snapshot once; on_log_restored fires only for entries after it."""
     cluster = Cluster(3, partitions=1, seed=10, state_machine=ListStateMachine, checkpoint_every=10)
     cluster.start_all()
     cluster.wait_for_leaders()
@@ -288,8 +280,7 @@ def test_restart_restores_the_snapshot_and_replays_only_the_log_after_it() -> No
 
 
 def test_full_cluster_restart_from_snapshots() -> None:
-    """Every node stopped and started again: each restores its snapshot, replays its tail, and the
-    cluster goes on accepting writes."""
+    """A whole cluster restarted restores each node's snapshots, replays the tails and goes on accepting writes."""
     cluster = Cluster(3, partitions=2, seed=11, state_machine=ListStateMachine, checkpoint_every=7)
     cluster.start_all()
     cluster.wait_for_leaders()
@@ -364,8 +355,7 @@ def test_entries_after_a_snapshot_equal_to_the_checkpoint() -> None:
 
 
 def test_entries_after_a_snapshot_newer_than_the_checkpoint() -> None:
-    """Snapshot past the checkpoint: the entries after it when the WAL's entry at its index has its term,
-    none when that entry has another term or the WAL ends before it."""
+    """Past the checkpoint: entries continue a snapshot only when the WAL's entry at its index has its term."""
     entries = tuple(entry(i, 2 if i <= 13 else 3) for i in range(11, 18))
     state = WalState(HardState(3, "n1", 17), SnapshotMeta(10, 2), entries)
     assert entries_after(SnapshotMeta(13, 2), state) == entries[3:]
@@ -436,8 +426,7 @@ def test_restore_with_no_snapshot_replays_the_whole_log() -> None:
 
 
 def test_restore_snapshot_at_the_checkpoint() -> None:
-    """The usual case: the newest snapshot is the WAL's checkpoint; it is restored and the entries after
-    it are handed back, the WAL untouched."""
+    """Snapshot == WAL checkpoint: it is restored, the entries after it handed back, the WAL untouched."""
     entries = [entry(i, 2) for i in range(11, 14)]
     older = (SnapshotMeta(5, 1), records(2, 3, 4, 5))
     newest = (SnapshotMeta(10, 2), records(*range(2, 11)))
@@ -448,8 +437,7 @@ def test_restore_snapshot_at_the_checkpoint() -> None:
 
 
 def test_restore_snapshot_newer_than_the_checkpoint_with_a_matching_log() -> None:
-    """Crash after a snapshot was stored but before the WAL was compacted: the snapshot wins, the WAL is
-    compacted to it, and the entries that continue it are kept."""
+    """A snapshot newer than the WAL checkpoint wins; the WAL is compacted to it and keeps the entries continuing it."""
     entries = [entry(i, 2) for i in range(6, 16)]
     (meta, after, _), wal, machine = reconcile(entries, SnapshotMeta(5, 1), [(SnapshotMeta(12, 2), records(12))])
     assert meta == SnapshotMeta(12, 2)
@@ -460,8 +448,7 @@ def test_restore_snapshot_newer_than_the_checkpoint_with_a_matching_log() -> Non
 
 
 def test_restore_snapshot_newer_than_the_checkpoint_with_a_divergent_log() -> None:
-    """A snapshot received from a leader over a log from another history: every WAL entry is dropped, at
-    restart as in the WAL, and only the snapshot is restored."""
+    """A snapshot over a divergent WAL wins: every WAL entry is dropped and only the snapshot is restored."""
     entries = [entry(i, 2) for i in range(6, 16)]
     (meta, after, _), wal, machine = reconcile(entries, SnapshotMeta(5, 1), [(SnapshotMeta(12, 3), records(12))])
     assert meta == SnapshotMeta(12, 3) and after == ()
@@ -488,8 +475,7 @@ def test_restore_hands_back_the_snapshots_tickets() -> None:
 
 @pytest.mark.parametrize("snapshots", [[], [(SnapshotMeta(8, 1), records(8))]], ids=["none", "older"])
 def test_wal_compacted_beyond_every_snapshot_is_a_clear_error(snapshots: list[Any]) -> None:
-    """A WAL checkpoint newer than every stored snapshot (the wrong or a lost snapshot directory) fails
-    restore with a SnapshotError that says so, instead of starting with a hole in the state."""
+    """A WAL compacted beyond every stored snapshot fails restore with a SnapshotError saying so."""
     error, _, machine = reconcile([entry(11, 2)], SnapshotMeta(10, 2), snapshots)
     assert isinstance(error, SnapshotError)
     assert "compacted up to 10" in str(error) and "does not belong to this WAL" in str(error)
@@ -525,9 +511,7 @@ def ticket_cluster() -> tuple[Cluster, Node, Node, int]:
 
 
 def test_undecided_ticket_survives_a_snapshot_install_and_a_later_commit_applies_it() -> None:
-    """A follower installing a snapshot taken while ticket T was undecided holds T afterwards, and the
-    COMMIT marker that follows applies T's entries on it. (The COMMIT is proposed below the public API,
-    see the test after this one.)"""
+    """An undecided ticket survives a snapshot install and a later COMMIT marker applies it on the follower."""
     cluster, leader, follower, ticket = ticket_cluster()
     cluster.heal()
     cluster.wait_caught_up()
@@ -535,9 +519,7 @@ def test_undecided_ticket_survives_a_snapshot_install_and_a_later_commit_applies
     held = follower.m.runtimes[0].tickets.get(ticket)
     assert held is not None and [e.data for e in held] == [b"held-1", b"held-2"]
     assert b"held-1" not in follower.state_machine.data(0)
-    runtime = leader.m.runtimes[0]
-    commit = Proposal("", b"", 0, EntryKind.COMMIT, ticket)
-    assert cluster.wait(leader.m._submit(runtime, [commit])).success
+    assert cluster.wait(leader.m.commit_logs(0, ticket)).success
     cluster.wait_caught_up()
     for node in cluster.running():
         assert node.state_machine.data(0)[-2:] == [b"held-1", b"held-2"], node.node_id
@@ -546,24 +528,21 @@ def test_undecided_ticket_survives_a_snapshot_install_and_a_later_commit_applies
 
 
 def test_commit_logs_of_a_ticket_behind_a_checkpoint() -> None:
-    """commit_logs succeeds for an undecided ticket after the leader checkpointed past it, and every node
-    (the snapshot-installed follower too) applies its entries."""
+    """commit_logs commits a ticket the leader checkpointed past, and every node applies its entries once."""
     cluster, leader, follower, ticket = ticket_cluster()
+    assert leader.m.runtimes[0].core.log.snapshot.index > ticket
+    result = cluster.wait(leader.m.commit_logs(0, ticket))
+    assert result.success, result
     cluster.heal()
     cluster.wait_caught_up()
-    result = cluster.wait(leader.m.commit_logs(0, ticket))
-    try:
-        assert result.success, result
-        cluster.wait_caught_up()
-        for node in cluster.running():
-            assert node.state_machine.data(0)[-2:] == [b"held-1", b"held-2"], node.node_id
-    finally:
-        cluster.close()
+    for node in cluster.running():
+        assert node.state_machine.data(0).count(b"held-1") == 1, node.node_id
+        assert node.state_machine.data(0)[-2:] == [b"held-1", b"held-2"], node.node_id
+    cluster.close()
 
 
 def test_undecided_ticket_survives_a_restart_from_snapshot() -> None:
-    """A node restarted from a snapshot that holds an undecided ticket still holds it (and will apply it
-    if a COMMIT follows)."""
+    """A node restarted from a snapshot holding an undecided ticket still holds the ticket."""
     cluster, leader, follower, ticket = ticket_cluster()
     other = other_followers(cluster, leader, follower)[0]
     cluster.advance(0.5)
@@ -582,8 +561,7 @@ def kv_machine(partitions: int) -> Any:
 
 
 def test_kv_state_travels_by_snapshot_and_survives_restart() -> None:
-    """The KV state machine through the manager: a lagging follower gets the leader's keys and values by
-    snapshot (deletes included), and a restarted node rebuilds the same store from its snapshot."""
+    """KV state reaches a lagging follower by snapshot (deletes included) and is rebuilt from it at restart."""
     cluster = Cluster(3, partitions=2, seed=15, state_machine=kv_machine(2), checkpoint_every=10, **SMALL)
     cluster.start_all()
     cluster.wait_for_leaders()
@@ -638,8 +616,7 @@ def crash(cluster: Cluster, node_id: str, directory: str | None = None) -> list[
 
 
 def test_crash_in_the_middle_of_a_transfer_leaves_the_follower_recoverable(tmp_path: Any) -> None:
-    """The follower dies with half a snapshot received (only a .part file on disk): restarted, it discards
-    the partial file, receives the snapshot again and catches up."""
+    """A follower killed mid-transfer drops the .part at restart, receives the snapshot again and catches up."""
     dirs = {node_id: str(tmp_path / node_id) for node_id in ("n1", "n2", "n3")}
     cluster = Cluster(
         3, partitions=1, seed=16, state_machine=ListStateMachine, checkpoint_every=10,
@@ -676,8 +653,7 @@ def test_crash_in_the_middle_of_a_transfer_leaves_the_follower_recoverable(tmp_p
 
 
 def test_crash_between_storing_and_installing_a_snapshot(tmp_path: Any) -> None:
-    """The follower dies after the received snapshot is durable but before its core and WAL heard of it:
-    at restart the snapshot is adopted (newer than its WAL), and it catches up from there."""
+    """A follower killed after storing a received snapshot but before installing it adopts it at restart."""
     cluster = Cluster(3, partitions=1, seed=17, state_machine=ListStateMachine, checkpoint_every=10, **SMALL)
     cluster.start_all()
     leader, follower = lagging(cluster, 40)
@@ -698,8 +674,7 @@ def test_crash_between_storing_and_installing_a_snapshot(tmp_path: Any) -> None:
 
 
 def test_crash_of_the_leader_mid_transfer_lets_the_new_leader_finish() -> None:
-    """The leader dies half way through sending a snapshot: the new leader sends its own, and the
-    follower ends complete."""
+    """A leader killed mid-transfer is replaced and the new leader's snapshot completes the follower."""
     cluster = Cluster(3, partitions=1, seed=18, state_machine=ListStateMachine, checkpoint_every=10, **SMALL)
     cluster.start_all()
     leader, follower = lagging(cluster, 40)
@@ -711,7 +686,7 @@ def test_crash_of_the_leader_mid_transfer_lets_the_new_leader_finish() -> None:
     )
     cluster.heal()
     receiver = follower.m.runtimes[0].receiver
-    cluster.run_until(lambda: receiver.incoming is not None and receiver.incoming.offset == 384, 5, "a partial transfer")
+    cluster.run_until(lambda: receiver.incoming is not None and receiver.incoming.offset == 384, 5, "a partial one")
     crash(cluster, leader.node_id)
     cluster.wait_for_leaders([n for n in cluster.ids if n != leader.node_id])
     cluster.wait_caught_up()

@@ -161,8 +161,7 @@ def test_empty_state_round_trips(store: SnapshotStore) -> None:
 
 
 def test_raw_bytes_re_split_build_the_same_snapshot_elsewhere(store: SnapshotStore, tmp_path: Any) -> None:
-    """Streaming a stored file in arbitrary pieces into another store (what a follower does) gives an equal,
-    valid snapshot, in either kind of store."""
+    """A stored file streamed in arbitrary pieces into another store (as to a follower) is an equal, valid snapshot."""
     state = os.urandom(50_000)
     write(store, 3, META, [state], TICKETS)
     data = raw(store, 3, META)
@@ -425,8 +424,7 @@ def test_finish_fsyncs_the_file_before_the_rename_and_the_directory_after(
 
 
 def test_crash_before_the_rename_leaves_only_the_old_snapshot(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A crash between the fsync and the rename: finish fails, the new snapshot never counts, the old one
-    stays the latest, and the next open removes the temporary file."""
+    """A crash between fsync and rename fails finish; the old snapshot stays latest; reopening drops the .part."""
     directory = str(tmp_path)
     store = SnapshotStore(directory)
     write(store, 0, META, [b"old"])

@@ -201,9 +201,7 @@ def test_failure_ack_resumes_from_the_followers_offset() -> None:
 
 
 def test_window_is_never_exceeded_under_any_ack_pattern() -> None:
-    """Over random acks a follower could send (stale, duplicate, negative, out of order; never beyond
-    what was sent, and on chunk boundaries as a follower's offsets always are), the sender never has
-    more than window*chunk bytes sent and unacknowledged."""
+    """Under any order of acks a follower could send, at most window*chunk bytes are sent and unacknowledged."""
     for seed in range(200):
         rng = random.Random(seed)
         pair = Pair()
@@ -221,8 +219,7 @@ def test_window_is_never_exceeded_under_any_ack_pattern() -> None:
 
 
 def test_receiver_acks_each_chunk_and_installs_when_done() -> None:
-    """In-order chunks are acked with the running offset; after the last, the snapshot is stored and
-    the InstallSnapshot stepped into the core, once."""
+    """In-order chunks are acked with the running offset; after the last, the snapshot is stored and stepped once."""
     pair = Pair()
     offsets = list(range(0, len(pair.file), CHUNK_BYTES))
     for offset in offsets:
@@ -259,8 +256,7 @@ def test_receiver_answers_a_duplicate_with_where_it_is() -> None:
 
 
 def test_receiver_refuses_a_mid_stream_chunk_of_an_unknown_transfer() -> None:
-    """A chunk at offset > 0 of a transfer the follower never started (it restarted) is answered
-    "restart from 0" and nothing is written."""
+    """A mid-stream chunk of a transfer the follower never started is answered 'restart from 0'; nothing is written."""
     pair = Pair()
     pair.chunk(300)
     [ack] = pair.follower.take()
@@ -269,8 +265,7 @@ def test_receiver_refuses_a_mid_stream_chunk_of_an_unknown_transfer() -> None:
 
 
 def test_sender_and_receiver_recover_from_a_lost_chunk() -> None:
-    """Leader and follower wired together, the second chunk lost once: the follower's negative ack
-    makes the leader resume from the lost offset, and the snapshot arrives intact."""
+    """With the second chunk lost once, the leader resumes at the follower's offset; the snapshot arrives intact."""
     pair = Pair()
     pair.start()
     lost = False
@@ -297,8 +292,7 @@ def test_sender_and_receiver_recover_from_a_lost_chunk() -> None:
 
 
 def test_new_meta_replaces_the_transfer_in_progress(tmp_path: Any) -> None:
-    """Chunks of a newer snapshot (a restarted transfer) abort the half-received one, whose temporary
-    file goes away; the new one installs and the old one never does."""
+    """A newer snapshot's chunks abort a half-received one (its .part goes away); only the new one installs."""
     store = SnapshotStore(str(tmp_path))
     pair = Pair(follower_store=store)
     old = SnapshotMeta(80, 3)
@@ -338,8 +332,7 @@ def test_chunks_of_a_deposed_leader_are_ignored() -> None:
 
 @pytest.mark.parametrize("committed", [META.index, META.index + 50])
 def test_snapshot_no_newer_than_the_commit_index_is_never_written_or_installed(committed: int, tmp_path: Any) -> None:
-    """A snapshot at or below the follower's commit index is not stored and not restored: the core only
-    hears of it to answer with its commit index."""
+    """A snapshot at or below the commit index is neither stored nor restored; the core only answers it."""
     store = SnapshotStore(str(tmp_path))
     pair = Pair(follower_store=store, follower_committed=committed)
     for offset in range(0, len(pair.file), CHUNK_BYTES):
@@ -351,8 +344,7 @@ def test_snapshot_no_newer_than_the_commit_index_is_never_written_or_installed(c
 
 
 def test_digest_mismatch_is_not_installed() -> None:
-    """A chunk altered in transit: every byte arrives and is acked, but the file fails its check, is
-    discarded, and the core never hears of it."""
+    """A chunk altered in transit: every byte is acked, but the file fails its check and is never installed."""
     pair = Pair()
     for offset in range(0, len(pair.file), CHUNK_BYTES):
         data = pair.file[offset : offset + CHUNK_BYTES]
@@ -399,8 +391,7 @@ def test_tracker_start_with_a_new_meta_replaces_the_sender() -> None:
 
 
 def test_tracker_abandons_a_stalled_transfer_and_the_core_hears_it() -> None:
-    """No ack for longer than the timeout: the sender is dropped and report_snapshot(peer, False) is called,
-    not before."""
+    """No ack for longer than the timeout: the sender is dropped and report_snapshot(peer, False) called, not before."""
     pair = Pair()
     pair.start()
     pair.clock.advance(TIMEOUT)
@@ -424,8 +415,7 @@ def test_acks_keep_a_transfer_alive() -> None:
 
 
 def test_fully_acked_transfer_that_never_installs_is_abandoned() -> None:
-    """Every byte acked but the follower never installs (its check failed): after the timeout the
-    leader gives up so the core can start over."""
+    """Every byte acked but never installed (the check failed): after the timeout the leader gives up for a retry."""
     pair = Pair()
     pair.start()
     pair.ack(len(pair.file))
@@ -446,8 +436,7 @@ def test_fully_acked_transfer_that_never_installs_is_abandoned() -> None:
     ids=["lost-leadership", "new-term", "follower-caught-up", "unknown-peer"],
 )
 def test_tracker_drops_transfers_that_lost_their_purpose(change: Callable[[FakeCore], None]) -> None:
-    """Sweeping drops a transfer once the node no longer leads, the term moved on or the follower no
-    longer needs a snapshot, without telling the core anything."""
+    """Sweeping drops a transfer that lost its purpose (leadership, term, follower's state) without telling the core."""
     pair = Pair()
     pair.start()
     change(pair.leader_core)
@@ -466,8 +455,7 @@ def test_tracker_reports_a_snapshot_it_cannot_read(directory: bool, tmp_path: An
 
 
 def test_random_loss_and_reordering_always_deliver_the_snapshot() -> None:
-    """Leader and follower over a lossy, reordering link, with the core restarting abandoned transfers:
-    the window holds throughout and the follower installs exactly the leader's file."""
+    """Over a lossy, reordering link the window holds and the follower installs exactly the leader's file."""
     for seed in range(60):
         rng = random.Random(seed)
         pair = Pair()
@@ -583,8 +571,7 @@ def test_cluster_unacknowledged_snapshot_bytes_stay_within_the_window() -> None:
 
 
 def test_cluster_lost_chunk_is_resent_from_the_followers_offset() -> None:
-    """One chunk lost on the way: the follower's negative ack makes the leader resend from that offset;
-    the transfer is not restarted and the follower ends with every entry."""
+    """A chunk lost between nodes is resent from the follower's offset, without restarting the transfer."""
     cluster, leader, follower = lagging_cluster()
     dropped: list[SnapshotChunk] = []
 
@@ -608,8 +595,7 @@ def test_cluster_lost_chunk_is_resent_from_the_followers_offset() -> None:
 
 
 def test_cluster_stalled_transfer_is_abandoned_and_retried() -> None:
-    """The follower's acks are lost for a while: the leader gives the transfer up after its timeout,
-    the core asks for a new one, and once acks flow again the follower catches up."""
+    """Lost acks: the leader abandons the transfer after its timeout, retries, and the follower catches up."""
     cluster, leader, follower = lagging_cluster()
     blocking = [True]
 
@@ -634,8 +620,7 @@ def test_cluster_stalled_transfer_is_abandoned_and_retried() -> None:
 
 
 def test_cluster_corrupted_snapshot_is_not_installed_and_the_leader_retries() -> None:
-    """A chunk altered in transit fails the follower's digest check: nothing is restored from it, and the
-    leader's next transfer (after its timeout) installs a good copy."""
+    """A snapshot corrupted in transit is never restored; the leader's next transfer installs a good copy."""
     cluster, leader, follower = lagging_cluster()
     corrupted: list[SnapshotChunk] = []
 
@@ -660,8 +645,7 @@ def test_cluster_corrupted_snapshot_is_not_installed_and_the_leader_retries() ->
 
 
 def test_cluster_old_snapshot_never_overwrites_newer_state() -> None:
-    """An up-to-date follower handed a complete, valid snapshot older than its commit index (one it does
-    not hold, with other contents) does not restore it, store it or lose any entry."""
+    """A valid snapshot older than an up-to-date follower's commit index is not stored or restored; nothing is lost."""
     cluster = Cluster(3, partitions=1, seed=2, state_machine=ListStateMachine, **CLUSTER)
     cluster.start_all()
     cluster.wait_for_leaders()
@@ -687,7 +671,8 @@ def test_cluster_old_snapshot_never_overwrites_newer_state() -> None:
     writer.write_trailer()
     writer.finish()
     data = forged.read_raw(0, old, 0, forged.size(0, old))
-    follower.m.message_received(leader.node_id, 0, SnapshotChunk(term, leader.node_id, follower.node_id, old, 0, data, True))
+    chunk = SnapshotChunk(term, leader.node_id, follower.node_id, old, 0, data, True)
+    follower.m.message_received(leader.node_id, 0, chunk)
     cluster.advance(1.0)
     assert follower.state_machine.restores == []
     assert follower.state_machine.state[0] == before and len(before) == 35
