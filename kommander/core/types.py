@@ -55,10 +55,6 @@ class Entry:
     timestamp: int = 0
     ticket: int = 0
 
-    def size(self) -> int:
-        """Approximate bytes this entry costs on the wire and in memory, for batching limits."""
-        return len(self.data) + len(self.log_type) + 24
-
 
 @dataclass(frozen=True, slots=True)
 class Proposal:
