@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from runtime_harness import Cluster, ListStateMachine
+from runtime_harness import Cluster, ListStateMachine, Node
 from twisted.internet import task
 
 from kommander.core.progress import ProgressState
@@ -678,4 +678,68 @@ def test_cluster_old_snapshot_never_overwrites_newer_state() -> None:
     assert follower.state_machine.state[0] == before and len(before) == 35
     assert follower.m.snapshot_store.list(0) == stored
     assert follower.m.runtimes[0].core.log.committed >= committed
+    cluster.close()
+
+
+def slow_link_cluster() -> tuple[Cluster, Node, Node, list[SnapshotMeta]]:
+    """A cluster whose snapshot transfers take many round trips (64-byte chunks, window 1, 10 ms links)
+    while the leader checkpoints every 10 entries; a follower cut off for 100 writes is healed.
+    :returns: the cluster, leader, follower and the list the leader's transfer starts are logged to."""
+    cluster = Cluster(
+        3, partitions=1, seed=21, state_machine=ListStateMachine,
+        checkpoint_every=10, snapshot_chunk_bytes=64, snapshot_window=1,
+    )  # fmt: skip
+    cluster.network.delay = 0.01
+    cluster.start_all()
+    leader = cluster.wait_for_leaders()[0]
+    follower = cluster.nodes[next(n for n in cluster.ids if n != leader.node_id)]
+    cluster.isolate(follower.node_id)
+    for i in range(100):
+        assert cluster.write(0, b"value-%03d" % i).success
+    starts: list[SnapshotMeta] = []
+    start = leader.m.transfers.start
+
+    def logged(runtime: Any, message: InstallSnapshot) -> None:
+        starts.append(message.meta)
+        start(runtime, message)
+
+    leader.m.transfers.start = logged  # type: ignore[method-assign]
+    cluster.heal()
+    return cluster, leader, follower, starts
+
+
+def keep_writing(cluster: Cluster, leader: Node, seconds: float, until: Callable[[], bool]) -> int:
+    """Write one entry after another through ``leader`` for ``seconds`` of simulated time or until
+    ``until()``; :returns: how many were written."""
+    deadline = cluster.clock.seconds() + seconds
+    written = 0
+    while cluster.clock.seconds() < deadline and not until():
+        assert cluster.wait(leader.m.replicate_logs(0, "test", b"more-%04d" % written)).success
+        written += 1
+    return written
+
+
+def test_transfer_of_a_pruned_snapshot_restarts_with_the_newest() -> None:
+    """A snapshot pruned while it is streamed ends that transfer; a new one starts and, once writes pause, installs."""
+    cluster, leader, follower, starts = slow_link_cluster()
+    keep_writing(cluster, leader, 2.0, lambda: False)
+    assert len(starts) >= 2 and starts[0] not in leader.m.snapshot_store.list(0)
+    assert starts == sorted(starts, key=lambda meta: meta.index)
+    cluster.wait_caught_up(max_seconds=60)
+    assert len(follower.state_machine.restores) == 1
+    assert follower.state_machine.data(0)[:100] == [b"value-%03d" % i for i in range(100)]
+    cluster.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SnapshotStore.prune deletes the file a SnapshotSender is streaming (it re-opens the file for every "
+    "chunk), so under sustained writes every transfer slower than two checkpoint intervals is abandoned and "
+    "restarted with a newer snapshot, and the follower never catches up",
+)
+def test_follower_catches_up_by_snapshot_under_sustained_writes() -> None:
+    """A follower needing a snapshot installs one while the leader keeps writing and checkpointing."""
+    cluster, leader, follower, starts = slow_link_cluster()
+    keep_writing(cluster, leader, 30.0, lambda: bool(follower.state_machine.restores))
+    assert follower.state_machine.restores, f"{len(starts)} transfers started, none installed in 30 s"
     cluster.close()
