@@ -40,6 +40,8 @@ from urllib.parse import urlsplit
 
 #: Seconds between polls while waiting for a condition.
 POLL_INTERVAL = 0.05
+#: Marks twisted.web's access log lines, left out of log tails.
+_ACCESS_LOG = '[twisted.python.log#info] "'
 
 # Run the node through a tiny launcher that asks the kernel to SIGKILL it when its parent thread
 # dies (a killed pytest must not leave nodes behind), then execs twistd in the same process, so
@@ -187,6 +189,8 @@ class LocalCluster:
     :param directory: where data and logs go; a fresh temporary directory when ``None``.
     :param keep: keep the directory after :meth:`stop` (a temporary one is removed otherwise,
         unless :attr:`failed` was set, so a failing test's logs survive).
+    :param autostart: start every node on entering the ``with`` block; when false, call
+        :meth:`start` yourself (e.g. to decide which nodes can win the first election).
     """
 
     nodes: int = 3
@@ -196,6 +200,7 @@ class LocalCluster:
     extra_args: Sequence[str] = ()
     directory: str | None = None
     keep: bool = False
+    autostart: bool = True
     members: dict[str, Node] = field(default_factory=dict, init=False)
     failed: bool = field(default=False, init=False)
     _own_directory: bool = field(default=False, init=False)
@@ -218,8 +223,10 @@ class LocalCluster:
     # ------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> "LocalCluster":
+        _LIVE_CLUSTERS.add(self)
         try:
-            self.start()
+            if self.autostart:
+                self.start()
         except BaseException:
             self.failed = True
             self.stop()
@@ -228,7 +235,9 @@ class LocalCluster:
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
         if kind is not None:
+            # Keep the directory and show the logs: they are what explains the failure.
             self.failed = True
+            print(f"\ncluster directory kept: {self.directory}\n{self.tails()}", file=sys.stderr)
         self.stop()
 
     @property
@@ -428,7 +437,7 @@ class LocalCluster:
             if value:
                 return value
             if time.monotonic() >= limit:
-                raise ClusterError(f"timed out after {timeout}s waiting for {what}\n{self.tails()}")
+                raise ClusterError(f"timed out after {timeout}s waiting for {what}\n{self.describe()}\n{self.tails()}")
             time.sleep(POLL_INTERVAL)
 
     def _complete(self, documents: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -492,6 +501,20 @@ class LocalCluster:
 
         return self._wait("every node to apply the same commit index", converged, timeout, wanted)
 
+    def describe(self) -> str:
+        """One line per node: process state and, per partition, role/term/leader/commit/applied/last."""
+        lines = []
+        for node_id, node in self.members.items():
+            state = "paused" if node.paused else "running" if node.alive() else "down"
+            document = self.status(node_id, timeout=1.0) if state == "running" else None
+            rows = " ".join(
+                f"p{p['partition']}:{p['role'][0]}/t{p['term']}/L={p['leader']}/c{p['commit_index']}"
+                f"/a{p['applied_index']}/l{p['last_log_index']}"
+                for p in (document or {}).get("partitions", [])
+            )
+            lines.append(f"{node_id} pid={node.pid} {state} {rows}")
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------ logs
 
     def log_text(self, node_id: str) -> str:
@@ -511,11 +534,12 @@ class LocalCluster:
         return "".join(chunks)
 
     def tail(self, node_id: str, lines: int = 30) -> str:
-        """The last lines of a node's log and captured output."""
+        """The last lines of a node's log (without HTTP access lines) and captured output."""
         node = self.node(node_id)
         parts = []
         for title, text in (("log", self.log_text(node_id)), ("stdout", _read(node.out_path))):
-            kept = text.splitlines()[-lines:]
+            # The HTTP access log drowns everything else; what explains a failure is elsewhere.
+            kept = [line for line in text.splitlines() if _ACCESS_LOG not in line][-lines:]
             if kept:
                 parts.append(f"--- {node_id} {title} ({node.directory}), last {len(kept)} lines\n" + "\n".join(kept))
         return "\n".join(parts) or f"--- {node_id}: no output"

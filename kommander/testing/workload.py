@@ -322,24 +322,34 @@ class Workload:
         with self._lock:
             return list(self.history)
 
-    def count(self, outcome: Outcome = Outcome.OK, writes_only: bool = True) -> int:
-        """Operations so far with this outcome (writes only, by default)."""
+    def count(
+        self, outcome: Outcome = Outcome.OK, writes_only: bool = True, keys: Callable[[str], bool] | None = None
+    ) -> int:
+        """Operations so far with this outcome (writes only, by default; on ``keys`` if given)."""
         with self._lock:
-            return sum(1 for op in self.history if op.outcome is outcome and (op.kind != "get" or not writes_only))
+            return sum(
+                1
+                for op in self.history
+                if op.outcome is outcome and (op.kind != "get" or not writes_only) and (keys is None or keys(op.key))
+            )
 
-    def wait_for_writes(self, more: int, timeout: float) -> int:
-        """Wait (bounded) until ``more`` further writes were acknowledged; returns how many were.
+    def wait_for_writes(
+        self, more: int, timeout: float, keys: Callable[[str], bool] | None = None, at_least: float = 0.0
+    ) -> int:
+        """Wait until ``more`` further writes (on ``keys``, if given) were acknowledged and at
+        least ``at_least`` seconds passed; returns how many were.
 
-        :raises TimeoutError: fewer were acknowledged in time.
+        :raises TimeoutError: fewer were acknowledged within ``timeout`` seconds.
         """
-        start = self.count()
-        limit = time.monotonic() + timeout
+        start = self.count(keys=keys)
+        began = time.monotonic()
+        limit = began + max(timeout, at_least)
         while time.monotonic() < limit:
-            done = self.count() - start
-            if done >= more:
+            done = self.count(keys=keys) - start
+            if done >= more and time.monotonic() - began >= at_least:
                 return done
             time.sleep(0.05)
-        raise TimeoutError(f"only {self.count() - start} of {more} writes acknowledged within {timeout}s")
+        raise TimeoutError(f"only {self.count(keys=keys) - start} of {more} writes acknowledged within {timeout}s")
 
     def statuses(self) -> Counter[str]:
         total: Counter[str] = Counter()
