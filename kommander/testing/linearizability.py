@@ -143,15 +143,19 @@ class KeyResult:
     """The verdict for one key, with a witness of how far the search got when it failed.
 
     :ivar operations: the operations that took part (failed ones and unknown reads excluded).
-    :ivar best: the longest linearization found, as indexes into ``operations``.
-    :ivar blocked: the operation that could not be placed after ``best``, on a violation.
+    :ivar depth: how many operations the longest linearization found holds.
+    :ivar tail: the last operations of that linearization (indexes into ``operations``).
+    :ivar state: the key's value after it.
+    :ivar blocked: the operation that could not be placed after it, on a violation.
     """
 
     key: str
     verdict: Verdict
     operations: list[Operation]
     steps: int = 0
-    best: list[int] = field(default_factory=list)
+    depth: int = 0
+    tail: list[int] = field(default_factory=list)
+    state: bytes | None = None
     blocked: int | None = None
     reason: str = ""
 
@@ -163,22 +167,25 @@ class KeyResult:
             lines.append(f"  {self.reason}")
         if self.verdict is Verdict.LINEARIZABLE:
             return "\n".join(lines)
-        state: bytes | None = None
-        for i in self.best:
-            state = step(state, ops[i])[1]
-        shown = self.best[-context:]
-        lines.append(f"  longest linearization found: {len(self.best)} operations; its last {len(shown)}:")
+        shown = self.tail[-context:]
+        lines.append(f"  longest linearization found: {self.depth} operations; its last {len(shown)}:")
         lines.extend(f"    {ops[i].describe()}" for i in shown)
-        lines.append(f"  state after it: {_show(state)}")
+        lines.append(f"  state after it: {_show(self.state)}")
         if self.blocked is not None:
             blocked = ops[self.blocked]
             lines.append(f"  could not linearize next: {blocked.describe()}")
-            placed = set(self.best) | {self.blocked}
             horizon = blocked.completed if blocked.completed is not None else math.inf
-            pending = [o for i, o in enumerate(ops) if i not in placed and o.invoked <= horizon]
-            if pending:
-                lines.append("  other operations pending then:")
-                lines.extend(f"    {o.describe()}" for o in pending[:context])
+            # Operations overlapping the blocked one: the candidates a human should look at.
+            near = [
+                o
+                for i, o in enumerate(ops)
+                if i != self.blocked
+                and o.invoked <= horizon
+                and (o.completed if o.outcome is Outcome.OK else math.inf) >= blocked.invoked
+            ]
+            if near:
+                lines.append("  operations concurrent with it:")
+                lines.extend(f"    {o.describe()}" for o in near[: 2 * context])
         return "\n".join(lines)
 
 
@@ -289,20 +296,39 @@ def check_key(
     known = [op.outcome is Outcome.OK for op in ops]
     # Writes whose effect does not depend on the state they are applied to.
     blind = [op.kind == "put" or (op.kind == "delete" and not k) for op, k in zip(ops, known)]
-    remaining = sum(known)
+    # The set of linearized operations is two bit sets: known operations numbered by invocation,
+    # and unknown ones. Known operations are linearized roughly in invocation order, so the
+    # memo stores the known set as (number of leading ones, the bits after them): small integers
+    # even for histories of tens of thousands of operations.
+    bits = [0] * n
+    known_order = sorted((i for i in range(n) if known[i]), key=lambda i: ops[i].invoked)
+    for position, i in enumerate(known_order):
+        bits[i] = 1 << position
+    for position, i in enumerate(i for i in range(n) if not known[i]):
+        bits[i] = 1 << position
+    remaining = len(known_order)
     state = initial
-    linearized = 0
-    seen: set[tuple[int, bytes | None]] = set()
+    done_known = 0
+    done_unknown = 0
+    seen: set[tuple[int, int, int, bytes | None]] = set()
     stack: list[tuple[_Event, bytes | None]] = []
-    best: list[int] = []
-    blocked: int | None = None
+    best = (-1, [], initial, None)  # depth, tail, state, blocked
     steps = 0
     entry = head.next
+
+    def memo_key(known_set: int, unknown_set: int, value: bytes | None) -> tuple[int, int, int, bytes | None]:
+        low = (~known_set & (known_set + 1)).bit_length() - 1  # the first known op not linearized
+        return low, known_set >> low, unknown_set, value
+
+    def result(verdict: Verdict, reason: str = "") -> KeyResult:
+        depth, tail, value, blocked = best
+        return KeyResult(key, verdict, ops, steps, max(depth, 0), tail, value, blocked, reason)
+
     while remaining:
         steps += 1
         if steps > max_steps or (deadline is not None and steps % 1024 == 0 and time.monotonic() > deadline):
             why = f"gave up after {steps - 1} steps" if steps > max_steps else "gave up at the time limit"
-            return KeyResult(key, Verdict.UNKNOWN, ops, steps, best, blocked, why + " (too hard)")
+            return result(Verdict.UNKNOWN, why + " (too hard)")
         assert entry is not None, "a known operation's return always precedes the end of the list"
         if entry.call:
             i = entry.op
@@ -317,11 +343,15 @@ def check_key(
                 # this, n unknown writes alone would make the search visit 2**n subsets.
                 possible = False
             if possible:
-                mask = linearized | (1 << i)
-                if (mask, after) not in seen:
-                    seen.add((mask, after))
+                if known[i]:
+                    next_known, next_unknown = done_known | bits[i], done_unknown
+                else:
+                    next_known, next_unknown = done_known, done_unknown | bits[i]
+                memo = memo_key(next_known, next_unknown, after)
+                if memo not in seen:
+                    seen.add(memo)
                     stack.append((entry, state))
-                    state, linearized = after, mask
+                    state, done_known, done_unknown = after, next_known, next_unknown
                     _lift(entry)
                     remaining -= known[i]
                     entry = head.next
@@ -329,18 +359,20 @@ def check_key(
             entry = entry.next
             continue
         # A return whose operation is still pending: nothing linearized so far can be extended.
-        if len(stack) >= len(best):
-            best = [e.op for e, _ in stack]
-            blocked = entry.op
+        if len(stack) >= best[0]:
+            best = (len(stack), [e.op for e, _ in stack[-32:]], state, entry.op)
         if not stack:
-            return KeyResult(key, Verdict.VIOLATION, ops, steps, best, blocked, _reason(ops, blocked))
+            return result(Verdict.VIOLATION, _reason(ops, best[3]))
         top, state = stack.pop()
         _unlift(top)
-        linearized &= ~(1 << top.op)
-        remaining += known[top.op]
+        if known[top.op]:
+            done_known &= ~bits[top.op]
+            remaining += 1
+        else:
+            done_unknown &= ~bits[top.op]
         entry = top.next
-    order = [e.op for e, _ in stack]
-    return KeyResult(key, Verdict.LINEARIZABLE, ops, steps, order, None)
+    best = (len(stack), [e.op for e, _ in stack[-32:]], state, None)
+    return result(Verdict.LINEARIZABLE)
 
 
 def _reason(ops: Sequence[Operation], blocked: int | None) -> str:
