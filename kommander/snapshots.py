@@ -75,9 +75,16 @@ class SnapshotWriter:
         self._state_len = 0
         self._sink = store._open_sink(partition, meta)
         self._done = False
+        # Raw mode (bytes from a leader): checked as they stream, so finishing needs no second
+        # pass over the file. The trailer is whatever the last bytes turn out to be.
+        self._raw_mode = False
+        self._head = bytearray()
+        self._tail = b""
+        self._runtime = b""
 
     def write_header(self, runtime: bytes) -> None:
         header = _HEADER.pack(MAGIC, self.partition, self.meta.index, self.meta.term, len(runtime))
+        self._runtime = runtime
         self._emit(header + runtime)
 
     def write_state(self, chunk: bytes) -> None:
@@ -90,7 +97,44 @@ class SnapshotWriter:
 
     def write_raw(self, chunk: bytes) -> None:
         """Append bytes of a snapshot file received from a leader (checked in :meth:`finish`)."""
+        self._raw_mode = True
+        self._collect_head(chunk)
+        pending = self._tail + chunk
+        cut = max(0, len(pending) - _TRAILER.size)
+        self._hash.update(pending[:cut])
+        self._tail = pending[cut:]
         self._raw(chunk)
+
+    def _collect_head(self, chunk: bytes) -> None:
+        """Keep the header and the runtime section (small) to check them at the end."""
+        head = self._head
+        target = _HEADER.size if len(head) < _HEADER.size else _HEADER.size + _HEADER.unpack_from(head)[4]
+        pos = 0
+        while len(head) < target and pos < len(chunk):
+            piece = chunk[pos : pos + target - len(head)]
+            head += piece
+            pos += len(piece)
+            if len(head) == _HEADER.size:
+                target += _HEADER.unpack_from(head)[4]
+
+    def _check_raw(self) -> str | None:
+        """Why the received bytes are not the snapshot announced, or ``None`` when they are."""
+        if len(self._head) < _HEADER.size or len(self._tail) < _TRAILER.size:
+            return "truncated"
+        magic, partition, index, term, runtime_len = _HEADER.unpack_from(self._head)
+        tag, state_len, digest = _TRAILER.unpack(self._tail)
+        if magic != MAGIC or tag != b"KEND":
+            return "not a snapshot file"
+        if (partition, index, term) != (self.partition, self.meta.index, self.meta.term):
+            return f"holds partition {partition} at ({index}, {term})"
+        if _HEADER.size + runtime_len + state_len + _TRAILER.size != self.size:
+            return "inconsistent lengths"
+        if digest != self._hash.digest():
+            return "fails its checksum"
+        if len(self._head) != _HEADER.size + runtime_len:
+            return "truncated runtime section"
+        self._runtime = bytes(self._head[_HEADER.size :])
+        return None
 
     def _emit(self, data: bytes) -> None:
         self._hash.update(data)
@@ -104,6 +148,15 @@ class SnapshotWriter:
     def finish(self) -> defer.Deferred[SnapshotMeta]:
         """Make the file durable and visible as the partition's latest snapshot, after checking
         it end to end. Fails with :class:`SnapshotError` if the bytes do not check out."""
+        problem = self._check_raw() if self._raw_mode else None
+        if problem is None:
+            try:
+                decode_runtime(self._runtime)
+            except SnapshotError as e:
+                problem = str(e)
+        if problem is not None:
+            self.abort()
+            return defer.fail(SnapshotError(f"snapshot {self.meta} of partition {self.partition}: {problem}"))
         self._done = True
         return self.store._commit(self.partition, self.meta, self._sink)
 
@@ -169,24 +222,31 @@ class SnapshotStore:
         except FileNotFoundError:
             raise SnapshotError(f"snapshot {meta} of partition {partition} is gone") from None
 
-    def open(self, partition: int, meta: SnapshotMeta) -> tuple[dict[int, list[Entry]], Iterator[bytes]]:
-        """Check a stored snapshot end to end and return its runtime state and an iterator of
-        its state-machine bytes in chunks (read lazily; never the whole state in memory)."""
+    def open(
+        self, partition: int, meta: SnapshotMeta, verify: bool = True
+    ) -> tuple[dict[int, list[Entry]], Iterator[bytes]]:
+        """Return a stored snapshot's runtime state and an iterator of its state-machine bytes
+        in chunks (read lazily; never the whole state in memory).
+
+        :param verify: check the digest end to end first (skip only for a file this process
+            has just written or received and checked).
+        """
         size = self.size(partition, meta)
         if size < _HEADER.size + _TRAILER.size:
             raise SnapshotError(f"snapshot {meta} of partition {partition} is truncated")
-        digest = hashlib.blake2b(digest_size=32)
-        offset = 0
         body = size - _TRAILER.size
-        while offset < body:
-            chunk = self.read_raw(partition, meta, offset, min(CHUNK, body - offset))
-            if not chunk:
-                raise SnapshotError(f"snapshot {meta} of partition {partition} is truncated")
-            digest.update(chunk)
-            offset += len(chunk)
         tag, state_len, expected = _TRAILER.unpack(self.read_raw(partition, meta, body, _TRAILER.size))
-        if tag != b"KEND" or expected != digest.digest():
-            raise SnapshotError(f"snapshot {meta} of partition {partition} fails its checksum")
+        if verify:
+            digest = hashlib.blake2b(digest_size=32)
+            offset = 0
+            while offset < body:
+                chunk = self.read_raw(partition, meta, offset, min(CHUNK, body - offset))
+                if not chunk:
+                    raise SnapshotError(f"snapshot {meta} of partition {partition} is truncated")
+                digest.update(chunk)
+                offset += len(chunk)
+            if tag != b"KEND" or expected != digest.digest():
+                raise SnapshotError(f"snapshot {meta} of partition {partition} fails its checksum")
         magic, p, index, term, runtime_len = _HEADER.unpack(self.read_raw(partition, meta, 0, _HEADER.size))
         if magic != MAGIC or p != partition or (index, term) != (meta.index, meta.term):
             raise SnapshotError(f"snapshot file does not hold partition {partition} at {meta}")
@@ -239,9 +299,10 @@ class SnapshotStore:
         return open(path, "wb")
 
     def _commit(self, partition: int, meta: SnapshotMeta, sink: Any) -> defer.Deferred[SnapshotMeta]:
+        # The writer has checked the bytes as they went by (or produced them itself).
         if self.directory is None:
             self._memory[(partition, meta.index, meta.term)] = bytes(sink.buffer)
-            return self._verified(partition, meta)
+            return defer.succeed(meta)
         final = self._path(partition, meta)
 
         def durable() -> None:
@@ -257,24 +318,20 @@ class SnapshotStore:
 
         pool = getattr(self.reactor, "getThreadPool", None)
         d = threads.deferToThreadPool(self.reactor, pool(), durable) if pool else defer.maybeDeferred(durable)
-        return d.addCallback(lambda _: self._verified(partition, meta))
+        return d.addCallback(lambda _: meta)
 
-    def _verified(self, partition: int, meta: SnapshotMeta) -> defer.Deferred[SnapshotMeta]:
-        try:
-            self.open(partition, meta)
-        except SnapshotError as e:
-            self._discard(partition, meta)
-            return defer.fail(e)
-        return defer.succeed(meta)
+    def reader(self, partition: int, meta: SnapshotMeta) -> "SnapshotReader":
+        """An open handle on a stored snapshot's bytes, for streaming it to a follower. It stays
+        readable even if :meth:`prune` removes the snapshot meanwhile.
 
-    def _discard(self, partition: int, meta: SnapshotMeta) -> None:
+        :raises SnapshotError: when there is no such snapshot.
+        """
         if self.directory is None:
-            self._memory.pop((partition, meta.index, meta.term), None)
-        else:
-            try:
-                os.unlink(self._path(partition, meta))
-            except FileNotFoundError:
-                pass
+            return SnapshotReader(self._memory_bytes(partition, meta))
+        try:
+            return SnapshotReader(open(self._path(partition, meta), "rb"))
+        except FileNotFoundError:
+            raise SnapshotError(f"snapshot {meta} of partition {partition} is gone") from None
 
     def _abort(self, sink: Any) -> None:
         if self.directory is not None:
@@ -283,6 +340,29 @@ class SnapshotStore:
                 os.unlink(sink.name)
             except FileNotFoundError:
                 pass
+
+
+class SnapshotReader:
+    """Random access to one snapshot's bytes (an open file, or bytes in memory)."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        if isinstance(source, bytes):
+            self.size = len(source)
+        else:
+            source.seek(0, os.SEEK_END)
+            self.size = source.tell()
+
+    def read(self, offset: int, length: int) -> bytes:
+        source = self._source
+        if isinstance(source, bytes):
+            return source[offset : offset + length]
+        source.seek(offset)
+        return source.read(length)
+
+    def close(self) -> None:
+        if not isinstance(self._source, bytes):
+            self._source.close()
 
 
 class _MemorySink:

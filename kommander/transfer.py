@@ -49,20 +49,31 @@ class SnapshotSender:
         self.term = message.term
         self.chunk_size = chunk_size
         self.window = window
-        self.size = manager.snapshot_store.size(runtime.number, self.meta)
+        # Held open for the whole transfer: a newer checkpoint may prune the file meanwhile.
+        self.reader = manager.snapshot_store.reader(runtime.number, self.meta)
+        self.size = self.reader.size
         self.sent = 0
         self.acked = 0
+        #: The offset of the last rewind, so the negative acks of the chunks that were already in
+        #: flight behind a gap do not each rewind the stream again.
+        self.rewound_to: int | None = None
         self.last_progress = manager.reactor.seconds()
         self.bytes_sent = 0
 
+    def close(self) -> None:
+        self.reader.close()
+
+    def finished(self) -> bool:
+        """Every byte is acknowledged (the follower may still be installing)."""
+        return self.acked >= self.size
+
     def pump(self) -> None:
         """Send chunks until the window is full or the file is out."""
-        store = self.manager.snapshot_store
         number = self.runtime.number
         limit = self.acked + self.window * self.chunk_size
         out = []
         while self.sent < self.size and self.sent < limit:
-            data = store.read_raw(number, self.meta, self.sent, self.chunk_size)
+            data = self.reader.read(self.sent, self.chunk_size)
             if not data:
                 raise SnapshotError(f"snapshot {self.meta} of partition {number} shrank while sending")
             done = self.sent + len(data) >= self.size
@@ -78,16 +89,19 @@ class SnapshotSender:
         if ack.meta != self.meta:
             return
         self.last_progress = self.manager.reactor.seconds()
-        offset = max(0, min(ack.offset, self.size))
+        # Never believe more than was sent: that would open the window past its size.
+        offset = max(0, min(ack.offset, self.sent))
         if not ack.success:
+            if offset == self.rewound_to:
+                return  # a chunk that was in flight behind the gap: already resending
             # The follower holds `offset` bytes of this snapshot: resume from there.
             self.sent = self.acked = offset
+            self.rewound_to = offset
         elif offset > self.acked:
             self.acked = offset
+            if self.rewound_to is not None and offset > self.rewound_to:
+                self.rewound_to = None
         self.pump()
-
-    def finished(self) -> bool:
-        return self.acked >= self.size
 
     def stalled(self, now: float, timeout: float) -> bool:
         return now - self.last_progress > timeout
@@ -135,7 +149,9 @@ class SnapshotReceiver:
         self._ack(m, incoming.offset, success=True)
         if m.done:
             self.incoming = None
-            incoming.writer.finish().addCallbacks(self._installed, self._failed, callbackArgs=(m,))
+            incoming.writer.finish().addCallbacks(
+                self._installed, self._failed, callbackArgs=(m,), errbackArgs=(m,)
+            )
 
     def reset(self) -> None:
         if self.incoming is not None:
@@ -154,8 +170,10 @@ class SnapshotReceiver:
         )
         self._step(m)
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Any, m: SnapshotChunk) -> None:
         _log.failure("partition {p}: snapshot transfer failed", failure, p=self.runtime.number)
+        # Ask for the whole snapshot again now rather than letting the leader time out.
+        self._ack(m, 0, success=False)
 
     def _step(self, m: SnapshotChunk) -> None:
         self.runtime.core.step(InstallSnapshot(m.term, m.src, m.dst, m.meta))
@@ -181,6 +199,8 @@ class TransferTracker:
         current = self.senders.get(key)
         if current is not None and current.meta == message.meta and current.term == message.term:
             return
+        if current is not None:
+            current.close()
         try:
             sender = SnapshotSender(self.manager, runtime, message, self.chunk_size, self.window)
             self.senders[key] = sender
@@ -214,6 +234,7 @@ class TransferTracker:
             pr = core.progress.get(peer) if core.role is Role.LEADER else None
             if pr is None or pr.state is not ProgressState.SNAPSHOT or core.term != sender.term:
                 del self.senders[(number, peer)]
+                sender.close()
             elif sender.stalled(now, self.timeout):
                 # Also when every byte was acknowledged: the follower may have failed to install.
                 _log.warn("partition {p}: snapshot transfer to {peer} stalled; restarting", p=number, peer=peer)
@@ -222,5 +243,6 @@ class TransferTracker:
     def _abandon(self, number: int, peer: str) -> None:
         sender = self.senders.pop((number, peer), None)
         if sender is not None:
+            sender.close()
             sender.runtime.core.report_snapshot(peer, False)
             self.manager.mark_dirty(sender.runtime)

@@ -418,7 +418,10 @@ def test_fully_acked_transfer_that_never_installs_is_abandoned() -> None:
     """Every byte acked but never installed (the check failed): after the timeout the leader gives up for a retry."""
     pair = Pair()
     pair.start()
-    pair.ack(len(pair.file))
+    for _ in range(1000):
+        if pair.sender.finished():
+            break
+        pair.ack(pair.sender.sent)
     assert pair.sender.finished()
     pair.clock.advance(TIMEOUT + 1)
     pair.tracker.sweep(pair.clock.seconds())
@@ -634,9 +637,10 @@ def test_cluster_corrupted_snapshot_is_not_installed_and_the_leader_retries() ->
     cluster.heal()
     machine = cluster.nodes[follower].state_machine
     cluster.run_until(lambda: any(m.done for m in chunks_in(log)), 5, "the whole snapshot sent once")
-    cluster.advance(1.0)
-    assert corrupted and machine.restores == []
-    assert cluster.nodes[follower].m.snapshot_store.list(0) == []
+    started = cluster.clock.seconds()
+    # The follower rejects the copy and asks for the snapshot again at once (no leader timeout).
+    cluster.run_until(lambda: machine.restores, 5, "a good copy installed")
+    assert corrupted and cluster.clock.seconds() - started < cluster.nodes[leader].m.transfers.timeout
     cluster.wait_caught_up(max_seconds=3 * cluster.nodes[leader].m.transfers.timeout)
     assert [m.offset for m in chunks_in(log)].count(0) == 2
     assert len(machine.restores) == 1
@@ -719,24 +723,17 @@ def keep_writing(cluster: Cluster, leader: Node, seconds: float, until: Callable
     return written
 
 
-def test_transfer_of_a_pruned_snapshot_restarts_with_the_newest() -> None:
-    """A snapshot pruned while it is streamed ends that transfer; a new one starts and, once writes pause, installs."""
+def test_transfer_of_a_pruned_snapshot_still_completes() -> None:
+    """A snapshot pruned while it is streamed still reaches the follower: the sender holds the file open."""
     cluster, leader, follower, starts = slow_link_cluster()
-    keep_writing(cluster, leader, 2.0, lambda: False)
-    assert len(starts) >= 2 and starts[0] not in leader.m.snapshot_store.list(0)
-    assert starts == sorted(starts, key=lambda meta: meta.index)
+    keep_writing(cluster, leader, 30.0, lambda: bool(follower.state_machine.restores))
+    assert starts and starts[0] not in leader.m.snapshot_store.list(0), "the first snapshot was pruned meanwhile"
+    assert follower.state_machine.restores and follower.state_machine.restores[0] == (0, starts[0].index)
     cluster.wait_caught_up(max_seconds=60)
-    assert len(follower.state_machine.restores) == 1
     assert follower.state_machine.data(0)[:100] == [b"value-%03d" % i for i in range(100)]
     cluster.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SnapshotStore.prune deletes the file a SnapshotSender is streaming (it re-opens the file for every "
-    "chunk), so under sustained writes every transfer slower than two checkpoint intervals is abandoned and "
-    "restarted with a newer snapshot, and the follower never catches up",
-)
 def test_follower_catches_up_by_snapshot_under_sustained_writes() -> None:
     """A follower needing a snapshot installs one while the leader keeps writing and checkpointing."""
     cluster, leader, follower, starts = slow_link_cluster()

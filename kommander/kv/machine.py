@@ -279,12 +279,18 @@ class KVStateMachine:
     def restore(self, partition: int, chunks: Iterable[bytes]) -> None:
         """Replace the state of ``partition`` with the snapshot the ``chunks`` make up (cut anywhere).
 
+        Decodes as the chunks arrive, so the snapshot is never held whole in memory beside the
+        state built from it.
+
         :raises MalformedCommand: the stream is not a valid snapshot; the state is left unchanged.
         """
+        decoder = _SnapshotDecoder()
+        for chunk in chunks:
+            decoder.feed(chunk)
+        items = decoder.finish()
         store = self._store(partition)
-        decoded = decode_snapshot(b"".join(bytes(chunk) for chunk in chunks))
         store.clear()
-        store.update(decoded)
+        store.update(items)
 
 
 def _snapshot_chunks(items: dict[str, bytes]) -> Iterator[bytes]:
@@ -306,28 +312,57 @@ def decode_snapshot(data: bytes) -> dict[str, bytes]:
 
     :raises MalformedCommand: wrong magic, a truncated record, an invalid or repeated key.
     """
-    if not data.startswith(_SNAPSHOT_MAGIC):
-        raise MalformedCommand("snapshot does not start with the KVS1 magic")
-    items: dict[str, bytes] = {}
-    offset, end = len(_SNAPSHOT_MAGIC), len(data)
-    while offset < end:
-        if offset + _SNAPSHOT_KEY.size > end:
-            raise MalformedCommand("snapshot record truncated in its key length")
-        (key_length,) = _SNAPSHOT_KEY.unpack_from(data, offset)
-        offset += _SNAPSHOT_KEY.size
-        if not 1 <= key_length <= MAX_KEY_BYTES or offset + key_length + _SNAPSHOT_VALUE.size > end:
-            raise MalformedCommand("snapshot record has a bad or truncated key")
-        try:
-            key = data[offset : offset + key_length].decode("utf-8")
-        except UnicodeDecodeError:
-            raise MalformedCommand("snapshot key is not valid UTF-8") from None
-        offset += key_length
-        (value_length,) = _SNAPSHOT_VALUE.unpack_from(data, offset)
-        offset += _SNAPSHOT_VALUE.size
-        if offset + value_length > end:
-            raise MalformedCommand("snapshot value runs past the end")
-        if key in items:
-            raise MalformedCommand(f"snapshot repeats key {key!r}")
-        items[key] = data[offset : offset + value_length]
-        offset += value_length
-    return items
+    decoder = _SnapshotDecoder()
+    decoder.feed(data)
+    return decoder.finish()
+
+
+class _SnapshotDecoder:
+    """Incremental decoder of the snapshot stream: feed chunks cut anywhere, then finish."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, bytes] = {}
+        self.buffer = bytearray()
+        self.seen_magic = False
+
+    def feed(self, chunk: bytes) -> None:
+        buffer = self.buffer
+        buffer += chunk
+        if not self.seen_magic:
+            if len(buffer) < len(_SNAPSHOT_MAGIC):
+                return
+            if not buffer.startswith(_SNAPSHOT_MAGIC):
+                raise MalformedCommand("snapshot does not start with the KVS1 magic")
+            del buffer[: len(_SNAPSHOT_MAGIC)]
+            self.seen_magic = True
+        data = bytes(buffer)
+        items = self.items
+        offset, end = 0, len(data)
+        key_size, value_size = _SNAPSHOT_KEY.size, _SNAPSHOT_VALUE.size
+        while offset + key_size <= end:
+            (key_length,) = _SNAPSHOT_KEY.unpack_from(data, offset)
+            if not 1 <= key_length <= MAX_KEY_BYTES:
+                raise MalformedCommand("snapshot record has a bad key length")
+            value_at = offset + key_size + key_length
+            if value_at + value_size > end:
+                break
+            (value_length,) = _SNAPSHOT_VALUE.unpack_from(data, value_at)
+            record_end = value_at + value_size + value_length
+            if record_end > end:
+                break
+            try:
+                key = data[offset + key_size : value_at].decode("utf-8")
+            except UnicodeDecodeError:
+                raise MalformedCommand("snapshot key is not valid UTF-8") from None
+            if key in items:
+                raise MalformedCommand(f"snapshot repeats key {key!r}")
+            items[key] = data[value_at + value_size : record_end]
+            offset = record_end
+        del buffer[:offset]
+
+    def finish(self) -> dict[str, bytes]:
+        if not self.seen_magic:
+            raise MalformedCommand("snapshot does not start with the KVS1 magic")
+        if self.buffer:
+            raise MalformedCommand("snapshot record truncated")
+        return self.items
