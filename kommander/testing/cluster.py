@@ -428,6 +428,15 @@ class LocalCluster:
                 found[node_id] = document
         return found
 
+    def wait_until(self, what: str, condition: Any, timeout: float, nodes: Iterable[str] | None = None) -> Any:
+        """Poll ``condition()`` until it returns something truthy, and return that.
+
+        :param what: described in the error.
+        :param nodes: nodes that must keep running meanwhile (default: all not stopped on purpose).
+        :raises ClusterError: ``timeout`` seconds passed, or a node exited (with logs).
+        """
+        return self._wait(what, condition, timeout, nodes)
+
     def _wait(self, what: str, condition: Any, timeout: float, nodes: Iterable[str] | None = None) -> Any:
         """Poll ``condition()`` until it returns something truthy; bounded by ``timeout``."""
         limit = time.monotonic() + timeout

@@ -54,6 +54,15 @@ class Answer:
     error: str = ""
 
 
+def _error_text(body: bytes) -> str:
+    """The ``error`` of a JSON error body, shortened, for notes in reports."""
+    try:
+        message = json.loads(body).get("error", "")
+    except (ValueError, AttributeError):
+        return ""
+    return str(message)[:80]
+
+
 class KVClient:
     """Issues single operations and records them.
 
@@ -139,6 +148,8 @@ class KVClient:
             elif kind in ("delete", "cas"):
                 result = answer.status == 200
         note = f"{answer.node} {answer.status}" + (f" {answer.error}" if answer.error else "")
+        if answer.status >= 300:
+            note += f" {_error_text(answer.body)}"
         op = Operation(
             self.process,
             key,
