@@ -184,7 +184,8 @@ class LocalCluster:
     :param nodes: number of nodes (ids ``n1``..``nN``).
     :param partitions: ``--partitions``.
     :param wal: ``--wal`` (``bdb``, the default, or ``memory``).
-    :param checkpoint_every: ``--checkpoint-every`` (0: no automatic checkpoints).
+    :param checkpoint_every: ``--checkpoint-every`` (0: no automatic checkpoints); ``None``
+        leaves the node's default.
     :param extra_args: more ``twistd kommander`` arguments for every node.
     :param directory: where data and logs go; a fresh temporary directory when ``None``.
     :param keep: keep the directory after :meth:`stop` (a temporary one is removed otherwise,
@@ -196,7 +197,7 @@ class LocalCluster:
     nodes: int = 3
     partitions: int = 1
     wal: str = "bdb"
-    checkpoint_every: int = 0
+    checkpoint_every: int | None = None
     extra_args: Sequence[str] = ()
     directory: str | None = None
     keep: bool = False
@@ -269,7 +270,7 @@ class LocalCluster:
             "--data", node.data_dir,
             "--partitions", str(self.partitions),
             "--wal", self.wal,
-            "--checkpoint-every", str(self.checkpoint_every),
+            *(["--checkpoint-every", str(self.checkpoint_every)] if self.checkpoint_every is not None else []),
             *self.extra_args,
         ]  # fmt: skip
 
