@@ -244,7 +244,8 @@ class RaftManager:
     def _fail_everything(self, status: Status, reason: str) -> None:
         for runtime in self.runtimes:
             runtime.fail_queued(status, reason)
-            runtime.fail_inflight(status, reason)
+            # These are in the log already: a new leader may still commit them.
+            runtime.fail_inflight(Status.ABORTED, f"{reason}; the entries may still commit")
             for context in list(runtime.reads):
                 runtime.reads.pop(context)[0].errback(Failure(KommanderError(reason)))
             for _, d in runtime.confirmed_reads:

@@ -30,7 +30,11 @@ class RaftOperationStatus(enum.Enum):
     TIMEOUT = "timeout"
     #: The request was refused (unknown ticket, rollback of applied entries, ...); nothing changed.
     REFUSED = "refused"
-    #: Something failed (the node is shutting down, the WAL failed); see ``error``.
+    #: The node stopped (shut down, or stopped itself after a failure) after the entries were
+    #: written to its log: the outcome is unknown, a new leader may still commit them.
+    ABORTED = "aborted"
+    #: Something failed before anything was written (the node is not running or is shutting
+    #: down); see ``error``. Nothing was written.
     ERRORED = "errored"
 
 

@@ -400,7 +400,8 @@ def test_full_cluster_restart_keeps_every_acknowledged_entry() -> None:
 
 
 def test_leave_cluster_fails_pending_requests_and_later_calls() -> None:
-    """leave_cluster ends in-flight requests with ERRORED and fails reads; afterwards writes report ERRORED."""
+    """leave_cluster ends in-flight requests with ABORTED (outcome unknown) and fails reads; afterwards writes
+    report ERRORED."""
     cluster = Cluster(3, 1, seed=8).start_all()
     leader = cluster.wait_for_leaders()[0]
     for other in cluster.ids:
@@ -412,7 +413,7 @@ def test_leave_cluster_fails_pending_requests_and_later_calls() -> None:
     left = leader.m.leave_cluster()
     cluster.advance(0)
     assert left.called
-    assert cluster.result(pending).status is Status.ERRORED
+    assert cluster.result(pending).status is Status.ABORTED
     with pytest.raises(KommanderError):
         cluster.result(read)
     late = leader.m.replicate_logs(0, "t", b"late")
@@ -773,8 +774,8 @@ def test_join_after_leave_on_the_same_manager_runs_one_core_per_partition() -> N
 
 
 def test_a_failed_wal_write_stops_the_node_and_the_others_carry_on() -> None:
-    """When the WAL fails a write the node stops: its pending request ends ERRORED, later calls report the WAL
-    failure, and the remaining nodes elect a leader and keep committing."""
+    """When the WAL fails a write the node stops: its pending request ends ABORTED (it may have reached the
+    followers), later calls report the WAL failure, and the remaining nodes elect a leader and keep committing."""
     from kommander.plugins.wal_common import WALError
 
     class FailingWAL(CountingWAL):
@@ -791,7 +792,7 @@ def test_a_failed_wal_write_stops_the_node_and_the_others_carry_on() -> None:
     with capturedLogs() as events:
         pending = leader.m.replicate_logs(0, "t", b"lost")
         cluster.advance(0.05)
-    assert pending.called and cluster.result(pending).status is Status.ERRORED
+    assert pending.called and cluster.result(pending).status is Status.ABORTED
     assert not leader.m.status()["running"]
     assert any(e.get("log_level") is LogLevel.critical and "WAL" in str(e.get("reason", "")) for e in events)
     later = cluster.result(leader.m.replicate_logs(0, "t", b"later"))

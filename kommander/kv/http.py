@@ -272,7 +272,7 @@ class KVResource(resource.Resource):
             return error_response(409, "the key does not hold the expected value", leader, index=result.log_index)
         if status is Status.NOT_LEADER:
             return self._not_leader(request, partition, result.leader)
-        if status in (Status.TIMEOUT, Status.LEADERSHIP_LOST):
+        if status in (Status.TIMEOUT, Status.LEADERSHIP_LOST, Status.ABORTED):
             return error_response(504, f"outcome unknown: {result.error}", result.leader or leader)
         if status in (Status.QUEUE_FULL, Status.ERRORED):
             return error_response(503, result.error or status.value, leader)
