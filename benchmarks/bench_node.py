@@ -134,9 +134,12 @@ class Node:
         """Try one write on ``partition`` whenever this node leads it, until one is acknowledged.
 
         Polls leadership every millisecond, so the acknowledgement time is exact to about that.
-        Returns ``time.monotonic()`` (one clock for every process of the machine) of the ack.
+        Returns ``time.monotonic()`` (one clock for every process of the machine) of the ack, or
+        gives up as soon as it follows a leader other than ``dead`` (the node just killed): then
+        that leader is the one to acknowledge.
         """
         partition = msg["partition"]
+        dead = msg.get("dead")
         deadline = time.monotonic() + msg["timeout"]
         command = encode_put("failover", b"x" * msg.get("size", 100))
         attempts = 0
@@ -146,6 +149,8 @@ class Node:
                 result = await self.manager.replicate_logs(partition, LOG_TYPE, command)
                 if result.success:
                     return {"ok": True, "acked_at": time.monotonic(), "attempts": attempts}
+            elif dead is not None and self.manager.get_leader(partition) not in (None, dead, self.manager.node_id):
+                return {"ok": False, "leader": self.manager.get_leader(partition), "attempts": attempts}
             await self.sleep(0.001)
         return {"ok": False, "attempts": attempts}
 
