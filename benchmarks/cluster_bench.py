@@ -1,5 +1,5 @@
 """Kommander against PySyncObj on real 3-node clusters: throughput, latency, CPU, fsyncs, memory,
-failover, partitions. ``make bench`` runs it; it takes three to five minutes on 2 vCPUs.
+failover, partitions. ``make bench`` runs it; it takes about two minutes on 2 vCPUs.
 
 Usage::
 
