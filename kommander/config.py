@@ -46,7 +46,9 @@ class RaftConfiguration:
     #: Per follower, at most this many AppendEntries / bytes unacknowledged (pipelining window).
     max_inflight_messages: int = 256
     max_inflight_bytes: int = 32 * 1024 * 1024
-    #: Per partition, proposals waiting for the leader's log; beyond it callers get QUEUE_FULL.
+    #: Per partition, entries proposed through this node and not yet applied (queued for the log
+    #: or in it); beyond it callers get QUEUE_FULL at once. This is what bounds memory under
+    #: overload.
     max_queued_proposals: int = 10_000
     #: Per partition, the leader refuses new proposals while this many bytes are uncommitted.
     max_uncommitted_bytes: int = 64 * 1024 * 1024

@@ -107,7 +107,12 @@ class PartitionRuntime:
             return ReplicationResult.failed(
                 Status.NOT_LEADER, f"not the leader of partition {self.number}", core.leader
             )
-        if self.queued_entries + len(request.proposals) > self.manager.config.max_queued_proposals:
+        # Queued and in-flight entries count alike: draining the queue into the log must not let
+        # an overload pile up there instead (memory is bounded by this, not by the byte limit).
+        inflight = self.inflight
+        in_log = inflight[-1].last - inflight[0].first + 1 if inflight else 0
+        pending = self.queued_entries + in_log + len(request.proposals)
+        if pending > self.manager.config.max_queued_proposals:
             return ReplicationResult.failed(Status.QUEUE_FULL, f"partition {self.number}: proposal queue full")
         self.queue.append(request)
         self.queued_entries += len(request.proposals)

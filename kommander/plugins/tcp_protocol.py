@@ -171,6 +171,14 @@ class PeerConnection(FrameReceiver):
             self.transport.abortConnection()
             return
         self.transport.registerProducer(self, True)
+        # Raft messages are small and latency-bound: without this, Nagle's algorithm holding a
+        # small frame for the peer's delayed ACK adds ~40 ms to a commit round trip.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:  # not a TCP socket (e.g. a UNIX endpoint)
+                pass
         # Both sides speak first; neither waits for the other's handshake before sending its own.
         body = self.owner.handshake_frame
         self._write_batch([length_prefix(body), body], 1, len(body) + PREFIX_BYTES)
