@@ -299,6 +299,8 @@ def encode_message(partition: int, message: Message) -> bytes:
     :raises ProtocolError: with ``remote=False`` if the message breaks a wire rule (an unknown
         type, an integer out of range, a node id or log type too long).
     """
+    if type(message) is AppendEntries and message.entries:
+        return _encode_append(partition, message)
     schema = _SCHEMA.get(type(message))
     if schema is None:
         raise _fail(f"cannot encode {_show(message)}: not a message type", False)
@@ -323,6 +325,44 @@ def encode_message(partition: int, message: Message) -> bytes:
         else:
             out.append(_bytes(value, name, False))
     return cbor2.dumps(out)
+
+
+# A leader sends the same entries to every follower, usually in the same reactor turn: their
+# encoding is kept for the next few messages. A hit needs equal entries; they are normally the
+# very same objects, which makes the comparison a pointer check per entry.
+_ENTRIES_CACHE: dict[tuple[int, int, int], tuple[tuple[Entry, ...], bytes]] = {}
+_ENTRIES_CACHE_SIZE = 8
+
+
+def _encode_append(partition: int, m: AppendEntries) -> bytes:
+    entries = m.entries
+    if type(entries) is not tuple:
+        raise _fail(f"entries: expected a tuple, got {_show(entries)}", False)
+    first, last = entries[0], entries[-1]
+    if type(first) is not Entry or type(last) is not Entry:
+        _entries_out(entries)  # raises, naming the culprit
+    key = (first.index, last.index, len(entries))
+    cached = _ENTRIES_CACHE.get(key)
+    if cached is not None and cached[0] == entries:
+        body = cached[1]
+    else:
+        body = cbor2.dumps(_entries_out(entries))
+        if len(_ENTRIES_CACHE) >= _ENTRIES_CACHE_SIZE:
+            del _ENTRIES_CACHE[next(iter(_ENTRIES_CACHE))]
+        _ENTRIES_CACHE[key] = (entries, body)
+    head = cbor2.dumps(
+        [
+            TypeCode.APPEND_ENTRIES.value,
+            _u64(partition, "partition", False),
+            _u64(m.term, "term", False),
+            _node_id(m.src, "src", False),
+            _node_id(m.dst, "dst", False),
+            _u64(m.prev_index, "prev_index", False),
+            _u64(m.prev_term, "prev_term", False),
+        ]
+    )
+    # Splice: a 9-item array header, the 7 items above, the cached entries, the commit index.
+    return b"\x89" + head[1:] + body + cbor2.dumps(_u64(m.commit, "commit", False))
 
 
 def decode_message(data: bytes, partitions: int) -> tuple[int, Message]:
