@@ -476,6 +476,8 @@ class RaftManager:
         if outcome is False:
             self._report_apply_error(runtime, entry, "the state machine returned False")
         event = self.on_log_restored if restoring else self.on_replication_received
+        if not len(event):
+            return outcome
         for verdict in event.fire(runtime.number, entry):
             if verdict is False:
                 self._report_apply_error(runtime, entry, f"an {event.name} handler returned False")

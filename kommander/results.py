@@ -5,8 +5,7 @@ from __future__ import annotations
 import enum
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.logger import Logger
 
@@ -38,8 +37,7 @@ class RaftOperationStatus(enum.Enum):
     ERRORED = "errored"
 
 
-@dataclass(frozen=True, slots=True)
-class ReplicationResult:
+class ReplicationResult(NamedTuple):
     """The outcome of :meth:`RaftManager.replicate_logs` and friends (the seed's
     ``RaftReplicationResult``).
 
@@ -51,6 +49,9 @@ class ReplicationResult:
     :ivar error: a human-readable reason when the request failed.
     :ivar results: what the local state machine's ``apply`` returned for each entry, in order
         (empty for two-phase proposals, which are not applied yet).
+
+    Immutable like the frozen dataclasses elsewhere, but a named tuple: one is built per request,
+    and a loaded leader's profile showed the dataclass constructor.
     """
 
     success: bool
@@ -103,6 +104,8 @@ class Event:
 
     def fire(self, *args: Any) -> list[Any]:
         """Call every handler; return their results (an exception counts as its own result)."""
+        if not self._handlers:
+            return []
         out: list[Any] = []
         for handler in list(self._handlers):
             try:

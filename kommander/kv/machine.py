@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -62,8 +61,7 @@ class MalformedCommand(ValueError):
     """Bytes that are not a valid KV command; the message says what is wrong."""
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(NamedTuple):
     """A decoded KV command.
 
     :ivar op: :data:`OP_PUT`, :data:`OP_DELETE` or :data:`OP_CAS`.
@@ -82,8 +80,7 @@ class Command:
         return _OP_NAMES[self.op]
 
 
-@dataclass(frozen=True, slots=True)
-class KVResult:
+class KVResult(NamedTuple):
     """What applying one command did; the HTTP layer turns it into a status code.
 
     :ivar op: ``"put"``, ``"delete"``, ``"cas"``, or ``"invalid"`` for a malformed command.
