@@ -262,7 +262,7 @@ async def test_db_error_aborts_the_whole_transaction(make):
     before = [await wal.load(p) for p in range(2)]
     real = wal.store._logs[1]
     release = paused(wal)
-    wal.store._logs[1] = _FailingTable(real, allowed=2)
+    wal.store._logs[1] = _FailingTable(real, allowed=1)
     other = wal.write([WalWrite(0, None, entries(4, 4, 1))])
     failing = wal.write([WalWrite(0, HardState(2, "x", 1), entries(2, 5, 2)), WalWrite(1, None, entries(3, 8, 2, 1))])
     release.set()

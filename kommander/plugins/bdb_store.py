@@ -181,7 +181,7 @@ class BDBStore:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            entries = self._scan(table, None, None)
+            entries = self._scan(table, self._bounds[partition].floor + 1, None)
         finally:
             if collecting:
                 gc.enable()
@@ -294,8 +294,12 @@ class BDBStore:
         finally:
             cursor.close()
         if last is not None:
-            bounds.last_index = codec.key_index(last[0])[0]
-            bounds.last_term = codec.entry_term(last[1])
+            first = codec.key_index(last[0])[0]
+            last_index = first + codec.run_count(last[1]) - 1
+            # A run that straddles the checkpoint may end at or below it (kept by compaction).
+            if last_index > bounds.last_index:
+                bounds.last_index = last_index
+                bounds.last_term = codec.run_term(first, last[1], last_index)
         return bounds
 
     def _table(self, partition: int) -> db.DB:
@@ -324,8 +328,10 @@ class BDBStore:
         known = term_before(bounds, index)
         if known is not None:
             return known
-        raw = self._logs[partition].get(codec.index_key(index), txn=txn)
-        return codec.entry_term(raw) if raw is not None else None
+        record = _run_containing(self._logs[partition], index, txn)
+        if record is None:
+            return None
+        return codec.run_term(codec.key_index(record[0])[0], record[1], index)
 
     def _plan(
         self, kind: str, args: tuple, staged: dict[int, LogBounds], txn: db.DBTxn
@@ -379,10 +385,11 @@ class BDBStore:
             table = self._logs[partition]
             if item.entries:
                 truncate_from = check_append(partition, bounds, item.entries)
-                records = [(codec.index_key(e.index), codec.encode_entry(e)) for e in item.entries]
+                # One record for the whole run: see bdb_codec on why.
+                key, value = codec.index_key(item.entries[0].index), codec.encode_run(item.entries)
                 if truncate_from is not None:
                     actions.append(lambda t, table=table, start=truncate_from: _delete_from(table, start, t))
-                actions.append(lambda t, table=table, records=records: _put_all(table, records, t))
+                actions.append(lambda t, table=table, key=key, value=value: table.put(key, value, txn=t))
             if item.hard_state is not None:
                 if not isinstance(item.hard_state, HardState):
                     raise WALError(f"partition {partition}: hard_state must be a HardState")
@@ -390,67 +397,85 @@ class BDBStore:
                 actions.append(lambda t, key=key, value=value: self._meta.put(key, value, txn=t))
         return actions, scratch
 
-    def _scan(self, table: db.DB, low: int | None, high: int | None) -> tuple[Entry, ...]:
-        # The hot path of load(): one cursor pass with the decoding of bdb_codec.decode_entry
-        # inlined and every name bound locally, which makes a million entries load about 30%
-        # faster than calling the function (the Entry constructor is most of what remains).
-        unpack, header = codec.ENTRY_HEADER.unpack_from, codec.ENTRY_HEADER.size
-        kinds, version = codec.KINDS, codec.VERSION
-        from_bytes, make = int.from_bytes, Entry
+    def _scan(self, table: db.DB, low: int, high: int | None) -> tuple[Entry, ...]:
+        """Entries ``low <= index <= high`` (to the end when ``high`` is ``None``), by one
+        cursor pass over the runs that hold them."""
+        decode, key_index = codec.decode_run, codec.key_index
         log_types: dict[bytes, str] = {}
         out: list[Entry] = []
-        append = out.append
         cursor = table.cursor()
         try:
-            record = cursor.first() if low is None else cursor.set_range(codec.index_key(low))
-            step = cursor.next
+            record = _position(cursor, low)
             while record is not None:
-                key, value = record
-                index = from_bytes(key, "big")
-                if high is not None and index > high:
+                first = key_index(record[0])[0]
+                if high is not None and first > high:
                     break
-                stored_version, kind, term, timestamp, ticket, size = unpack(value)
-                if stored_version != version or kind not in kinds:
-                    raise WALError(f"entry {index}: unknown record (version {stored_version}, kind {kind})")
-                end = header + size
-                raw = value[header:end]
-                log_type = log_types.get(raw)
-                if log_type is None:
-                    log_type = log_types[raw] = raw.decode("utf-8")
-                append(make(index, term, kinds[kind], log_type, value[end:], timestamp, ticket))
-                record = step()
+                entries = decode(first, record[1], log_types)
+                if first < low or (high is not None and entries[-1].index > high):
+                    entries = [e for e in entries if low <= e.index and (high is None or e.index <= high)]
+                out.extend(entries)
+                record = cursor.next()
         finally:
             cursor.close()
         return tuple(out)
 
 
-def _put_all(table: db.DB, records: list[tuple[bytes, bytes]], txn: db.DBTxn) -> None:
-    put = table.put
-    for key, value in records:
-        put(key, value, txn=txn)
+def _position(cursor: db.DBCursor, index: int) -> tuple[bytes, bytes] | None:
+    """Put ``cursor`` on the run holding ``index`` (or the first run after it); return it."""
+    record = cursor.set_range(codec.index_key(index))
+    if record is not None and codec.key_index(record[0])[0] == index:
+        return record
+    before = cursor.prev() if record is not None else cursor.last()
+    if before is not None:
+        first = codec.key_index(before[0])[0]
+        if first + codec.run_count(before[1]) - 1 >= index:
+            return before
+        return cursor.next()
+    return cursor.first() if record is not None else None
+
+
+def _run_containing(table: db.DB, index: int, txn: db.DBTxn) -> tuple[bytes, bytes] | None:
+    """The run whose entries include ``index``, or ``None``."""
+    cursor = table.cursor(txn)
+    try:
+        record = _position(cursor, index)
+    finally:
+        cursor.close()
+    if record is None or codec.key_index(record[0])[0] > index:
+        return None
+    return record
 
 
 def _delete_from(table: db.DB, index: int, txn: db.DBTxn) -> None:
-    """Delete every entry with an index at or above ``index``."""
+    """Delete every entry with an index at or above ``index``: whole runs from it on, and the tail
+    of the run that straddles it."""
     cursor = table.cursor(txn)
     try:
         record = cursor.set_range(codec.index_key(index))
         while record is not None:
             cursor.delete()
             record = cursor.next()
+        last = cursor.last()
     finally:
         cursor.close()
+    if last is not None:
+        first = codec.key_index(last[0])[0]
+        if first + codec.run_count(last[1]) - 1 >= index:
+            table.put(last[0], codec.truncate_run(last[1], index - first), txn=txn)
 
 
 def _delete_through(table: db.DB, index: int, txn: db.DBTxn) -> None:
-    """Delete every entry with an index at or below ``index``."""
-    last_key = codec.index_key(index)
+    """Delete the runs whose entries all lie at or below ``index``. A run straddling ``index``
+    stays; readers skip what lies at or below the checkpoint."""
     cursor = table.cursor(txn)
     try:
-        record = cursor.first()
-        while record is not None and record[0] <= last_key:
+        # Only each run's 5-byte header is read: the count is all that is needed here.
+        record = cursor.first(dlen=codec.RUN_HEADER.size, doff=0)
+        while record is not None:
+            first = codec.key_index(record[0])[0]
+            if first + codec.run_count(record[1]) - 1 > index:
+                break
             cursor.delete()
-            record = cursor.next()
+            record = cursor.next(dlen=codec.RUN_HEADER.size, doff=0)
     finally:
         cursor.close()
-
