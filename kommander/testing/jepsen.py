@@ -201,11 +201,12 @@ def run(
                 if time.monotonic() >= deadline:
                     break
                 before = workload.count()
-                nemesis.strike(hold=rng.uniform(0.5, 5.0))
                 try:
+                    nemesis.strike(hold=rng.uniform(0.5, 5.0))
                     cluster.wait_for_leaders(RECOVERY_SECONDS)
                 except ClusterError as e:
-                    report.problems.append(f"no leaders {RECOVERY_SECONDS}s after healing: {str(e)[:2000]}")
+                    # A node died by itself or the cluster did not recover: the run's verdict.
+                    report.problems.append(f"after the last fault: {str(e)[:3000]}")
                     break
                 say(f"healed; {workload.count() - before} writes acknowledged during the fault")
         finally:
@@ -217,10 +218,11 @@ def run(
         if not report.problems:
             _final_checks(cluster, workload, report, say)
         report.seconds = time.monotonic() - started
-        if not report.ok:
-            cluster.failed = True
+        if not report.ok or keep:
+            cluster.failed = not report.ok
             report.directory = cluster.directory or ""
             _dump_history(workload.history, os.path.join(report.directory, "history.jsonl"))
+        if not report.ok:
             print(cluster.describe(), file=out)
     print(report.render(), file=out, flush=True)
     return report
