@@ -33,9 +33,13 @@ class EntryKind(enum.IntEnum):
     CHECKPOINT = 5
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """One log entry.
+
+    Immutable like every other value here, but a named tuple rather than a frozen dataclass: the
+    leader builds one per proposed entry and every follower one per received entry, and a loaded
+    leader's profile put the dataclass constructor near 10% of its CPU (a named tuple costs a
+    third of it). Compare entries with ``==`` only with other entries.
 
     :ivar index: position in the partition's log, from 1, without gaps.
     :ivar term: the leader's term when the entry was created.
