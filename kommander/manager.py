@@ -46,7 +46,7 @@ from kommander.interfaces import (
     WalWrite,
 )
 from kommander.partition import PartitionRuntime, Request
-from kommander.results import Event, RaftOperationStatus, ReplicationResult, partition_for_key
+from kommander.results import Event, RaftOperationStatus, ReplicationResult, is_deferred, partition_for_key
 from kommander.snapshots import SnapshotStore
 from kommander.transfer import TransferTracker
 
@@ -464,7 +464,7 @@ class RaftManager:
                 outcome = self.state_machine.apply(runtime.number, entry)
             except Exception:  # noqa: BLE001 - the application's bug is reported, not fatal
                 return self._apply_failed(runtime, entry, Failure())
-            if isinstance(outcome, defer.Deferred):
+            if is_deferred(outcome):
                 return outcome.addCallbacks(
                     self._after_apply,
                     lambda f: self._apply_failed(runtime, entry, f),

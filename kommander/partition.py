@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from kommander.core.errors import NotLeader, ProposalDropped
 from kommander.core.raft import RaftNode
 from kommander.core.types import Entry, EntryKind, Proposal, Role, SnapshotMeta
-from kommander.results import RaftOperationStatus, ReplicationResult
+from kommander.results import RaftOperationStatus, ReplicationResult, is_deferred
 from kommander.transfer import SnapshotReceiver
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -254,7 +254,7 @@ class PartitionRuntime:
         while queue:
             entry = queue.popleft()
             outcome = self._apply_one(entry)
-            if isinstance(outcome, defer.Deferred):
+            if is_deferred(outcome):
                 self.applying = True
                 outcome.addBoth(self._applied_async, entry)
                 return
@@ -304,7 +304,7 @@ class PartitionRuntime:
         def run(start: int) -> Any:
             for i in range(start, len(entries)):
                 outcome = self.manager.apply_to_state_machine(self, entries[i], self.restoring)
-                if isinstance(outcome, defer.Deferred):
+                if is_deferred(outcome):
 
                     def resumed(value: Any, i: int = i) -> Any:
                         results.append(value.value if isinstance(value, Failure) else value)

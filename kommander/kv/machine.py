@@ -149,7 +149,8 @@ def decode_command(data: bytes) -> Command:
     :raises MalformedCommand: for anything that :func:`encode_put`, :func:`encode_delete` or
         :func:`encode_cas` would not have produced.
     """
-    data = _check_bytes("command", data)
+    if type(data) is not bytes:
+        data = _check_bytes("command", data)
     if len(data) < _HEADER.size:
         raise MalformedCommand(f"command of {len(data)} bytes is shorter than its header")
     op, key_length = _HEADER.unpack_from(data)
@@ -218,7 +219,8 @@ class KVStateMachine:
             is malformed.
         :raises ValueError: ``partition`` is out of range (a bug in the caller, not in the data).
         """
-        store = self._store(partition)
+        # The runtime only passes partitions it runs; the range check is for direct callers.
+        store = self._data[partition] if type(partition) is int and 0 <= partition < self.partitions else self._store(partition)
         self.applied_index[partition] = entry.index
         if entry.log_type != LOG_TYPE:
             return None
