@@ -29,6 +29,11 @@ class RaftConfiguration:
     max_partitions: int = 1
     #: Peers of another cluster are refused at the transport handshake.
     cluster_id: str = "kommander"
+    #: The cluster's size, this node included. When set, ``join_cluster`` waits until discovery
+    #: reports that many nodes and takes them as the voters (and refuses to start if it reports
+    #: more). Needed with discovery that starts knowing nobody (multicast); 0 takes whatever
+    #: discovery knows at start-up (static peers).
+    expected_nodes: int = 0
 
     #: The leader sends a heartbeat (and the runtime ticks every core) this often.
     heartbeat_interval: float = 0.05
@@ -82,6 +87,8 @@ class RaftConfiguration:
             problems.append("cluster_id: use a non-empty string of at most 128 characters")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             problems.append(f"port {self.port!r}: use 0-65535")
+        if not isinstance(self.expected_nodes, int) or not 0 <= self.expected_nodes <= 256:
+            problems.append(f"expected_nodes {self.expected_nodes!r}: use 0 (take discovery's view) or 1-256")
         if not isinstance(self.max_partitions, int) or not 1 <= self.max_partitions <= 4096:
             problems.append(f"max_partitions {self.max_partitions!r}: use 1-4096")
         for name in ("heartbeat_interval", "election_timeout_min", "election_timeout_max", "operation_timeout"):

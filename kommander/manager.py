@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from kommander.checkpoints import Checkpointer
 from kommander.config import RaftConfiguration
-from kommander.core.errors import KommanderError, NotLeader
+from kommander.core.errors import ConfigurationError, KommanderError, NotLeader
 from kommander.core.raft import CoreConfig, RaftNode
 from kommander.core.types import (
     AppendEntries,
@@ -169,7 +169,7 @@ class RaftManager:
                 "join_cluster called twice: a RaftManager joins once; create a new one on the same WAL to rejoin"
             )
         yield defer.maybeDeferred(self.discovery.start)
-        nodes = dict(self.discovery.nodes())
+        nodes = yield self._initial_view()
         self.voters = tuple(sorted(set(nodes) | {self.node_id}))
         yield self.wal.open(self.partitions)
         low, high = self.config.election_ticks()
@@ -222,6 +222,60 @@ class RaftManager:
             n=self.partitions,
         )
         yield self._restored
+
+    def _initial_view(self) -> defer.Deferred[dict[str, str]]:
+        """Discovery's view at start-up; with ``expected_nodes``, once it holds that many.
+
+        Every node must start with the same voters: waiting for the whole expected cluster (and
+        refusing a bigger one) is what makes nodes that discover each other agree on them.
+        """
+        expected = self.config.expected_nodes
+        d: defer.Deferred[dict[str, str]] = defer.Deferred()
+
+        def check(nodes: Mapping[str, str]) -> bool:
+            view = dict(nodes)
+            view.setdefault(self.node_id, "")
+            if d.called or len(view) < expected:
+                return d.called
+            if len(view) > expected:
+                d.errback(
+                    Failure(
+                        ConfigurationError(
+                            f"discovery found {len(view)} nodes ({', '.join(sorted(view))}) but "
+                            f"expected_nodes is {expected}; voters must be the same on every node"
+                        )
+                    )
+                )
+            else:
+                d.callback(dict(nodes))
+            return True
+
+        if not expected or check(self.discovery.nodes()):
+            return d if d.called else defer.succeed(dict(self.discovery.nodes()))
+        unsubscribe = self.discovery.subscribe(check)
+        self.log.info(
+            "node {node} waiting for discovery to find {n} nodes", node=self.node_id, n=expected
+        )
+
+        def report() -> None:
+            if not d.called:
+                self.log.info(
+                    "node {node} still waiting: discovery knows {known}",
+                    node=self.node_id,
+                    known=",".join(sorted(self.discovery.nodes())),
+                )
+
+        waiting = task.LoopingCall(report)
+        waiting.clock = self.reactor
+        waiting.start(5.0, now=False)
+
+        def done(result: Any) -> Any:
+            unsubscribe()
+            if waiting.running:
+                waiting.stop()
+            return result
+
+        return d.addBoth(done)
 
     @defer.inlineCallbacks
     def leave_cluster(self) -> Any:

@@ -216,6 +216,8 @@ class Options(usage.Options):
         ["advertise-http", None, None, "Base URL clients are redirected to [default: derived from --http]."],
         ["max-body-bytes", None, None, "Largest HTTP request body accepted [default: 1048576]."],
         ["checkpoint-every", None, None, "Snapshot and compact each partition every N applied entries; 0: never [default: 10000]."],
+        ["expect", None, None, "Cluster size, this node included: wait until discovery finds that many nodes "
+         "before starting (required with --discovery multicast unless --peers lists the others)."],
     ]
 
     def __init__(self) -> None:
@@ -305,6 +307,18 @@ class Options(usage.Options):
             raise usage.UsageError(f"--{name} {self[name]!r}: use a whole number from {low} to {high}")
         return int(raw)
 
+    def _expected_nodes(self) -> int:
+        if self["expect"] is not None:
+            return self._int("expect", 1, 256)
+        if self["discovery"] == "multicast":
+            if not self.peers:
+                raise usage.UsageError(
+                    "--discovery multicast needs --expect N (the cluster size) so that every node "
+                    "starts with the same voters"
+                )
+            return len(self.peers) + 1
+        return 0
+
     def _seconds(self, name: str) -> float:
         try:
             value = float(self[name])
@@ -333,6 +347,7 @@ class Options(usage.Options):
             max_partitions=self._int("partitions", 1, 4096),
             cluster_id=self["cluster-id"],
             checkpoint_every=self._int("checkpoint-every", 0, 1 << 40),
+            expected_nodes=self._expected_nodes(),
             **{name.replace("-", "_"): self._seconds(name) for name in _TIMINGS},
         )
         try:

@@ -10,9 +10,11 @@ from twisted.internet import defer
 from twisted.logger import LogLevel, capturedLogs
 from zope.interface.verify import verifyObject
 
+from kommander.config import RaftConfiguration
 from kommander.core.errors import KommanderError, NotLeader
 from kommander.core.types import EntryKind
 from kommander.interfaces import IMessageReceiver, IRaft
+from kommander.manager import RaftManager
 from kommander.results import RaftOperationStatus as Status
 
 from runtime_harness import Cluster, CountingWAL, DelayedWAL, RecordingStateMachine
@@ -859,3 +861,70 @@ def test_every_message_the_runtime_sends_survives_the_wire_codec() -> None:
     for node in cluster.running():
         assert node.data(1) == [b"a", b"\x00\xff" * 100, b"t1", b"t2", b"after"]
     cluster.close()
+
+
+class _GrowingDiscovery:
+    """A discovery whose view grows when the test says so (like multicast finding nodes)."""
+
+    def __init__(self, nodes: dict[str, str]) -> None:
+        self.view = dict(nodes)
+        self.callbacks: list = []
+
+    def start(self):
+        return defer.succeed(None)
+
+    def stop(self):
+        return defer.succeed(None)
+
+    def nodes(self):
+        return dict(self.view)
+
+    def subscribe(self, callback):
+        self.callbacks.append(callback)
+        return lambda: self.callbacks.remove(callback)
+
+    def add(self, node_id: str) -> None:
+        self.view[node_id] = "mem"
+        for callback in list(self.callbacks):
+            callback(dict(self.view))
+
+
+def _expecting_manager(discovery: _GrowingDiscovery, expected: int) -> RaftManager:
+    from twisted.internet import task
+
+    from kommander.plugins.memory_transport import MemoryNetwork, MemoryTransport
+    from kommander.plugins.memory_wal import MemoryWAL
+
+    clock = task.Clock()
+    config = RaftConfiguration(node_id="n1", expected_nodes=expected)
+    return RaftManager(
+        config,
+        discovery=discovery,
+        wal=MemoryWAL(),
+        transport=MemoryTransport(MemoryNetwork(clock), "n1"),
+        reactor=clock,
+    )
+
+
+def test_join_waits_for_the_expected_nodes_and_takes_them_as_voters() -> None:
+    """With expected_nodes, join_cluster waits until discovery knows that many nodes; they become the voters."""
+    discovery = _GrowingDiscovery({"n1": "mem"})
+    manager = _expecting_manager(discovery, 3)
+    joined = manager.join_cluster()
+    assert not joined.called and manager.voters == ()
+    discovery.add("n2")
+    assert not joined.called
+    discovery.add("n3")
+    # The waiting subscription is gone; only the running node's own remains.
+    assert manager.voters == ("n1", "n2", "n3") and len(discovery.callbacks) == 1
+
+
+def test_join_refuses_more_nodes_than_expected() -> None:
+    """Discovery reporting more nodes than expected_nodes fails the join with a ConfigurationError."""
+    from kommander.core.errors import ConfigurationError
+
+    discovery = _GrowingDiscovery({"n1": "mem", "n2": "mem", "n3": "mem"})
+    manager = _expecting_manager(discovery, 2)
+    failures: list = []
+    manager.join_cluster().addErrback(failures.append)
+    assert failures and failures[0].check(ConfigurationError) and "expected_nodes is 2" in str(failures[0].value)

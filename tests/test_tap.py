@@ -419,3 +419,24 @@ def test_node_serves_http_on_loopback(tmp_path: Path) -> None:
         assert json.loads(body)["node_id"] == "solo"
     finally:
         yield top.stopService()
+
+
+def test_multicast_needs_the_cluster_size() -> None:
+    """--discovery multicast without --expect (or --peers) is a usage error naming --expect."""
+    options = tap.Options()
+    with pytest.raises(usage.UsageError, match="--expect"):
+        options.parseOptions(
+            ["--node-id", "n1", "--listen", "tcp:0:interface=127.0.0.1", "--discovery", "multicast", "--data", "/tmp/x"]
+        )
+
+
+def test_expect_sets_expected_nodes() -> None:
+    """--expect N reaches RaftConfiguration.expected_nodes; with static peers it defaults to 0."""
+    options = tap.Options()
+    options.parseOptions(
+        ["--node-id", "n1", "--listen", "tcp:0:interface=127.0.0.1", "--discovery", "multicast", "--expect", "3"]
+    )
+    assert options.config.expected_nodes == 3
+    plain = tap.Options()
+    plain.parseOptions(["--node-id", "n1", "--listen", "tcp:0:interface=127.0.0.1", "--peers", "n2=tcp:host=127.0.0.1:port=1"])
+    assert plain.config.expected_nodes == 0
