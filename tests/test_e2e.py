@@ -199,11 +199,13 @@ def test_paused_leader_is_replaced_and_steps_down_after_resuming():
         assert_linearizable(workload.history, cluster)
 
 
-def test_a_503_from_a_node_shutting_down_means_the_write_was_not_applied():
-    """Writes a leader answers with 503 while it shuts down on SIGTERM are not applied."""
+def test_writes_answered_503_by_a_leader_shutting_down_are_not_applied():
+    """A leader stopped with SIGTERM under load answers 503 only for writes it never logged:
+    none of them shows up afterwards (those in flight get 504, outcome unknown)."""
     with LocalCluster(nodes=3, partitions=1) as cluster:
         applied_anyway = []
-        for round_ in range(3):  # it shows at once in practice; bounded if it ever does not
+        cut_off = 0
+        for round_ in range(3):
             leader = cluster.leader_of(0)
             answers = []
             stop = threading.Event()
@@ -233,12 +235,12 @@ def test_a_503_from_a_node_shutting_down_means_the_write_was_not_applied():
             cluster.wait_caught_up(30)
             reader = KVClient(99)
             for key, answer in answers:
-                if answer.status == 503 and b"leaving" in answer.body:
+                cut_off += answer.status != 200
+                if answer.status == 503:
                     if reader.stale_get(cluster.url(cluster.node_ids[0]), key).status == 200:
-                        applied_anyway.append(key)
-            if applied_anyway:
-                break
-        assert not applied_anyway, f"written although answered 503 'the node is leaving the cluster': {applied_anyway}"
+                        applied_anyway.append((key, answer.body))
+        assert cut_off, "no write was cut off by the shutdowns: the test did not test anything"
+        assert not applied_anyway, f"written although answered 503: {applied_anyway}"
 
 
 # ---------------------------------------------------------------------- hostile input

@@ -14,11 +14,10 @@ connection refused (nothing listening)                 ``FAIL``: the request was
 =====================================================  ============================================
 
 ``503`` counting as "not applied" follows ``kommander/kv/http.py``: it answers 503 for
-``NOT_LEADER`` without a known leader, ``QUEUE_FULL`` and ``ERRORED`` results. The first two are
-decided before the entry reaches the log; ``ERRORED`` is also what requests already in the log
-get when the node leaves the cluster (SIGTERM, or a fail-stop after a WAL error), so a 503 seen
-while a node shuts down gracefully may belong to a write that a new leader still commits.
-Pass ``unknown_on_503=True`` to stay safe in runs that stop nodes with SIGTERM.
+``NOT_LEADER`` without a known leader, ``QUEUE_FULL`` and ``ERRORED`` results, all decided before
+the entry reaches the log (requests already in the log when their node stops end ``ABORTED``, a
+504; before commit 4860004 they got 503, which the soak caught). Pass ``unknown_on_503=True`` to
+count 503 as unknown anyway, e.g. to check whether a failing run depends on that promise.
 
 :class:`Workload` runs several clients in threads (loopback only), each issuing random
 put/get/cas/delete operations on a small set of shared keys against random nodes, plus writes to
