@@ -18,8 +18,9 @@ Network partitions need network namespaces and are not simulated. After the last
 is healed and the run checks that (1) the cluster elects leaders again within a bound, (2) all
 nodes apply the same commit index and hold the same value for every key, (3) every acknowledged
 write of a client's own key is on every node, (4) the whole history, including final
-linearizable reads through every node, is linearizable, and (5) no request got a 500. The exit status is 0 only if all hold; a
-failing run keeps its directory (node logs, the history as JSON lines) and prints where it is.
+linearizable reads through every node, is linearizable, and (5) no request got a 500. The exit
+status is 0 only if all hold; a failing run keeps its directory (node logs, the history as JSON
+lines) and prints where it is.
 """
 
 from __future__ import annotations
