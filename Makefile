@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SEEDS ?= 10000
 NODES ?= 5
+MINUTES ?= 10
 
-.PHONY: test demo soak bench docs deps clean
+.PHONY: test demo soak jepsen bench docs deps clean
 
 # Debian's Berkeley DB headers are needed to build the berkeleydb binding.
 deps:
@@ -27,11 +28,19 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/kommander demo
 
+# The deterministic simulation over many seeds (SEEDS=, NODES= to change).
 soak: $(STAMP)
 	$(PY) -m kommander.testing.sim --seeds $(SEEDS) --nodes $(NODES)
 
+# Real nodes under kill -9, pauses and full crashes, history checked for linearizability.
+jepsen: $(STAMP)
+	$(PY) -m kommander.testing.jepsen --minutes $(MINUTES) --nodes 3
+
+# The core alone, the WAL alone, then whole clusters against PySyncObj (its line comes last).
 bench: $(STAMP)
 	$(PY) benchmarks/core_bench.py
+	$(PY) benchmarks/wal_bench.py --seconds 2
+	$(PY) benchmarks/cluster_bench.py
 
 docs: $(STAMP)
 	$(PY) -m pip install -q -e '.[docs]' --config-settings editable_mode=compat
