@@ -749,3 +749,13 @@ def test_loopback_refuses_unknown_node():
         assert r2.statuses == [] and not t2.is_connected("n1")
     finally:
         yield stop_cluster(nodes)
+
+
+def test_queue_for_a_disconnected_peer_stays_small():
+    """A peer that is not connected gets at most 1 MiB queued, however large max_queue_bytes is:
+    Raft resends, and a restarted peer must not receive a backlog addressed to its previous life."""
+    node = make_node(max_queue_bytes=64 * 1024 * 1024)
+    message = AppendEntries(1, ME, "a", 0, 0, (Entry(1, 1, data=bytes(60_000)),), 0)
+    node.transport.send("a", [(0, message)] * 100)
+    assert 0 < node.transport.queued_bytes("a") <= 1024 * 1024
+    assert node.transport.stats["dropped"] >= 100 - (1024 * 1024) // 60_000

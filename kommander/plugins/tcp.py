@@ -69,6 +69,10 @@ def backoff_delay(failures: int, initial: float, maximum: float, rng: random.Ran
     return cap / 2 + rng.uniform(0, cap / 2)
 
 
+#: Bytes queued for a peer that is not connected; the rest is dropped (see ``send``).
+_DISCONNECTED_QUEUE_BYTES = 1024 * 1024
+
+
 @dataclass(eq=False)
 class _Peer:
     """What the transport knows about one peer."""
@@ -264,15 +268,24 @@ class TCPTransport:
         if not self._running:
             self.stats["dropped"] += len(messages)
             return
+        record = self._peers.get(peer)
+        # While the peer is not connected only a little waits for it (what the next connection
+        # can use at once): Raft resends anyway, and a restarted peer should not be handed a
+        # backlog addressed to its previous life.
+        limit = self.max_queue_bytes
+        if record is not None and record.connection is None:
+            limit = min(limit, _DISCONNECTED_QUEUE_BYTES)
+        if record is not None and record.connection is None and record.queued_bytes >= limit:
+            self.stats["dropped"] += len(messages)
+            return
         # Encode everything before queueing anything, so a bad message leaves no half-sent call.
         bodies = [self._encode(peer, partition, message) for partition, message in messages]
-        record = self._peers.get(peer)
         if record is None:
             self.stats["dropped"] += len(bodies)
             return
         for body in bodies:
             size = len(body) + PREFIX_BYTES
-            if record.queued_bytes + size > self.max_queue_bytes:
+            if record.queued_bytes + size > limit:
                 self.stats["dropped"] += 1
                 continue
             record.queue.append(body)
