@@ -48,7 +48,7 @@ DEFAULTS: Mapping[str, str] = {
     "election-timeout-max": "1.0",
     "durability": "sync",
     "max-body-bytes": str(1024 * 1024),
-    "checkpoint-every": "10000",
+    "checkpoint-every": "50000",
 }
 
 _PLUGIN_OPTIONS = {
@@ -215,7 +215,7 @@ class Options(usage.Options):
         ["durability", None, None, "WAL durability: sync (fsync every write) or nosync [default: sync]."],
         ["advertise-http", None, None, "Base URL clients are redirected to [default: derived from --http]."],
         ["max-body-bytes", None, None, "Largest HTTP request body accepted [default: 1048576]."],
-        ["checkpoint-every", None, None, "Snapshot and compact each partition every N applied entries; 0: never [default: 10000]."],
+        ["checkpoint-every", None, None, "Snapshot and compact each partition every N applied entries; 0: never [default: 50000]."],
         ["expect", None, None, "Cluster size, this node included: wait until discovery finds that many nodes "
          "before starting (required with --discovery multicast unless --peers lists the others)."],
     ]
