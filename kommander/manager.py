@@ -131,8 +131,9 @@ class RaftManager:
             "wal_entries": 0,
             "messages_sent": 0,
             "messages_received": 0,
-            "entries_applied": 0,
         }
+        #: Application entries applied (kept out of ``stats``: it moves once per entry).
+        self.entries_applied = 0
         # Events, as the seed names them.
         self.on_replication_received = Event("on_replication_received")
         self.on_replication_error = Event("on_replication_error")
@@ -398,13 +399,16 @@ class RaftManager:
         Never fails: problems are reported in ``result.status``.
         """
         runtime = self._runtime(partition)
-        items = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-        if not items or not all(isinstance(d, (bytes, bytearray, memoryview)) for d in items):
-            raise TypeError("data must be bytes or a non-empty sequence of bytes")
-        if not isinstance(log_type, str):
+        if type(log_type) is not str:
             raise TypeError("log_type must be a str")
         kind = EntryKind.NORMAL if auto_commit else EntryKind.PROPOSED
-        proposals = [Proposal(log_type, bytes(d), self._now_ts(), kind) for d in items]
+        if type(data) is bytes:  # the common case, without building and checking a list
+            proposals = [Proposal(log_type, data, self._now_ts(), kind)]
+        else:
+            items = [data] if isinstance(data, (bytearray, memoryview)) else list(data)
+            if not items or not all(isinstance(d, (bytes, bytearray, memoryview)) for d in items):
+                raise TypeError("data must be bytes or a non-empty sequence of bytes")
+            proposals = [Proposal(log_type, bytes(d), self._now_ts(), kind) for d in items]
         if auto_commit:
             return self._submit(runtime, proposals)
 
@@ -511,7 +515,7 @@ class RaftManager:
     def apply_to_state_machine(self, runtime: PartitionRuntime, entry: Entry, restoring: bool) -> Any:
         """Apply one application entry: the state machine first, then the events. Returns what
         the state machine returned (or a Deferred of it). Never raises."""
-        self.stats["entries_applied"] += 1
+        self.entries_applied += 1
         outcome: Any = None
         if self.state_machine is not None:
             try:

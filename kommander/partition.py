@@ -251,8 +251,25 @@ class PartitionRuntime:
 
     def _drain_apply(self) -> None:
         queue = self.apply_queue
+        manager = self.manager
+        apply, after_apply = manager.apply_to_state_machine, manager.checkpointer.after_apply
+        normal = EntryKind.NORMAL
         while queue:
             entry = queue.popleft()
+            if type(entry) is Entry and entry.kind is normal and not self.restoring:
+                # The hot path (an ordinary entry outside a restore), _done inlined.
+                outcome = apply(self, entry, False)
+                if outcome is not None and is_deferred(outcome):
+                    self.applying = True
+                    outcome.addBoth(self._applied_async, entry)
+                    return
+                self.applied = entry.index
+                if self.inflight and self.inflight[0].first <= entry.index:
+                    self._resolve(entry, outcome)
+                after_apply(self, entry)
+                if self.confirmed_reads:
+                    self._release_reads()
+                continue
             outcome = self._apply_one(entry)
             if is_deferred(outcome):
                 self.applying = True
