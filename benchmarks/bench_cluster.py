@@ -11,13 +11,14 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from kommander.testing.cluster import free_ports
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -150,18 +151,6 @@ def wait_until_quiet(limit_s: float, threshold: float = 0.10) -> float:
         if share < threshold or time.monotonic() >= deadline:
             return share
         log(f"  other processes use {share:.0%} of the CPUs; waiting for a quieter machine ...")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind((HOST, 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
 
 
 # ---------------------------------------------------------------------------- node processes

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from urllib.parse import quote, urlsplit
 
 from kommander.cli import StatusError, fetch_status, format_status
 from kommander.results import partition_for_key
+from kommander.testing.cluster import free_ports, twistd_command
 
 NODE_IDS = ("n1", "n2", "n3")
 _POLL = 0.05
@@ -65,28 +65,6 @@ class Node:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on 127.0.0.1 (held open together so none repeats)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def twistd_command() -> list[str]:
-    """How to run twistd with this interpreter: the script beside it, else through ``-c``."""
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(script, os.X_OK):
-        return [script]
-    return [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
 
 
 def http_call(method: str, url: str, body: bytes | None = None, timeout: float = 2.0) -> tuple[int, dict, bytes]:

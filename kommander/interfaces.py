@@ -17,10 +17,18 @@ Conventions for every interface here:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from zope.interface import Attribute, Interface
 
 from kommander.core.types import Entry, HardState, SnapshotMeta
+
+if TYPE_CHECKING:  # pragma: no cover - names used in annotations only
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+    from twisted.internet.defer import Deferred
+
+    from kommander.results import ReplicationResult
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,6 @@ Clusters run on one task.Clock and a MemoryNetwork (see runtime_harness); nothin
 
 from __future__ import annotations
 
-import pytest
 from twisted.internet import task
 from twisted.logger import capturedLogs
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from kommander.core.errors import CompactedError, KommanderError, StorageError
+from kommander.core.errors import CompactedError, StorageError
 from kommander.core.types import Entry, SnapshotMeta
 
 

@@ -119,12 +119,13 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def twistd_path() -> str:
-    """The ``twistd`` script installed beside the running interpreter (the venv's)."""
+def twistd_command() -> list[str]:
+    """How to run ``twistd`` with this interpreter: the script installed beside it (the venv's),
+    else the interpreter running Twisted's ``twistd`` entry point itself."""
     script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if not os.access(script, os.X_OK):
-        raise ClusterError(f"no twistd beside {sys.executable}; install Twisted in this environment")
-    return script
+    if os.access(script, os.X_OK):
+        return [script]
+    return [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
 
 
 @dataclass
@@ -219,7 +220,7 @@ class LocalCluster:
             path = os.path.join(self.directory, node_id)
             os.makedirs(path, exist_ok=True)
             self.members[node_id] = Node(node_id, ports[2 * i], ports[2 * i + 1], path)
-        self._twistd = twistd_path()
+        self._twistd = twistd_command()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -258,7 +259,7 @@ class LocalCluster:
         """The documented ``twistd -n kommander`` command line of ``node``."""
         peers = ",".join(f"{n.node_id}=tcp:host=127.0.0.1:port={n.raft_port}" for n in self.members.values())
         return [
-            self._twistd,
+            *self._twistd,
             "-n",
             "--pidfile=",
             f"--logfile={node.log_path}",

@@ -7,7 +7,6 @@ import pytest
 from kommander.core.types import (
     AppendEntries,
     AppendEntriesResponse,
-    EntryKind,
     Heartbeat,
     HeartbeatResponse,
     Role,
