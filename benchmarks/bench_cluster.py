@@ -354,8 +354,9 @@ def deltas(before: dict[str, dict], after: dict[str, dict], leaders: set[str], o
         out["cpu_s"][label] = round(a["proc_cpu_s"] - b["proc_cpu_s"], 2)
         if a.get("proc_wait_s") is not None and b.get("proc_wait_s") is not None:
             out["runqueue_wait_s"][label] = round(a["proc_wait_s"] - b["proc_wait_s"], 2)
-        out["fsyncs"][label] = a["fsyncs"] - b["fsyncs"]
-        out["wal_transactions"][label] = a["wal_transactions"] - b["wal_transactions"]
+        # A WAL other than Berkeley DB (--node-args "--wal memory") reports neither.
+        out["fsyncs"][label] = (a["fsyncs"] or 0) - (b["fsyncs"] or 0)
+        out["wal_transactions"][label] = (a["wal_transactions"] or 0) - (b["wal_transactions"] or 0)
         out["wal_writes"][label] = a["manager"]["wal_writes"] - b["manager"]["wal_writes"]
         out["peak_rss_mib"][label] = round(a["proc_memory"]["hwm_mib"], 1)
     total = sum(out["fsyncs"].values())
