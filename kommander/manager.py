@@ -659,22 +659,12 @@ class RaftManager:
                         outgoing.setdefault(m.dst, []).append((runtime.number, m))
                 if ready.snapshot is not None:
                     # Installed from the leader (the file is already durable): the WAL drops the
-                    # log it replaces, ordered before this turn's write; the state machine
-                    # restores before any entry after the snapshot is applied.
+                    # log it replaces, ordered before this turn's write.
                     compactions.append(self.wal.compact(runtime.number, ready.snapshot))
-                    runtime.apply_entries((ready.snapshot,))
                 if ready.hard_state is not None or ready.entries:
                     writes.append(WalWrite(runtime.number, ready.hard_state, ready.entries))
                     self.stats["wal_entries"] += len(ready.entries)
                 readies.append((runtime, ready))
-                if ready.committed_entries:
-                    runtime.apply_entries(ready.committed_entries)
-                if ready.soft_state is not None:
-                    self._leadership_changed(runtime)
-                for rs in ready.read_states:
-                    runtime.read_confirmed(rs.context, rs.index)
-                for context in ready.dropped_reads:
-                    runtime.read_dropped(context)
             if core.has_ready():
                 self._dirty[runtime.number] = runtime
         self._send(outgoing)
@@ -689,6 +679,21 @@ class RaftManager:
                     self._write_done, self._write_failed, callbackArgs=(batch,)
                 )
             self._complete_batches()
+        # Only now, with the messages on their way and the WAL writing, apply what was committed:
+        # a follower's acknowledgement (sent once its write is durable) must not wait for the
+        # application of entries committed earlier. Committed entries are already durable.
+        for runtime, ready in readies:
+            if ready.snapshot is not None:
+                # The state machine restores before any entry after the snapshot is applied.
+                runtime.apply_entries((ready.snapshot,))
+            if ready.committed_entries:
+                runtime.apply_entries(ready.committed_entries)
+            if ready.soft_state is not None:
+                self._leadership_changed(runtime)
+            for rs in ready.read_states:
+                runtime.read_confirmed(rs.context, rs.index)
+            for context in ready.dropped_reads:
+                runtime.read_dropped(context)
         if self._dirty and self._flush_call is None and self._running:
             self._flush_call = self.reactor.callLater(0, self._flush)
 
