@@ -19,13 +19,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kommander.apply import Applier
+from kommander.bootstrap import initial_view
 from kommander.checkpoints import Checkpointer
 from kommander.config import RaftConfiguration
-from kommander.core.errors import ConfigurationError, KommanderError, NotLeader
+from kommander.core.errors import KommanderError, NotLeader
 from kommander.core.raft import CoreConfig, RaftNode
 from kommander.core.types import (
     AppendEntries,
-    Entry,
     EntryKind,
     InstallSnapshot,
     Message,
@@ -46,7 +47,7 @@ from kommander.interfaces import (
     WalWrite,
 )
 from kommander.partition import PartitionRuntime, Request
-from kommander.results import Event, RaftOperationStatus, ReplicationResult, is_deferred, partition_for_key
+from kommander.results import Event, RaftOperationStatus, ReplicationResult, partition_for_key
 from kommander.snapshots import SnapshotStore
 from kommander.transfer import TransferTracker
 
@@ -114,6 +115,7 @@ class RaftManager:
         self.clock = clock
         self.state_machine = state_machine
         self.rng = rng or random.Random()
+        self.applier = Applier(self)
         self.snapshot_store = snapshot_store or SnapshotStore(None, reactor)
         self.checkpointer = Checkpointer(self)
         low, high = config.election_ticks()
@@ -132,8 +134,6 @@ class RaftManager:
             "messages_sent": 0,
             "messages_received": 0,
         }
-        #: Application entries applied (kept out of ``stats``: it moves once per entry).
-        self.entries_applied = 0
         # Events, as the seed names them.
         self.on_replication_received = Event("on_replication_received")
         self.on_replication_error = Event("on_replication_error")
@@ -170,7 +170,7 @@ class RaftManager:
                 "join_cluster called twice: a RaftManager joins once; create a new one on the same WAL to rejoin"
             )
         yield defer.maybeDeferred(self.discovery.start)
-        nodes = yield self._initial_view()
+        nodes = yield initial_view(self.discovery, self.node_id, self.config.expected_nodes, self.reactor)
         self.voters = tuple(sorted(set(nodes) | {self.node_id}))
         yield self.wal.open(self.partitions)
         low, high = self.config.election_ticks()
@@ -223,60 +223,6 @@ class RaftManager:
             n=self.partitions,
         )
         yield self._restored
-
-    def _initial_view(self) -> defer.Deferred[dict[str, str]]:
-        """Discovery's view at start-up; with ``expected_nodes``, once it holds that many.
-
-        Every node must start with the same voters: waiting for the whole expected cluster (and
-        refusing a bigger one) is what makes nodes that discover each other agree on them.
-        """
-        expected = self.config.expected_nodes
-        d: defer.Deferred[dict[str, str]] = defer.Deferred()
-
-        def check(nodes: Mapping[str, str]) -> bool:
-            view = dict(nodes)
-            view.setdefault(self.node_id, "")
-            if d.called or len(view) < expected:
-                return d.called
-            if len(view) > expected:
-                d.errback(
-                    Failure(
-                        ConfigurationError(
-                            f"discovery found {len(view)} nodes ({', '.join(sorted(view))}) but "
-                            f"expected_nodes is {expected}; voters must be the same on every node"
-                        )
-                    )
-                )
-            else:
-                d.callback(dict(nodes))
-            return True
-
-        if not expected or check(self.discovery.nodes()):
-            return d if d.called else defer.succeed(dict(self.discovery.nodes()))
-        unsubscribe = self.discovery.subscribe(check)
-        self.log.info(
-            "node {node} waiting for discovery to find {n} nodes", node=self.node_id, n=expected
-        )
-
-        def report() -> None:
-            if not d.called:
-                self.log.info(
-                    "node {node} still waiting: discovery knows {known}",
-                    node=self.node_id,
-                    known=",".join(sorted(self.discovery.nodes())),
-                )
-
-        waiting = task.LoopingCall(report)
-        waiting.clock = self.reactor
-        waiting.start(5.0, now=False)
-
-        def done(result: Any) -> Any:
-            unsubscribe()
-            if waiting.running:
-                waiting.stop()
-            return result
-
-        return d.addBoth(done)
 
     @defer.inlineCallbacks
     def leave_cluster(self) -> Any:
@@ -511,62 +457,6 @@ class RaftManager:
         self.mark_dirty(runtime)
 
     # ------------------------------------------------------------------ applying
-
-    def apply_to_state_machine(self, runtime: PartitionRuntime, entry: Entry, restoring: bool) -> Any:
-        """Apply one application entry: the state machine first, then the events. Returns what
-        the state machine returned (or a Deferred of it). Never raises."""
-        self.entries_applied += 1
-        outcome: Any = None
-        if self.state_machine is not None:
-            try:
-                outcome = self.state_machine.apply(runtime.number, entry)
-            except Exception:  # noqa: BLE001 - the application's bug is reported, not fatal
-                return self._apply_failed(runtime, entry, Failure())
-            if is_deferred(outcome):
-                return outcome.addCallbacks(
-                    self._after_apply,
-                    lambda f: self._apply_failed(runtime, entry, f),
-                    callbackArgs=(runtime, entry, restoring),
-                )
-        return self._after_apply(outcome, runtime, entry, restoring)
-
-    def _after_apply(self, outcome: Any, runtime: PartitionRuntime, entry: Entry, restoring: bool) -> Any:
-        if outcome is False:
-            self._report_apply_error(runtime, entry, "the state machine returned False")
-        event = self.on_log_restored if restoring else self.on_replication_received
-        if not len(event):
-            return outcome
-        for verdict in event.fire(runtime.number, entry):
-            if verdict is False:
-                self._report_apply_error(runtime, entry, f"an {event.name} handler returned False")
-            elif isinstance(verdict, Exception):
-                self._report_apply_error(runtime, entry, f"an {event.name} handler raised {verdict!r}")
-        return outcome
-
-    def _apply_failed(self, runtime: PartitionRuntime, entry: Entry, failure: Failure) -> Exception:
-        self._report_apply_error(runtime, entry, f"the state machine raised {failure.value!r}")
-        return failure.value
-
-    def _report_apply_error(self, runtime: PartitionRuntime, entry: Entry, reason: str) -> None:
-        self.log.error(
-            "partition {p}: applying entry {index} ({log_type}) failed: {reason}",
-            p=runtime.number,
-            index=entry.index,
-            log_type=entry.log_type,
-            reason=reason,
-        )
-        self.on_replication_error.fire(runtime.number, entry, reason)
-
-    def checkpoint_applied(self, runtime: PartitionRuntime, entry: Entry) -> Any:
-        runtime.snapshot_requested = True
-        checkpoint = getattr(self.state_machine, "checkpoint", None)
-        if checkpoint is None:
-            return None
-        try:
-            return checkpoint(runtime.number, entry.index)
-        except Exception:  # noqa: BLE001
-            self.log.failure("partition {p}: state machine checkpoint failed", p=runtime.number)
-            return None
 
     def restore_finished(self, runtime: PartitionRuntime) -> None:
         self._restoring.discard(runtime.number)

@@ -252,7 +252,7 @@ class PartitionRuntime:
     def _drain_apply(self) -> None:
         queue = self.apply_queue
         manager = self.manager
-        apply, after_apply = manager.apply_to_state_machine, manager.checkpointer.after_apply
+        apply, after_apply = manager.applier.apply, manager.checkpointer.after_apply
         normal = EntryKind.NORMAL
         while queue:
             entry = queue.popleft()
@@ -287,7 +287,7 @@ class PartitionRuntime:
             return self.manager.checkpointer.install(self, entry)
         kind = entry.kind
         if kind is EntryKind.NORMAL:
-            return self.manager.apply_to_state_machine(self, entry, self.restoring)
+            return self.manager.applier.apply(self, entry, self.restoring)
         if kind is EntryKind.PROPOSED:
             self.tickets.setdefault(entry.ticket, []).append(entry)
             return None
@@ -310,7 +310,7 @@ class PartitionRuntime:
                 self.tickets.clear()
             return None
         if kind is EntryKind.CHECKPOINT:
-            return self.manager.checkpoint_applied(self, entry)
+            return self.manager.applier.checkpoint(self, entry)
         raise AssertionError(f"unknown entry kind {kind!r}")
 
     def _apply_many(self, entries: list[Entry]) -> Any:
@@ -320,7 +320,7 @@ class PartitionRuntime:
 
         def run(start: int) -> Any:
             for i in range(start, len(entries)):
-                outcome = self.manager.apply_to_state_machine(self, entries[i], self.restoring)
+                outcome = self.manager.applier.apply(self, entries[i], self.restoring)
                 if is_deferred(outcome):
 
                     def resumed(value: Any, i: int = i) -> Any:
