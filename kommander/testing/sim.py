@@ -35,181 +35,34 @@ import heapq
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from kommander.core.errors import KommanderError
 from kommander.core.progress import ProgressState
 from kommander.core.raft import CoreConfig, RaftNode
 from kommander.core.types import (
-    AppendEntriesResponse,
     Entry,
     EntryKind,
-    HardState,
     InstallSnapshot,
     Message,
     Proposal,
     Ready,
     Role,
     SnapshotMeta,
-    VoteRequest,
-    VoteResponse,
 )
 
-#: Virtual milliseconds between ticks.
-TICK = 10
+from kommander.testing.sim_checks import Checks
+from kommander.testing.sim_model import (  # noqa: F401 - re-exported: users import them from here
+    TICK,
+    SimConfig,
+    SimNode,
+    SimResult,
+    SimStateMachine,
+    Violation,
+    _Compaction,
+)
 
 
-class Violation(Exception):
-    """A safety or liveness property did not hold."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        self.kind = kind
-        self.detail = detail
-        super().__init__(f"{kind}: {detail}")
-
-
-class SimStateMachine:
-    """The state machine each simulated node applies committed entries to.
-
-    Subclass it to test your own: :meth:`apply` must be deterministic, and :meth:`fingerprint`
-    must summarise the state so that two machines that applied the same entries agree.
-    """
-
-    def __init__(self) -> None:
-        self.digest = 0
-
-    def apply(self, entry: Entry) -> None:
-        self.digest = hash((self.digest, entry.index, entry.term, entry.data)) & 0xFFFFFFFFFFFF
-
-    def fingerprint(self) -> object:
-        return self.digest
-
-    def snapshot(self) -> object:
-        """A copy of the state, stored as the node's snapshot and sent to lagging followers."""
-        return self.digest
-
-    def restore(self, state: object) -> None:
-        """Replace the state with a snapshot's."""
-        self.digest = state  # type: ignore[assignment]
-
-
-@dataclass
-class SimConfig:
-    """Shape of a run: cluster size, length and fault rates."""
-
-    nodes: int = 3
-    steps: int = 2000
-    election_tick: int = 10
-    election_tick_max: int = 20
-    #: Liveness bound in ticks, measured from the moment all faults heal.
-    liveness_ticks: int = 150
-    max_msg_entries: int = 8
-    max_inflight_msgs: int = 4
-    #: Fraction of the step budget spent with faults before the final calm phase.
-    chaos_fraction: float = 0.7
-    faults: bool = True
-    #: Snapshot and compact the log every N applied entries (plus a random 0..N), 0 for never.
-    compact_every: int = 12
-    #: Ticks a leader waits for a snapshot transfer before giving it up.
-    snapshot_timeout_ticks: int = 30
-    pre_vote: bool = True
-    check_quorum: bool = True
-    #: Chance that a chaos event also asks a leader to hand leadership to a random peer. Drawn
-    #: from a generator of its own, so 0 leaves every other random choice of a seed unchanged.
-    transfer_rate: float = 0.0
-
-
-@dataclass
-class SimResult:
-    seed: int
-    nodes: int
-    steps: int
-    violation: Violation | None
-    trace: list[str] = field(default_factory=list)
-    commits: int = 0
-    elections: int = 0
-    reads: int = 0
-    crashes: int = 0
-
-    def replay_command(self) -> str:
-        return (
-            f"python -m kommander.testing.sim --seed {self.seed} --nodes {self.nodes} "
-            f"--steps {self.steps} --trace"
-        )
-
-
-@dataclass(frozen=True)
-class _Compaction:
-    """A snapshot taken at ``meta``, queued behind the writes in flight like the runtime's."""
-
-    meta: SnapshotMeta
-    state: object
-
-
-class SimNode:
-    """One simulated process: the core plus its durable state and its disk queue."""
-
-    def __init__(self, node_id: str) -> None:
-        self.id = node_id
-        self.alive = False
-        self.incarnation = 0
-        self.core: RaftNode | None = None
-        # Durable state: what a crash keeps.
-        self.hard = HardState()
-        self.snapshot = SnapshotMeta(0, 0)
-        self.snapshot_state: object = None
-        self.entries: list[Entry] = []
-        #: Snapshots received from leaders: durable (like the runtime's snapshot files) before
-        #: the core hears of them, whether or not the core installs them.
-        self.received: dict[SnapshotMeta, object] = {}
-        # Volatile state.
-        self.writes: deque[Ready | _Compaction] = deque()
-        self.next_compact = 0
-        self.writing = 0
-        self.paused_until = 0
-        self.sm: SimStateMachine | None = None
-        self.applied = 0
-        self.commit_seen = 0
-
-    def durable_term(self, index: int) -> int | None:
-        if index == self.snapshot.index:
-            return self.snapshot.term
-        pos = index - self.snapshot.index - 1
-        if 0 <= pos < len(self.entries):
-            return self.entries[pos].term
-        return None
-
-    def holds(self, index: int, term: int) -> bool:
-        """Whether the committed entry ``(index, term)`` is durable here: in the log, inside the
-        snapshot, or inside a received snapshot (which a restart adopts)."""
-        covered = max([self.snapshot.index, *(meta.index for meta in self.received)])
-        return index <= covered or self.durable_term(index) == term
-
-    def compact(self, meta: SnapshotMeta, state: object) -> None:
-        """Take a snapshot at ``meta`` (instantly durable) and drop the log up to it."""
-        del self.entries[: meta.index - self.snapshot.index]
-        self.snapshot, self.snapshot_state = meta, state
-
-    def durable_last(self) -> int:
-        return self.entries[-1].index if self.entries else self.snapshot.index
-
-    def persist(self, ready: Ready) -> None:
-        if ready.hard_state is not None:
-            self.hard = ready.hard_state
-        if ready.snapshot is not None:
-            if ready.snapshot not in self.received:
-                raise Violation("snapshot", f"{self.id}: core installed {ready.snapshot} it was never given")
-            self.snapshot, self.snapshot_state = ready.snapshot, self.received[ready.snapshot]
-            self.entries = []
-        if ready.entries:
-            first = ready.entries[0].index
-            del self.entries[max(0, first - self.snapshot.index - 1) :]
-            if first != self.durable_last() + 1:
-                raise Violation("wal", f"{self.id}: write at {first} leaves a gap after {self.durable_last()}")
-            self.entries.extend(ready.entries)
-
-
-class Simulation:
+class Simulation(Checks):
     """One seeded run. :meth:`run` returns a :class:`SimResult`; it never raises for violations."""
 
     def __init__(
@@ -463,12 +316,6 @@ class Simulation:
                 self._start_write(node)
             node.next_compact = node.applied + self._compact_gap()
 
-    def _check_fingerprint(self, node: SimNode, index: int) -> None:
-        state = node.sm.fingerprint()
-        seen = self.fingerprints.setdefault(index, state)
-        if seen != state:
-            raise Violation("state-machine-safety", f"{node.id} state at {index} differs from another node's")
-
     # ------------------------------------------------------------------ network
 
     def _send(self, node: SimNode, m: Message, attachment: object = None) -> None:
@@ -646,133 +493,6 @@ class Simulation:
                 self._start(node.id)
         self.calm_since = self.now
         self._log("heal all: calm from here")
-
-    # ------------------------------------------------------------------ checks
-
-    def _observe(self, node: SimNode, ready: Ready) -> None:
-        core = node.core
-        self._check_node(node)
-        if ready.soft_state is not None and ready.soft_state.role is Role.LEADER:
-            term = ready.soft_state.term
-            holder = self.leaders.setdefault(term, node.id)
-            if holder != node.id:
-                raise Violation("election-safety", f"{holder} and {node.id} both lead term {term}")
-            self.result_stats["elections"] += 1
-            self._log(f"leader {node.id} term={term} last={core.log.last_index()}")
-            # Leader Completeness: it must hold every entry committed in an earlier term. (A
-            # leader of an older term can still win late, with votes cast before the commit.)
-            log = core.log
-            for index in range(max(1, log.snapshot.index + 1), self.commit_max + 1):
-                if self.commit_terms[index] < term and log.term(index) != self.committed[index]:
-                    raise Violation(
-                        "leader-completeness",
-                        f"{node.id} leads term {term} without committed entry {index}",
-                    )
-        if ready.entries:
-            log = core.log
-            for entry in ready.entries:
-                prev = log.term_or_zero(entry.index - 1)
-                key = (entry.index, entry.term)
-                value = (prev, entry.kind, entry.data)
-                known = self.registry.setdefault(key, value)
-                if known != value:
-                    raise Violation(
-                        "log-matching",
-                        f"{node.id} holds a different entry {key} (prev term {prev}) than another node",
-                    )
-        for rs in ready.read_states:
-            owner, required = self.reads.pop(rs.context, (None, 0))
-            if owner != node.id:
-                raise Violation("read-index", f"{node.id} confirmed read {rs.context} it never took")
-            if rs.index < required:
-                raise Violation(
-                    "linearizability",
-                    f"read {rs.context} on {node.id} returned index {rs.index} < {required} committed before it",
-                )
-            self.result_stats["reads"] += 1
-        for context in ready.dropped_reads:
-            self.reads.pop(context, None)
-
-    def _check_node(self, node: SimNode) -> None:
-        core = node.core
-        if core is None:
-            return
-        commit = core.log.committed
-        if commit < node.commit_seen:
-            raise Violation("commit-monotonic", f"{node.id} commit went {node.commit_seen} -> {commit}")
-        if commit > node.commit_seen:
-            log = core.log
-            for index in range(max(node.commit_seen, log.snapshot.index) + 1, commit + 1):
-                term = log.term(index)
-                known = self.committed.setdefault(index, term)
-                self.commit_terms.setdefault(index, core.term)
-                if known != term:
-                    raise Violation(
-                        "state-machine-safety",
-                        f"{node.id} committed ({index}, {term}) but ({index}, {known}) was committed",
-                    )
-            if core.role is Role.LEADER:
-                term = log.term(commit)
-                holders = sum(1 for n in self.nodes.values() if n.holds(commit, term))
-                if holders < self.quorum:
-                    raise Violation(
-                        "commit-durability",
-                        f"{node.id} committed {commit} held durably by only {holders} nodes",
-                    )
-            if commit > self.commit_max:
-                self.result_stats["commits"] += commit - self.commit_max
-                self.commit_max = commit
-            node.commit_seen = commit
-
-    def _check_applied_durable(self, node: SimNode, first: int) -> None:
-        """A write that replaced stored entries from ``first`` must leave every applied entry on
-        disk: the state machine may not run ahead of the log it would restart from."""
-        for index in range(first, node.applied + 1):
-            if not node.holds(index, self.committed[index]):
-                raise Violation(
-                    "apply-before-durable",
-                    f"{node.id} applied {index} but a later write left term {node.durable_term(index)} there",
-                )
-
-    def _check_persistence(self, node: SimNode, m: Message) -> None:
-        kind = type(m)
-        if kind is VoteResponse and m.granted and not m.pre_vote:
-            if node.hard.term != m.term or node.hard.vote != m.dst:
-                raise Violation("persistence", f"{node.id} granted a vote before persisting it: {m}")
-        elif kind is VoteRequest and not m.pre_vote:
-            if node.hard.term != m.term or node.hard.vote != node.id:
-                raise Violation("persistence", f"{node.id} asked for votes before persisting its own: {m}")
-        elif kind is AppendEntriesResponse and m.success:
-            if m.index > node.durable_last():
-                raise Violation(
-                    "persistence",
-                    f"{node.id} acknowledged index {m.index} holding only {node.durable_last()} durably",
-                )
-
-    # ------------------------------------------------------------------ liveness
-
-    def _check_liveness(self) -> None:
-        if self.calm_since is None:
-            return
-        if self.live_commit_target is None:
-            # Something proposed after the calm began must commit: record the bar.
-            self.live_commit_target = self._highest_index() + 1
-        if self.now - self.calm_since > self.config.liveness_ticks * TICK and not self._liveness_settled():
-            raise Violation(
-                "liveness",
-                f"no commit at or beyond {self.live_commit_target} within "
-                f"{self.config.liveness_ticks} ticks of healing",
-            )
-
-    def _highest_index(self) -> int:
-        return max(n.core.log.last_index() for n in self.nodes.values() if n.alive)
-
-    def _liveness_settled(self) -> bool:
-        return (
-            self.live_commit_target is not None
-            and self.commit_max >= self.live_commit_target
-            and any(n.alive and n.core.role is Role.LEADER for n in self.nodes.values())
-        )
 
 
 # ---------------------------------------------------------------------- command line

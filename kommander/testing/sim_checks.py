@@ -1,0 +1,152 @@
+"""The properties a simulation run checks after every step (see :mod:`kommander.testing.sim`).
+
+Mixed into :class:`kommander.testing.sim.Simulation`; every attribute used here is defined there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kommander.core.types import AppendEntriesResponse, Message, Ready, Role, VoteRequest, VoteResponse
+from kommander.testing.sim_model import TICK, SimNode, Violation
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kommander.testing.sim import Simulation
+
+
+class Checks:
+    """Election safety, log matching, leader completeness, state machine safety, commit
+    durability, persistence ordering, monotonic commits, linearizable reads and liveness."""
+
+    def _check_fingerprint(self: "Simulation", node: SimNode, index: int) -> None:
+        state = node.sm.fingerprint()
+        seen = self.fingerprints.setdefault(index, state)
+        if seen != state:
+            raise Violation("state-machine-safety", f"{node.id} state at {index} differs from another node's")
+
+    # ------------------------------------------------------------------ checks
+
+    def _observe(self: "Simulation", node: SimNode, ready: Ready) -> None:
+        core = node.core
+        self._check_node(node)
+        if ready.soft_state is not None and ready.soft_state.role is Role.LEADER:
+            term = ready.soft_state.term
+            holder = self.leaders.setdefault(term, node.id)
+            if holder != node.id:
+                raise Violation("election-safety", f"{holder} and {node.id} both lead term {term}")
+            self.result_stats["elections"] += 1
+            self._log(f"leader {node.id} term={term} last={core.log.last_index()}")
+            # Leader Completeness: it must hold every entry committed in an earlier term. (A
+            # leader of an older term can still win late, with votes cast before the commit.)
+            log = core.log
+            for index in range(max(1, log.snapshot.index + 1), self.commit_max + 1):
+                if self.commit_terms[index] < term and log.term(index) != self.committed[index]:
+                    raise Violation(
+                        "leader-completeness",
+                        f"{node.id} leads term {term} without committed entry {index}",
+                    )
+        if ready.entries:
+            log = core.log
+            for entry in ready.entries:
+                prev = log.term_or_zero(entry.index - 1)
+                key = (entry.index, entry.term)
+                value = (prev, entry.kind, entry.data)
+                known = self.registry.setdefault(key, value)
+                if known != value:
+                    raise Violation(
+                        "log-matching",
+                        f"{node.id} holds a different entry {key} (prev term {prev}) than another node",
+                    )
+        for rs in ready.read_states:
+            owner, required = self.reads.pop(rs.context, (None, 0))
+            if owner != node.id:
+                raise Violation("read-index", f"{node.id} confirmed read {rs.context} it never took")
+            if rs.index < required:
+                raise Violation(
+                    "linearizability",
+                    f"read {rs.context} on {node.id} returned index {rs.index} < {required} committed before it",
+                )
+            self.result_stats["reads"] += 1
+        for context in ready.dropped_reads:
+            self.reads.pop(context, None)
+
+    def _check_node(self: "Simulation", node: SimNode) -> None:
+        core = node.core
+        if core is None:
+            return
+        commit = core.log.committed
+        if commit < node.commit_seen:
+            raise Violation("commit-monotonic", f"{node.id} commit went {node.commit_seen} -> {commit}")
+        if commit > node.commit_seen:
+            log = core.log
+            for index in range(max(node.commit_seen, log.snapshot.index) + 1, commit + 1):
+                term = log.term(index)
+                known = self.committed.setdefault(index, term)
+                self.commit_terms.setdefault(index, core.term)
+                if known != term:
+                    raise Violation(
+                        "state-machine-safety",
+                        f"{node.id} committed ({index}, {term}) but ({index}, {known}) was committed",
+                    )
+            if core.role is Role.LEADER:
+                term = log.term(commit)
+                holders = sum(1 for n in self.nodes.values() if n.holds(commit, term))
+                if holders < self.quorum:
+                    raise Violation(
+                        "commit-durability",
+                        f"{node.id} committed {commit} held durably by only {holders} nodes",
+                    )
+            if commit > self.commit_max:
+                self.result_stats["commits"] += commit - self.commit_max
+                self.commit_max = commit
+            node.commit_seen = commit
+
+    def _check_applied_durable(self: "Simulation", node: SimNode, first: int) -> None:
+        """A write that replaced stored entries from ``first`` must leave every applied entry on
+        disk: the state machine may not run ahead of the log it would restart from."""
+        for index in range(first, node.applied + 1):
+            if not node.holds(index, self.committed[index]):
+                raise Violation(
+                    "apply-before-durable",
+                    f"{node.id} applied {index} but a later write left term {node.durable_term(index)} there",
+                )
+
+    def _check_persistence(self: "Simulation", node: SimNode, m: Message) -> None:
+        kind = type(m)
+        if kind is VoteResponse and m.granted and not m.pre_vote:
+            if node.hard.term != m.term or node.hard.vote != m.dst:
+                raise Violation("persistence", f"{node.id} granted a vote before persisting it: {m}")
+        elif kind is VoteRequest and not m.pre_vote:
+            if node.hard.term != m.term or node.hard.vote != node.id:
+                raise Violation("persistence", f"{node.id} asked for votes before persisting its own: {m}")
+        elif kind is AppendEntriesResponse and m.success:
+            if m.index > node.durable_last():
+                raise Violation(
+                    "persistence",
+                    f"{node.id} acknowledged index {m.index} holding only {node.durable_last()} durably",
+                )
+
+    # ------------------------------------------------------------------ liveness
+
+    def _check_liveness(self: "Simulation") -> None:
+        if self.calm_since is None:
+            return
+        if self.live_commit_target is None:
+            # Something proposed after the calm began must commit: record the bar.
+            self.live_commit_target = self._highest_index() + 1
+        if self.now - self.calm_since > self.config.liveness_ticks * TICK and not self._liveness_settled():
+            raise Violation(
+                "liveness",
+                f"no commit at or beyond {self.live_commit_target} within "
+                f"{self.config.liveness_ticks} ticks of healing",
+            )
+
+    def _highest_index(self: "Simulation") -> int:
+        return max(n.core.log.last_index() for n in self.nodes.values() if n.alive)
+
+    def _liveness_settled(self: "Simulation") -> bool:
+        return (
+            self.live_commit_target is not None
+            and self.commit_max >= self.live_commit_target
+            and any(n.alive and n.core.role is Role.LEADER for n in self.nodes.values())
+        )
