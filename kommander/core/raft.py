@@ -8,7 +8,7 @@ same outputs: time is a tick counter and randomness an injected :class:`random.R
 
 from __future__ import annotations
 
-import random
+from random import Random  # the type of the injected generator; never the global one
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,7 +92,7 @@ class RaftNode(Election, Replication, ReadIndex):
     def __init__(
         self,
         config: CoreConfig,
-        rng: random.Random,
+        rng: Random,
         hard_state: HardState | None = None,
         snapshot: SnapshotMeta | None = None,
         entries: Sequence[Entry] = (),
