@@ -357,6 +357,11 @@ class PartitionRuntime:
         if not inflight or inflight[0].first > index:
             return
         request = inflight[0]
+        if request.last == index and request.first == index and entry.term == request.term and entry.kind is EntryKind.NORMAL:
+            # A single-entry request, the common case.
+            inflight.popleft()
+            request.finish(ReplicationResult(True, Status.SUCCESS, 0, index, None, None, (outcome,)))
+            return
         if entry.term != request.term:
             inflight.popleft()
             request.finish(ReplicationResult.failed(Status.LEADERSHIP_LOST, "entries were replaced by a new leader"))

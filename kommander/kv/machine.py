@@ -224,6 +224,20 @@ class KVStateMachine:
         self.applied_index[partition] = entry.index
         if entry.log_type != LOG_TYPE:
             return None
+        data = entry.data
+        if type(data) is bytes and len(data) > 3 and data[0] == OP_PUT:
+            # The common command, decoded in place (the same checks as decode_command).
+            key_length = (data[1] << 8) | data[2]
+            end = 3 + key_length
+            if 0 < key_length <= MAX_KEY_BYTES and end <= len(data):
+                try:
+                    key = data[3:end].decode("utf-8")
+                except UnicodeDecodeError:
+                    pass  # decode_command below reports it
+                else:
+                    existed = key in store
+                    store[key] = data[end:]
+                    return KVResult("put", True, existed)
         try:
             command = decode_command(entry.data)
         except MalformedCommand as e:
