@@ -440,3 +440,15 @@ def test_expect_sets_expected_nodes() -> None:
     plain = tap.Options()
     plain.parseOptions(["--node-id", "n1", "--listen", "tcp:0:interface=127.0.0.1", "--peers", "n2=tcp:host=127.0.0.1:port=1"])
     assert plain.config.expected_nodes == 0
+
+
+def test_node_processes_tune_the_garbage_collector() -> None:
+    """tune_garbage_collector sets the documented thresholds (restored afterwards)."""
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        tap.tune_garbage_collector()
+        assert gc.get_threshold() == tap.GC_THRESHOLDS
+    finally:
+        gc.set_threshold(*before)
