@@ -9,6 +9,7 @@ at once; its votes and acknowledgements leave only once its write is durable (se
 
 from __future__ import annotations
 
+import operator
 import random
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,7 @@ from kommander.snapshots import SnapshotStore
 from kommander.transfer import TransferTracker
 
 Status = RaftOperationStatus
+_TIMESTAMP = operator.attrgetter("timestamp")
 
 
 class _Batch:
@@ -478,8 +480,9 @@ class RaftManager:
             self.transfers.acknowledged(partition, message)
             return
         if self.clock is not None and type(message) is AppendEntries and message.entries:
-            # Receive event: merge the latest reading carried (a no-op carries none).
-            stamp = max(entry.timestamp for entry in message.entries)
+            # Receive event: merge the latest reading carried (a no-op carries none). Entries of
+            # several leaders' terms can share a batch, so the newest is the max, not the last.
+            stamp = max(map(_TIMESTAMP, message.entries))
             if stamp:
                 self.clock.update(stamp)
         runtime.core.step(message)
