@@ -26,7 +26,6 @@ Everything is bounded: a load stops issuing after ``seconds`` and gives up on st
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -39,29 +38,11 @@ from twisted.protocols.basic import LineReceiver
 
 from kommander.kv.machine import LOG_TYPE, encode_put
 from kommander.tap import Options, makeService
+from latency import percentiles
 
 #: Distinct keys the generated writes cycle through: the KV store's size stays bounded, so memory
 #: measured under load is about queues and buffers, not about an ever-growing dictionary.
 KEY_SPACE = 4096
-
-
-def percentiles(samples: list[float]) -> dict[str, float | None]:
-    """Nearest-rank p50/p99/p999, mean and max of latencies in seconds, as milliseconds."""
-    if not samples:
-        return {"p50_ms": None, "p99_ms": None, "p999_ms": None, "mean_ms": None, "max_ms": None}
-    ordered = sorted(samples)
-    n = len(ordered)
-
-    def rank(q: float) -> float:
-        return ordered[max(0, math.ceil(q * n) - 1)] * 1000.0
-
-    return {
-        "p50_ms": rank(0.50),
-        "p99_ms": rank(0.99),
-        "p999_ms": rank(0.999),
-        "mean_ms": sum(ordered) / n * 1000.0,
-        "max_ms": ordered[-1] * 1000.0,
-    }
 
 
 def commands(size: int, tag: str) -> list[bytes]:

@@ -30,29 +30,12 @@ import os
 import sys
 import time
 from collections import Counter
+from latency import percentiles
 
 #: Distinct keys cycled through, as in ``bench_node.py``.
 KEY_SPACE = 4096
 #: Connections opened at once while setting up (Twisted listens with a backlog of 50).
 CONNECT_GROUP = 32
-
-
-def percentiles(samples: list[float]) -> dict[str, float | None]:
-    if not samples:
-        return {"p50_ms": None, "p99_ms": None, "p999_ms": None, "mean_ms": None, "max_ms": None}
-    ordered = sorted(samples)
-    n = len(ordered)
-
-    def rank(q: float) -> float:
-        return ordered[max(0, math.ceil(q * n) - 1)] * 1000.0
-
-    return {
-        "p50_ms": rank(0.5),
-        "p99_ms": rank(0.99),
-        "p999_ms": rank(0.999),
-        "mean_ms": sum(ordered) / n * 1000.0,
-        "max_ms": ordered[-1] * 1000.0,
-    }
 
 
 def content_length(head: bytes) -> int:
