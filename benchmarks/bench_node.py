@@ -5,7 +5,7 @@ Usage (the controller starts it; not meant to be run by hand)::
     .venv/bin/python benchmarks/bench_node.py --node-id n1 --listen ... --peers ... --http ... --data DIR
 
 Every argument is a ``twistd kommander`` option: the node is built by
-:func:`kommander.tap.makeService`, so it is exactly the service ``twistd kommander`` runs (TCP
+:func:`kommander.entry.tap.makeService`, so it is exactly the service ``twistd kommander`` runs (TCP
 transport, Berkeley DB WAL, KV state machine and HTTP API). On top of it this process reads JSON
 commands, one per line, from stdin and answers each with one JSON line on stdout carrying the
 command's ``id``. The commands that generate load run *inside* this process, on its reactor, through
@@ -37,7 +37,7 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.protocols.basic import LineReceiver
 
 from kommander.kv.machine import LOG_TYPE, encode_put
-from kommander.tap import Options, makeService
+from kommander.entry.tap import Options, makeService
 from latency import percentiles
 
 #: Distinct keys the generated writes cycle through: the KV store's size stays bounded, so memory

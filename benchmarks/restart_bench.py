@@ -42,11 +42,11 @@ from kommander.config import RaftConfiguration
 from kommander.core.types import Entry, EntryKind, HardState
 from kommander.interfaces import WalWrite
 from kommander.kv.machine import KVStateMachine, encode_put
-from kommander.manager import RaftManager
+from kommander.runtime.manager import RaftManager
 from kommander.plugins.bdb import BerkeleyDBWAL
 from kommander.plugins.memory_transport import MemoryNetwork, MemoryTransport
 from kommander.plugins.static import StaticDiscovery
-from kommander.snapshots import SnapshotStore
+from kommander.runtime.snapshots import SnapshotStore
 
 BATCH = 10_000
 

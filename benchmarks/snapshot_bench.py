@@ -70,7 +70,7 @@ def prepare(data_dir: str, state_mb: float, value_bytes: int) -> None:
     from kommander.interfaces import WalWrite
     from kommander.kv.machine import KVStateMachine, encode_put
     from kommander.plugins.bdb import BerkeleyDBWAL
-    from kommander.snapshots import SnapshotStore, encode_runtime
+    from kommander.runtime.snapshots import SnapshotStore, encode_runtime
 
     keys = max(1, int(state_mb * MB) // value_bytes)
     machine = KVStateMachine(SimpleNamespace(config=SimpleNamespace(max_partitions=1)))  # type: ignore[arg-type]
@@ -115,7 +115,7 @@ def breakdown(snapshot_dir: str) -> list[tuple[str, float]]:
     in ``finish`` and once in ``Checkpointer.install``), and the KV restore (joining the chunks,
     then decoding them)."""
     from kommander.kv.machine import decode_snapshot
-    from kommander.snapshots import CHUNK, SnapshotStore
+    from kommander.runtime.snapshots import CHUNK, SnapshotStore
 
     store = SnapshotStore(snapshot_dir)
     meta = store.latest(0)

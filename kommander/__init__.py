@@ -1,7 +1,7 @@
 """Kommander: Raft consensus for Twisted applications.
 
 Each node runs many Raft groups (partitions) at once, leading some and following others. See
-:class:`kommander.manager.RaftManager` for the API and :mod:`kommander.interfaces` for the seams.
+:class:`kommander.runtime.manager.RaftManager` for the API and :mod:`kommander.interfaces` for the seams.
 
 The names below are imported lazily, so ``import kommander.core`` never pulls in Twisted.
 """
@@ -14,7 +14,7 @@ from typing import Any
 __version__ = "0.1.0.dev0"
 
 _EXPORTS = {
-    "RaftManager": "kommander.manager",
+    "RaftManager": "kommander.runtime.manager",
     "RaftConfiguration": "kommander.config",
     "ReplicationResult": "kommander.results",
     "RaftOperationStatus": "kommander.results",

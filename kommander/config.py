@@ -13,7 +13,7 @@ _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 @dataclass
 class RaftConfiguration:
-    """Everything a :class:`kommander.manager.RaftManager` needs to know about itself.
+    """Everything a :class:`kommander.runtime.manager.RaftManager` needs to know about itself.
 
     Times are in seconds, sizes in bytes. :meth:`validate` explains what to change when a value
     makes no sense; the manager calls it before starting.

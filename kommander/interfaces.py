@@ -1,6 +1,6 @@
 """The collaborators of a Kommander node, as zope interfaces.
 
-:class:`kommander.manager.RaftManager` is written against these and nothing else: a transport,
+:class:`kommander.runtime.manager.RaftManager` is written against these and nothing else: a transport,
 a write-ahead log, a discovery service, a clock and a state machine. Built-in implementations live
 in :mod:`kommander.plugins`; third parties ship their own and register them through the pluggy
 hooks of :mod:`kommander.hookspecs`.
@@ -243,7 +243,7 @@ class ISnapshotStateMachine(IStateMachine):
 
 
 class IRaft(Interface):
-    """The public face of a node (:class:`kommander.manager.RaftManager`)."""
+    """The public face of a node (:class:`kommander.runtime.manager.RaftManager`)."""
 
     def join_cluster() -> "Deferred[None]":
         """Open the WAL, restore every partition, start transport and discovery, start ticking."""

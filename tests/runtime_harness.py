@@ -1,4 +1,4 @@
-"""A deterministic test bed for :class:`kommander.manager.RaftManager`.
+"""A deterministic test bed for :class:`kommander.runtime.manager.RaftManager`.
 
 Every node of a :class:`Cluster` runs on one ``task.Clock`` and talks over one
 :class:`MemoryNetwork`; each keeps a :class:`MemoryWAL` object that outlives its managers, so
@@ -23,13 +23,13 @@ from zope.interface import implementer
 from kommander.config import RaftConfiguration
 from kommander.core.types import AppendEntries, Entry
 from kommander.interfaces import ISnapshotStateMachine, IStateMachine, WalWrite
-from kommander.manager import RaftManager
+from kommander.runtime.manager import RaftManager
 from kommander.plugins.hlc import HybridLogicalClock
 from kommander.plugins.memory_transport import MemoryNetwork, MemoryTransport
 from kommander.plugins.memory_wal import MemoryWAL
 from kommander.plugins.static import StaticDiscovery
 from kommander.results import ReplicationResult
-from kommander.snapshots import SnapshotStore
+from kommander.runtime.snapshots import SnapshotStore
 
 #: Simulated seconds per step of :meth:`Cluster.run_until`: a fifth of the default heartbeat.
 STEP = 0.01

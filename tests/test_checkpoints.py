@@ -1,4 +1,4 @@
-"""Checkpoints at the runtime level (:mod:`kommander.checkpoints`): taking snapshots and compacting
+"""Checkpoints at the runtime level (:mod:`kommander.runtime.checkpoints`): taking snapshots and compacting
 the WAL behind them, catching followers up by InstallSnapshot, restarting from a snapshot, and the
 start-up reconciliation of a WAL with a snapshot store.
 
@@ -18,12 +18,12 @@ import pytest
 from runtime_harness import Cluster, ListStateMachine, Node, RecordingStateMachine
 from twisted.internet import task
 
-from kommander.checkpoints import Checkpointer, entries_after
+from kommander.runtime.checkpoints import Checkpointer, entries_after
 from kommander.core.types import Entry, EntryKind, HardState, SnapshotChunk, SnapshotMeta
 from kommander.interfaces import WalState, WalWrite
 from kommander.kv.machine import KVStateMachine, encode_delete, encode_put
 from kommander.plugins.memory_wal import MemoryWAL
-from kommander.snapshots import SnapshotError, SnapshotStore, encode_runtime
+from kommander.runtime.snapshots import SnapshotError, SnapshotStore, encode_runtime
 
 SMALL = dict(snapshot_chunk_bytes=128, snapshot_window=3)
 

@@ -1,4 +1,4 @@
-"""Tests of kommander.cli: the status table, fetching it, and argument errors."""
+"""Tests of kommander.entry.cli: the status table, fetching it, and argument errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kommander import cli
+from kommander.entry import cli
 
 STATUS = {
     "node_id": "n2",

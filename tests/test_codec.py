@@ -1,4 +1,4 @@
-"""Tests for kommander.codec: round trips, the wire layout, and strict refusal of bad input."""
+"""Tests for kommander.wire.codec: round trips, the wire layout, and strict refusal of bad input."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kommander import codec
-from kommander.codec import (
+from kommander.wire import codec
+from kommander.wire.codec import (
     PROTOCOL_VERSION,
     Handshake,
     TypeCode,

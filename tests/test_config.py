@@ -6,7 +6,7 @@ import pytest
 
 from kommander.config import RaftConfiguration
 from kommander.core.errors import ConfigurationError, KommanderError
-from kommander.manager import RaftManager
+from kommander.runtime.manager import RaftManager
 
 from runtime_harness import make_config
 

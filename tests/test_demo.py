@@ -1,11 +1,11 @@
-"""End-to-end test of kommander.demo: the real 3-node twistd cluster `make demo` runs (loopback only)."""
+"""End-to-end test of kommander.entry.demo: the real 3-node twistd cluster `make demo` runs (loopback only)."""
 
 from __future__ import annotations
 
 import io
 import os
 
-from kommander.demo import Demo, free_ports, twistd_command
+from kommander.entry.demo import Demo, free_ports, twistd_command
 
 
 def test_free_ports_are_distinct() -> None:

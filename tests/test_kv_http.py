@@ -20,7 +20,7 @@ from kommander.config import RaftConfiguration
 from kommander.hookspecs import PluginContext
 from kommander.kv.http import make_site
 from kommander.kv.machine import KVStateMachine
-from kommander.manager import RaftManager
+from kommander.runtime.manager import RaftManager
 from kommander.plugins.memory_transport import MemoryNetwork, MemoryTransport
 from kommander.plugins.memory_wal import MemoryWAL
 from kommander.plugins.static import StaticDiscovery

@@ -1,4 +1,4 @@
-"""Tests of kommander.manager.RaftManager: whole clusters on one task.Clock and a MemoryNetwork.
+"""Tests of kommander.runtime.manager.RaftManager: whole clusters on one task.Clock and a MemoryNetwork.
 
 Every test is deterministic: one seeded cluster, simulated time only (see runtime_harness).
 """
@@ -14,7 +14,7 @@ from kommander.config import RaftConfiguration
 from kommander.core.errors import KommanderError, NotLeader
 from kommander.core.types import EntryKind
 from kommander.interfaces import IMessageReceiver, IRaft
-from kommander.manager import RaftManager
+from kommander.runtime.manager import RaftManager
 from kommander.results import RaftOperationStatus as Status
 
 from runtime_harness import Cluster, CountingWAL, DelayedWAL, RecordingStateMachine

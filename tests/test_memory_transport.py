@@ -272,7 +272,7 @@ def test_shared_network_per_reactor_and_name() -> None:
 
 def test_codec_round_trip() -> None:
     """With codec=True, messages cross the network as CBOR and arrive equal to what was sent."""
-    pytest.importorskip("kommander.codec", reason="kommander.codec is not written yet")
+    pytest.importorskip("kommander.wire.codec", reason="kommander.wire.codec is not written yet")
     clock = task.Clock()
     _net, t, r = cluster(clock, ids=("a", "b"), codec=True)
     append = AppendEntries(
@@ -286,7 +286,7 @@ def test_codec_round_trip() -> None:
 
 def test_codec_refuses_out_of_range_partitions() -> None:
     """With codec=True, the decoder's partition check refuses what the receiver cannot hold."""
-    pytest.importorskip("kommander.codec", reason="kommander.codec is not written yet")
+    pytest.importorskip("kommander.wire.codec", reason="kommander.wire.codec is not written yet")
     clock = task.Clock()
     network = MemoryNetwork(clock, codec=True)
     a, b = MemoryTransport(network, "a"), MemoryTransport(network, "b")

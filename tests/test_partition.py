@@ -1,4 +1,4 @@
-"""Tests of kommander.partition: two-phase tickets, their resolution rule, and the per-partition applier.
+"""Tests of kommander.runtime.partition: two-phase tickets, their resolution rule, and the per-partition applier.
 
 Clusters run on one task.Clock and a MemoryNetwork (see runtime_harness); nothing sleeps.
 """

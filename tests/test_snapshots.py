@@ -1,4 +1,4 @@
-"""The snapshot file format and :class:`kommander.snapshots.SnapshotStore`, in memory and on disk.
+"""The snapshot file format and :class:`kommander.runtime.snapshots.SnapshotStore`, in memory and on disk.
 
 Most tests run against both stores (the ``store`` fixture), since the runtime relies on them
 behaving alike; the directory store's durability path (fsync, rename, ``.part`` leftovers) has
@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from kommander.core.types import Entry, EntryKind, SnapshotMeta
-from kommander.snapshots import (
+from kommander.runtime.snapshots import (
     CHUNK,
     MAGIC,
     SnapshotError,

@@ -1,4 +1,4 @@
-"""Tests of kommander.tap: the twistd options, the config file, and the services makeService builds."""
+"""Tests of kommander.entry.tap: the twistd options, the config file, and the services makeService builds."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from twisted.internet import defer, task, threads
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
-from kommander import tap
+from kommander.entry import tap
 from kommander.results import Event
 from kommander.kv.http import KVResource
 from kommander.kv.machine import KVStateMachine

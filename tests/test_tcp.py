@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from kommander.codec import Handshake, decode_handshake, decode_message, encode_handshake, encode_message
+from kommander.wire.codec import Handshake, decode_handshake, decode_message, encode_handshake, encode_message
 from kommander.core.errors import ConfigurationError, FrameTooLarge, ProtocolError
 from kommander.core.types import AppendEntries, Entry, Heartbeat, HeartbeatResponse, VoteRequest
 from kommander.interfaces import IMessageReceiver, ITransport

@@ -1,9 +1,9 @@
-"""Snapshot streaming (:mod:`kommander.transfer`): the sender's flow control, the receiver's checks,
+"""Snapshot streaming (:mod:`kommander.runtime.transfer`): the sender's flow control, the receiver's checks,
 the tracker's restarts, first against a fake manager and core, then in an in-process cluster.
 
 The fake tests drive :class:`SnapshotSender` / :class:`SnapshotReceiver` / :class:`TransferTracker`
 directly, one message at a time, so every ordering (gaps, duplicates, stale acks) can be set up
-exactly. The cluster tests run real :class:`~kommander.manager.RaftManager` nodes on a
+exactly. The cluster tests run real :class:`~kommander.runtime.manager.RaftManager` nodes on a
 ``task.Clock`` and tamper with the messages on the way.
 """
 
@@ -21,8 +21,8 @@ from twisted.internet import task
 
 from kommander.core.progress import ProgressState
 from kommander.core.types import InstallSnapshot, Role, SnapshotChunk, SnapshotChunkAck, SnapshotMeta
-from kommander.snapshots import SnapshotStore, encode_runtime
-from kommander.transfer import SnapshotReceiver, SnapshotSender, TransferTracker
+from kommander.runtime.snapshots import SnapshotStore, encode_runtime
+from kommander.runtime.transfer import SnapshotReceiver, SnapshotSender, TransferTracker
 
 META = SnapshotMeta(100, 4)
 TERM = 4

@@ -143,7 +143,7 @@ def parse_cas_body(body: bytes) -> tuple[bytes | None, bytes]:
 class KVResource(resource.Resource):
     """The whole API as one leaf resource that routes on ``request.postpath`` itself.
 
-    :param manager: the node's :class:`~kommander.manager.RaftManager`.
+    :param manager: the node's :class:`~kommander.runtime.manager.RaftManager`.
     :param machine: the node's :class:`KVStateMachine`, or ``None`` when the node runs another
         state machine (then only ``/v1/status`` is served and KV paths answer 501).
     :param max_body_bytes: largest request body accepted.

@@ -193,7 +193,7 @@ class KVStateMachine:
     :param ctx: the node's plugin context; only ``ctx.config.max_partitions`` is used.
 
     Reads (:meth:`get`) see the state as of the last applied entry; for a linearizable read, wait
-    for :meth:`kommander.manager.RaftManager.read_index` first (the HTTP layer does).
+    for :meth:`kommander.runtime.manager.RaftManager.read_index` first (the HTTP layer does).
     """
 
     log = Logger()

@@ -44,7 +44,7 @@ class MemoryNetwork:
     :param jitter: up to this many extra seconds per batch, drawn from ``rng``; order within a
         channel is kept regardless.
     :param drop_rate: probability that each message is lost.
-    :param codec: encode and decode every message with :mod:`kommander.codec`, as the TCP
+    :param codec: encode and decode every message with :mod:`kommander.wire.codec`, as the TCP
         transport does, so tests catch messages the wire cannot carry.
     """
 
@@ -68,7 +68,7 @@ class MemoryNetwork:
         self.set_drop_rate(drop_rate)
         self._codec: Any = None
         if codec:
-            from kommander import codec as wire
+            from kommander.wire import codec as wire
 
             self._codec = wire
         self._transports: dict[str, MemoryTransport] = {}

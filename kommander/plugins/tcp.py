@@ -1,6 +1,6 @@
 """The TCP transport: one connection per pair of nodes, carrying every partition's messages.
 
-Frames are a 4-byte big-endian length and one CBOR item (:mod:`kommander.codec`); connections are
+Frames are a 4-byte big-endian length and one CBOR item (:mod:`kommander.wire.codec`); connections are
 opened and accepted through Twisted endpoint descriptions, so TLS or UNIX sockets slot in without
 code changes. ``docs/wire.rst`` states the connection policy this module implements:
 
@@ -28,7 +28,7 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from kommander.codec import PROTOCOL_VERSION, Handshake, encode_handshake, encode_message
+from kommander.wire.codec import PROTOCOL_VERSION, Handshake, encode_handshake, encode_message
 from kommander.core.errors import ConfigurationError, FrameTooLarge, ProtocolError
 from kommander.interfaces import ITransport
 from kommander.plugins.tcp_protocol import PREFIX_BYTES, PeerConnection, PeerFactory, describe_address

@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from kommander.codec import Handshake, decode_handshake, decode_message
+from kommander.wire.codec import Handshake, decode_handshake, decode_message
 from kommander.core.errors import FrameTooLarge, ProtocolError
 
 if TYPE_CHECKING:

@@ -1,3 +1,3 @@
 from twisted.application.service import ServiceMaker
 
-kommander = ServiceMaker("kommander", "kommander.tap", "Run a Kommander Raft node", "kommander")
+kommander = ServiceMaker("kommander", "kommander.entry.tap", "Run a Kommander Raft node", "kommander")

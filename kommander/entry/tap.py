@@ -491,8 +491,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         tune_garbage_collector()
     from kommander.kv.http import make_site
     from kommander.kv.machine import KVStateMachine
-    from kommander.manager import RaftManager
-    from kommander.snapshots import SnapshotStore
+    from kommander.runtime.manager import RaftManager
+    from kommander.runtime.snapshots import SnapshotStore
 
     assert options.config is not None and options.registry is not None, "parse the options first"
     registry = options.registry

@@ -20,9 +20,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kommander.apply import Applier
-from kommander.bootstrap import initial_view
-from kommander.checkpoints import Checkpointer
+from kommander.runtime.apply import Applier
+from kommander.runtime.bootstrap import initial_view
+from kommander.runtime.checkpoints import Checkpointer
 from kommander.config import RaftConfiguration
 from kommander.core.errors import KommanderError, NotLeader
 from kommander.core.raft import CoreConfig, RaftNode
@@ -47,10 +47,10 @@ from kommander.interfaces import (
     IWAL,
     WalWrite,
 )
-from kommander.partition import PartitionRuntime, Request
+from kommander.runtime.partition import PartitionRuntime, Request
 from kommander.results import Event, RaftOperationStatus, ReplicationResult, partition_for_key
-from kommander.snapshots import SnapshotStore
-from kommander.transfer import TransferTracker
+from kommander.runtime.snapshots import SnapshotStore
+from kommander.runtime.transfer import TransferTracker
 
 Status = RaftOperationStatus
 _TIMESTAMP = operator.attrgetter("timestamp")

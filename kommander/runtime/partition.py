@@ -1,6 +1,6 @@
 """One partition's share of the runtime: its core, proposal queue, waiting callers and applier.
 
-:class:`kommander.manager.RaftManager` owns one :class:`PartitionRuntime` per partition and drives
+:class:`kommander.runtime.manager.RaftManager` owns one :class:`PartitionRuntime` per partition and drives
 them all from the reactor; this module holds everything that is per partition.
 
 Two-phase replication (``auto_commit=False``) is resolved deterministically from the log alone,
@@ -28,10 +28,10 @@ from kommander.core.errors import NotLeader, ProposalDropped
 from kommander.core.raft import RaftNode
 from kommander.core.types import Entry, EntryKind, Proposal, Role, SnapshotMeta
 from kommander.results import RaftOperationStatus, ReplicationResult, is_deferred
-from kommander.transfer import SnapshotReceiver
+from kommander.runtime.transfer import SnapshotReceiver
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.manager import RaftManager
+    from kommander.runtime.manager import RaftManager
 
 _log = Logger()
 Status = RaftOperationStatus

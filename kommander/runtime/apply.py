@@ -14,13 +14,13 @@ from kommander.core.types import Entry
 from kommander.results import is_deferred
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.manager import RaftManager
-    from kommander.partition import PartitionRuntime
+    from kommander.runtime.manager import RaftManager
+    from kommander.runtime.partition import PartitionRuntime
 
 
 class Applier:
     """Runs the state machine and the ``on_replication_received`` / ``on_log_restored`` /
-    ``on_replication_error`` events of a :class:`~kommander.manager.RaftManager`."""
+    ``on_replication_error`` events of a :class:`~kommander.runtime.manager.RaftManager`."""
 
     def __init__(self, manager: "RaftManager") -> None:
         self.manager = manager

@@ -24,11 +24,11 @@ from twisted.logger import Logger
 
 from kommander.core.types import Entry, SnapshotMeta
 from kommander.interfaces import WalState
-from kommander.snapshots import SnapshotError, encode_runtime
+from kommander.runtime.snapshots import SnapshotError, encode_runtime
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.manager import RaftManager
-    from kommander.partition import PartitionRuntime
+    from kommander.runtime.manager import RaftManager
+    from kommander.runtime.partition import PartitionRuntime
 
 _log = Logger()
 

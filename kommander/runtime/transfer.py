@@ -22,11 +22,11 @@ from twisted.logger import Logger
 
 from kommander.core.progress import ProgressState
 from kommander.core.types import InstallSnapshot, Role, SnapshotChunk, SnapshotChunkAck, SnapshotMeta
-from kommander.snapshots import SnapshotError, SnapshotWriter
+from kommander.runtime.snapshots import SnapshotError, SnapshotWriter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.manager import RaftManager
-    from kommander.partition import PartitionRuntime
+    from kommander.runtime.manager import RaftManager
+    from kommander.runtime.partition import PartitionRuntime
 
 _log = Logger()
 

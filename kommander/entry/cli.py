@@ -4,7 +4,7 @@
     Print a table of one node's view of the cluster (``GET URL/v1/status``).
 ``kommander demo``
     Start a local 3-node cluster of ``twistd kommander`` processes and show writes, a leader
-    killed with SIGKILL, failover and catch-up (:mod:`kommander.demo`; ``make demo`` runs it).
+    killed with SIGKILL, failover and catch-up (:mod:`kommander.entry.demo`; ``make demo`` runs it).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from kommander.demo import Demo
+    from kommander.entry.demo import Demo
 
     return Demo(partitions=args.partitions, keep=args.keep, out=out, time_limit=args.time_limit).run()
 
