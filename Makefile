@@ -23,6 +23,7 @@ $(STAMP): setup.cfg pyproject.toml | deps
 	@touch $@
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -28,6 +28,8 @@ from kommander.interfaces import IClock, IDiscovery, IStateMachine, ITransport, 
 DISABLE_AUTOLOAD_ENV = "KOMMANDER_DISABLE_PLUGIN_AUTOLOAD"
 #: The name under which :mod:`kommander.plugins.builtin` is registered.
 BUILTIN_PLUGIN_NAME = "kommander.builtin"
+#: The KV service's state machine, registered next to the built-ins.
+KV_PLUGIN_NAME = "kommander.kv"
 
 _FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -109,7 +111,7 @@ class PluginRegistry:
     :param plugins: extra plugin objects to register after the built-ins, e.g. a test's fakes.
     :param autoload: load installed plugins (entry-point group ``kommander``); ``None`` (the
         default) means "unless :data:`DISABLE_AUTOLOAD_ENV` is set to a true value".
-    :param builtins: register :mod:`kommander.plugins.builtin`; turn off only to test plugins alone.
+    :param builtins: register :mod:`kommander.plugins.builtin` and :mod:`kommander.kv.plugin`; turn off only to test plugins alone.
     :raises PluginError: an installed plugin fails to load, or a plugin implements a hook that does
         not exist (a misspelt ``kommander_*`` name).
     """
@@ -118,9 +120,11 @@ class PluginRegistry:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
         if builtins:
+            from kommander.kv import plugin as kv_plugin
             from kommander.plugins import builtin
 
             self._pm.register(builtin, name=BUILTIN_PLUGIN_NAME)
+            self._pm.register(kv_plugin, name=KV_PLUGIN_NAME)
         for plugin in plugins:
             self.register(plugin)
         if autoload if autoload is not None else not autoload_disabled():

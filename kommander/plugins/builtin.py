@@ -35,7 +35,6 @@ from kommander.hookspecs import (
     ClockFactory,
     DiscoveryFactory,
     PluginContext,
-    StateMachineFactory,
     TransportFactory,
     WALFactory,
     hookimpl,
@@ -213,18 +212,3 @@ def _hlc(ctx: PluginContext) -> Any:
 def kommander_clocks() -> Mapping[str, ClockFactory]:
     """``hlc``, the Hybrid Logical Clock."""
     return {"hlc": _hlc}
-
-
-# ---------------------------------------------------------------------------- state machines
-
-
-def _kv(ctx: PluginContext) -> Any:
-    from kommander.kv.machine import KVStateMachine
-
-    return KVStateMachine(ctx)
-
-
-@hookimpl
-def kommander_state_machines() -> Mapping[str, StateMachineFactory]:
-    """``kv``, the example key-value store."""
-    return {"kv": _kv}

@@ -14,7 +14,7 @@ from kommander.core.types import Entry
 from kommander.results import is_deferred
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.runtime.manager import RaftManager
+    from kommander.runtime.host import RuntimeHost
     from kommander.runtime.partition import PartitionRuntime
 
 
@@ -22,8 +22,8 @@ class Applier:
     """Runs the state machine and the ``on_replication_received`` / ``on_log_restored`` /
     ``on_replication_error`` events of a :class:`~kommander.runtime.manager.RaftManager`."""
 
-    def __init__(self, manager: "RaftManager") -> None:
-        self.manager = manager
+    def __init__(self, host: "RuntimeHost") -> None:
+        self.host = host
         #: Application entries applied (a plain attribute: it moves once per entry).
         self.entries_applied = 0
 
@@ -32,7 +32,7 @@ class Applier:
         of it). Never raises: a failure is reported through ``on_replication_error``."""
         self.entries_applied += 1
         outcome: Any = None
-        machine = self.manager.state_machine
+        machine = self.host.state_machine
         if machine is not None:
             try:
                 outcome = machine.apply(runtime.number, entry)
@@ -49,8 +49,8 @@ class Applier:
     def _after(self, outcome: Any, runtime: "PartitionRuntime", entry: Entry, restoring: bool) -> Any:
         if outcome is False:
             self.report_error(runtime, entry, "the state machine returned False")
-        manager = self.manager
-        event = manager.on_log_restored if restoring else manager.on_replication_received
+        host = self.host
+        event = host.on_log_restored if restoring else host.on_replication_received
         if not len(event):
             return outcome
         for verdict in event.fire(runtime.number, entry):
@@ -66,24 +66,24 @@ class Applier:
 
     def report_error(self, runtime: "PartitionRuntime", entry: Entry, reason: str) -> None:
         """Log an application error and fire ``on_replication_error``; the log moves on."""
-        self.manager.log.error(
+        self.host.log.error(
             "partition {p}: applying entry {index} ({log_type}) failed: {reason}",
             p=runtime.number,
             index=entry.index,
             log_type=entry.log_type,
             reason=reason,
         )
-        self.manager.on_replication_error.fire(runtime.number, entry, reason)
+        self.host.on_replication_error.fire(runtime.number, entry, reason)
 
     def checkpoint(self, runtime: "PartitionRuntime", entry: Entry) -> Any:
         """A checkpoint marker was applied: request a snapshot and call the state machine's
         ``checkpoint`` hook if it has one."""
         runtime.snapshot_requested = True
-        hook = getattr(self.manager.state_machine, "checkpoint", None)
+        hook = getattr(self.host.state_machine, "checkpoint", None)
         if hook is None:
             return None
         try:
             return hook(runtime.number, entry.index)
         except Exception:  # noqa: BLE001
-            self.manager.log.failure("partition {p}: state machine checkpoint failed", p=runtime.number)
+            self.host.log.failure("partition {p}: state machine checkpoint failed", p=runtime.number)
             return None

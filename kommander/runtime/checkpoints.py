@@ -27,7 +27,7 @@ from kommander.interfaces import WalState
 from kommander.runtime.snapshots import SnapshotError, encode_runtime
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.runtime.manager import RaftManager
+    from kommander.runtime.host import RuntimeHost
     from kommander.runtime.partition import PartitionRuntime
 
 _log = Logger()
@@ -49,9 +49,9 @@ def entries_after(meta: SnapshotMeta, state: WalState) -> tuple[Entry, ...]:
 class Checkpointer:
     """The manager's snapshot and compaction logic."""
 
-    def __init__(self, manager: "RaftManager") -> None:
-        self.manager = manager
-        reactor = manager.reactor
+    def __init__(self, host: "RuntimeHost") -> None:
+        self.host = host
+        reactor = host.reactor
         # Snapshots stream in slices between other reactor work, so a large state machine does
         # not freeze the node while it is written out.
         self.cooperator = task.Cooperator(scheduler=lambda work: reactor.callLater(0.0, work))
@@ -63,8 +63,8 @@ class Checkpointer:
     def restore(self, number: int, state: WalState) -> Any:
         """Reconcile the WAL with the snapshot store for one partition and restore the state
         machine. Returns ``(snapshot meta or None, entries after it, held tickets)``."""
-        manager = self.manager
-        store = manager.snapshot_store
+        host = self.host
+        store = host.snapshot_store
         latest = store.latest(number)
         checkpoint = state.checkpoint
         if checkpoint is not None and checkpoint.index > 0 and (latest is None or latest.index < checkpoint.index):
@@ -76,7 +76,7 @@ class Checkpointer:
             return None, state.entries, {}
         entries = entries_after(latest, state)
         if checkpoint != latest:
-            yield manager.wal.compact(number, latest)
+            yield host.wal.compact(number, latest)
         tickets, chunks = store.open(number, latest)
         yield self._restore_state_machine(number, chunks)
         _log.info(
@@ -88,7 +88,7 @@ class Checkpointer:
         return latest, entries, tickets
 
     def _restore_state_machine(self, number: int, chunks: Any) -> Any:
-        restore = getattr(self.manager.state_machine, "restore", None)
+        restore = getattr(self.host.state_machine, "restore", None)
         if restore is None:
             raise SnapshotError(
                 f"partition {number} has a snapshot but the state machine cannot restore one"
@@ -100,25 +100,25 @@ class Checkpointer:
     def install(self, runtime: "PartitionRuntime", meta: SnapshotMeta) -> Any:
         """Replace the partition's state by the snapshot a leader sent (already stored)."""
         # The receiver checked the digest as the bytes arrived; no second pass.
-        tickets, chunks = self.manager.snapshot_store.open(runtime.number, meta, verify=False)
+        tickets, chunks = self.host.snapshot_store.open(runtime.number, meta, verify=False)
         d = self._restore_state_machine(runtime.number, chunks)
 
         def restored(_: Any) -> None:
             runtime.tickets = tickets
             runtime.snapshot_index = meta.index
             runtime.since_snapshot_entries = runtime.since_snapshot_bytes = 0
-            self.manager.snapshot_store.prune(runtime.number)
+            self.host.snapshot_store.prune(runtime.number)
 
         return d.addCallback(restored)
 
     # ------------------------------------------------------------------ taking snapshots
 
     def can_snapshot(self) -> bool:
-        return callable(getattr(self.manager.state_machine, "snapshot", None))
+        return callable(getattr(self.host.state_machine, "snapshot", None))
 
     def after_apply(self, runtime: "PartitionRuntime", entry: Entry) -> None:
         """Called right after ``entry`` was applied; takes a snapshot when one is due."""
-        config = self.manager.config
+        config = self.host.config
         runtime.since_snapshot_entries += 1
         runtime.since_snapshot_bytes += len(entry.data)
         due = runtime.snapshot_requested or (
@@ -130,7 +130,7 @@ class Checkpointer:
     def take(self, runtime: "PartitionRuntime") -> defer.Deferred[SnapshotMeta | None]:
         """Snapshot the partition at its applied index, then compact the log behind it."""
         runtime.snapshot_requested = False
-        manager = self.manager
+        host = self.host
         index = runtime.applied
         if index <= runtime.snapshot_index or not self.can_snapshot():
             return defer.succeed(None)
@@ -139,8 +139,8 @@ class Checkpointer:
         runtime.snapshotting = True
         runtime.since_snapshot_entries = runtime.since_snapshot_bytes = 0
         try:
-            chunks = iter(manager.state_machine.snapshot(runtime.number))
-            writer = manager.snapshot_store.writer(runtime.number, meta)
+            chunks = iter(host.state_machine.snapshot(runtime.number))
+            writer = host.snapshot_store.writer(runtime.number, meta)
             writer.write_header(encode_runtime(runtime.tickets))
         except Exception as e:  # noqa: BLE001 - a state machine bug must not stop the node
             runtime.snapshotting = False
@@ -155,7 +155,7 @@ class Checkpointer:
         d = self.cooperator.cooperate(produce()).whenDone()
         d.addCallback(lambda _: writer.write_trailer())
         d.addCallback(lambda _: writer.finish())
-        d.addCallback(lambda _: manager.wal.compact(runtime.number, meta))
+        d.addCallback(lambda _: host.wal.compact(runtime.number, meta))
         d.addCallback(lambda _: self._compacted(runtime, meta))
         d.addErrback(self._failed, runtime, writer)
         return d
@@ -165,7 +165,7 @@ class Checkpointer:
         if meta.index > runtime.snapshot_index:
             runtime.snapshot_index = meta.index
         runtime.core.compact(meta)
-        self.manager.snapshot_store.prune(runtime.number)
+        self.host.snapshot_store.prune(runtime.number)
         self.snapshots_taken += 1
         _log.info("partition {p}: checkpoint at {index}, log compacted", p=runtime.number, index=meta.index)
         return meta

@@ -31,7 +31,7 @@ from kommander.results import RaftOperationStatus, ReplicationResult, is_deferre
 from kommander.runtime.transfer import SnapshotReceiver
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.runtime.manager import RaftManager
+    from kommander.runtime.host import RuntimeHost
 
 _log = Logger()
 Status = RaftOperationStatus
@@ -65,8 +65,8 @@ class Request:
 class PartitionRuntime:
     """Runtime state of one partition."""
 
-    def __init__(self, manager: "RaftManager", number: int, core: RaftNode) -> None:
-        self.manager = manager
+    def __init__(self, host: "RuntimeHost", number: int, core: RaftNode) -> None:
+        self.host = host
         self.number = number
         self.core = core
         self.queue: deque[Request] = deque()
@@ -96,7 +96,7 @@ class PartitionRuntime:
         self.since_snapshot_bytes = 0
         self.snapshotting = False
         self.snapshot_requested = False
-        self.receiver = SnapshotReceiver(manager, self)
+        self.receiver = SnapshotReceiver(host, self)
 
     # ------------------------------------------------------------------ proposing
 
@@ -112,7 +112,7 @@ class PartitionRuntime:
         inflight = self.inflight
         in_log = inflight[-1].last - inflight[0].first + 1 if inflight else 0
         pending = self.queued_entries + in_log + len(request.proposals)
-        if pending > self.manager.config.max_queued_proposals:
+        if pending > self.host.config.max_queued_proposals:
             return ReplicationResult.failed(Status.QUEUE_FULL, f"partition {self.number}: proposal queue full")
         self.queue.append(request)
         self.queued_entries += len(request.proposals)
@@ -129,7 +129,7 @@ class PartitionRuntime:
             return
         batch: list[Request] = []
         proposals: list[Proposal] = []
-        limit = self.manager.config.max_batch_entries * 8
+        limit = self.host.config.max_batch_entries * 8
         # Two-phase requests need their own core.propose call: their ticket is the index of
         # the first entry of *their* batch.
         while queue and (not proposals or len(proposals) + len(queue[0].proposals) <= limit):
@@ -162,7 +162,7 @@ class PartitionRuntime:
                 self.my_tickets[request.first] = ("replicating", term)
             self.inflight.append(request)
         if queue:
-            self.manager.mark_dirty(self)
+            self.host.mark_dirty(self)
 
     def fail_queued(self, status: Status, error: str) -> None:
         queue, self.queue = self.queue, deque()
@@ -251,8 +251,8 @@ class PartitionRuntime:
 
     def _drain_apply(self) -> None:
         queue = self.apply_queue
-        manager = self.manager
-        apply, after_apply = manager.applier.apply, manager.checkpointer.after_apply
+        host = self.host
+        apply, after_apply = host.applier.apply, host.checkpointer.after_apply
         normal = EntryKind.NORMAL
         while queue:
             entry = queue.popleft()
@@ -284,10 +284,10 @@ class PartitionRuntime:
 
     def _apply_one(self, entry: Entry | SnapshotMeta) -> Any:
         if isinstance(entry, SnapshotMeta):
-            return self.manager.checkpointer.install(self, entry)
+            return self.host.checkpointer.install(self, entry)
         kind = entry.kind
         if kind is EntryKind.NORMAL:
-            return self.manager.applier.apply(self, entry, self.restoring)
+            return self.host.applier.apply(self, entry, self.restoring)
         if kind is EntryKind.PROPOSED:
             self.tickets.setdefault(entry.ticket, []).append(entry)
             return None
@@ -310,7 +310,7 @@ class PartitionRuntime:
                 self.tickets.clear()
             return None
         if kind is EntryKind.CHECKPOINT:
-            return self.manager.applier.checkpoint(self, entry)
+            return self.host.applier.checkpoint(self, entry)
         raise AssertionError(f"unknown entry kind {kind!r}")
 
     def _apply_many(self, entries: list[Entry]) -> Any:
@@ -320,7 +320,7 @@ class PartitionRuntime:
 
         def run(start: int) -> Any:
             for i in range(start, len(entries)):
-                outcome = self.manager.applier.apply(self, entries[i], self.restoring)
+                outcome = self.host.applier.apply(self, entries[i], self.restoring)
                 if is_deferred(outcome):
 
                     def resumed(value: Any, i: int = i) -> Any:
@@ -337,16 +337,16 @@ class PartitionRuntime:
         if isinstance(outcome, Failure):
             if isinstance(entry, SnapshotMeta):
                 # The state machine could not take the leader's snapshot: this node cannot go on.
-                self.manager.fail_stop(f"partition {self.number}: installing a snapshot failed: {outcome.value!r}")
+                self.host.fail_stop(f"partition {self.number}: installing a snapshot failed: {outcome.value!r}")
                 return
             outcome = outcome.value
         self.applied = entry.index
         if self.restoring and self.applied >= self.restore_until:
             self.restoring = False
-            self.manager.restore_finished(self)
+            self.host.restore_finished(self)
         if isinstance(entry, Entry):
             self._resolve(entry, outcome)
-            self.manager.checkpointer.after_apply(self, entry)
+            self.host.checkpointer.after_apply(self, entry)
         self._release_reads()
 
     def _resolve(self, entry: Entry, outcome: Any) -> None:

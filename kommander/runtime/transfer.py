@@ -25,7 +25,7 @@ from kommander.core.types import InstallSnapshot, Role, SnapshotChunk, SnapshotC
 from kommander.runtime.snapshots import SnapshotError, SnapshotWriter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.runtime.manager import RaftManager
+    from kommander.runtime.host import RuntimeHost
     from kommander.runtime.partition import PartitionRuntime
 
 _log = Logger()
@@ -36,13 +36,13 @@ class SnapshotSender:
 
     def __init__(
         self,
-        manager: "RaftManager",
+        host: "RuntimeHost",
         runtime: "PartitionRuntime",
         message: InstallSnapshot,
         chunk_size: int,
         window: int,
     ) -> None:
-        self.manager = manager
+        self.host = host
         self.runtime = runtime
         self.peer = message.dst
         self.meta = message.meta
@@ -50,14 +50,14 @@ class SnapshotSender:
         self.chunk_size = chunk_size
         self.window = window
         # Held open for the whole transfer: a newer checkpoint may prune the file meanwhile.
-        self.reader = manager.snapshot_store.reader(runtime.number, self.meta)
+        self.reader = host.snapshot_store.reader(runtime.number, self.meta)
         self.size = self.reader.size
         self.sent = 0
         self.acked = 0
         #: The offset of the last rewind, so the negative acks of the chunks that were already in
         #: flight behind a gap do not each rewind the stream again.
         self.rewound_to: int | None = None
-        self.last_progress = manager.reactor.seconds()
+        self.last_progress = host.reactor.seconds()
         self.bytes_sent = 0
 
     def close(self) -> None:
@@ -78,17 +78,17 @@ class SnapshotSender:
                 raise SnapshotError(f"snapshot {self.meta} of partition {number} shrank while sending")
             done = self.sent + len(data) >= self.size
             out.append(
-                (number, SnapshotChunk(self.term, self.manager.node_id, self.peer, self.meta, self.sent, data, done))
+                (number, SnapshotChunk(self.term, self.host.node_id, self.peer, self.meta, self.sent, data, done))
             )
             self.sent += len(data)
             self.bytes_sent += len(data)
         if out:
-            self.manager.send_now(self.peer, out)
+            self.host.send_now(self.peer, out)
 
     def acknowledged(self, ack: SnapshotChunkAck) -> None:
         if ack.meta != self.meta:
             return
-        self.last_progress = self.manager.reactor.seconds()
+        self.last_progress = self.host.reactor.seconds()
         # Never believe more than was sent: that would open the window past its size.
         offset = max(0, min(ack.offset, self.sent))
         if not ack.success:
@@ -119,8 +119,8 @@ class _Incoming:
 class SnapshotReceiver:
     """Follower side: assembles one partition's incoming snapshot and installs it."""
 
-    def __init__(self, manager: "RaftManager", runtime: "PartitionRuntime") -> None:
-        self.manager = manager
+    def __init__(self, host: "RuntimeHost", runtime: "PartitionRuntime") -> None:
+        self.host = host
         self.runtime = runtime
         self.incoming: _Incoming | None = None
 
@@ -139,7 +139,7 @@ class SnapshotReceiver:
                 self._ack(m, 0, success=False)
                 return
             self.reset()
-            writer = self.manager.snapshot_store.writer(self.runtime.number, m.meta)
+            writer = self.host.snapshot_store.writer(self.runtime.number, m.meta)
             incoming = self.incoming = _Incoming(m.meta, m.src, m.term, writer)
         if m.offset != incoming.offset:
             self._ack(m, incoming.offset, success=m.offset < incoming.offset)
@@ -159,7 +159,7 @@ class SnapshotReceiver:
             self.incoming = None
 
     def _installed(self, meta: SnapshotMeta, m: SnapshotChunk) -> None:
-        if not self.manager.running:
+        if not self.host.running:
             return
         _log.info(
             "partition {p}: received snapshot at {index} (term {term}) from {leader}",
@@ -177,18 +177,18 @@ class SnapshotReceiver:
 
     def _step(self, m: SnapshotChunk) -> None:
         self.runtime.core.step(InstallSnapshot(m.term, m.src, m.dst, m.meta))
-        self.manager.mark_dirty(self.runtime)
+        self.host.mark_dirty(self.runtime)
 
     def _ack(self, m: SnapshotChunk, offset: int, success: bool) -> None:
-        ack = SnapshotChunkAck(self.runtime.core.term, self.manager.node_id, m.src, m.meta, offset, success)
-        self.manager.send_now(m.src, [(self.runtime.number, ack)])
+        ack = SnapshotChunkAck(self.runtime.core.term, self.host.node_id, m.src, m.meta, offset, success)
+        self.host.send_now(m.src, [(self.runtime.number, ack)])
 
 
 class TransferTracker:
     """The manager's registry of outgoing transfers, one per (partition, follower)."""
 
-    def __init__(self, manager: "RaftManager", chunk_size: int, window: int, timeout: float) -> None:
-        self.manager = manager
+    def __init__(self, host: "RuntimeHost", chunk_size: int, window: int, timeout: float) -> None:
+        self.host = host
         self.chunk_size = chunk_size
         self.window = window
         self.timeout = timeout
@@ -202,7 +202,7 @@ class TransferTracker:
         if current is not None:
             current.close()
         try:
-            sender = SnapshotSender(self.manager, runtime, message, self.chunk_size, self.window)
+            sender = SnapshotSender(self.host, runtime, message, self.chunk_size, self.window)
             self.senders[key] = sender
             _log.info(
                 "partition {p}: sending snapshot at {index} ({size} bytes) to {peer}",
@@ -245,4 +245,4 @@ class TransferTracker:
         if sender is not None:
             sender.close()
             sender.runtime.core.report_snapshot(peer, False)
-            self.manager.mark_dirty(sender.runtime)
+            self.host.mark_dirty(sender.runtime)
