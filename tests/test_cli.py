@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kommander.entry import cli
+from kommander.entry import cli, status
 
 STATUS = {
     "node_id": "n2",
@@ -64,7 +64,7 @@ def fake_urlopen(monkeypatch: pytest.MonkeyPatch, outcome: Any) -> list[str]:
             raise outcome
         return _Response(outcome)
 
-    monkeypatch.setattr(cli.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(status.urllib.request, "urlopen", urlopen)
     return asked
 
 

@@ -10,89 +10,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-_COLUMNS = (
-    ("partition", "partition"),
-    ("role", "role"),
-    ("term", "term"),
-    ("leader", "leader"),
-    ("commit", "commit_index"),
-    ("applied", "applied_index"),
-    ("last", "last_log_index"),
-)
-_RIGHT = frozenset({"partition", "term", "commit", "applied", "last"})
+from kommander.entry.status import StatusError, fetch_status, format_status, status_url
 
-
-class StatusError(Exception):
-    """The status could not be fetched or understood; the message says why."""
-
-
-def status_url(url: str) -> str:
-    """The ``/v1/status`` URL of a node given by its base URL (``http://`` may be omitted)."""
-    url = url.strip()
-    if "://" not in url:
-        url = "http://" + url
-    url = url.rstrip("/")
-    return url if url.endswith("/v1/status") else url + "/v1/status"
-
-
-def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
-    """``GET /v1/status`` of the node at ``url``, decoded.
-
-    :raises StatusError: unreachable, not a 200, or not a JSON object with ``partitions``.
-    """
-    target = status_url(url)
-    try:
-        with urllib.request.urlopen(target, timeout=timeout) as response:
-            body = response.read()
-    except urllib.error.HTTPError as e:
-        raise StatusError(f"{target} answered {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise StatusError(f"cannot reach {target}: {reason}") from None
-    try:
-        document = json.loads(body)
-    except ValueError:
-        raise StatusError(f"{target} did not answer JSON") from None
-    if not isinstance(document, dict) or not isinstance(document.get("partitions"), list):
-        raise StatusError(f"{target} did not answer a Kommander status document")
-    return document
-
-
-def _cell(value: Any) -> str:
-    return "-" if value is None else str(value)
-
-
-def format_status(status: dict[str, Any]) -> str:
-    """A readable table: a header line about the node, then one row per partition."""
-    header = f"node {_cell(status.get('node_id'))}"
-    if status.get("cluster_id"):
-        header += f"  cluster {status['cluster_id']}"
-    if status.get("http"):
-        header += f"  {status['http']}"
-    if status.get("voters"):
-        header += f"  voters {','.join(map(str, status['voters']))}"
-    if status.get("running") is False:
-        header += "  (not running)"
-    rows = [[title for title, _ in _COLUMNS]]
-    for part in status.get("partitions", []):
-        part = part if isinstance(part, dict) else {}
-        rows.append([_cell(part.get(field)) for _, field in _COLUMNS])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = [header]
-    for row in rows:
-        cells = [
-            cell.rjust(width) if title in _RIGHT else cell.ljust(width)
-            for cell, width, (title, _) in zip(row, widths, _COLUMNS)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+__all__ = ["StatusError", "build_parser", "fetch_status", "format_status", "main", "status_url"]
 
 
 def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

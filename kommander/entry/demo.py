@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
-from kommander.entry.cli import StatusError, fetch_status, format_status
+from kommander.entry.status import StatusError, fetch_status, format_status
 from kommander.results import partition_for_key
 from kommander.testing.cluster import free_ports, twistd_command
 
