@@ -25,7 +25,7 @@ from urllib.parse import quote, urlsplit
 
 from kommander.entry.status import StatusError, fetch_status, format_status
 from kommander.results import partition_for_key
-from kommander.testing.cluster import free_ports, twistd_command
+from kommander.testing.procs import free_ports, twistd_command
 
 NODE_IDS = ("n1", "n2", "n3")
 _POLL = 0.05

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
-from kommander.testing.cluster import ConnectRefused, http_call
+from kommander.testing.procs import ConnectRefused, http_call
 from kommander.testing.linearizability import Operation, Outcome
 
 #: Redirects followed before giving up (a 307 loop means nothing was written).
