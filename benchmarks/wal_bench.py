@@ -1,13 +1,15 @@
-"""Throughput of the Berkeley DB write-ahead log, and how long loading a big log takes.
+"""Throughput of the durable write-ahead logs (Berkeley DB and SQLite), and how long loading a big log takes.
 
 Usage::
 
-    .venv/bin/python benchmarks/wal_bench.py [--dir DIR] [--seconds S] [--load-entries N]
+    .venv/bin/python benchmarks/wal_bench.py [--wal bdb|sqlite|both] [--dir DIR] [--seconds S] [--load-entries N]
 
 For each durability mode and batch size (1, 64 and 1024 entries of 100 bytes) it writes batches
-one after another, each awaited before the next, so every batch is one transaction. fsyncs/s
-is counted from Berkeley DB's own statistics (log flushes): one per commit in ``sync`` mode, only
-the periodic checkpoints' in ``nosync`` mode. A second table has 32 writers of one entry each
+one after another, each awaited before the next, so every batch is one transaction. For Berkeley
+DB fsyncs/s is counted from its own statistics (log flushes): one per commit in ``sync`` mode, only
+the periodic checkpoints' in ``nosync`` mode. SQLite keeps no such count: in ``sync`` mode
+(``synchronous=FULL``) every commit syncs its WAL file, so the column repeats commits/s; in
+``nosync`` mode it is left out. A second table has 32 writers of one entry each
 keeping a write in flight, which shows group commit merging them. Finally it writes ``--load-entries`` entries to
 one partition, reopens the log and times ``open`` (recovery) and ``load``.
 
@@ -28,6 +30,9 @@ from twisted.internet import defer, task
 from kommander.core.types import Entry
 from kommander.interfaces import WalWrite
 from kommander.plugins.bdb import BerkeleyDBWAL
+from kommander.plugins.sqlite_wal import SQLiteWAL
+
+WALS = {"bdb": BerkeleyDBWAL, "sqlite": SQLiteWAL}
 
 PAYLOAD = bytes(100)
 
@@ -37,13 +42,16 @@ def batch_of(first: int, size: int) -> list[WalWrite]:
 
 
 def log_flushes(store) -> int:
-    """How many times Berkeley DB has flushed (fsynced) its log so far."""
-    return store._env.log_stat()["scount"]
+    """How many times the store has synced its log so far (-1: it does not count them)."""
+    env = getattr(store, "_env", None)
+    if env is not None:
+        return env.log_stat()["scount"]
+    return store.transactions if store.durability == "sync" else -1
 
 
-async def sequential(reactor, path: str, mode: str, size: int, seconds: float) -> tuple[float, float, float]:
+async def sequential(reactor, kind: str, path: str, mode: str, size: int, seconds: float) -> tuple[float, float, float]:
     """Write ``size``-entry batches one at a time for ``seconds``: (commits/s, fsyncs/s, entries/s)."""
-    wal = BerkeleyDBWAL(path, reactor, durability=mode)
+    wal = WALS[kind](path, reactor, durability=mode)
     await wal.open(1)
     flushes = await wal._run_in_writer(log_flushes)
     next_index, count = 1, 0
@@ -56,14 +64,15 @@ async def sequential(reactor, path: str, mode: str, size: int, seconds: float) -
         await pending
         count += 1
     elapsed = time.perf_counter() - started
-    flushes = await wal._run_in_writer(log_flushes) - flushes
+    after = await wal._run_in_writer(log_flushes)
     await wal.close()
-    return count / elapsed, flushes / elapsed, count * size / elapsed
+    fsyncs = (after - flushes) / elapsed if after >= 0 else float("nan")
+    return count / elapsed, fsyncs, count * size / elapsed
 
 
-async def concurrent(reactor, path: str, mode: str, writers: int, seconds: float) -> tuple[float, float]:
+async def concurrent(reactor, kind: str, path: str, mode: str, writers: int, seconds: float) -> tuple[float, float]:
     """``writers`` callers each keep one single-entry write in flight: (writes/s, commits/s, fsyncs/s)."""
-    wal = BerkeleyDBWAL(path, reactor, durability=mode)
+    wal = WALS[kind](path, reactor, durability=mode)
     await wal.open(writers)
     transactions_before = wal.store.transactions
     flushes = await wal._run_in_writer(log_flushes)
@@ -80,14 +89,15 @@ async def concurrent(reactor, path: str, mode: str, writers: int, seconds: float
     await defer.gatherResults([defer.ensureDeferred(writer(p)) for p in range(writers)])
     elapsed = time.perf_counter() - started
     transactions = wal.store.transactions - transactions_before
-    flushes = await wal._run_in_writer(log_flushes) - flushes
+    after = await wal._run_in_writer(log_flushes)
     await wal.close()
-    return done[0] / elapsed, transactions / elapsed, flushes / elapsed
+    fsyncs = (after - flushes) / elapsed if after >= 0 else float("nan")
+    return done[0] / elapsed, transactions / elapsed, fsyncs
 
 
-async def load_time(reactor, path: str, entries: int) -> tuple[float, float, float]:
+async def load_time(reactor, kind: str, path: str, entries: int) -> tuple[float, float, float]:
     """Write ``entries`` entries, reopen: (write seconds, open seconds, load seconds)."""
-    wal = BerkeleyDBWAL(path, reactor, durability="nosync")
+    wal = WALS[kind](path, reactor, durability="nosync")
     await wal.open(1)
     started = time.perf_counter()
     step = 10_000
@@ -95,7 +105,7 @@ async def load_time(reactor, path: str, entries: int) -> tuple[float, float, flo
         await wal.write(batch_of(first, min(step, entries - first + 1)))
     written = time.perf_counter() - started
     await wal.close()
-    wal = BerkeleyDBWAL(path, reactor)
+    wal = WALS[kind](path, reactor)
     started = time.perf_counter()
     await wal.open(1)
     opened = time.perf_counter() - started
@@ -117,22 +127,27 @@ async def main(reactor, options: argparse.Namespace) -> None:
         run += 1
         return os.path.join(root, f"run{run}")
 
+    kinds = list(WALS) if options.wal == "both" else [options.wal]
     try:
-        print(f"{'mode':8} {'batch':>6} {'commits/s':>10} {'fsyncs/s':>9} {'entries/s':>11}")
-        for mode in ("sync", "nosync"):
-            for size in (1, 64, 1024):
-                commits, fsyncs, entries = await sequential(reactor, fresh(), mode, size, options.seconds)
-                print(f"{mode:8} {size:6d} {commits:10.0f} {fsyncs:9.0f} {entries:11.0f}")
+        print(f"{'wal':6} {'mode':8} {'batch':>6} {'commits/s':>10} {'fsyncs/s':>9} {'entries/s':>11}")
+        for kind in kinds:
+            for mode in ("sync", "nosync"):
+                for size in (1, 64, 1024):
+                    commits, fsyncs, entries = await sequential(reactor, kind, fresh(), mode, size, options.seconds)
+                    print(f"{kind:6} {mode:8} {size:6d} {commits:10.0f} {fsyncs:9.0f} {entries:11.0f}")
         print("\ngroup commit, 32 concurrent single-entry writers")
-        print(f"{'mode':8} {'writes/s':>10} {'commits/s':>10} {'fsyncs/s':>9}")
-        for mode in ("sync", "nosync"):
-            writes, commits, fsyncs = await concurrent(reactor, fresh(), mode, 32, options.seconds)
-            print(f"{mode:8} {writes:10.0f} {commits:10.0f} {fsyncs:9.0f}")
-        written, opened, loaded = await load_time(reactor, fresh(), options.load_entries)
-        print(
-            f"\n{options.load_entries:,} entries of 100 bytes: written in {written:.2f}s, "
-            f"reopened in {opened:.2f}s, loaded in {loaded:.2f}s"
-        )
+        print(f"{'wal':6} {'mode':8} {'writes/s':>10} {'commits/s':>10} {'fsyncs/s':>9}")
+        for kind in kinds:
+            for mode in ("sync", "nosync"):
+                writes, commits, fsyncs = await concurrent(reactor, kind, fresh(), mode, 32, options.seconds)
+                print(f"{kind:6} {mode:8} {writes:10.0f} {commits:10.0f} {fsyncs:9.0f}")
+        print()
+        for kind in kinds:
+            written, opened, loaded = await load_time(reactor, kind, fresh(), options.load_entries)
+            print(
+                f"{kind:6} {options.load_entries:,} entries of 100 bytes: written in {written:.2f}s, "
+                f"reopened in {opened:.2f}s, loaded in {loaded:.2f}s"
+            )
     finally:
         if not options.dir:
             shutil.rmtree(root, ignore_errors=True)
@@ -140,6 +155,7 @@ async def main(reactor, options: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--wal", choices=("bdb", "sqlite", "both"), default="both", help="which log to measure")
     parser.add_argument("--dir", help="where to put the logs (default: a temporary directory here)")
     parser.add_argument("--seconds", type=float, default=2.0, help="duration of each throughput run")
     parser.add_argument("--load-entries", type=int, default=1_000_000, help="entries for the load timing")

@@ -30,6 +30,8 @@ DISABLE_AUTOLOAD_ENV = "KOMMANDER_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_PLUGIN_NAME = "kommander.builtin"
 #: The KV service's state machine, registered next to the built-ins.
 KV_PLUGIN_NAME = "kommander.kv"
+#: The SQLite write-ahead log, a plugin module of its own.
+SQLITE_PLUGIN_NAME = "kommander.sqlite"
 
 _FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -111,7 +113,8 @@ class PluginRegistry:
     :param plugins: extra plugin objects to register after the built-ins, e.g. a test's fakes.
     :param autoload: load installed plugins (entry-point group ``kommander``); ``None`` (the
         default) means "unless :data:`DISABLE_AUTOLOAD_ENV` is set to a true value".
-    :param builtins: register :mod:`kommander.plugins.builtin` and :mod:`kommander.kv.plugin`; turn off only to test plugins alone.
+    :param builtins: register :mod:`kommander.plugins.builtin`, :mod:`kommander.plugins.sqlite_wal`
+        and :mod:`kommander.kv.plugin`; turn off only to test plugins alone.
     :raises PluginError: an installed plugin fails to load, or a plugin implements a hook that does
         not exist (a misspelt ``kommander_*`` name).
     """
@@ -121,9 +124,10 @@ class PluginRegistry:
         self._pm.add_hookspecs(hookspecs)
         if builtins:
             from kommander.kv import plugin as kv_plugin
-            from kommander.plugins import builtin
+            from kommander.plugins import builtin, sqlite_wal
 
             self._pm.register(builtin, name=BUILTIN_PLUGIN_NAME)
+            self._pm.register(sqlite_wal, name=SQLITE_PLUGIN_NAME)
             self._pm.register(kv_plugin, name=KV_PLUGIN_NAME)
         for plugin in plugins:
             self.register(plugin)

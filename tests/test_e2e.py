@@ -122,11 +122,12 @@ def test_harness_stops_every_process_it_started_even_paused_ones():
 # ---------------------------------------------------------------------- crashes
 
 
-def test_sigkill_of_a_leader_and_of_the_whole_cluster_loses_no_acknowledged_write():
+@pytest.mark.parametrize("wal", ["bdb", "sqlite"])
+def test_sigkill_of_a_leader_and_of_the_whole_cluster_loses_no_acknowledged_write(wal):
     """Under concurrent writers: SIGKILL of a partition's leader, failover, restart, SIGKILL of
     every node at once and a restart; every acknowledged write is then on every node, the nodes
-    agree, and the whole history is linearizable."""
-    with LocalCluster(nodes=3, partitions=2) as cluster:
+    agree, and the whole history is linearizable. With either durable write-ahead log."""
+    with LocalCluster(nodes=3, partitions=2, wal=wal) as cluster:
         cluster.wait_for_leaders(30)
         workload = Workload([cluster.url(n) for n in cluster.node_ids], clients=6, seed=11)
         workload.start(duration=120)

@@ -29,6 +29,7 @@ from kommander.plugins import builtin
 from kommander.registry import (
     BUILTIN_PLUGIN_NAME,
     KV_PLUGIN_NAME,
+    SQLITE_PLUGIN_NAME,
     PluginError,
     PluginKind,
     PluginRegistry,
@@ -112,10 +113,10 @@ def test_plugin_context_checks_types(kwargs: dict) -> None:
 def test_builtins_are_registered_as_an_ordinary_plugin() -> None:
     """The built-in module is registered under its plugin name and offers every built-in name."""
     registry = PluginRegistry(autoload=False)
-    assert registry.plugins() == (BUILTIN_PLUGIN_NAME, KV_PLUGIN_NAME)
+    assert registry.plugins() == (BUILTIN_PLUGIN_NAME, SQLITE_PLUGIN_NAME, KV_PLUGIN_NAME)
     assert registry.plugin_manager.get_plugin(BUILTIN_PLUGIN_NAME) is builtin
     assert registry.names("transport") == ("memory", "tcp")
-    assert registry.names(PluginKind.WAL) == ("bdb", "memory")
+    assert registry.names(PluginKind.WAL) == ("bdb", "memory", "sqlite")
     assert registry.names("discovery") == ("multicast", "static")
     assert registry.names("clock") == ("hlc",)
     assert registry.names("state_machine") == ("kv",)
@@ -234,8 +235,8 @@ def test_unknown_name_lists_the_available_ones() -> None:
         registry.create_wal("bdbx", make_ctx())
     error = info.value
     assert isinstance(error, KommanderError) and isinstance(error, ConfigurationError)
-    assert error.available == ("bdb", "memory")
-    assert "'bdbx'" in str(error) and "bdb, memory" in str(error)
+    assert error.available == ("bdb", "memory", "sqlite")
+    assert "'bdbx'" in str(error) and "bdb, memory, sqlite" in str(error)
     with pytest.raises(UnknownPluginError, match="no state machine plugin named 'nope'; available: kv"):
         registry.create_state_machine("nope", make_ctx())
 

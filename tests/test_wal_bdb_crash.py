@@ -1,4 +1,4 @@
-"""BerkeleyDBWAL survives SIGKILL: acknowledged batches are there, batches are all-or-nothing.
+"""BerkeleyDBWAL and SQLiteWAL survive SIGKILL: acknowledged batches are there, batches are all-or-nothing.
 
 A child process (``tests/wal_crash_child.py``) writes deterministic batches in ``sync`` mode and
 prints ``acked <batch id>`` as each write's Deferred fires. The parent kills it with SIGKILL at
@@ -14,11 +14,11 @@ import random
 import sys
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 
 from kommander.core.types import EntryKind
-from kommander.plugins.bdb import BerkeleyDBWAL
 
 CHILD = Path(__file__).with_name("wal_crash_child.py")
 _spec = importlib.util.spec_from_file_location("wal_crash_child", CHILD)
@@ -86,8 +86,9 @@ def check_log(states, batches: int) -> bool:
     return True
 
 
+@pytest.mark.parametrize("kind", ["bdb", "sqlite"])
 @pytest_twisted.ensureDeferred
-async def test_sigkill_never_loses_acked_batches_nor_shows_partial_ones(tmp_path):
+async def test_sigkill_never_loses_acked_batches_nor_shows_partial_ones(tmp_path, kind):
     """After SIGKILL at random points every acked batch is present and each batch is all-or-nothing."""
     rng = random.Random(SEED)
     path = str(tmp_path / "wal")
@@ -99,7 +100,7 @@ async def test_sigkill_never_loses_acked_batches_nor_shows_partial_ones(tmp_path
         reactor.spawnProcess(
             watcher,
             sys.executable,
-            [sys.executable, str(CHILD), path, str(SEED), str(recovered + 1)],
+            [sys.executable, str(CHILD), path, str(SEED), str(recovered + 1), kind],
             env=os.environ.copy(),
             path=str(Path(__file__).parent.parent),
         )
@@ -113,7 +114,7 @@ async def test_sigkill_never_loses_acked_batches_nor_shows_partial_ones(tmp_path
         assert watcher.acked == list(range(recovered + 1, recovered + 1 + len(watcher.acked)))
         last_acked = watcher.acked[-1] if watcher.acked else recovered
 
-        wal = BerkeleyDBWAL(path, reactor)
+        wal = child.make_wal(kind, path, reactor)
         await wal.open(child.PARTITIONS)
         try:
             states = [await wal.load(p) for p in range(child.PARTITIONS)]

@@ -1,6 +1,6 @@
 """Child process of ``tests/test_wal_bdb_crash.py``: writes to a BerkeleyDBWAL until it is killed.
 
-Usage: ``python tests/wal_crash_child.py PATH SEED FIRST_BATCH``
+Usage: ``python tests/wal_crash_child.py PATH SEED FIRST_BATCH [bdb|sqlite]``
 
 Opens a :class:`~kommander.plugins.bdb.BerkeleyDBWAL` in ``sync`` mode, prints ``ready``, then
 writes batches ``FIRST_BATCH, FIRST_BATCH+1, ...`` keeping a few in flight (so group commit merges
@@ -81,12 +81,21 @@ def expected_state(seed: int, batches: int) -> list[tuple[HardState, dict[int, t
     return state
 
 
-async def _main(reactor, path: str, seed: int, first: int) -> None:
-    from twisted.internet import defer
+def make_wal(kind: str, path: str, reactor):
+    """The log under test: ``bdb`` (Berkeley DB) or ``sqlite``, in ``sync`` mode."""
+    if kind == "sqlite":
+        from kommander.plugins.sqlite_wal import SQLiteWAL
 
+        return SQLiteWAL(path, reactor, durability="sync")
     from kommander.plugins.bdb import BerkeleyDBWAL
 
-    wal = BerkeleyDBWAL(path, reactor, durability="sync")
+    return BerkeleyDBWAL(path, reactor, durability="sync")
+
+
+async def _main(reactor, path: str, seed: int, first: int, kind: str) -> None:
+    from twisted.internet import defer
+
+    wal = make_wal(kind, path, reactor)
     await wal.open(PARTITIONS)
     lasts = [0] * PARTITIONS
     for batch in range(1, first):
@@ -118,4 +127,5 @@ async def _main(reactor, path: str, seed: int, first: int) -> None:
 if __name__ == "__main__":
     from twisted.internet import defer, task
 
-    task.react(lambda reactor: defer.ensureDeferred(_main(reactor, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
+    kind = sys.argv[4] if len(sys.argv) > 4 else "bdb"
+    task.react(lambda reactor: defer.ensureDeferred(_main(reactor, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), kind)))
