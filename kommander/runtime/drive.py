@@ -1,4 +1,4 @@
-"""The drive loop: one IO turn of a node.
+"""The drive loop: one IO turn of a node, and the one place that decides to fail-stop.
 
 :class:`DriveLoop` is the half of :class:`~kommander.runtime.manager.RaftManager` that moves data.
 Every input reaches the cores through it (a message from the transport, a tick of the clock, a WAL
@@ -8,18 +8,25 @@ partition's ``Ready`` produced in one turn goes to the WAL as one write (group c
 and every message for one peer goes to the transport as one batch. A ``Ready``'s replication
 messages leave at once; its votes and acknowledgements leave only once its write is durable (see
 :class:`kommander.core.types.Ready`).
+
+**Fail-stop rule.** Each entry point (transport delivery, tick, turn, WAL completion) runs its work
+under one policy: an unexpected exception stops the node through :meth:`DriveLoop.fail_stop` with
+a log line naming it, and nothing of the turn goes on. A :class:`ProtocolError` raised while a
+peer's message is checked, before anything changed, is bad input and not our fault: it goes back
+to the transport, which closes that one connection. The runtime's parts report their fatal errors
+through :meth:`DriveLoop.fail_stop` too (see :class:`~kommander.runtime.host.RuntimeHost`).
 """
 
 from __future__ import annotations
 
 import operator
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from kommander.core.errors import KommanderError
+from kommander.core.errors import KommanderError, ProtocolError
 from kommander.core.types import (
     AppendEntries,
     InstallSnapshot,
@@ -57,24 +64,77 @@ class DriveLoop:
 
     def _init_drive_loop(self) -> None:
         self._failed: str | None = None
+        #: The Deferred of the ``leave_cluster`` a fail-stop started (errors logged on it).
+        self.fail_stopped: defer.Deferred[None] | None = None
         self._dirty: dict[int, PartitionRuntime] = {}
         self._flush_call: Any = None
         self._batches: deque[_Batch] = deque()
 
-    def fail_stop(self, reason: str) -> None:
-        """A broken invariant or a failed disk write: this node must not go on pretending."""
-        if self._failed:
+    # ------------------------------------------------------------------ the fail-stop policy
+
+    def fail_stop(self, reason: str, failure: Failure | None = None) -> None:
+        """Stop the node: an invariant broke or a dependency failed; it must not go on pretending.
+
+        Logs ``reason`` (and ``failure``'s traceback), leaves the cluster (the Deferred is kept in
+        :attr:`fail_stopped`, its errors logged) and fires ``on_fail_stop`` once, with the first
+        reason; later calls only log.
+        """
+        if self._failed is not None:
+            self.log.info("node {node} already stopping; also: {reason}", node=self.node_id, reason=reason)
             return
         self._failed = reason
+        if failure is not None:
+            self.log.failure("node {node}: {reason}", failure, node=self.node_id, reason=reason)
         self.log.critical("node {node} stopping: {reason}", node=self.node_id, reason=reason)
-        self.leave_cluster()
+        self.fail_stopped = self.leave_cluster()
+        self.fail_stopped.addErrback(self._leave_failed)
         self.on_fail_stop.fire(reason)
+
+    def _leave_failed(self, failure: Failure) -> None:
+        self.log.failure(
+            "node {node}: leaving the cluster after a fail-stop failed: {error}",
+            failure,
+            node=self.node_id,
+            error=failure.getErrorMessage(),
+        )
+
+    def _internal_error(self, where: str) -> None:
+        """Called from an ``except`` block: the exception being handled is a bug or a failed
+        dependency, never bad input; the node stops, naming it."""
+        failure = Failure()
+        self.fail_stop(f"internal error {where}: {failure.type.__name__}: {failure.getErrorMessage()}", failure)
+
+    def guard(self, where: str, function: Callable[..., Any], *args: Any) -> Any:
+        """Run ``function(*args)`` under the fail-stop policy (for callbacks of the runtime's parts
+        that run outside a turn, such as a Deferred firing); returns its result, or ``None`` after
+        an exception stopped the node."""
+        try:
+            return function(*args)
+        except Exception:  # noqa: BLE001 - the policy: stop loudly, never swallow
+            self._internal_error(where)
+            return None
 
     # ------------------------------------------------------------------ transport callbacks
 
     def message_received(self, peer: str, partition: int, message: Message) -> None:
+        """A message from ``peer``. Never raises but :class:`ProtocolError` (the message is bad
+        input, refused before any state changed; the transport closes that connection)."""
         if not self._running:
             return
+        try:
+            self._receive(peer, partition, message)
+        except ProtocolError as exc:
+            if not exc.remote:
+                self._internal_error(f"handling a message from {peer}")
+                return
+            self.log.warn("refused a message from {peer}: {reason}", peer=peer, reason=exc)
+            raise
+        except Exception:  # noqa: BLE001 - the policy: stop loudly, never into the transport
+            self._internal_error(f"handling {type(message).__name__} from {peer} for partition {partition}")
+
+    def _receive(self, peer: str, partition: int, message: Message) -> None:
+        if type(partition) is not int or not 0 <= partition < len(self.runtimes):
+            raise ProtocolError(f"partition {partition!r} out of range 0..{len(self.runtimes) - 1}")
         self.stats["messages_received"] += 1
         runtime = self.runtimes[partition]
         if isinstance(message, SnapshotChunk):
@@ -95,12 +155,18 @@ class DriveLoop:
     # ------------------------------------------------------------------ the drive loop
 
     def _tick(self) -> None:
-        now = self.reactor.seconds()
-        for runtime in self.runtimes:
-            runtime.core.tick()
-            runtime.expire(now)
-            self._dirty[runtime.number] = runtime
-        self.transfers.sweep(now)
+        if not self._running:
+            return
+        try:
+            now = self.reactor.seconds()
+            for runtime in self.runtimes:
+                runtime.core.tick()
+                runtime.expire(now)
+                self._dirty[runtime.number] = runtime
+            self.transfers.sweep(now)
+        except Exception:  # noqa: BLE001 - the policy
+            self._internal_error("in a tick")
+            return
         self._flush()
 
     def mark_dirty(self, runtime: PartitionRuntime) -> None:
@@ -119,8 +185,7 @@ class DriveLoop:
         try:
             self._flush_once()
         except Exception:  # noqa: BLE001 - a broken invariant: stop rather than corrupt
-            self.log.failure("internal error in the Raft runtime")
-            self.fail_stop("internal error in the Raft runtime (see the log)")
+            self._internal_error("in a turn of the drive loop")
 
     def _flush_once(self) -> None:
         outgoing: dict[str, list[tuple[int, Message]]] = {}
@@ -166,6 +231,8 @@ class DriveLoop:
         # a follower's acknowledgement (sent once its write is durable) must not wait for the
         # application of entries committed earlier. Committed entries are already durable.
         for runtime, ready in readies:
+            if not self._running:
+                return  # a part stopped the node: nothing more of this turn
             if ready.snapshot is not None:
                 # The state machine restores before any entry after the snapshot is applied.
                 runtime.apply_entries((ready.snapshot,))
@@ -182,14 +249,17 @@ class DriveLoop:
 
     def _write_done(self, _: Any, batch: _Batch) -> None:
         batch.done = True
-        if self._running:
+        if not self._running:
+            return
+        try:
             self._complete_batches()
+        except Exception:  # noqa: BLE001 - the policy: the remaining Readys must not be lost silently
+            self._internal_error("releasing a durable WAL write")
 
     def _write_failed(self, failure: Failure) -> None:
         if failure.check(defer.FirstError):
             failure = failure.value.subFailure
-        self.log.failure("WAL write failed", failure)
-        self.fail_stop(f"WAL write failed: {failure.getErrorMessage()}")
+        self.fail_stop(f"WAL write failed: {failure.getErrorMessage()}", failure)
 
     def _complete_batches(self) -> None:
         """Release, in order, what waited for durability: persisted messages, then advance()."""
@@ -203,6 +273,8 @@ class DriveLoop:
                 runtime.core.advance(ready)
                 self.mark_dirty(runtime)
         self._send(outgoing)
+
+    # ------------------------------------------------------------------ outputs
 
     def send_now(self, peer: str, messages: list[tuple[int, Message]]) -> None:
         """Send runtime messages (snapshot streaming) outside the Ready cycle."""
