@@ -15,6 +15,15 @@ a log line naming it, and nothing of the turn goes on. A :class:`ProtocolError` 
 peer's message is checked, before anything changed, is bad input and not our fault: it goes back
 to the transport, which closes that one connection. The runtime's parts report their fatal errors
 through :meth:`DriveLoop.fail_stop` too (see :class:`~kommander.runtime.host.RuntimeHost`).
+
+**Disk stalls.** A leader sends heartbeats before its own WAL write is durable, so a leader whose
+disk hangs would keep its followers content while nothing it proposes is ever applied. When the
+oldest outstanding WAL write is older than the minimum election timeout, the node steps down from
+every partition it leads and, until the write completes, neither ticks (so it never campaigns) nor
+takes messages (Raft tolerates the loss; buffering them would grow without bound). The pipeline to
+the WAL is bounded too: with :attr:`DriveLoop.max_pending_batches` turns waiting for durability the
+loop stops collecting ``Ready`` s, proposals stay in their bounded queues (``QUEUE_FULL`` beyond),
+and the write that completes next resumes the loop with everything gathered meanwhile.
 """
 
 from __future__ import annotations
@@ -45,13 +54,15 @@ _TIMESTAMP = operator.attrgetter("timestamp")
 
 
 class _Batch:
-    """The Readys of one flush, in order, and whether their WAL write is durable yet."""
+    """The Readys of one turn, in order; whether their WAL write is durable yet, and since when
+    (reactor time) it has been outstanding."""
 
-    __slots__ = ("readies", "done")
+    __slots__ = ("readies", "done", "started")
 
-    def __init__(self, readies: list[tuple[PartitionRuntime, Ready]], done: bool) -> None:
+    def __init__(self, readies: list[tuple[PartitionRuntime, Ready]], done: bool, started: float) -> None:
         self.readies = readies
         self.done = done
+        self.started = started
 
 
 class DriveLoop:
@@ -62,6 +73,10 @@ class DriveLoop:
     ``_running``, ``_leader_waiters`` and ``leave_cluster``.
     """
 
+    #: At most this many turns wait for their WAL write; beyond it the loop stops collecting
+    #: Readys until one completes (back-pressure instead of unbounded growth).
+    max_pending_batches = 64
+
     def _init_drive_loop(self) -> None:
         self._failed: str | None = None
         #: The Deferred of the ``leave_cluster`` a fail-stop started (errors logged on it).
@@ -69,6 +84,12 @@ class DriveLoop:
         self._dirty: dict[int, PartitionRuntime] = {}
         self._flush_call: Any = None
         self._batches: deque[_Batch] = deque()
+        #: Reactor time the outstanding WAL write found stalled was issued, or ``None``.
+        self._stalled_since: float | None = None
+        low, _ = self.config.election_ticks()
+        self._stall_timeout = low * self.config.heartbeat_interval
+        for name in ("messages_dropped_stalled", "turns_held", "disk_stalls"):
+            self.stats[name] = 0
 
     # ------------------------------------------------------------------ the fail-stop policy
 
@@ -121,6 +142,10 @@ class DriveLoop:
         input, refused before any state changed; the transport closes that connection)."""
         if not self._running:
             return
+        if self._stalled_since is not None:
+            # The disk is stalled: taking input we can neither persist nor answer would only grow.
+            self.stats["messages_dropped_stalled"] += 1
+            return
         try:
             self._receive(peer, partition, message)
         except ProtocolError as exc:
@@ -159,8 +184,10 @@ class DriveLoop:
             return
         try:
             now = self.reactor.seconds()
+            stalled = self._watch_disk(now)
             for runtime in self.runtimes:
-                runtime.core.tick()
+                if not stalled:
+                    runtime.core.tick()
                 runtime.expire(now)
                 self._dirty[runtime.number] = runtime
             self.transfers.sweep(now)
@@ -188,6 +215,11 @@ class DriveLoop:
             self._internal_error("in a turn of the drive loop")
 
     def _flush_once(self) -> None:
+        if len(self._batches) >= self.max_pending_batches:
+            # Back-pressure: the WAL is behind. Every partition stays dirty; the write that
+            # completes next runs the turn again, with bigger Readys (group commit).
+            self.stats["turns_held"] += 1
+            return
         outgoing: dict[str, list[tuple[int, Message]]] = {}
         writes: list[WalWrite] = []
         compactions: list[defer.Deferred[None]] = []
@@ -217,7 +249,7 @@ class DriveLoop:
                 self._dirty[runtime.number] = runtime
         self._send(outgoing)
         if readies:
-            batch = _Batch(readies, done=not (writes or compactions))
+            batch = _Batch(readies, not (writes or compactions), self.reactor.seconds())
             self._batches.append(batch)
             if writes:
                 self.stats["wal_writes"] += 1
@@ -253,6 +285,8 @@ class DriveLoop:
             return
         try:
             self._complete_batches()
+            if self._stalled_since is not None:
+                self._watch_disk(self.reactor.seconds())
         except Exception:  # noqa: BLE001 - the policy: the remaining Readys must not be lost silently
             self._internal_error("releasing a durable WAL write")
 
@@ -273,6 +307,46 @@ class DriveLoop:
                 runtime.core.advance(ready)
                 self.mark_dirty(runtime)
         self._send(outgoing)
+
+    # ------------------------------------------------------------------ disk stalls
+
+    def _oldest_pending_write(self) -> float | None:
+        """Reactor time the oldest WAL write not yet durable was issued (writes complete in order)."""
+        for batch in self._batches:
+            if not batch.done:
+                return batch.started
+        return None
+
+    def _watch_disk(self, now: float) -> bool:
+        """Whether the WAL is stalled; on finding it so, step down from every partition led."""
+        oldest = self._oldest_pending_write()
+        if oldest is None or now - oldest < self._stall_timeout:
+            if self._stalled_since is not None:
+                self.log.warn(
+                    "node {node}: the stalled WAL write completed after {age:.2f}s; taking part again",
+                    node=self.node_id,
+                    age=now - self._stalled_since,
+                )
+                self._stalled_since = None
+            return False
+        led = [runtime for runtime in self.runtimes if runtime.core.role is Role.LEADER]
+        if self._stalled_since is None:
+            self._stalled_since = oldest
+            self.stats["disk_stalls"] += 1
+            self.log.error(
+                "node {node}: a WAL write is outstanding for {age:.2f}s, longer than the election "
+                "timeout ({timeout:.2f}s): the disk is stalled; stepping down as leader of partitions "
+                "[{led}] and not campaigning until the write completes",
+                node=self.node_id,
+                age=now - oldest,
+                timeout=self._stall_timeout,
+                led=", ".join(str(runtime.number) for runtime in led),
+            )
+        for runtime in led:
+            runtime.core.step_down()
+            self._leadership_changed(runtime)
+            self.mark_dirty(runtime)
+        return True
 
     # ------------------------------------------------------------------ outputs
 
