@@ -67,6 +67,12 @@ class StallableWAL(MemoryWAL):
         self.recover()
         return super().close()
 
+    def lose_unsynced(self) -> int:
+        """A power cut: forget the operations still waiting (their Deferreds never fire).
+        :returns: how many were lost."""
+        lost, self.waiting = len(self.waiting), []
+        return lost
+
 
 def stalled_cluster(seed: int) -> tuple[Cluster, object, list[str]]:
     """Three nodes on stallable WALs, settled; returns the cluster, the node leading partition 0
