@@ -103,6 +103,7 @@ def test_leader_with_a_stalled_disk_steps_down_and_writes_continue_on_a_healthy_
         lambda: all(cluster.settled(p, healthy) for p in range(PARTITIONS)), 5, "healthy nodes lead everything"
     )
     assert any("the disk is stalled; stepping down as leader of partitions" in line for line in lines), lines
+    assert victim.m.disk_stalled and victim.m.stats["disk_stalls"] == 1
     stalled_term = {p: victim.m.runtimes[p].core.term for p in range(PARTITIONS)}
     for step in range(30):
         for p in range(PARTITIONS):
@@ -121,6 +122,7 @@ def test_leader_with_a_stalled_disk_steps_down_and_writes_continue_on_a_healthy_
     for p in range(PARTITIONS):
         assert cluster.leader(p).node_id in healthy
     assert any("taking part again" in line for line in lines), lines
+    assert not victim.m.disk_stalled
     cluster.wait_caught_up()
     # The stuck entry reached the followers before the disk hung, so it may have committed.
     outcome = cluster.wait(stuck, 11)

@@ -310,6 +310,12 @@ class DriveLoop:
 
     # ------------------------------------------------------------------ disk stalls
 
+    @property
+    def disk_stalled(self) -> bool:
+        """Whether a WAL write has been outstanding for longer than an election timeout (the node
+        then leads nothing, does not campaign and drops incoming messages until it completes)."""
+        return self._stalled_since is not None
+
     def _oldest_pending_write(self) -> float | None:
         """Reactor time the oldest WAL write not yet durable was issued (writes complete in order)."""
         for batch in self._batches:
