@@ -2,7 +2,7 @@
 hangs (issue 9, fault 7).
 
 The manager runs on a ``task.Clock``; only the WAL's results cross from the writer thread to the
-real reactor. The writer is hung with a blocking operation (a disk that stopped answering), so
+real reactor, and simulated time moves only while the WAL is idle. The writer is hung with a blocking operation (a disk that stopped answering), so
 nothing completes while the test floods the node, and the queue length is read directly.
 """
 
@@ -88,12 +88,33 @@ async def test_manager_keeps_the_bdb_writer_queue_bounded_while_the_disk_hangs(t
         reactor=clock,
         rng=random.Random(1),
     )
+    # Simulated time moves only while the WAL is idle, so a slow real disk cannot look stalled.
+    outstanding = [0]
+    submit = wal._submit
+
+    def counting(*args):
+        outstanding[0] += 1
+
+        def finished(result):
+            outstanding[0] -= 1
+            return result
+
+        return submit(*args).addBoth(finished)
+
+    wal._submit = counting
+
+    async def advance(seconds: float) -> None:
+        for _ in range(5000):
+            if not outstanding[0]:
+                break
+            await turn()
+        clock.advance(seconds)
+
     joined = manager.join_cluster()
     for _ in range(2000):
         if joined.called and all(manager.am_i_leader(p) for p in range(2)):
             break
-        clock.advance(0.05)
-        await turn()
+        await advance(0.05)
     assert joined.called and all(manager.am_i_leader(p) for p in range(2))
     release = hang(wal)
     proposals = []
@@ -111,8 +132,7 @@ async def test_manager_keeps_the_bdb_writer_queue_bounded_while_the_disk_hangs(t
     for _ in range(5000):
         if all(d.called for d in proposals):
             break
-        clock.advance(0.05)
-        await turn()
+        await advance(0.05)
     assert all(d.called for d in proposals)
     left = manager.leave_cluster()
     for _ in range(2000):
