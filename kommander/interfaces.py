@@ -130,7 +130,12 @@ class IMessageReceiver(Interface):
     )
 
     def message_received(peer: str, partition: int, message: object) -> None:
-        """One decoded message from ``peer`` (the id the connection's handshake proved)."""
+        """One decoded message from ``peer`` (the id the connection's handshake proved).
+
+        Raises nothing but :class:`~kommander.errors.ProtocolError`, when the message is bad input
+        refused before any state changed: the transport then closes that connection only. The
+        receiver handles its own internal errors (it fail-stops); they never reach the transport.
+        """
 
     def peer_status_changed(peer: str, connected: bool, metadata: "Mapping[str, str]") -> None:
         """The connection to ``peer`` came up (with the metadata it advertised) or went down."""

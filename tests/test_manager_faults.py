@@ -15,27 +15,33 @@ from twisted.internet import defer
 from kommander.results import RaftOperationStatus as Status
 
 from runtime_harness import Cluster, DelayedWAL
+from test_disk_stall import StallableWAL
 
 PARTITIONS = 3
 
 
 def chaos(
-    seed: int, n: int, steps: int = 60, wal_delay: float = 0.0
+    seed: int, n: int, steps: int = 60, wal_delay: float = 0.0, stalls: bool = False
 ) -> tuple[Cluster, dict[bytes, tuple[int, defer.Deferred]]]:
     """Run ``steps`` rounds of 0.1 s: each round writes to every partition's leader and maybe injects a fault.
 
     With ``wal_delay`` every WAL takes that long to make a write durable, and a stopped node loses
-    what was not durable yet, as in a power cut.
+    what was not durable yet, as in a power cut. With ``stalls`` a node's disk may also hang for
+    0.3 to 2 s (a crash meanwhile loses the writes it holds).
     """
     cluster = Cluster(n, PARTITIONS, seed=seed, max_queued_proposals=64)
     if wal_delay:
         for node in cluster.nodes.values():
             node.wal = DelayedWAL(cluster.clock, wal_delay)
+    if stalls:
+        for node in cluster.nodes.values():
+            node.wal = StallableWAL()
     cluster.start_all()
     cluster.wait_for_leaders()
     rng = random.Random(seed)
     writes: dict[bytes, tuple[int, defer.Deferred]] = {}
     down: set[str] = set()
+    recoveries: list = []
     for step in range(steps):
         for partition in range(PARTITIONS):
             leader = cluster.leader(partition)
@@ -59,9 +65,20 @@ def chaos(
             cluster.heal()
         elif fault < 0.36:
             cluster.network.set_drop_rate(rng.choice([0.0, 0.05, 0.2]))
+        elif fault < 0.44 and stalls:
+            wal = cluster.nodes[rng.choice(cluster.ids)].wal
+            if not wal.stalled:
+                wal.stall()
+                recoveries.append(cluster.clock.callLater(rng.uniform(0.3, 2.0), wal.recover))
         cluster.advance(0.1)
     cluster.heal()
     cluster.network.set_drop_rate(0.0)
+    for call in recoveries:
+        if call.active():
+            call.cancel()
+    if stalls:
+        for node in cluster.nodes.values():
+            node.wal.recover()
     for node_id in sorted(down):
         cluster.start(node_id)
     cluster.wait_for_leaders(max_seconds=20)
@@ -73,12 +90,18 @@ def chaos(
     return cluster, writes
 
 
-@pytest.mark.parametrize("n,seed,wal_delay", [(3, 1, 0), (3, 2, 0), (5, 3, 0), (5, 4, 0), (3, 5, 0.03), (5, 6, 0.02)])
-def test_nodes_agree_and_keep_every_acknowledged_write_under_faults(n: int, seed: int, wal_delay: float) -> None:
-    """After drops, partitions and crashes (losing WAL writes not yet durable when the WAL is slow), all nodes
-    applied one sequence per partition, each entry once, with every acknowledged write at its reported index
-    and no refused write anywhere."""
-    cluster, writes = chaos(seed, n, wal_delay=wal_delay)
+@pytest.mark.parametrize(
+    "n,seed,wal_delay,stalls",
+    [(3, 1, 0, False), (3, 2, 0, False), (5, 3, 0, False), (5, 4, 0, False), (3, 5, 0.03, False),
+     (5, 6, 0.02, False), (3, 21, 0, True), (5, 16, 0, True)],
+)
+def test_nodes_agree_and_keep_every_acknowledged_write_under_faults(
+    n: int, seed: int, wal_delay: float, stalls: bool
+) -> None:
+    """After drops, partitions, crashes (losing WAL writes not yet durable when the WAL is slow) and hung
+    disks, all nodes applied one sequence per partition, each entry once, with every acknowledged write at
+    its reported index and no refused write anywhere."""
+    cluster, writes = chaos(seed, n, wal_delay=wal_delay, stalls=stalls)
     statuses = {data: cluster.result(d) for data, (_, d) in writes.items()}
     counts = {s: sum(1 for r in statuses.values() if r.status is s) for s in Status}
     # Both outcomes occur: writes got through, and the faults really cost some of them.

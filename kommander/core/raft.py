@@ -157,6 +157,12 @@ class RaftNode(Election, Replication, ReadIndex):
         if self.role is not Role.LEADER and self.id in self.voters:
             self._campaign(transfer=False)
 
+    def step_down(self) -> None:
+        """Leader: become a follower of nobody in the same term, as CheckQuorum would (the
+        runtime found its disk stalled, so it cannot make its entries durable). Else nothing."""
+        if self.role is Role.LEADER:
+            self._become_follower(self.term, None)
+
     def step(self, m: Message) -> None:
         """Process one message addressed to this node. Messages from unknown nodes, for other
         nodes, or of a stale term are ignored (stale ones may get an answer revealing our term)."""

@@ -69,6 +69,10 @@ class BerkeleyDBWAL:
     :param log_file_bytes: size of each Berkeley DB log file.
     :param max_group_operations: at most this many queued operations share one transaction.
     :param max_group_entries: a group stops growing once it writes this many entries.
+    :param max_pending_operations: at most this many operations wait for the writer thread (or
+        are being performed); one more fails at once with :class:`WALError` instead of queueing
+        without bound behind a disk that stopped answering. The runtime keeps far fewer in flight
+        (see ``RaftManager.max_pending_batches``), so reaching it means a caller lost its bound.
     :raises ConfigurationError: for an unknown durability mode or a non-positive number.
     """
 
@@ -83,6 +87,7 @@ class BerkeleyDBWAL:
         log_file_bytes: int = 10 * 1024 * 1024,
         max_group_operations: int = 256,
         max_group_entries: int = 65536,
+        max_pending_operations: int = 1024,
     ) -> None:
         if durability not in DURABILITY_MODES:
             raise ConfigurationError(
@@ -97,6 +102,7 @@ class BerkeleyDBWAL:
             ("log_file_bytes", log_file_bytes, 64 * 1024),
             ("max_group_operations", max_group_operations, 1),
             ("max_group_entries", max_group_entries, 1),
+            ("max_pending_operations", max_pending_operations, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigurationError(f"{name} {value!r}: use an integer of at least {low}")
@@ -106,6 +112,9 @@ class BerkeleyDBWAL:
         self._reactor = reactor
         self._max_group_operations = max_group_operations
         self._max_group_entries = max_group_entries
+        self._max_pending = max_pending_operations
+        #: Operations submitted whose Deferred has not fired yet (reactor thread only).
+        self._pending = 0
         #: The blocking storage; touched only by the writer thread while the log is open.
         self.store = BDBStore(path, durability, cache_bytes, log_file_bytes)
         self._checkpoint_kbytes = log_file_bytes // 1024
@@ -215,12 +224,31 @@ class BerkeleyDBWAL:
         """Run ``function(store)`` on the writer thread, in queue order (tests and benchmarks)."""
         return self._submit(_CALL, (function,))
 
+    @property
+    def pending_operations(self) -> int:
+        """Operations submitted and not finished yet: the length of the writer's queue, plus the
+        group it is performing."""
+        return self._pending
+
     def _submit(self, kind: str, args: tuple, weight: int = 1) -> defer.Deferred[Any]:
         if self._state != "open":
             return defer.fail(WALError(f"the log in {self.path} is not open"))
+        if self._pending >= self._max_pending:
+            return defer.fail(
+                WALError(
+                    f"the writer queue of {self.path} is full ({self._pending} operations waiting): "
+                    "the disk is not keeping up"
+                )
+            )
         deferred: defer.Deferred[Any] = defer.Deferred()
+        self._pending += 1
+        deferred.addBoth(self._finished)
         self._queue.put(_Operation(kind, args, deferred, weight))
         return deferred
+
+    def _finished(self, result: Any) -> Any:
+        self._pending -= 1
+        return result
 
     def _open_failed(self, failure: Failure) -> Failure:
         # The writer thread has exited; fail whatever was queued behind the open, in order.

@@ -230,7 +230,10 @@ class MemoryNetwork:
                 self._refuse(src, dst, f"message addressed {getattr(message, 'src', src)!r} -> {message.dst!r}")
                 continue
             self.stats["delivered"] += 1
-            receiver.message_received(src, partition, message)
+            try:
+                receiver.message_received(src, partition, message)
+            except ProtocolError as exc:
+                self._refuse(src, dst, str(exc))
 
     def _refuse(self, src: str, dst: str, why: str) -> None:
         # A real transport would close the connection; here the message is dropped and counted.

@@ -203,7 +203,12 @@ class PeerConnection(FrameReceiver):
         elif message.dst != self.owner.node_id:
             self.refuse(f"message dst {message.dst!r} is not this node ({self.owner.node_id!r})")
         else:
-            self.owner.deliver(self, partition, message)
+            try:
+                self.owner.deliver(self, partition, message)
+            except ProtocolError as exc:
+                # The receiver refused it as bad input (before any state changed): this
+                # connection only. Anything else is the receiver's to handle, not the peer's fault.
+                self.refuse(str(exc))
 
     def _handshake_received(self, body: bytes) -> None:
         try:

@@ -12,6 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
+
+    from twisted.python.failure import Failure
+
     from kommander.config import RaftConfiguration
     from kommander.core.types import Message
     from kommander.interfaces import IStateMachine, IWAL
@@ -42,8 +46,18 @@ class RuntimeHost(Protocol):
     def running(self) -> bool:
         """True between a successful start and stop (or fail-stop)."""
 
-    def fail_stop(self, reason: str) -> None:
-        """Stop the node loudly: an invariant broke or a dependency failed."""
+    def fail_stop(self, reason: str, failure: "Failure | None" = None) -> None:
+        """Stop the node loudly: an invariant broke or a dependency failed.
+
+        The one fail-stop policy of the node (the drive loop's): logs ``reason`` and the
+        failure's traceback, leaves the cluster, fires ``on_fail_stop`` once. A part calling it
+        returns at once and does nothing more for the node afterwards (``running`` is false).
+        """
+
+    def guard(self, where: str, function: "Callable[..., Any]", *args: Any) -> Any:
+        """Run ``function(*args)`` under the same policy: an exception fail-stops the node, naming
+        it and ``where``. For a part's callbacks that run outside the drive loop (a Deferred
+        firing later); returns the function's result, or ``None`` after a fail-stop."""
 
     def mark_dirty(self, runtime: "PartitionRuntime") -> None:
         """Ask the drive loop to collect this partition's work on its next turn."""

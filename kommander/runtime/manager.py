@@ -1,17 +1,13 @@
 """The runtime: :class:`RaftManager` drives one Raft core per partition on the Twisted reactor.
 
-Everything happens on the reactor thread. Work is gathered per reactor turn: every partition's
-``Ready`` produced in one turn goes to the WAL as one write (group commit, one sync) and every
-message for one peer goes to the transport as one batch. A ``Ready``'s replication messages leave
-at once; its votes and acknowledgements leave only once its write is durable (see
-:class:`kommander.core.types.Ready`).
+Everything happens on the reactor thread. This module holds the node's public face (``IRaft``:
+lifecycle, writes, reads, queries); the IO turn that moves data between the cores, the WAL and the
+transport is in :mod:`kommander.runtime.drive`.
 """
 
 from __future__ import annotations
 
-import operator
 import random
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,20 +19,11 @@ from zope.interface import implementer
 from kommander.runtime.apply import Applier
 from kommander.runtime.bootstrap import initial_view
 from kommander.runtime.checkpoints import Checkpointer
+from kommander.runtime.drive import DriveLoop
 from kommander.config import RaftConfiguration
 from kommander.core.errors import KommanderError, NotLeader
 from kommander.core.raft import CoreConfig, RaftNode
-from kommander.core.types import (
-    AppendEntries,
-    EntryKind,
-    InstallSnapshot,
-    Message,
-    Proposal,
-    Ready,
-    Role,
-    SnapshotChunk,
-    SnapshotChunkAck,
-)
+from kommander.core.types import EntryKind, Proposal, Role
 from kommander.interfaces import (
     IClock,
     IDiscovery,
@@ -45,7 +32,6 @@ from kommander.interfaces import (
     IStateMachine,
     ITransport,
     IWAL,
-    WalWrite,
 )
 from kommander.runtime.partition import PartitionRuntime, Request
 from kommander.results import Event, RaftOperationStatus, ReplicationResult, partition_for_key
@@ -53,21 +39,10 @@ from kommander.runtime.snapshots import SnapshotStore
 from kommander.runtime.transfer import TransferTracker
 
 Status = RaftOperationStatus
-_TIMESTAMP = operator.attrgetter("timestamp")
-
-
-class _Batch:
-    """The Readys of one flush, in order, and whether their WAL write is durable yet."""
-
-    __slots__ = ("readies", "done")
-
-    def __init__(self, readies: list[tuple[PartitionRuntime, Ready]], done: bool) -> None:
-        self.readies = readies
-        self.done = done
 
 
 @implementer(IRaft, IMessageReceiver)
-class RaftManager:
+class RaftManager(DriveLoop):
     """A Kommander node: ``max_partitions`` Raft groups sharing one transport, WAL and clock.
 
     :param config: the node's settings; validated here.
@@ -147,10 +122,7 @@ class RaftManager:
         #: invariant): a process running it should exit so a supervisor restarts it.
         self.on_fail_stop = Event("on_fail_stop")
         self._running = False
-        self._failed: str | None = None
-        self._dirty: dict[int, PartitionRuntime] = {}
-        self._flush_call: Any = None
-        self._batches: deque[_Batch] = deque()
+        self._init_drive_loop()
         self._ticker: task.LoopingCall | None = None
         self._unsubscribe: Any = None
         self._next_context = 0
@@ -262,15 +234,6 @@ class RaftManager:
     @property
     def running(self) -> bool:
         return self._running
-
-    def fail_stop(self, reason: str) -> None:
-        """A broken invariant or a failed disk write: this node must not go on pretending."""
-        if self._failed:
-            return
-        self._failed = reason
-        self.log.critical("node {node} stopping: {reason}", node=self.node_id, reason=reason)
-        self.leave_cluster()
-        self.on_fail_stop.fire(reason)
 
     # ------------------------------------------------------------------ queries
 
@@ -468,26 +431,6 @@ class RaftManager:
 
     # ------------------------------------------------------------------ transport callbacks
 
-    def message_received(self, peer: str, partition: int, message: Message) -> None:
-        if not self._running:
-            return
-        self.stats["messages_received"] += 1
-        runtime = self.runtimes[partition]
-        if isinstance(message, SnapshotChunk):
-            runtime.receiver.chunk(message)
-            return
-        if isinstance(message, SnapshotChunkAck):
-            self.transfers.acknowledged(partition, message)
-            return
-        if self.clock is not None and type(message) is AppendEntries and message.entries:
-            # Receive event: merge the latest reading carried (a no-op carries none). Entries of
-            # several leaders' terms can share a batch, so the newest is the max, not the last.
-            stamp = max(map(_TIMESTAMP, message.entries))
-            if stamp:
-                self.clock.update(stamp)
-        runtime.core.step(message)
-        self.mark_dirty(runtime)
-
     def peer_status_changed(self, peer: str, connected: bool, metadata: Mapping[str, str]) -> None:
         if connected:
             self.peer_metadata[peer] = dict(metadata)
@@ -501,146 +444,3 @@ class RaftManager:
                 nodes=",".join(sorted(unknown)),
             )
         self.transport.update_peers({k: v for k, v in nodes.items() if k != self.node_id and k in self.voters})
-
-    # ------------------------------------------------------------------ the drive loop
-
-    def _tick(self) -> None:
-        now = self.reactor.seconds()
-        for runtime in self.runtimes:
-            runtime.core.tick()
-            runtime.expire(now)
-            self._dirty[runtime.number] = runtime
-        self.transfers.sweep(now)
-        self._flush()
-
-    def mark_dirty(self, runtime: PartitionRuntime) -> None:
-        """Schedule ``runtime`` for processing at the end of this reactor turn."""
-        self._dirty[runtime.number] = runtime
-        if self._flush_call is None and self._running:
-            self._flush_call = self.reactor.callLater(0, self._flush)
-
-    def _flush(self) -> None:
-        if self._flush_call is not None:
-            if self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush_call = None
-        if not self._running:
-            return
-        try:
-            self._flush_once()
-        except Exception:  # noqa: BLE001 - a broken invariant: stop rather than corrupt
-            self.log.failure("internal error in the Raft runtime")
-            self.fail_stop("internal error in the Raft runtime (see the log)")
-
-    def _flush_once(self) -> None:
-        outgoing: dict[str, list[tuple[int, Message]]] = {}
-        writes: list[WalWrite] = []
-        compactions: list[defer.Deferred[None]] = []
-        readies: list[tuple[PartitionRuntime, Ready]] = []
-        dirty, self._dirty = self._dirty, {}
-        for runtime in dirty.values():
-            runtime.drain_queue()
-            core = runtime.core
-            rounds = 0
-            while core.has_ready() and rounds < 16:
-                rounds += 1
-                ready = core.ready()
-                for m in ready.messages:
-                    if type(m) is InstallSnapshot:
-                        self.transfers.start(runtime, m)
-                    else:
-                        outgoing.setdefault(m.dst, []).append((runtime.number, m))
-                if ready.snapshot is not None:
-                    # Installed from the leader (the file is already durable): the WAL drops the
-                    # log it replaces, ordered before this turn's write.
-                    compactions.append(self.wal.compact(runtime.number, ready.snapshot))
-                if ready.hard_state is not None or ready.entries:
-                    writes.append(WalWrite(runtime.number, ready.hard_state, ready.entries))
-                    self.stats["wal_entries"] += len(ready.entries)
-                readies.append((runtime, ready))
-            if core.has_ready():
-                self._dirty[runtime.number] = runtime
-        self._send(outgoing)
-        if readies:
-            batch = _Batch(readies, done=not (writes or compactions))
-            self._batches.append(batch)
-            if writes:
-                self.stats["wal_writes"] += 1
-                compactions.append(self.wal.write(writes))
-            if compactions:
-                defer.gatherResults(compactions, consumeErrors=True).addCallbacks(
-                    self._write_done, self._write_failed, callbackArgs=(batch,)
-                )
-            self._complete_batches()
-        # Only now, with the messages on their way and the WAL writing, apply what was committed:
-        # a follower's acknowledgement (sent once its write is durable) must not wait for the
-        # application of entries committed earlier. Committed entries are already durable.
-        for runtime, ready in readies:
-            if ready.snapshot is not None:
-                # The state machine restores before any entry after the snapshot is applied.
-                runtime.apply_entries((ready.snapshot,))
-            if ready.committed_entries:
-                runtime.apply_entries(ready.committed_entries)
-            if ready.soft_state is not None:
-                self._leadership_changed(runtime)
-            for rs in ready.read_states:
-                runtime.read_confirmed(rs.context, rs.index)
-            for context in ready.dropped_reads:
-                runtime.read_dropped(context)
-        if self._dirty and self._flush_call is None and self._running:
-            self._flush_call = self.reactor.callLater(0, self._flush)
-
-    def _write_done(self, _: Any, batch: _Batch) -> None:
-        batch.done = True
-        if self._running:
-            self._complete_batches()
-
-    def _write_failed(self, failure: Failure) -> None:
-        if failure.check(defer.FirstError):
-            failure = failure.value.subFailure
-        self.log.failure("WAL write failed", failure)
-        self.fail_stop(f"WAL write failed: {failure.getErrorMessage()}")
-
-    def _complete_batches(self) -> None:
-        """Release, in order, what waited for durability: persisted messages, then advance()."""
-        outgoing: dict[str, list[tuple[int, Message]]] = {}
-        batches = self._batches
-        while batches and batches[0].done:
-            batch = batches.popleft()
-            for runtime, ready in batch.readies:
-                for m in ready.persisted_messages:
-                    outgoing.setdefault(m.dst, []).append((runtime.number, m))
-                runtime.core.advance(ready)
-                self.mark_dirty(runtime)
-        self._send(outgoing)
-
-    def send_now(self, peer: str, messages: list[tuple[int, Message]]) -> None:
-        """Send runtime messages (snapshot streaming) outside the Ready cycle."""
-        self._send({peer: messages})
-
-    def _send(self, outgoing: dict[str, list[tuple[int, Message]]]) -> None:
-        for peer, messages in outgoing.items():
-            self.stats["messages_sent"] += len(messages)
-            try:
-                self.transport.send(peer, messages)
-            except (KommanderError, ValueError):
-                # The transport refused what we built: that is our bug, not the network's.
-                self.log.failure("transport refused messages for {peer}", peer=peer)
-
-    def _leadership_changed(self, runtime: PartitionRuntime) -> None:
-        previous = runtime.leader
-        runtime.leadership_changed()
-        if runtime.role is Role.LEADER:
-            runtime.receiver.reset()
-        leader = runtime.leader
-        if leader != previous:
-            self.log.info(
-                "partition {p}: leader is now {leader} (term {term})",
-                p=runtime.number,
-                leader=leader or "unknown",
-                term=runtime.core.term,
-            )
-            self.on_leader_changed.fire(runtime.number, leader)
-            if leader is not None:
-                for d in self._leader_waiters.pop(runtime.number, []):
-                    d.callback(leader)

@@ -1,0 +1,388 @@
+"""The drive loop: one IO turn of a node, and the one place that decides to fail-stop.
+
+:class:`DriveLoop` is the half of :class:`~kommander.runtime.manager.RaftManager` that moves data.
+Every input reaches the cores through it (a message from the transport, a tick of the clock, a WAL
+write becoming durable) and every output leaves through it (messages to the transport, one WAL
+write per turn, committed entries to the apply pipeline). Work is gathered per reactor turn: every
+partition's ``Ready`` produced in one turn goes to the WAL as one write (group commit, one sync)
+and every message for one peer goes to the transport as one batch. A ``Ready``'s replication
+messages leave at once; its votes and acknowledgements leave only once its write is durable (see
+:class:`kommander.core.types.Ready`).
+
+**Fail-stop rule.** Each entry point (transport delivery, tick, turn, WAL completion) runs its work
+under one policy: an unexpected exception stops the node through :meth:`DriveLoop.fail_stop` with
+a log line naming it, and nothing of the turn goes on. A :class:`ProtocolError` raised while a
+peer's message is checked, before anything changed, is bad input and not our fault: it goes back
+to the transport, which closes that one connection. The runtime's parts report their fatal errors
+through :meth:`DriveLoop.fail_stop` too (see :class:`~kommander.runtime.host.RuntimeHost`).
+
+**Disk stalls.** A leader sends heartbeats before its own WAL write is durable, so a leader whose
+disk hangs would keep its followers content while nothing it proposes is ever applied. When the
+oldest outstanding WAL write is older than the minimum election timeout, the node steps down from
+every partition it leads and, until the write completes, neither ticks (so it never campaigns) nor
+takes messages (Raft tolerates the loss; buffering them would grow without bound). The pipeline to
+the WAL is bounded too: with :attr:`DriveLoop.max_pending_batches` turns waiting for durability the
+loop stops collecting ``Ready`` s, proposals stay in their bounded queues (``QUEUE_FULL`` beyond),
+and the write that completes next resumes the loop with everything gathered meanwhile.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from kommander.core.errors import KommanderError, ProtocolError
+from kommander.core.types import (
+    AppendEntries,
+    InstallSnapshot,
+    Message,
+    Ready,
+    Role,
+    SnapshotChunk,
+    SnapshotChunkAck,
+)
+from kommander.interfaces import WalWrite
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kommander.runtime.partition import PartitionRuntime
+
+_TIMESTAMP = operator.attrgetter("timestamp")
+
+
+class _Batch:
+    """The Readys of one turn, in order; whether their WAL write is durable yet, and since when
+    (reactor time) it has been outstanding."""
+
+    __slots__ = ("readies", "done", "started")
+
+    def __init__(self, readies: list[tuple[PartitionRuntime, Ready]], done: bool, started: float) -> None:
+        self.readies = readies
+        self.done = done
+        self.started = started
+
+
+class DriveLoop:
+    """The IO loop of :class:`~kommander.runtime.manager.RaftManager` (mixed into it).
+
+    Uses the manager's ``reactor``, ``config``, ``wal``, ``transport``, ``clock``, ``runtimes``,
+    ``transfers``, ``stats``, ``log``, ``node_id``, ``on_leader_changed``, ``on_fail_stop``,
+    ``_running``, ``_leader_waiters`` and ``leave_cluster``.
+    """
+
+    #: At most this many turns wait for their WAL write; beyond it the loop stops collecting
+    #: Readys until one completes (back-pressure instead of unbounded growth).
+    max_pending_batches = 64
+
+    def _init_drive_loop(self) -> None:
+        self._failed: str | None = None
+        #: The Deferred of the ``leave_cluster`` a fail-stop started (errors logged on it).
+        self.fail_stopped: defer.Deferred[None] | None = None
+        self._dirty: dict[int, PartitionRuntime] = {}
+        self._flush_call: Any = None
+        self._batches: deque[_Batch] = deque()
+        #: Reactor time the outstanding WAL write found stalled was issued, or ``None``.
+        self._stalled_since: float | None = None
+        low, _ = self.config.election_ticks()
+        self._stall_timeout = low * self.config.heartbeat_interval
+        for name in ("messages_dropped_stalled", "turns_held", "disk_stalls"):
+            self.stats[name] = 0
+
+    # ------------------------------------------------------------------ the fail-stop policy
+
+    def fail_stop(self, reason: str, failure: Failure | None = None) -> None:
+        """Stop the node: an invariant broke or a dependency failed; it must not go on pretending.
+
+        Logs ``reason`` (and ``failure``'s traceback), leaves the cluster (the Deferred is kept in
+        :attr:`fail_stopped`, its errors logged) and fires ``on_fail_stop`` once, with the first
+        reason; later calls only log.
+        """
+        if self._failed is not None:
+            self.log.info("node {node} already stopping; also: {reason}", node=self.node_id, reason=reason)
+            return
+        self._failed = reason
+        if failure is not None:
+            self.log.failure("node {node}: {reason}", failure, node=self.node_id, reason=reason)
+        self.log.critical("node {node} stopping: {reason}", node=self.node_id, reason=reason)
+        self.fail_stopped = self.leave_cluster()
+        self.fail_stopped.addErrback(self._leave_failed)
+        self.on_fail_stop.fire(reason)
+
+    def _leave_failed(self, failure: Failure) -> None:
+        self.log.failure(
+            "node {node}: leaving the cluster after a fail-stop failed: {error}",
+            failure,
+            node=self.node_id,
+            error=failure.getErrorMessage(),
+        )
+
+    def _internal_error(self, where: str) -> None:
+        """Called from an ``except`` block: the exception being handled is a bug or a failed
+        dependency, never bad input; the node stops, naming it."""
+        failure = Failure()
+        self.fail_stop(f"internal error {where}: {failure.type.__name__}: {failure.getErrorMessage()}", failure)
+
+    def guard(self, where: str, function: Callable[..., Any], *args: Any) -> Any:
+        """Run ``function(*args)`` under the fail-stop policy (for callbacks of the runtime's parts
+        that run outside a turn, such as a Deferred firing); returns its result, or ``None`` after
+        an exception stopped the node."""
+        try:
+            return function(*args)
+        except Exception:  # noqa: BLE001 - the policy: stop loudly, never swallow
+            self._internal_error(where)
+            return None
+
+    # ------------------------------------------------------------------ transport callbacks
+
+    def message_received(self, peer: str, partition: int, message: Message) -> None:
+        """A message from ``peer``. Never raises but :class:`ProtocolError` (the message is bad
+        input, refused before any state changed; the transport closes that connection)."""
+        if not self._running:
+            return
+        if self._stalled_since is not None:
+            # The disk is stalled: taking input we can neither persist nor answer would only grow.
+            self.stats["messages_dropped_stalled"] += 1
+            return
+        try:
+            self._receive(peer, partition, message)
+        except ProtocolError as exc:
+            if not exc.remote:
+                self._internal_error(f"handling a message from {peer}")
+                return
+            self.log.warn("refused a message from {peer}: {reason}", peer=peer, reason=exc)
+            raise
+        except Exception:  # noqa: BLE001 - the policy: stop loudly, never into the transport
+            self._internal_error(f"handling {type(message).__name__} from {peer} for partition {partition}")
+
+    def _receive(self, peer: str, partition: int, message: Message) -> None:
+        if type(partition) is not int or not 0 <= partition < len(self.runtimes):
+            raise ProtocolError(f"partition {partition!r} out of range 0..{len(self.runtimes) - 1}")
+        self.stats["messages_received"] += 1
+        runtime = self.runtimes[partition]
+        if isinstance(message, SnapshotChunk):
+            runtime.receiver.chunk(message)
+            return
+        if isinstance(message, SnapshotChunkAck):
+            self.transfers.acknowledged(partition, message)
+            return
+        if self.clock is not None and type(message) is AppendEntries and message.entries:
+            # Receive event: merge the latest reading carried (a no-op carries none). Entries of
+            # several leaders' terms can share a batch, so the newest is the max, not the last.
+            stamp = max(map(_TIMESTAMP, message.entries))
+            if stamp:
+                self.clock.update(stamp)
+        runtime.core.step(message)
+        self.mark_dirty(runtime)
+
+    # ------------------------------------------------------------------ the drive loop
+
+    def _tick(self) -> None:
+        if not self._running:
+            return
+        try:
+            now = self.reactor.seconds()
+            stalled = self._watch_disk(now)
+            for runtime in self.runtimes:
+                if not stalled:
+                    runtime.core.tick()
+                runtime.expire(now)
+                self._dirty[runtime.number] = runtime
+            self.transfers.sweep(now)
+        except Exception:  # noqa: BLE001 - the policy
+            self._internal_error("in a tick")
+            return
+        self._flush()
+
+    def mark_dirty(self, runtime: PartitionRuntime) -> None:
+        """Schedule ``runtime`` for processing at the end of this reactor turn."""
+        self._dirty[runtime.number] = runtime
+        if self._flush_call is None and self._running:
+            self._flush_call = self.reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._running:
+            return
+        try:
+            self._flush_once()
+        except Exception:  # noqa: BLE001 - a broken invariant: stop rather than corrupt
+            self._internal_error("in a turn of the drive loop")
+
+    def _flush_once(self) -> None:
+        if len(self._batches) >= self.max_pending_batches:
+            # Back-pressure: the WAL is behind. Every partition stays dirty; the write that
+            # completes next runs the turn again, with bigger Readys (group commit).
+            self.stats["turns_held"] += 1
+            return
+        outgoing: dict[str, list[tuple[int, Message]]] = {}
+        writes: list[WalWrite] = []
+        compactions: list[defer.Deferred[None]] = []
+        readies: list[tuple[PartitionRuntime, Ready]] = []
+        dirty, self._dirty = self._dirty, {}
+        for runtime in dirty.values():
+            runtime.drain_queue()
+            core = runtime.core
+            rounds = 0
+            while core.has_ready() and rounds < 16:
+                rounds += 1
+                ready = core.ready()
+                for m in ready.messages:
+                    if type(m) is InstallSnapshot:
+                        self.transfers.start(runtime, m)
+                    else:
+                        outgoing.setdefault(m.dst, []).append((runtime.number, m))
+                if ready.snapshot is not None:
+                    # Installed from the leader (the file is already durable): the WAL drops the
+                    # log it replaces, ordered before this turn's write.
+                    compactions.append(self.wal.compact(runtime.number, ready.snapshot))
+                if ready.hard_state is not None or ready.entries:
+                    writes.append(WalWrite(runtime.number, ready.hard_state, ready.entries))
+                    self.stats["wal_entries"] += len(ready.entries)
+                readies.append((runtime, ready))
+            if core.has_ready():
+                self._dirty[runtime.number] = runtime
+        self._send(outgoing)
+        if readies:
+            batch = _Batch(readies, not (writes or compactions), self.reactor.seconds())
+            self._batches.append(batch)
+            if writes:
+                self.stats["wal_writes"] += 1
+                compactions.append(self.wal.write(writes))
+            if compactions:
+                defer.gatherResults(compactions, consumeErrors=True).addCallbacks(
+                    self._write_done, self._write_failed, callbackArgs=(batch,)
+                )
+            self._complete_batches()
+        # Only now, with the messages on their way and the WAL writing, apply what was committed:
+        # a follower's acknowledgement (sent once its write is durable) must not wait for the
+        # application of entries committed earlier. Committed entries are already durable.
+        for runtime, ready in readies:
+            if not self._running:
+                return  # a part stopped the node: nothing more of this turn
+            if ready.snapshot is not None:
+                # The state machine restores before any entry after the snapshot is applied.
+                runtime.apply_entries((ready.snapshot,))
+            if ready.committed_entries:
+                runtime.apply_entries(ready.committed_entries)
+            if ready.soft_state is not None:
+                self._leadership_changed(runtime)
+            for rs in ready.read_states:
+                runtime.read_confirmed(rs.context, rs.index)
+            for context in ready.dropped_reads:
+                runtime.read_dropped(context)
+        if self._dirty and self._flush_call is None and self._running:
+            self._flush_call = self.reactor.callLater(0, self._flush)
+
+    def _write_done(self, _: Any, batch: _Batch) -> None:
+        batch.done = True
+        if not self._running:
+            return
+        try:
+            self._complete_batches()
+            if self._stalled_since is not None:
+                self._watch_disk(self.reactor.seconds())
+        except Exception:  # noqa: BLE001 - the policy: the remaining Readys must not be lost silently
+            self._internal_error("releasing a durable WAL write")
+
+    def _write_failed(self, failure: Failure) -> None:
+        if failure.check(defer.FirstError):
+            failure = failure.value.subFailure
+        self.fail_stop(f"WAL write failed: {failure.getErrorMessage()}", failure)
+
+    def _complete_batches(self) -> None:
+        """Release, in order, what waited for durability: persisted messages, then advance()."""
+        outgoing: dict[str, list[tuple[int, Message]]] = {}
+        batches = self._batches
+        while batches and batches[0].done:
+            batch = batches.popleft()
+            for runtime, ready in batch.readies:
+                for m in ready.persisted_messages:
+                    outgoing.setdefault(m.dst, []).append((runtime.number, m))
+                runtime.core.advance(ready)
+                self.mark_dirty(runtime)
+        self._send(outgoing)
+
+    # ------------------------------------------------------------------ disk stalls
+
+    @property
+    def disk_stalled(self) -> bool:
+        """Whether a WAL write has been outstanding for longer than an election timeout (the node
+        then leads nothing, does not campaign and drops incoming messages until it completes)."""
+        return self._stalled_since is not None
+
+    def _oldest_pending_write(self) -> float | None:
+        """Reactor time the oldest WAL write not yet durable was issued (writes complete in order)."""
+        for batch in self._batches:
+            if not batch.done:
+                return batch.started
+        return None
+
+    def _watch_disk(self, now: float) -> bool:
+        """Whether the WAL is stalled; on finding it so, step down from every partition led."""
+        oldest = self._oldest_pending_write()
+        if oldest is None or now - oldest < self._stall_timeout:
+            if self._stalled_since is not None:
+                self.log.warn(
+                    "node {node}: the stalled WAL write completed after {age:.2f}s; taking part again",
+                    node=self.node_id,
+                    age=now - self._stalled_since,
+                )
+                self._stalled_since = None
+            return False
+        led = [runtime for runtime in self.runtimes if runtime.core.role is Role.LEADER]
+        if self._stalled_since is None:
+            self._stalled_since = oldest
+            self.stats["disk_stalls"] += 1
+            self.log.error(
+                "node {node}: a WAL write is outstanding for {age:.2f}s, longer than the election "
+                "timeout ({timeout:.2f}s): the disk is stalled; stepping down as leader of partitions "
+                "[{led}] and not campaigning until the write completes",
+                node=self.node_id,
+                age=now - oldest,
+                timeout=self._stall_timeout,
+                led=", ".join(str(runtime.number) for runtime in led),
+            )
+        for runtime in led:
+            runtime.core.step_down()
+            self._leadership_changed(runtime)
+            self.mark_dirty(runtime)
+        return True
+
+    # ------------------------------------------------------------------ outputs
+
+    def send_now(self, peer: str, messages: list[tuple[int, Message]]) -> None:
+        """Send runtime messages (snapshot streaming) outside the Ready cycle."""
+        self._send({peer: messages})
+
+    def _send(self, outgoing: dict[str, list[tuple[int, Message]]]) -> None:
+        for peer, messages in outgoing.items():
+            self.stats["messages_sent"] += len(messages)
+            try:
+                self.transport.send(peer, messages)
+            except (KommanderError, ValueError):
+                # The transport refused what we built: that is our bug, not the network's.
+                self.log.failure("transport refused messages for {peer}", peer=peer)
+
+    def _leadership_changed(self, runtime: PartitionRuntime) -> None:
+        previous = runtime.leader
+        runtime.leadership_changed()
+        if runtime.role is Role.LEADER:
+            runtime.receiver.reset()
+        leader = runtime.leader
+        if leader != previous:
+            self.log.info(
+                "partition {p}: leader is now {leader} (term {term})",
+                p=runtime.number,
+                leader=leader or "unknown",
+                term=runtime.core.term,
+            )
+            self.on_leader_changed.fire(runtime.number, leader)
+            if leader is not None:
+                for d in self._leader_waiters.pop(runtime.number, []):
+                    d.callback(leader)
