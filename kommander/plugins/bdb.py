@@ -1,62 +1,29 @@
 """The durable write-ahead log: Berkeley DB, driven by one ordered writer thread.
 
 Berkeley DB calls block (a commit in ``sync`` mode waits for the disk), so none of them runs on
-the reactor thread. Every operation, reads included, goes through one FIFO queue to one writer
-thread that owns the environment; results come back with ``reactor.callFromThread`` in the order
-the operations were called. That single queue is what makes "a read issued after a write sees
-that write" true without any locking.
-
-Group commit: when the writer finds several mutating operations waiting, it applies them in one
-transaction and one log flush, then fires each caller's Deferred in order. The byte layout is
+the reactor thread: :class:`~kommander.plugins.wal_writer.ThreadedWAL` queues every operation,
+reads included, to one writer thread that owns the environment, and merges queued writes into one
+transaction with one log flush (group commit). The byte layout is
 described in :mod:`kommander.plugins.bdb_codec`, the storage logic in
 :mod:`kommander.plugins.bdb_store`, and the whole design in ``docs/wal.rst``.
 """
 
 from __future__ import annotations
 
-import math
-import queue
-import threading
-import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from twisted.internet import defer
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kommander.core.errors import ConfigurationError, KommanderError
-from kommander.core.types import Entry, SnapshotMeta
-from kommander.interfaces import IWAL, WalState, WalWrite
-from kommander.plugins.bdb_store import COMPACT, TRUNCATE, WRITE, BDBStore
-from kommander.plugins.wal_common import WALError
+from kommander.core.errors import ConfigurationError
+from kommander.interfaces import IWAL
+from kommander.plugins.bdb_store import BDBStore
+from kommander.plugins.wal_writer import DURABILITY_MODES, ThreadedWAL, check_durability
 
-#: ``sync``: a write's Deferred fires once its commit is on disk (fsync). ``nosync``: once the
-#: commit is in the operating system's buffers; survives a process crash, not a power failure.
-DURABILITY_MODES = ("sync", "nosync")
-
-_OPEN = "open"
-_CLOSE = "close"
-_CALL = "call"
-_MUTATING = frozenset((WRITE, TRUNCATE, COMPACT))
-
-_log = Logger()
-
-
-class _Operation:
-    """One queued request; ``weight`` (entries written) bounds the size of a merged group."""
-
-    __slots__ = ("kind", "args", "deferred", "weight")
-
-    def __init__(self, kind: str, args: tuple, deferred: defer.Deferred, weight: int = 1) -> None:
-        self.kind = kind
-        self.args = args
-        self.deferred = deferred
-        self.weight = weight
+__all__ = ["DURABILITY_MODES", "BerkeleyDBWAL"]
 
 
 @implementer(IWAL)
-class BerkeleyDBWAL:
+class BerkeleyDBWAL(ThreadedWAL):
     """A durable :class:`~kommander.interfaces.IWAL` in a Berkeley DB transactional environment.
 
     :param path: directory of the environment; created if missing. One process at a time.
@@ -76,6 +43,8 @@ class BerkeleyDBWAL:
     :raises ConfigurationError: for an unknown durability mode or a non-positive number.
     """
 
+    storage_name = "Berkeley DB"
+
     def __init__(
         self,
         path: str,
@@ -89,265 +58,18 @@ class BerkeleyDBWAL:
         max_group_entries: int = 65536,
         max_pending_operations: int = 1024,
     ) -> None:
-        if durability not in DURABILITY_MODES:
-            raise ConfigurationError(
-                f"durability {durability!r}: use 'sync' (survives power failure) or "
-                "'nosync' (survives a process crash only)"
-            )
-        interval_ok = isinstance(checkpoint_interval, (int, float)) and math.isfinite(checkpoint_interval)
-        if not interval_ok or checkpoint_interval <= 0:
-            raise ConfigurationError(f"checkpoint_interval {checkpoint_interval!r}: use a positive number of seconds")
-        for name, value, low in (
-            ("cache_bytes", cache_bytes, 1 << 20),
-            ("log_file_bytes", log_file_bytes, 64 * 1024),
-            ("max_group_operations", max_group_operations, 1),
-            ("max_group_entries", max_group_entries, 1),
-            ("max_pending_operations", max_pending_operations, 1),
-        ):
+        check_durability(durability)
+        for name, value, low in (("cache_bytes", cache_bytes, 1 << 20), ("log_file_bytes", log_file_bytes, 64 * 1024)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigurationError(f"{name} {value!r}: use an integer of at least {low}")
-        self.path = path
-        self.durability = durability
-        self.checkpoint_interval = float(checkpoint_interval)
-        self._reactor = reactor
-        self._max_group_operations = max_group_operations
-        self._max_group_entries = max_group_entries
-        self._max_pending = max_pending_operations
-        #: Operations submitted whose Deferred has not fired yet (reactor thread only).
-        self._pending = 0
-        #: The blocking storage; touched only by the writer thread while the log is open.
-        self.store = BDBStore(path, durability, cache_bytes, log_file_bytes)
-        self._checkpoint_kbytes = log_file_bytes // 1024
-        self._queue: queue.SimpleQueue[_Operation] | None = None
-        self._thread: threading.Thread | None = None
-        self._state = "closed"  # -> "open" -> "closing" -> "closed"
-        self._close_waiters: list[defer.Deferred[None]] = []
-        self._shutdown_trigger: Any = None
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def open(self, partitions: int) -> defer.Deferred[None]:
-        """Open or create the environment for ``partitions`` partitions, recovering after a crash.
-
-        :returns: a Deferred firing once the log is usable, or failing with :class:`WALError` when
-            it is open already, another process holds the directory, or Berkeley DB fails.
-        """
-        if self._state != "closed":
-            return defer.fail(WALError(f"the log in {self.path} is already open"))
-        self._queue = queue.SimpleQueue()
-        self._state = "open"
-        self._thread = threading.Thread(
-            target=self._run, args=(self._queue,), name=f"kommander-wal-writer:{self.path}", daemon=True
+        super().__init__(
+            path,
+            reactor,
+            BDBStore(path, durability, cache_bytes, log_file_bytes),
+            durability,
+            checkpoint_interval,
+            checkpoint_kbytes=log_file_bytes // 1024,
+            max_group_operations=max_group_operations,
+            max_group_entries=max_group_entries,
+            max_pending_operations=max_pending_operations,
         )
-        self._thread.start()
-        self._shutdown_trigger = self._reactor.addSystemEventTrigger("before", "shutdown", self._close_at_shutdown)
-        return self._submit(_OPEN, (partitions,)).addErrback(self._open_failed)
-
-    def close(self) -> defer.Deferred[None]:
-        """Finish every queued operation, checkpoint, close the environment. Idempotent.
-
-        Operations called after ``close()`` fail with :class:`WALError`.
-
-        :returns: a Deferred firing once everything is released.
-        """
-        if self._state == "closed":
-            return defer.succeed(None)
-        if self._state == "closing":
-            waiter: defer.Deferred[None] = defer.Deferred()
-            self._close_waiters.append(waiter)
-            return waiter
-        self._state = "closing"
-        if self._shutdown_trigger is not None:
-            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
-            self._shutdown_trigger = None
-        deferred: defer.Deferred[None] = defer.Deferred()
-        self._queue.put(_Operation(_CLOSE, (), deferred))
-        return deferred.addBoth(self._closed)
-
-    # ------------------------------------------------------------------ IWAL
-
-    def load(self, partition: int) -> defer.Deferred[WalState]:
-        """Read back what is stored for ``partition``.
-
-        :returns: a Deferred with the partition's hard state, checkpoint and entries.
-        """
-        return self._submit("load", (partition,))
-
-    def read(self, partition: int, low: int, high: int) -> defer.Deferred[tuple[Entry, ...]]:
-        """Entries with ``low <= index <= high`` (fewer if the log ends sooner).
-
-        :returns: a Deferred with the entries; failing with
-            :class:`~kommander.errors.CompactedError` when ``low`` is at or below the checkpoint.
-        """
-        return self._submit("read", (partition, low, high))
-
-    def last_index_and_term(self, partition: int) -> defer.Deferred[tuple[int, int]]:
-        """The last stored ``(index, term)``.
-
-        :returns: a Deferred with it; the checkpoint's when no entry follows it, else ``(0, 0)``.
-        """
-        return self._submit("last_index_and_term", (partition,))
-
-    def write(self, batch: Sequence[WalWrite]) -> defer.Deferred[None]:
-        """Apply ``batch`` in one transaction with one log flush (possibly shared with other writes).
-
-        :returns: a Deferred firing once the batch is durable (see :attr:`durability`); failing with
-            a :class:`~kommander.errors.KommanderError` (nothing of the batch stored) when the batch
-            breaks the contract or Berkeley DB fails.
-        """
-        try:
-            # A snapshot: the caller may reuse its list while the writer thread works on it.
-            batch = tuple(batch)
-            weight = sum(len(item.entries) for item in batch) or 1
-        except Exception:
-            weight = 1  # malformed; the writer refuses it with a proper error
-        return self._submit(WRITE, (batch,), weight)
-
-    def truncate_suffix(self, partition: int, from_index: int) -> defer.Deferred[None]:
-        """Remove every entry with ``index >= from_index``, transactionally.
-
-        :returns: a Deferred firing once durable; failing with
-            :class:`~kommander.errors.CompactedError` at or below the checkpoint.
-        """
-        return self._submit(TRUNCATE, (partition, from_index))
-
-    def compact(self, partition: int, checkpoint: SnapshotMeta) -> defer.Deferred[None]:
-        """Record ``checkpoint`` and remove the entries it covers, transactionally.
-
-        :returns: a Deferred firing once durable.
-        """
-        return self._submit(COMPACT, (partition, checkpoint))
-
-    # ------------------------------------------------------------------ reactor side
-
-    def _run_in_writer(self, function: Callable[[BDBStore], Any]) -> defer.Deferred[Any]:
-        """Run ``function(store)`` on the writer thread, in queue order (tests and benchmarks)."""
-        return self._submit(_CALL, (function,))
-
-    @property
-    def pending_operations(self) -> int:
-        """Operations submitted and not finished yet: the length of the writer's queue, plus the
-        group it is performing."""
-        return self._pending
-
-    def _submit(self, kind: str, args: tuple, weight: int = 1) -> defer.Deferred[Any]:
-        if self._state != "open":
-            return defer.fail(WALError(f"the log in {self.path} is not open"))
-        if self._pending >= self._max_pending:
-            return defer.fail(
-                WALError(
-                    f"the writer queue of {self.path} is full ({self._pending} operations waiting): "
-                    "the disk is not keeping up"
-                )
-            )
-        deferred: defer.Deferred[Any] = defer.Deferred()
-        self._pending += 1
-        deferred.addBoth(self._finished)
-        self._queue.put(_Operation(kind, args, deferred, weight))
-        return deferred
-
-    def _finished(self, result: Any) -> Any:
-        self._pending -= 1
-        return result
-
-    def _open_failed(self, failure: Failure) -> Failure:
-        # The writer thread has exited; fail whatever was queued behind the open, in order.
-        self._state = "closed"
-        if self._shutdown_trigger is not None:
-            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
-            self._shutdown_trigger = None
-        while True:
-            try:
-                operation = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            operation.deferred.errback(WALError(f"the log in {self.path} failed to open", cause=failure.value))
-        return failure
-
-    def _closed(self, result: Any) -> Any:
-        self._state = "closed"
-        waiters, self._close_waiters = self._close_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-        return result
-
-    def _close_at_shutdown(self) -> defer.Deferred[None]:
-        self._shutdown_trigger = None  # firing now; removing it during shutdown would warn
-        return self.close()
-
-    @staticmethod
-    def _fire(outcomes: list[tuple[defer.Deferred, bool, Any]]) -> None:
-        for deferred, ok, value in outcomes:
-            if ok:
-                deferred.callback(value)
-            else:
-                deferred.errback(Failure(value))
-
-    # ------------------------------------------------------------------ writer thread
-
-    def _deliver(self, outcomes: list[tuple[defer.Deferred, bool, Any]]) -> None:
-        # One hop to the reactor per group keeps the callbacks in order and the wake-ups few.
-        self._reactor.callFromThread(self._fire, outcomes)
-
-    def _run(self, operations: queue.SimpleQueue[_Operation]) -> None:
-        store = self.store
-        carried: _Operation | None = None
-        next_checkpoint = time.monotonic() + self.checkpoint_interval
-        while True:
-            operation, carried = carried, None
-            if operation is None:
-                try:
-                    operation = operations.get(timeout=max(0.0, next_checkpoint - time.monotonic()))
-                except queue.Empty:
-                    pass
-            if operation is None or time.monotonic() >= next_checkpoint:
-                self._checkpoint(store, 0)
-                next_checkpoint = time.monotonic() + self.checkpoint_interval
-                if operation is None:
-                    continue
-            if operation.kind in _MUTATING:
-                group, weight = [operation], operation.weight
-                while len(group) < self._max_group_operations and weight < self._max_group_entries:
-                    try:
-                        following = operations.get_nowait()
-                    except queue.Empty:
-                        break
-                    if following.kind not in _MUTATING:
-                        carried = following  # a read waits until the group before it commits
-                        break
-                    group.append(following)
-                    weight += following.weight
-                try:
-                    results = store.apply([(op.kind, op.args) for op in group])
-                except Exception as exc:  # apply reports failures itself; this only guards the thread
-                    results = [WALError(f"write failed: {exc}", cause=exc)] * len(group)
-                self._deliver([(op.deferred, error is None, error) for op, error in zip(group, results)])
-                # Bound the log files under heavy writing too, not only every checkpoint_interval.
-                self._checkpoint(store, self._checkpoint_kbytes)
-                continue
-            ok, value = self._perform(store, operation)
-            self._deliver([(operation.deferred, ok, value)])
-            if operation.kind == _CLOSE or (operation.kind == _OPEN and not ok):
-                return
-
-    def _perform(self, store: BDBStore, operation: _Operation) -> tuple[bool, Any]:
-        try:
-            if operation.kind == _CALL:
-                return True, operation.args[0](store)
-            if operation.kind == _OPEN:
-                return True, store.open(*operation.args)
-            if operation.kind == _CLOSE:
-                return True, store.close()
-            return True, getattr(store, operation.kind)(*operation.args)
-        except KommanderError as exc:
-            return False, exc
-        except Exception as exc:
-            return False, WALError(f"{operation.kind} failed: {exc}", cause=exc)
-
-    def _checkpoint(self, store: BDBStore, kbytes: int) -> None:
-        try:
-            store.checkpoint_log(kbytes)
-        except Exception as exc:
-            self._reactor.callFromThread(
-                _log.error, "Berkeley DB checkpoint of {path} failed: {error!r}", path=self.path, error=exc
-            )

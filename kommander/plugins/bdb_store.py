@@ -35,14 +35,12 @@ from kommander.plugins.wal_common import (
     check_truncate,
     term_before,
 )
+from kommander.plugins.wal_writer import COMPACT, TRUNCATE, WRITE
 
 DATA_FILE = "wal.db"
 LOCK_FILE = "kommander-wal.lock"
 
-# Operation kinds of :meth:`BDBStore.apply`.
-WRITE = "write"
-TRUNCATE = "truncate_suffix"
-COMPACT = "compact"
+# Operation kinds of :meth:`BDBStore.apply` are the writer thread's: WRITE, TRUNCATE, COMPACT.
 
 _ENV_FLAGS = (
     db.DB_CREATE | db.DB_INIT_TXN | db.DB_INIT_LOG | db.DB_INIT_LOCK | db.DB_INIT_MPOOL | db.DB_RECOVER

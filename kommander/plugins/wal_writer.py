@@ -34,7 +34,7 @@ from kommander.plugins.wal_common import WALError
 DURABILITY_MODES = ("sync", "nosync")
 
 WRITE = "write"
-TRUNCATE = "truncate"
+TRUNCATE = "truncate_suffix"
 COMPACT = "compact"
 _OPEN = "open"
 _CLOSE = "close"
@@ -82,6 +82,10 @@ class ThreadedWAL:
     :param checkpoint_kbytes: passed to ``store.checkpoint_log`` after every group commit.
     :param max_group_operations: at most this many queued operations share one transaction.
     :param max_group_entries: a group stops growing once it writes this many entries.
+    :param max_pending_operations: at most this many operations wait for the writer thread (or
+        are being performed); one more fails at once with :class:`WALError` instead of queueing
+        without bound behind a disk that stopped answering. The runtime keeps far fewer in flight
+        (see ``RaftManager.max_pending_batches``), so reaching it means a caller lost its bound.
     :raises ConfigurationError: for an unknown durability mode or a non-positive number.
     """
 
@@ -99,12 +103,17 @@ class ThreadedWAL:
         checkpoint_kbytes: int = 0,
         max_group_operations: int = 256,
         max_group_entries: int = 65536,
+        max_pending_operations: int = 1024,
     ) -> None:
         check_durability(durability)
         interval_ok = isinstance(checkpoint_interval, (int, float)) and math.isfinite(checkpoint_interval)
         if not interval_ok or checkpoint_interval <= 0:
             raise ConfigurationError(f"checkpoint_interval {checkpoint_interval!r}: use a positive number of seconds")
-        for name, value in (("max_group_operations", max_group_operations), ("max_group_entries", max_group_entries)):
+        for name, value in (
+            ("max_group_operations", max_group_operations),
+            ("max_group_entries", max_group_entries),
+            ("max_pending_operations", max_pending_operations),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(f"{name} {value!r}: use an integer of at least 1")
         self.path = path
@@ -113,6 +122,9 @@ class ThreadedWAL:
         self._reactor = reactor
         self._max_group_operations = max_group_operations
         self._max_group_entries = max_group_entries
+        self._max_pending = max_pending_operations
+        #: Operations submitted whose Deferred has not fired yet (reactor thread only).
+        self._pending = 0
         #: The blocking storage; touched only by the writer thread while the log is open.
         self.store = store
         self._checkpoint_kbytes = checkpoint_kbytes
@@ -222,12 +234,31 @@ class ThreadedWAL:
         """Run ``function(store)`` on the writer thread, in queue order (tests and benchmarks)."""
         return self._submit(_CALL, (function,))
 
+    @property
+    def pending_operations(self) -> int:
+        """Operations submitted and not finished yet: the length of the writer's queue, plus the
+        group it is performing."""
+        return self._pending
+
     def _submit(self, kind: str, args: tuple, weight: int = 1) -> defer.Deferred[Any]:
         if self._state != "open":
             return defer.fail(WALError(f"the log in {self.path} is not open"))
+        if self._pending >= self._max_pending:
+            return defer.fail(
+                WALError(
+                    f"the writer queue of {self.path} is full ({self._pending} operations waiting): "
+                    "the disk is not keeping up"
+                )
+            )
         deferred: defer.Deferred[Any] = defer.Deferred()
+        self._pending += 1
+        deferred.addBoth(self._finished)
         self._queue.put(_Operation(kind, args, deferred, weight))
         return deferred
+
+    def _finished(self, result: Any) -> Any:
+        self._pending -= 1
+        return result
 
     def _open_failed(self, failure: Failure) -> Failure:
         # The writer thread has exited; fail whatever was queued behind the open, in order.
