@@ -183,3 +183,18 @@ def test_a_node_that_can_never_checkpoint_says_its_log_stays_in_memory() -> None
         quiet.start_all()
     assert not [e for e in events if "whole log in memory" in e.get("log_format", "")]
     quiet.close()
+
+
+@pytest.mark.parametrize("value, entries, size", [("0", 0, 0), ("500", 500, 64 * 1024 * 1024)])
+def test_checkpoint_every_on_the_command_line(value: str, entries: int, size: int) -> None:
+    """twistd's --checkpoint-every 0 turns automatic checkpoints off, the size trigger included; another value
+    keeps the library's size trigger."""
+    from kommander.entry import tap
+
+    options = tap.Options()
+    options.parseOptions(
+        ["--node-id", "n1", "--listen", "tcp:7001:interface=127.0.0.1", "--peers", "n2=tcp:host=127.0.0.1:port=7002"]
+        + ["--wal", "memory", "--transport", "memory", "--checkpoint-every", value]
+    )
+    assert options.config is not None
+    assert (options.config.checkpoint_every, options.config.checkpoint_every_bytes) == (entries, size)
