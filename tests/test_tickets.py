@@ -153,6 +153,7 @@ def test_an_undecided_ticket_expires_through_the_log_on_every_node() -> None:
     for node in cluster.running():
         assert log_kinds(node, 0, EntryKind.ROLLBACK) == [ticket]
         assert node.m.runtimes[0].tickets.entries == 0
+    assert len(m.runtimes[0].book) == 0
     for decide in (m.commit_logs, m.rollback_logs):
         late = cluster.result(decide(0, ticket))
         assert late.status is Status.EXPIRED and not late.success, late
@@ -169,7 +170,9 @@ def test_a_ticket_decided_in_time_does_not_expire() -> None:
     cluster = Cluster(3, 1, seed=25, ticket_timeout=1.0, operation_timeout=1.0).start_all()
     leader = cluster.wait_for_leaders()[0]
     ticket = propose(cluster, 0, [b"kept"]).ticket_id
+    assert ticket in leader.m.runtimes[0].book
     assert cluster.wait(leader.m.commit_logs(0, ticket)).success
+    assert len(leader.m.runtimes[0].book) == 0  # the applied marker took it out of the book
     cluster.advance(3.0)
     cluster.wait_caught_up()
     for node in cluster.running():
@@ -282,6 +285,11 @@ def test_held_tickets_count_their_entries_exactly() -> None:
     assert held.release(5) is None and held.entries == 1
     assert HeldTickets(dict(held)).entries == 1
     assert held.release_all() == [9] and held.entries == 0 and held == {}
+    held.hold(Entry(11, 1, EntryKind.PROPOSED, "t", b"", 0, 11))
+    assert held.pop(11) and held.entries == 0 and held.pop(11, None) is None
+    held.hold(Entry(12, 1, EntryKind.PROPOSED, "t", b"", 0, 12))
+    held.clear()
+    assert held.entries == 0
 
 
 def test_ticket_book_states_follow_the_applied_index_and_decisions() -> None:

@@ -19,6 +19,7 @@ change.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 from kommander.core.types import Entry
 
@@ -31,8 +32,9 @@ class HeldTickets(dict[int, list[Entry]]):
     """Undecided tickets on one node (every node holds the same): ticket -> held entries.
 
     A dict, so snapshots encode it as before; :attr:`entries` counts the held entries, which the
-    proposal bound includes (they are in memory until decided). Change it only through
-    :meth:`hold`, :meth:`release` and :meth:`release_all`, which keep the count exact.
+    proposal bound includes (they are in memory until decided). Add entries only through
+    :meth:`hold`; removing keeps the count exact however it is done (``pop``, ``clear`` or the
+    methods here).
     """
 
     def __init__(self, tickets: dict[int, list[Entry]] | None = None) -> None:
@@ -46,17 +48,24 @@ class HeldTickets(dict[int, list[Entry]]):
 
     def release(self, ticket: int) -> list[Entry] | None:
         """Forget ``ticket``; returns its held entries, or ``None`` when it was not held."""
-        held = self.pop(ticket, None)
-        if held is not None:
-            self.entries -= len(held)
-        return held
+        return self.pop(ticket, None)
 
     def release_all(self) -> list[int]:
         """Forget every ticket; returns the tickets forgotten, in order."""
         tickets = sorted(self)
         self.clear()
-        self.entries = 0
         return tickets
+
+    def pop(self, ticket: int, *default: Any) -> Any:
+        if ticket in self:
+            held = super().pop(ticket)
+            self.entries -= len(held)
+            return held
+        return super().pop(ticket, *default)
+
+    def clear(self) -> None:
+        super().clear()
+        self.entries = 0
 
 
 class _Ticket:
