@@ -67,8 +67,12 @@ def test_entries_held_by_undecided_tickets_count_towards_the_proposal_bound() ->
     m = leader.m
     proposed = cluster.write(0, [b"h%d" % i for i in range(6)], auto_commit=False)
     assert proposed.success
-    refused = m.replicate_logs(0, "t", [b"a", b"b", b"c"])
-    assert refused.called and cluster.result(refused).status is Status.QUEUE_FULL
+    with capturedLogs() as events:
+        refused = m.replicate_logs(0, "t", [b"a", b"b", b"c"])
+        again = m.replicate_logs(0, "t", [b"a", b"b", b"c"])
+    for d in (refused, again):
+        assert d.called and cluster.result(d).status is Status.QUEUE_FULL
+    assert sum("max_queued_proposals" in e.get("log_format", "") for e in events) == 1
     assert m.runtimes[0].tickets.entries == 6 and m.runtimes[0].pending_entries() == 6
     assert cluster.wait(m.commit_logs(0, proposed.ticket_id)).success
     assert m.runtimes[0].tickets.entries == 0

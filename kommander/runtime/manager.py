@@ -405,23 +405,31 @@ class RaftManager:
         state = book.state(ticket, runtime.applied)
         if state is not None and state != "expired" and not self._leads_term(runtime, book.term(ticket)):
             state = None  # pragma: no cover - the book is cleared on every leadership change
+        if state == "pending":
+            return self._write_decision(runtime, ticket, kind, expiring=False)
         if state == "expired":
-            return defer.succeed(
-                ReplicationResult.failed(
-                    Status.EXPIRED,
-                    f"ticket {ticket} was not decided within ticket_timeout "
-                    f"({self.config.ticket_timeout}s) and was rolled back on every node",
-                )
+            status = Status.EXPIRED
+            why = (
+                f"ticket {ticket} was not decided within ticket_timeout ({self.config.ticket_timeout}s) "
+                "and was rolled back on every node"
             )
-        if state != "pending":
+        else:
+            status = Status.REFUSED
             why = {
                 None: "unknown ticket: never proposed by this leader, already decided, or rolled back by "
                 "a leader change (applied entries cannot be rolled back)",
                 "replicating": "the ticket's entries are still being replicated",
                 "deciding": "a decision for this ticket is already being written",
             }[state]
-            return defer.succeed(ReplicationResult.failed(Status.REFUSED, why))
-        return self._write_decision(runtime, ticket, kind, expiring=False)
+        self.log.info(
+            "partition {p}: {decision} of ticket {ticket} {status}: {why}",
+            p=partition,
+            decision=kind.name.lower(),
+            ticket=ticket,
+            status=status.value,
+            why=why,
+        )
+        return defer.succeed(ReplicationResult.failed(status, why))
 
     def _write_decision(self, runtime: PartitionRuntime, ticket: int, kind: EntryKind, expiring: bool) -> Any:
         runtime.book.begin(ticket, expiring)

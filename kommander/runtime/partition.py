@@ -85,6 +85,8 @@ class PartitionRuntime:
         self.abandoned_reads: set[int] = set()
         #: Whether the last read_index was refused for a full read queue (logged once per episode).
         self.reads_full = False
+        #: Likewise for proposals and QUEUE_FULL.
+        self.queue_full = False
         self.applied = core.log.applied
         #: Entries committed but not yet applied (apply may be asynchronous).
         self.apply_queue: deque[Entry] = deque()
@@ -138,7 +140,17 @@ class PartitionRuntime:
         # Everything on its way to the state machine counts, including entries whose caller
         # timed out (they are still in the log): memory is bounded by this, not by the byte limit.
         if bounded and self.pending_entries() + len(request.proposals) > self.host.config.max_queued_proposals:
+            if not self.queue_full:
+                self.queue_full = True
+                _log.warn(
+                    "partition {p}: {n} entries on their way to the state machine (max_queued_proposals "
+                    "{limit}); answering QUEUE_FULL until some are applied",
+                    p=self.number,
+                    n=self.pending_entries(),
+                    limit=self.host.config.max_queued_proposals,
+                )
             return ReplicationResult.failed(Status.QUEUE_FULL, f"partition {self.number}: proposal queue full")
+        self.queue_full = False
         self.queue.append(request)
         self.queued_entries += len(request.proposals)
         return None
