@@ -202,3 +202,31 @@ def test_checkpoint_every_on_the_command_line(value: str, entries: int, size: in
     )
     assert options.config is not None
     assert (options.config.checkpoint_every, options.config.checkpoint_every_bytes) == (entries, size)
+
+
+def test_checkpoints_into_the_default_in_memory_store_are_warned_about() -> None:
+    """A manager built without a snapshot_store, whose state machine can snapshot, says at start-up that its
+    checkpoints stay in memory and a durable WAL needs a SnapshotStore(directory)."""
+    from kommander.plugins.memory_transport import MemoryNetwork, MemoryTransport
+    from kommander.plugins.memory_wal import MemoryWAL
+    from kommander.plugins.static import StaticDiscovery
+    from kommander.runtime.manager import RaftManager
+    from twisted.internet import task
+
+    clock = task.Clock()
+    manager = RaftManager(
+        RaftConfiguration(node_id="n1"),
+        discovery=StaticDiscovery({"n1": "memory"}),
+        wal=MemoryWAL(),
+        transport=MemoryTransport(MemoryNetwork(clock), "n1"),
+        state_machine=ListStateMachine("n1"),
+        reactor=clock,
+    )
+    with capturedLogs() as events:
+        joined = manager.join_cluster()
+        clock.advance(0)
+    assert joined.called
+    assert [e for e in events if "SnapshotStore(directory)" in e.get("log_format", "")]
+    left = manager.leave_cluster()
+    clock.advance(1)
+    assert left.called

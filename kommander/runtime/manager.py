@@ -82,7 +82,8 @@ class RaftManager:
     :param rng: randomness for election timeouts; seed it for reproducible tests.
     :param metadata: advertised to peers in the transport handshake (e.g. this node's HTTP URL).
     :param snapshot_store: where checkpoints are kept; in memory if omitted (then they do not
-        survive the process: use a directory with a durable WAL).
+        survive the process: use a directory with a durable WAL, since checkpoints are on by
+        default and compact the WAL; the node warns at start-up).
     """
 
     log = Logger()
@@ -119,6 +120,7 @@ class RaftManager:
         self.rng = rng or random.Random()
         self.applier = Applier(self)
         self.snapshot_store = snapshot_store or SnapshotStore(None, reactor)
+        self._default_store = snapshot_store is None
         self.checkpointer = Checkpointer(self)
         low, high = config.election_ticks()
         self.transfers = TransferTracker(
@@ -229,8 +231,16 @@ class RaftManager:
 
     def _warn_unbounded_log(self) -> None:
         """The core keeps every entry since the last checkpoint in memory: say so when nothing
-        will ever checkpoint automatically."""
+        will ever checkpoint automatically, or when checkpoints go to the default in-memory store
+        (a checkpoint compacts the WAL; with a durable WAL the next start has no snapshot)."""
         config = self.config
+        if self._default_store and self.checkpointer.can_snapshot():
+            self.log.warn(
+                "node {node}: no snapshot_store given, so checkpoints are kept in memory only; with a "
+                "durable WAL, pass SnapshotStore(directory): a checkpoint compacts the WAL, and a "
+                "restart would find no snapshot to rebuild from",
+                node=self.node_id,
+            )
         if not self.checkpointer.can_snapshot():
             why = "the state machine cannot snapshot"
         elif not (config.checkpoint_every or config.checkpoint_every_bytes):
