@@ -199,6 +199,31 @@ def test_a_commit_being_written_at_the_deadline_is_not_rolled_back() -> None:
     cluster.close()
 
 
+def test_an_expiry_rollback_that_could_not_be_written_is_tried_again() -> None:
+    """When the deadline passes while a leadership transfer holds proposals back, the expiry's rollback times
+    out unwritten; the leader tries again and, once the transfer is abandoned, writes exactly one rollback."""
+    cluster = Cluster(3, 1, seed=29, ticket_timeout=1.0, operation_timeout=0.2).start_all()
+    leader = cluster.wait_for_leaders()[0]
+    m = leader.m
+    ticket = propose(cluster, 0, [b"w"]).ticket_id
+    target = next(i for i in cluster.ids if i != leader.node_id)
+    cluster.network.block(leader.node_id, target, both_ways=True)
+    cluster.advance(0.9)
+    m.transfer_leadership(0, target)
+    cluster.advance(0.35)  # past the deadline and the rollback's operation_timeout; the transfer goes on
+    assert m.runtimes[0].core.lead_transferee == target
+    assert log_kinds(leader, 0, EntryKind.ROLLBACK) == [] and ticket in m.runtimes[0].tickets
+    assert m.runtimes[0].book.state(ticket, m.runtimes[0].applied) in ("expired", "pending")
+    cluster.run_until(lambda: log_kinds(leader, 0, EntryKind.ROLLBACK) == [ticket], 5)
+    cluster.network.heal()
+    cluster.run_until(lambda: all(not n.m.runtimes[0].tickets for n in cluster.running()), 5)
+    cluster.advance(1.0)
+    for node in cluster.running():
+        assert log_kinds(node, 0, EntryKind.ROLLBACK) == [ticket]
+    never_applied(cluster, 0, [b"w"])
+    cluster.close()
+
+
 def test_ticket_timeout_must_cover_the_operation_timeout() -> None:
     """A ticket_timeout shorter than operation_timeout is a configuration error naming both."""
     from kommander.core.errors import ConfigurationError
