@@ -139,7 +139,9 @@ def test_an_undecided_ticket_expires_through_the_log_on_every_node() -> None:
     """A ticket left undecided past ticket_timeout is rolled back by a ROLLBACK entry the leader writes: every
     node forgets it (memory and later snapshots), none applies it, and commit_logs / rollback_logs then answer
     EXPIRED."""
-    cluster = Cluster(3, 1, seed=24, state_machine=RecordingStateMachine, ticket_timeout=2.0, operation_timeout=1.0).start_all()
+    cluster = Cluster(
+        3, 1, seed=24, state_machine=RecordingStateMachine, ticket_timeout=2.0, operation_timeout=1.0
+    ).start_all()
     leader = cluster.wait_for_leaders()[0]
     m = leader.m
     with capturedLogs() as events:

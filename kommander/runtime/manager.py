@@ -513,7 +513,9 @@ class RaftManager:
                     p=partition,
                     limit=limit,
                 )
-            return defer.fail(QueueFull(f"partition {partition}: {limit} reads pending (max_pending_reads); retry later"))
+            return defer.fail(
+                QueueFull(f"partition {partition}: {limit} reads pending (max_pending_reads); retry later")
+            )
         runtime.reads_full = False
         self._next_context += 1
         context = self._next_context
