@@ -153,6 +153,31 @@ class RaftConfiguration:
             raise ConfigurationError("invalid configuration: " + "; ".join(problems))
         return self
 
+    def checkpoint_warnings(self, can_snapshot: bool, default_store: bool) -> list[str]:
+        """What an operator should hear at start-up about checkpoints, which bound memory: the
+        core keeps every entry since the last checkpoint.
+
+        :param can_snapshot: whether the state machine has ``snapshot``.
+        :param default_store: whether the snapshots go to the manager's default in-memory store.
+        """
+        warnings = []
+        if can_snapshot and default_store:
+            warnings.append(
+                "no snapshot_store given, so checkpoints are kept in memory only; with a durable WAL, "
+                "pass SnapshotStore(directory): a checkpoint compacts the WAL, and a restart would find "
+                "no snapshot to rebuild from"
+            )
+        if not can_snapshot:
+            why = "the state machine cannot snapshot"
+        elif not (self.checkpoint_every or self.checkpoint_every_bytes):
+            why = "checkpoint_every and checkpoint_every_bytes are 0 (only replicate_checkpoint takes one)"
+        else:
+            return warnings
+        warnings.append(
+            f"{why}: every partition keeps its whole log in memory and in the WAL, and replays all of it at start-up"
+        )
+        return warnings
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet import defer
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 
 from kommander.config import RaftConfiguration
 from kommander.core.errors import KommanderError, QueueFull
@@ -179,13 +179,13 @@ def test_a_node_that_can_never_checkpoint_says_its_log_stays_in_memory() -> None
         cluster = Cluster(1, partitions=1, seed=36, state_machine=machine, **extra)
         with capturedLogs() as events:
             cluster.start_all()
-        lines = [e for e in events if "whole log in memory" in e.get("log_format", "")]
-        assert len(lines) == 1 and why in lines[0]["why"], lines
+        lines = [formatEvent(e) for e in events if "whole log in memory" in formatEvent(e)]
+        assert len(lines) == 1 and why in lines[0], lines
         cluster.close()
     quiet = Cluster(1, partitions=1, seed=37, state_machine=ListStateMachine)
     with capturedLogs() as events:
         quiet.start_all()
-    assert not [e for e in events if "whole log in memory" in e.get("log_format", "")]
+    assert not [e for e in events if "whole log in memory" in formatEvent(e)]
     quiet.close()
 
 
@@ -226,7 +226,7 @@ def test_checkpoints_into_the_default_in_memory_store_are_warned_about() -> None
         joined = manager.join_cluster()
         clock.advance(0)
     assert joined.called
-    assert [e for e in events if "SnapshotStore(directory)" in e.get("log_format", "")]
+    assert [e for e in events if "SnapshotStore(directory)" in formatEvent(e)]
     left = manager.leave_cluster()
     clock.advance(1)
     assert left.called

@@ -50,6 +50,7 @@ from kommander.interfaces import (
 from kommander.runtime.partition import PartitionRuntime, Request
 from kommander.results import Event, RaftOperationStatus, ReplicationResult, partition_for_key
 from kommander.runtime.snapshots import SnapshotStore
+from kommander.runtime.tickets import refusal
 from kommander.runtime.transfer import TransferTracker
 
 Status = RaftOperationStatus
@@ -230,29 +231,8 @@ class RaftManager:
         yield self._restored
 
     def _warn_unbounded_log(self) -> None:
-        """The core keeps every entry since the last checkpoint in memory: say so when nothing
-        will ever checkpoint automatically, or when checkpoints go to the default in-memory store
-        (a checkpoint compacts the WAL; with a durable WAL the next start has no snapshot)."""
-        config = self.config
-        if self._default_store and self.checkpointer.can_snapshot():
-            self.log.warn(
-                "node {node}: no snapshot_store given, so checkpoints are kept in memory only; with a "
-                "durable WAL, pass SnapshotStore(directory): a checkpoint compacts the WAL, and a "
-                "restart would find no snapshot to rebuild from",
-                node=self.node_id,
-            )
-        if not self.checkpointer.can_snapshot():
-            why = "the state machine cannot snapshot"
-        elif not (config.checkpoint_every or config.checkpoint_every_bytes):
-            why = "checkpoint_every and checkpoint_every_bytes are 0 (only replicate_checkpoint takes one)"
-        else:
-            return
-        self.log.warn(
-            "node {node}: {why}: every partition keeps its whole log in memory and in the WAL, "
-            "and replays all of it at start-up",
-            node=self.node_id,
-            why=why,
-        )
+        for warning in self.config.checkpoint_warnings(self.checkpointer.can_snapshot(), self._default_store):
+            self.log.warn("node {node}: {warning}", node=self.node_id, warning=warning)
 
     @defer.inlineCallbacks
     def leave_cluster(self) -> Any:
@@ -417,20 +397,7 @@ class RaftManager:
             state = None  # pragma: no cover - the book is cleared on every leadership change
         if state == "pending":
             return self._write_decision(runtime, ticket, kind, expiring=False)
-        if state == "expired":
-            status = Status.EXPIRED
-            why = (
-                f"ticket {ticket} was not decided within ticket_timeout ({self.config.ticket_timeout}s) "
-                "and was rolled back on every node"
-            )
-        else:
-            status = Status.REFUSED
-            why = {
-                None: "unknown ticket: never proposed by this leader, already decided, or rolled back by "
-                "a leader change (applied entries cannot be rolled back)",
-                "replicating": "the ticket's entries are still being replicated",
-                "deciding": "a decision for this ticket is already being written",
-            }[state]
+        status, why = refusal(state, ticket, self.config.ticket_timeout)
         self.log.info(
             "partition {p}: {decision} of ticket {ticket} {status}: {why}",
             p=partition,

@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import Any
 
 from kommander.core.types import Entry
+from kommander.results import RaftOperationStatus
 
 #: How many expired tickets a leader remembers, to answer a late decision with EXPIRED rather
 #: than "unknown ticket". Older ones are forgotten (the answer becomes "unknown").
@@ -154,3 +155,19 @@ class TicketBook:
         """Leadership changed: none of these tickets can be decided any more."""
         self._live.clear()
         self._expired.clear()
+
+
+def refusal(state: str | None, ticket: int, ticket_timeout: float) -> tuple[RaftOperationStatus, str]:
+    """The status and reason for a decision asked for a ticket in ``state`` (anything but
+    ``"pending"``, which is decidable)."""
+    if state == "expired":
+        return RaftOperationStatus.EXPIRED, (
+            f"ticket {ticket} was not decided within ticket_timeout ({ticket_timeout}s) and was rolled back on every node"
+        )
+    why = {
+        None: "unknown ticket: never proposed by this leader, already decided, or rolled back by a leader change "
+        "(applied entries cannot be rolled back)",
+        "replicating": "the ticket's entries are still being replicated",
+        "deciding": "a decision for this ticket is already being written",
+    }[state]
+    return RaftOperationStatus.REFUSED, why
