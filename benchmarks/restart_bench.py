@@ -82,7 +82,7 @@ class Node:
 
     def __init__(self, reactor: Any, path: str, keys: int) -> None:
         self.reactor = reactor
-        config = RaftConfiguration(node_id="n1", max_partitions=1, checkpoint_every=0)
+        config = RaftConfiguration(node_id="n1", max_partitions=1, checkpoint_every=0, checkpoint_every_bytes=0)
         self.machine = KVStateMachine(SimpleNamespace(config=config))  # type: ignore[arg-type]
         self.manager = RaftManager(
             config,

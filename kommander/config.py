@@ -51,18 +51,30 @@ class RaftConfiguration:
     #: Per follower, at most this many AppendEntries / bytes unacknowledged (pipelining window).
     max_inflight_messages: int = 256
     max_inflight_bytes: int = 32 * 1024 * 1024
-    #: Per partition, entries proposed through this node and not yet applied (queued for the log
-    #: or in it); beyond it callers get QUEUE_FULL at once. This is what bounds memory under
-    #: overload.
+    #: Per partition, entries on their way to the state machine: queued for the log, in the log
+    #: above the applied index (also those whose caller timed out), and held by undecided
+    #: two-phase tickets; beyond it callers get QUEUE_FULL at once. This is what bounds memory
+    #: under overload. Ticket decisions are never refused for it (they free held entries).
     max_queued_proposals: int = 10_000
+    #: Per partition, linearizable reads waiting on this node (for confirmation, including timed
+    #: out ones the core still holds, or for the apply index); beyond it ``read_index`` fails at
+    #: once with QueueFull.
+    max_pending_reads: int = 10_000
     #: Per partition, the leader refuses new proposals while this many bytes are uncommitted.
     max_uncommitted_bytes: int = 64 * 1024 * 1024
     #: A replicate/commit/read that has not finished after this long reports TIMEOUT.
     operation_timeout: float = 10.0
+    #: A two-phase ticket still undecided this long after it was proposed is rolled back by its
+    #: leader, through the log, on every node; a later commit_logs gets EXPIRED. At least
+    #: ``operation_timeout``.
+    ticket_timeout: float = 60.0
     #: Take a checkpoint (snapshot + log compaction) automatically every N applied entries /
-    #: bytes of entry data per partition (0: never). Needs a state machine that can snapshot.
-    checkpoint_every: int = 0
-    checkpoint_every_bytes: int = 0
+    #: bytes of entry data per partition, whichever comes first (0: never by that measure).
+    #: The core keeps every entry since the last checkpoint in memory, so these bound its memory;
+    #: both on by default. Needs a state machine that can snapshot (without one, the whole log
+    #: stays in memory and the node says so at start-up).
+    checkpoint_every: int = 50_000
+    checkpoint_every_bytes: int = 64 * 1024 * 1024
     #: Snapshot streaming to followers: bytes per chunk, chunks in flight.
     snapshot_chunk_bytes: int = 1024 * 1024
     snapshot_window: int = 4
@@ -91,7 +103,13 @@ class RaftConfiguration:
             problems.append(f"expected_nodes {self.expected_nodes!r}: use 0 (take discovery's view) or 1-256")
         if not isinstance(self.max_partitions, int) or not 1 <= self.max_partitions <= 4096:
             problems.append(f"max_partitions {self.max_partitions!r}: use 1-4096")
-        for name in ("heartbeat_interval", "election_timeout_min", "election_timeout_max", "operation_timeout"):
+        for name in (
+            "heartbeat_interval",
+            "election_timeout_min",
+            "election_timeout_max",
+            "operation_timeout",
+            "ticket_timeout",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 problems.append(f"{name} {value!r}: use a positive number of seconds")
@@ -100,6 +118,11 @@ class RaftConfiguration:
                 problems.append(
                     f"election_timeout_min {self.election_timeout_min}: make it at least twice "
                     f"heartbeat_interval ({self.heartbeat_interval}); ten times is usual"
+                )
+            if self.ticket_timeout < self.operation_timeout:
+                problems.append(
+                    f"ticket_timeout {self.ticket_timeout}: make it at least operation_timeout "
+                    f"({self.operation_timeout}), so a ticket can be proposed before it expires"
                 )
             if self.election_timeout_max <= self.election_timeout_min:
                 problems.append(
@@ -112,6 +135,7 @@ class RaftConfiguration:
             "max_inflight_messages",
             "max_inflight_bytes",
             "max_queued_proposals",
+            "max_pending_reads",
             "max_uncommitted_bytes",
         ):
             value = getattr(self, name)
@@ -128,6 +152,31 @@ class RaftConfiguration:
         if problems:
             raise ConfigurationError("invalid configuration: " + "; ".join(problems))
         return self
+
+    def checkpoint_warnings(self, can_snapshot: bool, default_store: bool) -> list[str]:
+        """What an operator should hear at start-up about checkpoints, which bound memory: the
+        core keeps every entry since the last checkpoint.
+
+        :param can_snapshot: whether the state machine has ``snapshot``.
+        :param default_store: whether the snapshots go to the manager's default in-memory store.
+        """
+        warnings = []
+        if can_snapshot and default_store:
+            warnings.append(
+                "no snapshot_store given, so checkpoints are kept in memory only; with a durable WAL, "
+                "pass SnapshotStore(directory): a checkpoint compacts the WAL, and a restart would find "
+                "no snapshot to rebuild from"
+            )
+        if not can_snapshot:
+            why = "the state machine cannot snapshot"
+        elif not (self.checkpoint_every or self.checkpoint_every_bytes):
+            why = "checkpoint_every and checkpoint_every_bytes are 0 (only replicate_checkpoint takes one)"
+        else:
+            return warnings
+        warnings.append(
+            f"{why}: every partition keeps its whole log in memory and in the WAL, and replays all of it at start-up"
+        )
+        return warnings
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ from kommander.core.errors import (
     NotLeader,
     ProposalDropped,
     ProtocolError,
+    QueueFull,
     StorageError,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "NotLeader",
     "ProposalDropped",
     "ProtocolError",
+    "QueueFull",
     "StorageError",
 ]

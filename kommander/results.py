@@ -30,6 +30,9 @@ class RaftOperationStatus(enum.Enum):
     TIMEOUT = "timeout"
     #: The request was refused (unknown ticket, rollback of applied entries, ...); nothing changed.
     REFUSED = "refused"
+    #: The two-phase ticket was not decided within ``ticket_timeout``: its leader rolled it back
+    #: through the log, on every node, and none of its entries was applied.
+    EXPIRED = "expired"
     #: The node stopped (shut down, or stopped itself after a failure) after the entries were
     #: written to its log: the outcome is unknown, a new leader may still commit them.
     ABORTED = "aborted"
@@ -44,8 +47,10 @@ class ReplicationResult(NamedTuple):
 
     :ivar success: ``status is SUCCESS``.
     :ivar status: see :class:`RaftOperationStatus`.
-    :ivar ticket_id: the two-phase ticket (index of the first entry), 0 if none.
-    :ivar log_index: index of the last entry written (the commit log id), 0 if none.
+    :ivar ticket_id: the two-phase ticket (index of the first entry), 0 if none; also set when a
+        two-phase proposal ends with ``TIMEOUT`` after its entries were written.
+    :ivar log_index: index of the last entry written (the commit log id), 0 if none; also set with
+        ``TIMEOUT`` when the entries were written (they may still commit).
     :ivar leader: the leader hint when ``status`` is ``NOT_LEADER``.
     :ivar error: a human-readable reason when the request failed.
     :ivar results: what the local state machine's ``apply`` returned for each entry, in order

@@ -134,8 +134,9 @@ def test_checkpoint_every_n_bytes() -> None:
     cluster.close()
 
 
-def test_no_automatic_checkpoint_by_default() -> None:
-    """With the configuration's defaults (checkpoint_every=0), nothing is ever snapshotted or compacted."""
+def test_no_automatic_checkpoint_below_the_default_policy() -> None:
+    """With the configuration's defaults (every 50,000 entries or 64 MiB), 40 entries are not snapshotted or
+    compacted (test_bounds checks that the defaults do checkpoint)."""
     cluster = Cluster(3, partitions=1, seed=4, state_machine=ListStateMachine)
     cluster.start_all()
     cluster.wait_for_leaders()

@@ -120,6 +120,7 @@ def test_statuses_are_the_documented_set() -> None:
         "QUEUE_FULL",
         "TIMEOUT",
         "REFUSED",
+        "EXPIRED",
         "ABORTED",
         "ERRORED",
     }

@@ -26,6 +26,11 @@ class ProposalDropped(KommanderError):
     """The leader refused a proposal it cannot take now (transfer under way, too much uncommitted)."""
 
 
+class QueueFull(KommanderError):
+    """Too many requests of this kind are waiting (see ``max_pending_reads``); nothing was done.
+    Retry later."""
+
+
 class CompactedError(KommanderError):
     """The requested log index is below the last checkpoint; its entries were compacted away."""
 

@@ -340,13 +340,16 @@ class Options(usage.Options):
 
     def _raft_configuration(self) -> RaftConfiguration:
         found = _listen_address(self["listen"])
+        checkpoint_every = self._int("checkpoint-every", 0, 1 << 40)
         config = RaftConfiguration(
             node_id=self["node-id"],
             host=found[1] if found else "127.0.0.1",
             port=found[2] if found else 0,
             max_partitions=self._int("partitions", 1, 4096),
             cluster_id=self["cluster-id"],
-            checkpoint_every=self._int("checkpoint-every", 0, 1 << 40),
+            checkpoint_every=checkpoint_every,
+            # --checkpoint-every 0 turns automatic checkpoints off, the size trigger included.
+            **({"checkpoint_every_bytes": 0} if checkpoint_every == 0 else {}),
             expected_nodes=self._expected_nodes(),
             **{name.replace("-", "_"): self._seconds(name) for name in _TIMINGS},
         )

@@ -188,7 +188,9 @@ class DriveLoop:
             for runtime in self.runtimes:
                 if not stalled:
                     runtime.core.tick()
-                runtime.expire(now)
+                expired = runtime.expire(now)
+                if expired:
+                    self._expire_tickets(runtime, expired)
                 self._dirty[runtime.number] = runtime
             self.transfers.sweep(now)
         except Exception:  # noqa: BLE001 - the policy

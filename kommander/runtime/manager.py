@@ -21,7 +21,7 @@ from kommander.runtime.bootstrap import initial_view
 from kommander.runtime.checkpoints import Checkpointer
 from kommander.runtime.drive import DriveLoop
 from kommander.config import RaftConfiguration
-from kommander.core.errors import KommanderError, NotLeader
+from kommander.core.errors import KommanderError, NotLeader, QueueFull
 from kommander.core.raft import CoreConfig, RaftNode
 from kommander.core.types import EntryKind, Proposal, Role
 from kommander.interfaces import (
@@ -36,6 +36,7 @@ from kommander.interfaces import (
 from kommander.runtime.partition import PartitionRuntime, Request
 from kommander.results import Event, RaftOperationStatus, ReplicationResult, partition_for_key
 from kommander.runtime.snapshots import SnapshotStore
+from kommander.runtime.tickets import refusal
 from kommander.runtime.transfer import TransferTracker
 
 Status = RaftOperationStatus
@@ -57,7 +58,8 @@ class RaftManager(DriveLoop):
     :param rng: randomness for election timeouts; seed it for reproducible tests.
     :param metadata: advertised to peers in the transport handshake (e.g. this node's HTTP URL).
     :param snapshot_store: where checkpoints are kept; in memory if omitted (then they do not
-        survive the process: use a directory with a durable WAL).
+        survive the process: use a directory with a durable WAL, since checkpoints are on by
+        default and compact the WAL; the node warns at start-up).
     """
 
     log = Logger()
@@ -94,6 +96,7 @@ class RaftManager(DriveLoop):
         self.rng = rng or random.Random()
         self.applier = Applier(self)
         self.snapshot_store = snapshot_store or SnapshotStore(None, reactor)
+        self._default_store = snapshot_store is None
         self.checkpointer = Checkpointer(self)
         low, high = config.election_ticks()
         self.transfers = TransferTracker(
@@ -196,7 +199,12 @@ class RaftManager(DriveLoop):
             voters=",".join(self.voters),
             n=self.partitions,
         )
+        self._warn_unbounded_log()
         yield self._restored
+
+    def _warn_unbounded_log(self) -> None:
+        for warning in self.config.checkpoint_warnings(self.checkpointer.can_snapshot(), self._default_store):
+            self.log.warn("node {node}: {warning}", node=self.node_id, warning=warning)
 
     @defer.inlineCallbacks
     def leave_cluster(self) -> Any:
@@ -223,6 +231,7 @@ class RaftManager(DriveLoop):
             runtime.fail_inflight(Status.ABORTED, f"{reason}; the entries may still commit")
             for context in list(runtime.reads):
                 runtime.reads.pop(context)[0].errback(Failure(KommanderError(reason)))
+            runtime.abandoned_reads.clear()
             for _, d in runtime.confirmed_reads:
                 d.errback(Failure(KommanderError(reason)))
             runtime.confirmed_reads.clear()
@@ -307,7 +316,8 @@ class RaftManager(DriveLoop):
         Fires with a :class:`ReplicationResult` once the entries are committed by a quorum,
         durable in this node's WAL and applied by its state machine; with ``auto_commit=False``
         once they are committed as a two-phase ticket (``result.ticket_id``), not yet applied.
-        Never fails: problems are reported in ``result.status``.
+        Never fails: problems are reported in ``result.status``. A two-phase proposal that times
+        out still carries its ticket (its entries may yet commit, and can then be decided).
         """
         runtime = self._runtime(partition)
         if type(log_type) is not str:
@@ -320,21 +330,18 @@ class RaftManager(DriveLoop):
             if not items or not all(isinstance(d, (bytes, bytearray, memoryview)) for d in items):
                 raise TypeError("data must be bytes or a non-empty sequence of bytes")
             proposals = [Proposal(log_type, bytes(d), self._now_ts(), kind) for d in items]
-        if auto_commit:
-            return self._submit(runtime, proposals)
-
-        def record(result: ReplicationResult, request: Any = None) -> None:
-            # A ticket can only be decided by the leader term that proposed it: if leadership
-            # changed meanwhile, the next leader's no-op has already rolled it back.
-            if result.success and self._leads_term(runtime, request.term):
-                runtime.my_tickets[result.ticket_id] = ("pending", request.term)
-            elif request is not None:
-                runtime.my_tickets.pop(request.first, None)
-
-        return self._submit(runtime, proposals, record)
+        # The ticket's bookkeeping (runtime.book) follows the log, not this request: a ticket
+        # whose proposal timed out becomes decidable once its entries are committed.
+        return self._submit(runtime, proposals)
 
     def commit_logs(self, partition: int, ticket_id: int) -> defer.Deferred[ReplicationResult]:
-        """Commit a two-phase ticket: its entries are applied on every node."""
+        """Commit a two-phase ticket: its entries are applied on every node.
+
+        A decision is never refused for a full queue (it frees what the ticket holds). When it
+        could not be written (``NOT_LEADER``, or ``TIMEOUT`` before it entered the log) the ticket
+        stays undecided and the call may be repeated; ``EXPIRED`` when ``ticket_timeout`` passed
+        first and the ticket was rolled back.
+        """
         return self._decide(partition, ticket_id, EntryKind.COMMIT)
 
     def rollback_logs(self, partition: int, ticket_id: int) -> defer.Deferred[ReplicationResult]:
@@ -347,25 +354,45 @@ class RaftManager(DriveLoop):
             return defer.succeed(
                 ReplicationResult.failed(Status.NOT_LEADER, "only the leader decides tickets", runtime.core.leader)
             )
-        state, term = runtime.my_tickets.get(ticket, (None, 0))
-        if state is not None and not self._leads_term(runtime, term):
-            runtime.my_tickets.pop(ticket, None)
-            state = None
-        if state != "pending":
-            why = {
-                None: "unknown ticket: never proposed by this leader, already decided, or rolled back by "
-                "a leader change (applied entries cannot be rolled back)",
-                "replicating": "the ticket's entries are still being replicated",
-                "deciding": "a decision for this ticket is already being written",
-            }[state]
-            return defer.succeed(ReplicationResult.failed(Status.REFUSED, why))
-        runtime.my_tickets[ticket] = ("deciding", term)
+        book = runtime.book
+        state = book.state(ticket, runtime.applied)
+        if state is not None and state != "expired" and not self._leads_term(runtime, book.term(ticket)):
+            state = None  # pragma: no cover - the book is cleared on every leadership change
+        if state == "pending":
+            return self._write_decision(runtime, ticket, kind, expiring=False)
+        status, why = refusal(state, ticket, self.config.ticket_timeout)
+        self.log.info(
+            "partition {p}: {decision} of ticket {ticket} {status}: {why}",
+            p=partition,
+            decision=kind.name.lower(),
+            ticket=ticket,
+            status=status.value,
+            why=why,
+        )
+        return defer.succeed(ReplicationResult.failed(status, why))
 
-        def done(result: ReplicationResult, request: Any = None) -> None:
-            runtime.my_tickets.pop(ticket, None)
+    def _write_decision(self, runtime: PartitionRuntime, ticket: int, kind: EntryKind, expiring: bool) -> Any:
+        runtime.book.begin(ticket, expiring)
+
+        def done(result: ReplicationResult, request: Any) -> None:
+            # Decided once the marker is applied (the book hears it from the apply path). A
+            # marker that never entered the log leaves the ticket undecided: it can be retried.
+            if request.first == 0:
+                runtime.book.not_written(ticket)
 
         proposal = Proposal("", b"", self._now_ts(), kind, ticket)
-        return self._submit(runtime, [proposal], done)
+        return self._submit(runtime, [proposal], done, bounded=False)
+
+    def _expire_tickets(self, runtime: PartitionRuntime, tickets: list[int]) -> None:
+        """Roll back, through the log, tickets left undecided past ``ticket_timeout``."""
+        self.log.info(
+            "partition {p}: tickets {tickets} undecided after ticket_timeout ({timeout}s); rolling them back",
+            p=runtime.number,
+            tickets=tickets,
+            timeout=self.config.ticket_timeout,
+        )
+        for ticket in tickets:
+            self._write_decision(runtime, ticket, EntryKind.ROLLBACK, expiring=True)
 
     @staticmethod
     def _leads_term(runtime: PartitionRuntime, term: int) -> bool:
@@ -378,12 +405,17 @@ class RaftManager(DriveLoop):
         runtime = self._runtime(partition)
         return self._submit(runtime, [Proposal("", b"", self._now_ts(), EntryKind.CHECKPOINT)])
 
-    def _submit(self, runtime: PartitionRuntime, proposals: list[Proposal], on_done: Any = None) -> Any:
-        if not self._running:
-            return defer.succeed(ReplicationResult.failed(Status.ERRORED, self._failed or "the node is not running"))
+    def _submit(
+        self, runtime: PartitionRuntime, proposals: list[Proposal], on_done: Any = None, bounded: bool = True
+    ) -> Any:
         request = Request(proposals, self.reactor.seconds() + self.config.operation_timeout)
+        if not self._running:
+            failure = ReplicationResult.failed(Status.ERRORED, self._failed or "the node is not running")
+            if on_done is not None:
+                on_done(failure, request)
+            return defer.succeed(failure)
         request.on_done = on_done
-        failure = runtime.enqueue(request)
+        failure = runtime.enqueue(request, bounded)
         if failure is not None:
             if on_done is not None:
                 on_done(failure, request)
@@ -397,10 +429,24 @@ class RaftManager(DriveLoop):
     def read_index(self, partition: int) -> defer.Deferred[int]:
         """Linearizable read barrier: fires with an index once it is applied locally; reading the
         state machine then observes every write that completed before this call. Fails with
-        :class:`NotLeader` when this node does not lead the partition."""
+        :class:`NotLeader` when this node does not lead the partition, with :class:`QueueFull`
+        when ``max_pending_reads`` reads are pending on it."""
         runtime = self._runtime(partition)
         if not self._running:
             return defer.fail(KommanderError(self._failed or "the node is not running"))
+        limit = self.config.max_pending_reads
+        if runtime.pending_reads() >= limit:
+            if not runtime.reads_full:
+                runtime.reads_full = True
+                self.log.warn(
+                    "partition {p}: {limit} reads pending (max_pending_reads); refusing reads until some finish",
+                    p=partition,
+                    limit=limit,
+                )
+            return defer.fail(
+                QueueFull(f"partition {partition}: {limit} reads pending (max_pending_reads); retry later")
+            )
+        runtime.reads_full = False
         self._next_context += 1
         context = self._next_context
         try:

@@ -13,6 +13,9 @@ so every node reaches the same verdict:
   ticket still undecided is rolled back. A ticket lives within one leader term: only the leader
   that proposed it can decide it, and a decision that did not reach the log before the next
   leader's NOOP never will, so nothing the application did not commit is ever applied.
+* A ticket still undecided ``ticket_timeout`` after it was proposed is rolled back by its leader
+  with an ordinary ``ROLLBACK`` marker, so it does not sit in memory and in every snapshot until
+  the next leader change (see :mod:`kommander.runtime.tickets`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from kommander.core.errors import NotLeader, ProposalDropped
 from kommander.core.raft import RaftNode
 from kommander.core.types import Entry, EntryKind, Proposal, Role, SnapshotMeta
 from kommander.results import RaftOperationStatus, ReplicationResult, is_deferred
+from kommander.runtime.tickets import HeldTickets, TicketBook
 from kommander.runtime.transfer import SnapshotReceiver
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,15 +80,21 @@ class PartitionRuntime:
         #: ReadIndex: context -> (Deferred, deadline); then (index, context, Deferred) once confirmed.
         self.reads: dict[int, tuple[defer.Deferred[int], float]] = {}
         self.confirmed_reads: deque[tuple[int, defer.Deferred[int]]] = deque()
+        #: Contexts of reads that timed out while the core still holds them (until it confirms or
+        #: drops them): they count towards ``max_pending_reads`` like live ones.
+        self.abandoned_reads: set[int] = set()
+        #: Whether the last read_index was refused for a full read queue (logged once per episode).
+        self.reads_full = False
+        #: Likewise for proposals and QUEUE_FULL.
+        self.queue_full = False
         self.applied = core.log.applied
         #: Entries committed but not yet applied (apply may be asynchronous).
         self.apply_queue: deque[Entry] = deque()
         self.applying = False
         #: Undecided two-phase tickets (every node): ticket -> held entries.
-        self.tickets: dict[int, list[Entry]] = {}
-        #: The leader's view of its own tickets: ticket -> (state, term proposed in), state being
-        #: "replicating", "pending" or "deciding".
-        self.my_tickets: dict[int, tuple[str, int]] = {}
+        self._tickets = HeldTickets()
+        #: The leader's view of the tickets it proposed in its current term.
+        self.book = TicketBook()
         self.role = core.role
         self.leader: str | None = core.leader
         self.term = core.term
@@ -98,22 +108,49 @@ class PartitionRuntime:
         self.snapshot_requested = False
         self.receiver = SnapshotReceiver(host, self)
 
+    @property
+    def tickets(self) -> HeldTickets:
+        """Undecided two-phase tickets held on this node: ticket -> held entries."""
+        return self._tickets
+
+    @tickets.setter
+    def tickets(self, tickets: dict[int, list[Entry]]) -> None:
+        # Restored from a snapshot (start-up, install): recount the held entries.
+        self._tickets = tickets if isinstance(tickets, HeldTickets) else HeldTickets(tickets)
+
     # ------------------------------------------------------------------ proposing
 
-    def enqueue(self, request: Request) -> ReplicationResult | None:
-        """Queue a request; returns an immediate failure instead when it cannot be taken."""
+    def pending_entries(self) -> int:
+        """Entries this partition holds in memory on their way to the state machine: queued for
+        the log, in the log above the applied index (whether or not their caller timed out), and
+        held by undecided tickets. ``max_queued_proposals`` bounds this number."""
+        return self.queued_entries + self.core.log.last_index() - self.applied + self._tickets.entries
+
+    def enqueue(self, request: Request, bounded: bool = True) -> ReplicationResult | None:
+        """Queue a request; returns an immediate failure instead when it cannot be taken.
+
+        :param bounded: ``False`` for ticket decisions: one marker entry each, and what frees the
+            entries a ticket holds, so a full queue never refuses them.
+        """
         core = self.core
         if core.role is not Role.LEADER:
             return ReplicationResult.failed(
                 Status.NOT_LEADER, f"not the leader of partition {self.number}", core.leader
             )
-        # Queued and in-flight entries count alike: draining the queue into the log must not let
-        # an overload pile up there instead (memory is bounded by this, not by the byte limit).
-        inflight = self.inflight
-        in_log = inflight[-1].last - inflight[0].first + 1 if inflight else 0
-        pending = self.queued_entries + in_log + len(request.proposals)
-        if pending > self.host.config.max_queued_proposals:
+        # Everything on its way to the state machine counts, including entries whose caller
+        # timed out (they are still in the log): memory is bounded by this, not by the byte limit.
+        if bounded and self.pending_entries() + len(request.proposals) > self.host.config.max_queued_proposals:
+            if not self.queue_full:
+                self.queue_full = True
+                _log.warn(
+                    "partition {p}: {n} entries on their way to the state machine (max_queued_proposals "
+                    "{limit}); answering QUEUE_FULL until some are applied",
+                    p=self.number,
+                    n=self.pending_entries(),
+                    limit=self.host.config.max_queued_proposals,
+                )
             return ReplicationResult.failed(Status.QUEUE_FULL, f"partition {self.number}: proposal queue full")
+        self.queue_full = False
         self.queue.append(request)
         self.queued_entries += len(request.proposals)
         return None
@@ -153,13 +190,14 @@ class PartitionRuntime:
         self.queued_entries -= len(proposals)
         index = first
         term = core.term
+        deadline = self.host.reactor.seconds() + self.host.config.ticket_timeout
         for request in batch:
             request.first = index
             request.last = index + len(request.proposals) - 1
             request.term = term
             index = request.last + 1
             if request.proposals[0].kind is EntryKind.PROPOSED:
-                self.my_tickets[request.first] = ("replicating", term)
+                self.book.proposed(request.first, request.last, term, deadline)
             self.inflight.append(request)
         if queue:
             self.host.mark_dirty(self)
@@ -175,20 +213,42 @@ class PartitionRuntime:
         for request in inflight:
             request.finish(ReplicationResult.failed(status, error, self.core.leader))
 
-    def expire(self, now: float) -> None:
-        """Fail requests and reads whose deadline passed (outcome unknown)."""
-        for requests in (self.queue, self.inflight):
-            while requests and requests[0].deadline <= now:
-                request = requests.popleft()
-                if requests is self.queue:
-                    self.queued_entries -= len(request.proposals)
-                request.finish(
-                    ReplicationResult.failed(Status.TIMEOUT, "no outcome within operation_timeout")
+    def expire(self, now: float) -> list[int]:
+        """Fail requests and reads whose deadline passed.
+
+        :returns: the tickets this leader should roll back now (undecided past ``ticket_timeout``).
+        """
+        queue = self.queue
+        while queue and queue[0].deadline <= now:
+            request = queue.popleft()
+            self.queued_entries -= len(request.proposals)
+            request.finish(
+                ReplicationResult.failed(Status.TIMEOUT, "not written within operation_timeout; nothing was written")
+            )
+        inflight = self.inflight
+        while inflight and inflight[0].deadline <= now:
+            request = inflight.popleft()
+            # In the log: the entries may still commit. A two-phase caller gets its ticket, so it
+            # can still decide it (or leave it to expire).
+            ticket = request.first if request.proposals[0].kind is EntryKind.PROPOSED else 0
+            request.finish(
+                ReplicationResult(
+                    False,
+                    Status.TIMEOUT,
+                    ticket,
+                    request.last,
+                    error="no outcome within operation_timeout; the entries may still commit",
                 )
+            )
         for context, (d, deadline) in list(self.reads.items()):
             if deadline <= now:
                 del self.reads[context]
+                # The core still holds the read until it confirms or drops it.
+                self.abandoned_reads.add(context)
                 d.errback(Failure(defer.TimeoutError(f"read on partition {self.number} timed out")))
+        if self.book and self.core.role is Role.LEADER:
+            return self.book.due(now)
+        return []
 
     # ------------------------------------------------------------------ leadership
 
@@ -209,14 +269,20 @@ class PartitionRuntime:
                     )
                 )
             self.fail_queued(Status.NOT_LEADER, "leadership lost before the entries were written")
-            self.my_tickets.clear()
+            self.book.clear()
         self.role, self.leader, self.term = core.role, core.leader, core.term
 
     # ------------------------------------------------------------------ reads
 
+    def pending_reads(self) -> int:
+        """Reads this partition holds: waiting for confirmation (including timed-out ones the
+        core still holds) or for the apply index. ``max_pending_reads`` bounds this number."""
+        return len(self.reads) + len(self.abandoned_reads) + len(self.confirmed_reads)
+
     def read_confirmed(self, context: int, index: int) -> None:
         entry = self.reads.pop(context, None)
         if entry is None:
+            self.abandoned_reads.discard(context)
             return  # timed out meanwhile
         d = entry[0]
         if self.applied >= index:
@@ -226,6 +292,7 @@ class PartitionRuntime:
 
     def read_dropped(self, context: int) -> None:
         entry = self.reads.pop(context, None)
+        self.abandoned_reads.discard(context)
         if entry is not None:
             entry[0].errback(Failure(NotLeader(self.core.leader, "leadership lost before the read was confirmed")))
 
@@ -289,25 +356,26 @@ class PartitionRuntime:
         if kind is EntryKind.NORMAL:
             return self.host.applier.apply(self, entry, self.restoring)
         if kind is EntryKind.PROPOSED:
-            self.tickets.setdefault(entry.ticket, []).append(entry)
+            self._tickets.hold(entry)
             return None
         if kind is EntryKind.COMMIT:
-            held = self.tickets.pop(entry.ticket, None)
+            held = self._tickets.release(entry.ticket)
+            self.book.decided(entry.ticket)
             if held is None:
                 return None
             return self._apply_many(held)
         if kind is EntryKind.ROLLBACK:
-            self.tickets.pop(entry.ticket, None)
+            self._tickets.release(entry.ticket)
+            self.book.decided(entry.ticket)
             return None
         if kind is EntryKind.NOOP:
-            if self.tickets:
+            if self._tickets:
                 _log.info(
                     "partition {p}: rolling back undecided tickets {tickets} at new leader's no-op {i}",
                     p=self.number,
-                    tickets=sorted(self.tickets),
+                    tickets=self._tickets.release_all(),
                     i=entry.index,
                 )
-                self.tickets.clear()
             return None
         if kind is EntryKind.CHECKPOINT:
             return self.host.applier.checkpoint(self, entry)
