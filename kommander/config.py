@@ -55,6 +55,10 @@ class RaftConfiguration:
     #: or in it); beyond it callers get QUEUE_FULL at once. This is what bounds memory under
     #: overload.
     max_queued_proposals: int = 10_000
+    #: Per partition, at most this many committed entries wait in memory for the state machine;
+    #: beyond it they stay in the Raft log until applies catch up (back-pressure behind a slow
+    #: state machine).
+    max_apply_queue: int = 8192
     #: Per partition, the leader refuses new proposals while this many bytes are uncommitted.
     max_uncommitted_bytes: int = 64 * 1024 * 1024
     #: A replicate/commit/read that has not finished after this long reports TIMEOUT.
@@ -112,6 +116,7 @@ class RaftConfiguration:
             "max_inflight_messages",
             "max_inflight_bytes",
             "max_queued_proposals",
+            "max_apply_queue",
             "max_uncommitted_bytes",
         ):
             value = getattr(self, name)
