@@ -202,3 +202,30 @@ def test_nothing_is_applied_after_a_failed_snapshot_install() -> None:
     assert not any(e.data.startswith(b"x") for e in follower.applied[0])
     follower.manager = None
     cluster.close()
+
+
+def test_apply_failure_during_replay_fails_join_cluster() -> None:
+    """A state machine that fails on an entry replayed at start-up makes join_cluster fail with the
+    reason instead of never firing, and the node is stopped."""
+    Broken.broken = False
+    try:
+        cluster = Cluster(3, partitions=1, seed=205, state_machine=Broken).start_all()
+        cluster.wait_for_leaders()
+        for data in (b"a", b"boom", b"b", b"c"):
+            assert cluster.write(0, data).success
+        cluster.wait_caught_up()
+        cluster.stop("n1")
+    finally:
+        Broken.broken = True
+    manager = cluster.build("n1")
+    with capturedLogs() as events:
+        joined = manager.join_cluster()
+        cluster.advance(0)
+    assert joined.called, "join_cluster never fired"
+    with pytest.raises(Exception, match="entry 3"):
+        cluster.result(joined)
+    assert not manager.running
+    assert manager.runtimes[0].applied == 2
+    assert any("entry 3" in r for r in critical_lines(events))
+    cluster.nodes["n1"].manager = None
+    cluster.close()

@@ -270,6 +270,9 @@ class RaftManager:
         self._failed = reason
         self.log.critical("node {node} stopping: {reason}", node=self.node_id, reason=reason)
         self.leave_cluster()
+        if self._restored is not None and not self._restored.called:
+            # Stopped while replaying: join_cluster fails with the reason instead of never firing.
+            self._restored.errback(KommanderError(f"node {self.node_id} stopped while restoring: {reason}"))
         self.on_fail_stop.fire(reason)
 
     # ------------------------------------------------------------------ queries
