@@ -296,22 +296,39 @@ class PartitionRuntime:
         """Run the apply loop; ``outcome`` is the result of the step in progress when a Deferred
         resumes it."""
         host = self.host
+        queue = self.apply_queue
+        applier = host.applier
+        apply, applied = applier.apply, applier.applied
+        after_apply = host.checkpointer.after_apply
+        normal = EntryKind.NORMAL
         budget = _APPLY_SLICE
         self.applying = True
-        while True:
-            if not host.running:
-                # Stopped, or fail-stopped (a failed install, WAL write, ...): apply nothing more.
-                self.applying = False
-                return
+        while host.running:
             if outcome is _NOTHING:
                 if not budget:
                     self._continue_call = host.reactor.callLater(0, self._continue)
                     break
                 budget -= 1
-                outcome = self._start()
-                if outcome is _IDLE:
-                    self.applying = False
-                    break
+                item = queue[0] if queue and self._held is None else None
+                if item.__class__ is Entry and item.kind is normal and not self.restoring:
+                    outcome = apply(self, item)
+                    if outcome is None or (outcome.__class__ is not Failure and not is_deferred(outcome)):
+                        # The hot path: an ordinary entry applied at once (_complete inlined).
+                        queue.popleft()
+                        applied(self, item, outcome, False)
+                        self.applied = item.index
+                        if self.inflight and self.inflight[0].first <= item.index:
+                            self._resolve(item, outcome)
+                        after_apply(self, item)
+                        if self.confirmed_reads:
+                            self._release_reads()
+                        outcome = _NOTHING
+                        continue
+                else:
+                    outcome = self._start()
+                    if outcome is _IDLE:
+                        self.applying = False
+                        break
                 if outcome is not None and is_deferred(outcome):
                     wait = _Wait(self)
                     outcome.addBoth(wait)
@@ -322,6 +339,10 @@ class PartitionRuntime:
             if not self._complete(outcome):
                 return
             outcome = _NOTHING
+        else:
+            # Stopped, or fail-stopped (a failed install, WAL write, ...): apply nothing more.
+            self.applying = False
+            return
         self._pace()
 
     def _continue(self) -> None:
