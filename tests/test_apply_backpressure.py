@@ -20,7 +20,7 @@ from kommander.results import Event
 from kommander.results import RaftOperationStatus as Status
 from kommander.runtime.apply import Applier
 from kommander.runtime.checkpoints import Checkpointer
-from kommander.runtime.partition import PartitionRuntime
+from kommander.runtime.partition import PartitionRuntime, Request
 from kommander.runtime.snapshots import SnapshotStore
 
 from runtime_harness import Cluster, RecordingStateMachine
@@ -181,3 +181,34 @@ def test_a_deferred_firing_after_the_host_stopped_does_not_mark_its_entry_applie
     host.fail_stop("leaving")
     d.callback(True)
     assert runtime.applied == 1 and [e.index for e in host.state_machine.applied[0]] == [1, 2]
+
+
+def test_a_large_committed_ticket_is_applied_across_slices_and_counted_applied_at_the_end() -> None:
+    """A committed ticket of 3,000 entries is applied over several reactor turns, in order, and the
+    partition counts its COMMIT marker applied only after the last of them; the caller gets all
+    3,000 results."""
+    runtime: PartitionRuntime
+    seen: list[tuple[int, int]] = []
+
+    class Watching(RecordingStateMachine):
+        def apply(self, partition: int, entry: Any) -> Any:
+            seen.append((entry.index, runtime.applied))
+            return defer.succeed(super().apply(partition, entry))
+
+    host = Host(Watching("n1"))
+    runtime = runtime_for(host)
+    proposed = tuple(Entry(i, 1, EntryKind.PROPOSED, "t", b"%d" % i, 0, 1) for i in range(1, 3001))
+    commit = Entry(3001, 1, EntryKind.COMMIT, "", b"", 0, 1)
+    request = Request([], deadline=1e9)
+    request.first = request.last = 3001
+    request.term = 1
+    runtime.inflight.append(request)
+    runtime.apply_entries(proposed + (commit,))
+    assert runtime.applied < 3001 and runtime.applying
+    host.reactor.advance(0)
+    assert [index for index, _ in seen] == list(range(1, 3001))
+    assert all(applied == 3000 for _, applied in seen)  # the marker waits for every held entry
+    assert runtime.applied == 3001 and runtime.tickets == {} and not runtime.applying
+    result = request.deferred.result
+    assert result.status is Status.SUCCESS and result.ticket_id == 1
+    assert result.results == tuple(b"ok:%d" % i for i in range(1, 3001))

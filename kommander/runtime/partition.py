@@ -114,7 +114,6 @@ class PartitionRuntime:
         self._held: list[Entry] | None = None
         self._held_pos = 0
         self._held_results: list[Any] = []
-        self._continue_call: Any = None
         core.limit_apply(self.applied + host.config.max_apply_queue)
         #: Undecided two-phase tickets (every node): ticket -> held entries.
         self.tickets: dict[int, list[Entry]] = {}
@@ -306,7 +305,7 @@ class PartitionRuntime:
         while host.running:
             if outcome is _NOTHING:
                 if not budget:
-                    self._continue_call = host.reactor.callLater(0, self._continue)
+                    host.reactor.callLater(0, self._continue)
                     break
                 budget -= 1
                 item = queue[0] if queue and self._held is None else None
@@ -346,7 +345,6 @@ class PartitionRuntime:
         self._pace()
 
     def _continue(self) -> None:
-        self._continue_call = None
         self._guarded()
 
     def _resume(self, outcome: Any) -> None:
