@@ -212,3 +212,57 @@ def test_a_large_committed_ticket_is_applied_across_slices_and_counted_applied_a
     result = request.deferred.result
     assert result.status is Status.SUCCESS and result.ticket_id == 1
     assert result.results == tuple(b"ok:%d" % i for i in range(1, 3001))
+
+
+def test_replay_at_start_up_through_a_small_apply_queue_completes(monkeypatch: Any) -> None:
+    """A node restarted with 3,000 committed entries and max_apply_queue=16 replays them all, in
+    order, within join_cluster, never holding more than 16 waiting."""
+    cluster = Cluster(3, partitions=1, seed=302, state_machine=RecordingStateMachine, max_apply_queue=16)
+    cluster.start_all()
+    cluster.wait_for_leaders()
+    items = [b"r%d" % i for i in range(3000)]
+    assert cluster.write(0, items, max_seconds=30).success
+    assert cluster.write(0, b"last").success  # carries the commit index into every hard state
+    cluster.wait_caught_up(max_seconds=30)
+    biggest = 0
+    original = PartitionRuntime.apply_entries
+
+    def watched(self: PartitionRuntime, entries: Any) -> None:
+        nonlocal biggest
+        biggest = max(biggest, len(self.apply_queue) + len(entries))
+        original(self, entries)
+
+    monkeypatch.setattr(PartitionRuntime, "apply_entries", watched)
+    cluster.restart("n2")
+    node = cluster.nodes["n2"]
+    assert [e.data for e in node.state_machine.applied[0]][:3000] == items
+    assert node.restore_events[-2:] == [("started", 0), ("finished", 0)]
+    assert 0 < biggest <= 16
+    cluster.close()
+
+
+def test_a_follower_catches_up_by_snapshot_and_log_through_a_small_apply_queue() -> None:
+    """With max_apply_queue=8 and fired Deferreds, a follower cut off past several checkpoints
+    installs the leader's snapshot, then applies the log after it, and ends with the same state."""
+    from runtime_harness import ListStateMachine
+
+    class FiredList(ListStateMachine):
+        def apply(self, partition: int, entry: Any) -> Any:
+            return defer.succeed(super().apply(partition, entry))
+
+    cluster = Cluster(3, partitions=1, seed=303, state_machine=FiredList, checkpoint_every=10, max_apply_queue=8)
+    cluster.start_all()
+    leader = cluster.wait_for_leaders()[0]
+    lagging = next(n for n in cluster.ids if n != leader.node_id)
+    cluster.isolate(lagging)
+    for i in range(40):
+        assert cluster.write(0, b"w%d" % i).success
+    cluster.heal()
+    for i in range(300):
+        leader.m.replicate_logs(0, "t", b"after%d" % i)
+    cluster.run_until(lambda: cluster.caught_up(0), 30, "the follower to catch up")
+    follower = cluster.nodes[lagging].state_machine
+    assert follower.restores, "the follower did not install a snapshot"
+    assert follower.data(0) == leader.state_machine.data(0)
+    assert follower.data(0)[-1] == b"after299"
+    cluster.close()
