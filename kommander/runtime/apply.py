@@ -13,6 +13,7 @@ applies, in log order. The contract it enforces (see :class:`kommander.interface
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import LogLevel
@@ -23,6 +24,36 @@ from kommander.core.types import Entry
 if TYPE_CHECKING:  # pragma: no cover
     from kommander.runtime.host import RuntimeHost
     from kommander.runtime.partition import PartitionRuntime
+
+#: Steps (entries, markers, installs) a partition's apply loop takes before it lets the reactor
+#: run other work; it continues on the next reactor turn.
+APPLY_SLICE = 1024
+#: The apply loop's markers: no outcome yet / nothing to apply.
+NOTHING: Any = object()
+IDLE: Any = object()
+
+
+class Wait:
+    """The apply loop's hold on one Deferred (``d.addBoth(wait)``): whether it had fired by the
+    time the loop asked, and with what; otherwise it calls ``resume`` with the result once it
+    fires. It consumes the result (a failure included), so the Deferred never reports an
+    unhandled error."""
+
+    __slots__ = ("resume", "fired", "result", "parked")
+
+    def __init__(self, resume: Callable[[Any], None]) -> None:
+        self.resume = resume
+        self.fired = False
+        self.result: Any = None
+        #: Set by the loop when it stops to wait: from then on the result resumes it.
+        self.parked = False
+
+    def __call__(self, result: Any) -> None:
+        if self.parked:
+            self.resume(result)
+        else:
+            self.fired = True
+            self.result = result
 
 
 class Applier:

@@ -28,6 +28,7 @@ from kommander.core.errors import NotLeader, ProposalDropped
 from kommander.core.raft import RaftNode
 from kommander.core.types import Entry, EntryKind, Proposal, Role, SnapshotMeta
 from kommander.results import RaftOperationStatus, ReplicationResult, is_deferred
+from kommander.runtime.apply import APPLY_SLICE, IDLE, NOTHING, Wait
 from kommander.runtime.transfer import SnapshotReceiver
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,34 +36,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _log = Logger()
 Status = RaftOperationStatus
-
-#: Steps (entries, markers, installs) the apply loop takes before it lets the reactor run other
-#: work; it continues on the next reactor turn.
-_APPLY_SLICE = 1024
-_NOTHING: Any = object()  # no outcome yet
-_IDLE: Any = object()  # nothing to apply
-
-
-class _Wait:
-    """The apply loop's hold on one Deferred: whether it had fired by the time the loop asked, and
-    with what; otherwise it resumes the loop when it fires. It consumes the result (a failure
-    included), so the Deferred never reports an unhandled error."""
-
-    __slots__ = ("runtime", "fired", "result", "parked")
-
-    def __init__(self, runtime: "PartitionRuntime") -> None:
-        self.runtime = runtime
-        self.fired = False
-        self.result: Any = None
-        self.parked = False
-
-    def __call__(self, result: Any) -> None:
-        if self.parked:
-            self.runtime._resume(result)
-        else:
-            self.fired = True
-            self.result = result
-
 
 class Request:
     """One caller waiting on entries: queued, then proposed, then applied."""
@@ -282,7 +255,7 @@ class PartitionRuntime:
     # ticket, snapshots to install. It is a trampoline, never a recursion: a step's outcome is a
     # plain value, a Deferred that has already fired (read at once), or a Deferred that fires
     # later (the loop parks, and that Deferred resumes it). It yields the reactor every
-    # _APPLY_SLICE steps, and holds the core back while max_apply_queue entries wait here. A
+    # APPLY_SLICE steps, and holds the core back while max_apply_queue entries wait here. A
     # failure of the state machine, or a stopped host, ends it: nothing more is applied.
 
     def apply_entries(self, entries: tuple[Entry | SnapshotMeta, ...]) -> None:
@@ -291,7 +264,7 @@ class PartitionRuntime:
         if not self.applying:
             self._drain_apply()
 
-    def _drain_apply(self, outcome: Any = _NOTHING) -> None:
+    def _drain_apply(self, outcome: Any = NOTHING) -> None:
         """Run the apply loop; ``outcome`` is the result of the step in progress when a Deferred
         resumes it."""
         host = self.host
@@ -300,10 +273,10 @@ class PartitionRuntime:
         apply, applied = applier.apply, applier.applied
         after_apply = host.checkpointer.after_apply
         normal = EntryKind.NORMAL
-        budget = _APPLY_SLICE
+        budget = APPLY_SLICE
         self.applying = True
         while host.running:
-            if outcome is _NOTHING:
+            if outcome is NOTHING:
                 if not budget:
                     host.reactor.callLater(0, self._continue)
                     break
@@ -321,15 +294,15 @@ class PartitionRuntime:
                         after_apply(self, item)
                         if self.confirmed_reads:
                             self._release_reads()
-                        outcome = _NOTHING
+                        outcome = NOTHING
                         continue
                 else:
                     outcome = self._start()
-                    if outcome is _IDLE:
+                    if outcome is IDLE:
                         self.applying = False
                         break
                 if outcome is not None and is_deferred(outcome):
-                    wait = _Wait(self)
+                    wait = Wait(self._resume)
                     outcome.addBoth(wait)
                     if not wait.fired:
                         wait.parked = True
@@ -337,7 +310,7 @@ class PartitionRuntime:
                     outcome = wait.result
             if not self._complete(outcome):
                 return
-            outcome = _NOTHING
+            outcome = NOTHING
         else:
             # Stopped, or fail-stopped (a failed install, WAL write, ...): apply nothing more.
             self.applying = False
@@ -350,7 +323,7 @@ class PartitionRuntime:
     def _resume(self, outcome: Any) -> None:
         self._guarded(outcome)
 
-    def _guarded(self, outcome: Any = _NOTHING) -> None:
+    def _guarded(self, outcome: Any = NOTHING) -> None:
         """Run the loop outside the manager's drive loop (from the reactor or a Deferred), where
         nothing else would see an internal error: stop the node loudly instead."""
         try:
@@ -363,14 +336,14 @@ class PartitionRuntime:
         """Begin the step at the head of the queue.
 
         :returns: its outcome (possibly a Deferred), a :class:`Failure` when the state machine
-            raised, or ``_IDLE`` when there is nothing to apply.
+            raised, or ``IDLE`` when there is nothing to apply.
         """
         held = self._held
         if held is not None:
             return self.host.applier.apply(self, held[self._held_pos])
         queue = self.apply_queue
         if not queue:
-            return _IDLE
+            return IDLE
         item = queue[0]
         if isinstance(item, SnapshotMeta):
             return self.host.checkpointer.install(self, item)
