@@ -60,6 +60,10 @@ class RaftConfiguration:
     #: out ones the core still holds, or for the apply index); beyond it ``read_index`` fails at
     #: once with QueueFull.
     max_pending_reads: int = 10_000
+    #: Per partition, at most this many committed entries wait in memory for the state machine;
+    #: beyond it they stay in the Raft log until applies catch up (back-pressure behind a slow
+    #: state machine).
+    max_apply_queue: int = 8192
     #: Per partition, the leader refuses new proposals while this many bytes are uncommitted.
     max_uncommitted_bytes: int = 64 * 1024 * 1024
     #: A replicate/commit/read that has not finished after this long reports TIMEOUT.
@@ -136,6 +140,7 @@ class RaftConfiguration:
             "max_inflight_bytes",
             "max_queued_proposals",
             "max_pending_reads",
+            "max_apply_queue",
             "max_uncommitted_bytes",
         ):
             value = getattr(self, name)

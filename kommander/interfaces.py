@@ -17,7 +17,7 @@ Conventions for every interface here:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
 
@@ -212,19 +212,35 @@ class IStateMachine(Interface):
     """The application's replicated state machine.
 
     :meth:`apply` is called with committed entries strictly in log order, once per index per process
-    lifetime; after a restart entries are replayed from the last checkpoint. Only application
-    entries arrive here (``NORMAL`` entries and the ``PROPOSED`` entries of committed tickets);
-    Kommander's own markers do not.
+    lifetime, one at a time per partition; after a restart entries are replayed from the last
+    checkpoint. Only application entries arrive here (``NORMAL`` entries and the ``PROPOSED``
+    entries of committed tickets); Kommander's own markers do not.
+
+    Results and failures:
+
+    * Whatever :meth:`apply` returns, or its Deferred fires with, is the entry's result, handed to
+      the caller in ``ReplicationResult.results``. ``False`` is a result too (the entry is applied
+      and ``on_replication_error`` reports it); it must be deterministic, since every node
+      reaches the same verdict.
+    * An exception, or a Deferred that fails, means this node's state can no longer be trusted to
+      match the others'. The entry is **not** marked applied, its caller gets ``ABORTED`` with the
+      reason, the node logs why and fail-stops (``on_fail_stop``); a restart replays from the last
+      checkpoint, so a fixed state machine applies the entry then. The same holds for
+      :meth:`checkpoint`, and for ``restore`` when it installs a leader's snapshot.
+
+    A Deferred may fire at once (``defer.succeed``) or later; the next entry of the partition is
+    applied only after it fired.
     """
 
-    def apply(partition: int, entry: Entry) -> "bool | None | Deferred[bool | None]":
-        """Apply one committed entry. ``False`` (or a failure) reports a replication error, which is
-        logged and fired as ``on_replication_error``; the log still moves on, so ``apply`` must be
-        deterministic: every node must reach the same verdict."""
+    def apply(partition: int, entry: Entry) -> "Any | Deferred[Any]":
+        """Apply one committed entry and return its result (any value, ``False`` included), or a
+        Deferred firing with it. Raise, or fail the Deferred, only when the state machine cannot go
+        on: that fail-stops the node without marking the entry applied."""
 
     def checkpoint(partition: int, index: int) -> "Deferred[None] | None":
         """A checkpoint entry at ``index`` was applied (``replicate_checkpoint``). Called in log
-        order like :meth:`apply`; a snapshot at ``index`` follows if :meth:`snapshot` exists."""
+        order like :meth:`apply`; a snapshot at ``index`` follows if :meth:`snapshot` exists. An
+        exception or failed Deferred fail-stops the node, as for :meth:`apply`."""
 
 
 class ISnapshotStateMachine(IStateMachine):
@@ -244,7 +260,8 @@ class ISnapshotStateMachine(IStateMachine):
     def restore(partition: int, chunks: "Iterator[bytes]") -> "Deferred[None] | None":
         """Replace the partition's state with a snapshot's, given as the chunks :meth:`snapshot`
         produced (possibly re-split). Called at start-up and when a leader sends a snapshot;
-        no :meth:`apply` runs for the partition until it finishes."""
+        no :meth:`apply` runs for the partition until it finishes. A failure fail-stops the node
+        (at start-up, ``join_cluster`` fails)."""
 
 
 class IRaft(Interface):

@@ -9,7 +9,9 @@ mirror. Four cursors describe how far each entry has travelled::
                                                        in a Ready for persistence)
 
 Entries are applied only once they are both committed and stable, so a node never applies what it
-could lose in a crash.
+could lose in a crash. They are also handed out only up to ``apply_limit``, which the runtime
+moves as its state machine catches up, so a slow state machine holds committed entries here
+instead of in a growing queue.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from collections.abc import Sequence
 
 from kommander.core.errors import CompactedError
 from kommander.core.types import Entry, SnapshotMeta
+
+#: An ``apply_limit`` no log index reaches (indexes are 64-bit).
+NO_LIMIT = 1 << 64
 
 
 class RaftLog:
@@ -30,6 +35,7 @@ class RaftLog:
         "applied",
         "stable",
         "unstable_from",
+        "apply_limit",
         "_writes_handed_out",
         "_writes_durable",
         "_rewrite",
@@ -53,6 +59,8 @@ class RaftLog:
         self.unstable_from = last + 1
         self.committed = max(self.snapshot.index, min(committed, last))
         self.applied = self.snapshot.index
+        #: Committed entries are handed out only up to this index (no limit until the runtime sets one).
+        self.apply_limit = NO_LIMIT
         # Writes are numbered in the order take_unstable() hands them out, which is also the order
         # in which stable_to() learns that they are durable.
         self._writes_handed_out = 0
@@ -227,11 +235,12 @@ class RaftLog:
         return min(self.committed, self.stable)
 
     def has_applicable(self) -> bool:
-        return self.applied < min(self.committed, self.stable)
+        return self.applied < min(self.committed, self.stable, self.apply_limit)
 
     def take_applicable(self, max_entries: int) -> tuple[Entry, ...]:
-        """Committed, durable entries not yet handed out for application (at most ``max_entries``)."""
-        high = min(self.committed, self.stable, self.applied + max_entries)
+        """Committed, durable entries not yet handed out for application (at most ``max_entries``,
+        none beyond ``apply_limit``)."""
+        high = min(self.committed, self.stable, self.applied + max_entries, self.apply_limit)
         if high <= self.applied:
             return ()
         offset = self.snapshot.index

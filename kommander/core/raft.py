@@ -258,6 +258,11 @@ class RaftNode(Election, Replication, ReadIndex):
         """Forget entries up to ``meta.index``: the state machine's snapshot now covers them."""
         self.log.compact(meta)
 
+    def limit_apply(self, index: int) -> None:
+        """Hand out committed entries only up to ``index`` until called again: the runtime's
+        back-pressure when its state machine falls behind (they stay in the log meanwhile)."""
+        self.log.apply_limit = index
+
     # ------------------------------------------------------------------ outputs
 
     def has_ready(self) -> bool:

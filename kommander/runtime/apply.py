@@ -1,21 +1,59 @@
 """Applying committed application entries: the state machine first, then the events.
 
-The manager owns one :class:`Applier`; each partition's runtime calls it for every entry it
-applies, in log order.
+The manager owns one :class:`Applier`; each partition's apply loop
+(:meth:`kommander.runtime.partition.PartitionRuntime._drain_apply`) calls it for every entry it
+applies, in log order. The contract it enforces (see :class:`kommander.interfaces.IStateMachine`):
+
+* whatever ``apply`` returns, or its Deferred fires with, ``False`` included, is the entry's
+  deterministic result;
+* an exception, or a failed Deferred, from ``apply`` or ``checkpoint`` means this node's state
+  can no longer be trusted: the entry is not marked applied and the node fail-stops; a restart
+  replays from the last checkpoint.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from kommander.core.types import Entry
-from kommander.results import is_deferred
 
 if TYPE_CHECKING:  # pragma: no cover
     from kommander.runtime.host import RuntimeHost
     from kommander.runtime.partition import PartitionRuntime
+
+#: Steps (entries, markers, installs) a partition's apply loop takes before it lets the reactor
+#: run other work; it continues on the next reactor turn.
+APPLY_SLICE = 1024
+#: The apply loop's markers: no outcome yet / nothing to apply.
+NOTHING: Any = object()
+IDLE: Any = object()
+
+
+class Wait:
+    """The apply loop's hold on one Deferred (``d.addBoth(wait)``): whether it had fired by the
+    time the loop asked, and with what; otherwise it calls ``resume`` with the result once it
+    fires. It consumes the result (a failure included), so the Deferred never reports an
+    unhandled error."""
+
+    __slots__ = ("resume", "fired", "result", "parked")
+
+    def __init__(self, resume: Callable[[Any], None]) -> None:
+        self.resume = resume
+        self.fired = False
+        self.result: Any = None
+        #: Set by the loop when it stops to wait: from then on the result resumes it.
+        self.parked = False
+
+    def __call__(self, result: Any) -> None:
+        if self.parked:
+            self.resume(result)
+        else:
+            self.fired = True
+            self.result = result
 
 
 class Applier:
@@ -27,45 +65,60 @@ class Applier:
         #: Application entries applied (a plain attribute: it moves once per entry).
         self.entries_applied = 0
 
-    def apply(self, runtime: "PartitionRuntime", entry: Entry, restoring: bool) -> Any:
-        """Apply one application entry. Returns what the state machine returned (or a Deferred
-        of it). Never raises: a failure is reported through ``on_replication_error``."""
-        self.entries_applied += 1
-        outcome: Any = None
-        machine = self.host.state_machine
-        if machine is not None:
-            try:
-                outcome = machine.apply(runtime.number, entry)
-            except Exception:  # noqa: BLE001 - the application's bug is reported, not fatal
-                return self._failed(runtime, entry, Failure())
-            if is_deferred(outcome):
-                return outcome.addCallbacks(
-                    self._after,
-                    lambda f: self._failed(runtime, entry, f),
-                    callbackArgs=(runtime, entry, restoring),
-                )
-        return self._after(outcome, runtime, entry, restoring)
+    def apply(self, runtime: "PartitionRuntime", entry: Entry) -> Any:
+        """Call the state machine's ``apply`` for one application entry.
 
-    def _after(self, outcome: Any, runtime: "PartitionRuntime", entry: Entry, restoring: bool) -> Any:
+        :returns: what it returned (possibly a Deferred, fired or not), or a :class:`Failure`
+            when it raised. Never raises; the caller waits for a Deferred, then calls
+            :meth:`applied` or :meth:`failed`.
+        """
+        machine = self.host.state_machine
+        if machine is None:
+            return None
+        try:
+            return machine.apply(runtime.number, entry)
+        except Exception:  # noqa: BLE001 - handed to the apply loop, which fail-stops the node
+            return Failure()
+
+    def applied(self, runtime: "PartitionRuntime", entry: Entry, outcome: Any, restoring: bool) -> None:
+        """``entry`` was applied with ``outcome``: fire the events. ``False`` is a result like any
+        other (and every node reaches it), reported through ``on_replication_error`` too."""
+        self.entries_applied += 1
         if outcome is False:
             self.report_error(runtime, entry, "the state machine returned False")
         host = self.host
         event = host.on_log_restored if restoring else host.on_replication_received
         if not len(event):
-            return outcome
+            return
         for verdict in event.fire(runtime.number, entry):
             if verdict is False:
                 self.report_error(runtime, entry, f"an {event.name} handler returned False")
             elif isinstance(verdict, Exception):
                 self.report_error(runtime, entry, f"an {event.name} handler raised {verdict!r}")
-        return outcome
 
-    def _failed(self, runtime: "PartitionRuntime", entry: Entry, failure: Failure) -> Exception:
-        self.report_error(runtime, entry, f"the state machine raised {failure.value!r}")
-        return failure.value
+    def failed(self, runtime: "PartitionRuntime", entry: Entry, failure: Failure, hook: str) -> str:
+        """The state machine's ``hook`` (``apply`` or ``checkpoint``) failed on ``entry``: log it with
+        its traceback and fire ``on_replication_error``. The caller fail-stops the node.
+
+        :returns: the reason, one sentence naming the partition, the entry and the error.
+        """
+        reason = (
+            f"partition {runtime.number}: the state machine's {hook} failed on entry {entry.index} "
+            f"({entry.log_type!r}): {failure.value!r}; the entry is not applied"
+        )
+        self.host.log.failure(
+            "partition {p}: the state machine's {hook} failed on entry {index}; stopping the node",
+            failure,
+            LogLevel.error,
+            p=runtime.number,
+            hook=hook,
+            index=entry.index,
+        )
+        self.host.on_replication_error.fire(runtime.number, entry, reason)
+        return reason
 
     def report_error(self, runtime: "PartitionRuntime", entry: Entry, reason: str) -> None:
-        """Log an application error and fire ``on_replication_error``; the log moves on."""
+        """Log an application-level error and fire ``on_replication_error``; the log moves on."""
         self.host.log.error(
             "partition {p}: applying entry {index} ({log_type}) failed: {reason}",
             p=runtime.number,
@@ -76,14 +129,17 @@ class Applier:
         self.host.on_replication_error.fire(runtime.number, entry, reason)
 
     def checkpoint(self, runtime: "PartitionRuntime", entry: Entry) -> Any:
-        """A checkpoint marker was applied: request a snapshot and call the state machine's
-        ``checkpoint`` hook if it has one."""
+        """A checkpoint marker is being applied: request a snapshot and call the state machine's
+        ``checkpoint`` hook if it has one.
+
+        :returns: what the hook returned (possibly a Deferred), or a :class:`Failure` when it
+            raised; never raises.
+        """
         runtime.snapshot_requested = True
         hook = getattr(self.host.state_machine, "checkpoint", None)
         if hook is None:
             return None
         try:
             return hook(runtime.number, entry.index)
-        except Exception:  # noqa: BLE001
-            self.host.log.failure("partition {p}: state machine checkpoint failed", p=runtime.number)
-            return None
+        except Exception:  # noqa: BLE001 - handed to the apply loop, which fail-stops the node
+            return Failure()

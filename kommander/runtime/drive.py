@@ -109,6 +109,10 @@ class DriveLoop:
         self.log.critical("node {node} stopping: {reason}", node=self.node_id, reason=reason)
         self.fail_stopped = self.leave_cluster()
         self.fail_stopped.addErrback(self._leave_failed)
+        restored = getattr(self, "_restored", None)
+        if restored is not None and not restored.called:
+            # Stopped while replaying: join_cluster fails with the reason instead of never firing.
+            restored.errback(KommanderError(f"node {self.node_id} stopped while restoring: {reason}"))
         self.on_fail_stop.fire(reason)
 
     def _leave_failed(self, failure: Failure) -> None:

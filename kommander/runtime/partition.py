@@ -24,7 +24,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from kommander.core.errors import NotLeader, ProposalDropped
@@ -32,6 +32,7 @@ from kommander.core.raft import RaftNode
 from kommander.core.types import Entry, EntryKind, Proposal, Role, SnapshotMeta
 from kommander.results import RaftOperationStatus, ReplicationResult, is_deferred
 from kommander.runtime.tickets import HeldTickets, TicketBook
+from kommander.runtime.apply import APPLY_SLICE, IDLE, NOTHING, Wait
 from kommander.runtime.transfer import SnapshotReceiver
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,7 +40,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _log = Logger()
 Status = RaftOperationStatus
-
 
 class Request:
     """One caller waiting on entries: queued, then proposed, then applied."""
@@ -88,9 +88,17 @@ class PartitionRuntime:
         #: Likewise for proposals and QUEUE_FULL.
         self.queue_full = False
         self.applied = core.log.applied
-        #: Entries committed but not yet applied (apply may be asynchronous).
-        self.apply_queue: deque[Entry] = deque()
+        #: Entries committed but not yet applied (apply may be asynchronous); the head is the one
+        #: being applied. At most ``max_apply_queue`` (the core holds the rest back).
+        self.apply_queue: deque[Entry | SnapshotMeta] = deque()
+        #: The apply loop runs, waits for a Deferred, or is scheduled to continue.
         self.applying = False
+        #: A committed ticket being applied (the COMMIT marker heads the queue meanwhile): its
+        #: entries, the position of the one in progress, the results so far.
+        self._held: list[Entry] | None = None
+        self._held_pos = 0
+        self._held_results: list[Any] = []
+        core.limit_apply(self.applied + host.config.max_apply_queue)
         #: Undecided two-phase tickets (every node): ticket -> held entries.
         self._tickets = HeldTickets()
         #: The leader's view of the tickets it proposed in its current term.
@@ -309,6 +317,13 @@ class PartitionRuntime:
         self.confirmed_reads = remaining
 
     # ------------------------------------------------------------------ applying
+    #
+    # One loop applies everything, in log order: committed entries, the entries of a committed
+    # ticket, snapshots to install. It is a trampoline, never a recursion: a step's outcome is a
+    # plain value, a Deferred that has already fired (read at once), or a Deferred that fires
+    # later (the loop parks, and that Deferred resumes it). It yields the reactor every
+    # APPLY_SLICE steps, and holds the core back while max_apply_queue entries wait here. A
+    # failure of the state machine, or a stopped host, ends it: nothing more is applied.
 
     def apply_entries(self, entries: tuple[Entry | SnapshotMeta, ...]) -> None:
         """Queue committed entries (or a snapshot to install, as its meta) for application."""
@@ -316,57 +331,106 @@ class PartitionRuntime:
         if not self.applying:
             self._drain_apply()
 
-    def _drain_apply(self) -> None:
-        queue = self.apply_queue
+    def _drain_apply(self, outcome: Any = NOTHING) -> None:
+        """Run the apply loop; ``outcome`` is the result of the step in progress when a Deferred
+        resumes it."""
         host = self.host
-        apply, after_apply = host.applier.apply, host.checkpointer.after_apply
+        queue = self.apply_queue
+        applier = host.applier
+        apply, applied = applier.apply, applier.applied
+        after_apply = host.checkpointer.after_apply
         normal = EntryKind.NORMAL
-        while queue:
-            entry = queue.popleft()
-            if type(entry) is Entry and entry.kind is normal and not self.restoring:
-                # The hot path (an ordinary entry outside a restore), _done inlined.
-                outcome = apply(self, entry, False)
+        budget = APPLY_SLICE
+        self.applying = True
+        while host.running:
+            if outcome is NOTHING:
+                if not budget:
+                    host.reactor.callLater(0, self._continue)
+                    break
+                budget -= 1
+                item = queue[0] if queue and self._held is None else None
+                if item.__class__ is Entry and item.kind is normal and not self.restoring:
+                    outcome = apply(self, item)
+                    if outcome is None or (outcome.__class__ is not Failure and not is_deferred(outcome)):
+                        # The hot path: an ordinary entry applied at once (_complete inlined).
+                        queue.popleft()
+                        applied(self, item, outcome, False)
+                        self.applied = item.index
+                        if self.inflight and self.inflight[0].first <= item.index:
+                            self._resolve(item, outcome)
+                        after_apply(self, item)
+                        if self.confirmed_reads:
+                            self._release_reads()
+                        outcome = NOTHING
+                        continue
+                else:
+                    outcome = self._start()
+                    if outcome is IDLE:
+                        self.applying = False
+                        break
                 if outcome is not None and is_deferred(outcome):
-                    self.applying = True
-                    outcome.addBoth(self._applied_async, entry)
-                    return
-                self.applied = entry.index
-                if self.inflight and self.inflight[0].first <= entry.index:
-                    self._resolve(entry, outcome)
-                after_apply(self, entry)
-                if self.confirmed_reads:
-                    self._release_reads()
-                continue
-            outcome = self._apply_one(entry)
-            if is_deferred(outcome):
-                self.applying = True
-                outcome.addBoth(self._applied_async, entry)
+                    wait = Wait(self._resume)
+                    outcome.addBoth(wait)
+                    if not wait.fired:
+                        wait.parked = True
+                        break
+                    outcome = wait.result
+            if not self._complete(outcome):
                 return
-            self._done(entry, outcome)
-        self.applying = False
+            outcome = NOTHING
+        else:
+            # Stopped, or fail-stopped (a failed install, WAL write, ...): apply nothing more.
+            self.applying = False
+            return
+        self._pace()
 
-    def _applied_async(self, outcome: Any, entry: Entry) -> None:
-        self._done(entry, outcome)
-        self._drain_apply()
+    def _continue(self) -> None:
+        self._guarded()
 
-    def _apply_one(self, entry: Entry | SnapshotMeta) -> Any:
-        if isinstance(entry, SnapshotMeta):
-            return self.host.checkpointer.install(self, entry)
-        kind = entry.kind
+    def _resume(self, outcome: Any) -> None:
+        self._guarded(outcome)
+
+    def _guarded(self, outcome: Any = NOTHING) -> None:
+        """Run the loop outside the manager's drive loop (from the reactor or a Deferred), where
+        nothing else would see an internal error: stop the node loudly instead."""
+        try:
+            self._drain_apply(outcome)
+        except Exception:  # noqa: BLE001 - a broken invariant: stop rather than corrupt
+            self.host.log.failure("partition {p}: internal error in the apply loop", p=self.number)
+            self.host.fail_stop(f"partition {self.number}: internal error in the apply loop (see the log)")
+
+    def _start(self) -> Any:
+        """Begin the step at the head of the queue.
+
+        :returns: its outcome (possibly a Deferred), a :class:`Failure` when the state machine
+            raised, or ``IDLE`` when there is nothing to apply.
+        """
+        held = self._held
+        if held is not None:
+            return self.host.applier.apply(self, held[self._held_pos])
+        queue = self.apply_queue
+        if not queue:
+            return IDLE
+        item = queue[0]
+        if isinstance(item, SnapshotMeta):
+            return self.host.checkpointer.install(self, item)
+        kind = item.kind
         if kind is EntryKind.NORMAL:
-            return self.host.applier.apply(self, entry, self.restoring)
+            return self.host.applier.apply(self, item)
         if kind is EntryKind.PROPOSED:
-            self._tickets.hold(entry)
+            self._tickets.hold(item)
             return None
         if kind is EntryKind.COMMIT:
-            held = self._tickets.release(entry.ticket)
-            self.book.decided(entry.ticket)
-            if held is None:
+            held = self._tickets.release(item.ticket)
+            self.book.decided(item.ticket)
+            if not held:
                 return None
-            return self._apply_many(held)
+            # The ticket's entries are applied one step each, before the marker completes.
+            self._held, self._held_pos, self._held_results = held, 0, []
+            return self.host.applier.apply(self, held[0])
         if kind is EntryKind.ROLLBACK:
-            self._tickets.release(entry.ticket)
-            self.book.decided(entry.ticket)
+            self._tickets.release(item.ticket)
+            self.book.decided(item.ticket)
             return None
         if kind is EntryKind.NOOP:
             if self._tickets:
@@ -374,48 +438,90 @@ class PartitionRuntime:
                     "partition {p}: rolling back undecided tickets {tickets} at new leader's no-op {i}",
                     p=self.number,
                     tickets=self._tickets.release_all(),
-                    i=entry.index,
+                    i=item.index,
                 )
             return None
         if kind is EntryKind.CHECKPOINT:
-            return self.host.applier.checkpoint(self, entry)
+            return self.host.applier.checkpoint(self, item)
         raise AssertionError(f"unknown entry kind {kind!r}")
 
-    def _apply_many(self, entries: list[Entry]) -> Any:
-        """Apply a committed ticket's entries in order, waiting for asynchronous ones; returns
-        the tuple of their results (or a Deferred firing with it)."""
-        results: list[Any] = []
-
-        def run(start: int) -> Any:
-            for i in range(start, len(entries)):
-                outcome = self.host.applier.apply(self, entries[i], self.restoring)
-                if is_deferred(outcome):
-
-                    def resumed(value: Any, i: int = i) -> Any:
-                        results.append(value.value if isinstance(value, Failure) else value)
-                        return run(i + 1)
-
-                    return outcome.addBoth(resumed)
-                results.append(outcome)
-            return tuple(results)
-
-        return run(0)
-
-    def _done(self, entry: Entry | SnapshotMeta, outcome: Any) -> None:
+    def _complete(self, outcome: Any) -> bool:
+        """Finish the step in progress with ``outcome``. :returns: False when it failed and the
+        node was stopped."""
         if isinstance(outcome, Failure):
-            if isinstance(entry, SnapshotMeta):
-                # The state machine could not take the leader's snapshot: this node cannot go on.
-                self.host.fail_stop(f"partition {self.number}: installing a snapshot failed: {outcome.value!r}")
-                return
-            outcome = outcome.value
-        self.applied = entry.index
-        if self.restoring and self.applied >= self.restore_until:
+            return self._fatal(outcome)
+        restoring = self.restoring
+        held = self._held
+        if held is not None:
+            self.host.applier.applied(self, held[self._held_pos], outcome, restoring)
+            self._held_results.append(outcome)
+            self._held_pos += 1
+            if self._held_pos < len(held):
+                return True
+            outcome = tuple(self._held_results)
+            self._held = None
+            self._held_results = []
+        item = self.apply_queue.popleft()
+        if isinstance(item, SnapshotMeta):
+            self.applied = item.index
+        else:
+            if item.kind is EntryKind.NORMAL:
+                self.host.applier.applied(self, item, outcome, restoring)
+            # Only now, with the state machine done, does the entry count as applied.
+            self.applied = item.index
+        if restoring and self.applied >= self.restore_until:
             self.restoring = False
             self.host.restore_finished(self)
-        if isinstance(entry, Entry):
-            self._resolve(entry, outcome)
-            self.host.checkpointer.after_apply(self, entry)
-        self._release_reads()
+        if not isinstance(item, SnapshotMeta):
+            if self.inflight and self.inflight[0].first <= item.index:
+                self._resolve(item, outcome)
+            self.host.checkpointer.after_apply(self, item)
+        if self.confirmed_reads:
+            self._release_reads()
+        return True
+
+    def _fatal(self, failure: Failure) -> bool:
+        """The step in progress failed: the state machine cannot be trusted to match the other
+        nodes any more. Its entry is not marked applied, its caller is told, the node stops."""
+        item = self.apply_queue[0]
+        host = self.host
+        if isinstance(item, SnapshotMeta):
+            reason = (
+                f"partition {self.number}: installing the leader's snapshot at index {item.index} "
+                f"failed: {failure.value!r}"
+            )
+            host.log.failure(
+                "partition {p}: installing a snapshot failed; stopping the node", failure, LogLevel.error, p=self.number
+            )
+        else:
+            held = self._held
+            entry = held[self._held_pos] if held is not None else item
+            hook = "checkpoint" if item.kind is EntryKind.CHECKPOINT else "apply"
+            reason = host.applier.failed(self, entry, failure, hook)
+            inflight = self.inflight
+            if inflight and inflight[0].first <= item.index <= inflight[0].last:
+                inflight.popleft().finish(
+                    ReplicationResult.failed(
+                        Status.ABORTED,
+                        f"{reason}; the node stopped (the entry is committed: a restart applies it again)",
+                    )
+                )
+        self.applying = False
+        host.fail_stop(reason)
+        return False
+
+    def _pace(self) -> None:
+        """Let the core hand out more committed entries once at most half of ``max_apply_queue``
+        are waiting here (halfway, so that a slow state machine does not cost a Ready per entry)."""
+        bound = self.host.config.max_apply_queue
+        log = self.core.log
+        if log.applied - self.applied > bound // 2:
+            return
+        limit = self.applied + bound
+        if limit > log.apply_limit:
+            self.core.limit_apply(limit)
+            if log.has_applicable():
+                self.host.mark_dirty(self)
 
     def _resolve(self, entry: Entry, outcome: Any) -> None:
         inflight = self.inflight

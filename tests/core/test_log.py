@@ -259,6 +259,17 @@ def test_take_applicable_never_past_commit_and_respects_the_batch_limit():
     assert log.take_applicable(3) == ()
 
 
+def test_take_applicable_stops_at_the_apply_limit_until_it_moves():
+    """Nothing beyond apply_limit is handed out or reported applicable; raising it releases the rest."""
+    log = stable_log([1] * 10, committed=10)
+    log.apply_limit = 4
+    assert [e.index for e in log.take_applicable(100)] == [1, 2, 3, 4]
+    assert not log.has_applicable() and log.take_applicable(100) == ()
+    log.apply_limit = 8
+    assert log.has_applicable()
+    assert [e.index for e in log.take_applicable(100)] == [5, 6, 7, 8]
+
+
 # ---------------------------------------------------------------------- snapshots
 
 

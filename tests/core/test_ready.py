@@ -154,6 +154,20 @@ def test_committed_entries_wait_for_advance_on_a_follower():
     assert [e.index for e in follower.ready().committed_entries] == [1, 2, 3]
 
 
+def test_committed_entries_wait_for_the_runtime_apply_limit():
+    """Committed entries beyond limit_apply stay in the log: no Ready hands them out (and none is
+    pending for them) until the limit moves."""
+    follower = core(term=1)
+    follower.limit_apply(2)
+    follower.step(AppendEntries(1, "n1", "n2", 0, 0, entries_of([1, 1, 1, 1]), 4))
+    follower.advance(follower.ready())
+    assert [e.index for e in follower.ready().committed_entries] == [1, 2]
+    assert not follower.has_ready()
+    follower.limit_apply(10)
+    assert follower.has_ready()
+    assert [e.index for e in follower.ready().committed_entries] == [3, 4]
+
+
 def test_committed_entries_wait_for_advance_on_the_leader():
     """A leader whose followers committed an entry applies it only after its own write."""
     net = Network(3)
