@@ -6,6 +6,8 @@
 ``DELETE /v1/kv/{key}``                    200 ``{"index": N}``, 404 absent
 ``POST /v1/kv/{key}/cas``                  ``{"expected": str|null, "value": str}``; 200 or 409
 ``GET /v1/status``                         the node's view of every partition
+``GET /v1/health[?partition=N]``           200 serving, 503 with JSON reasons
+``GET /metrics``                           Prometheus text format (:mod:`kommander.ops.metrics`)
 =========================================  =====================================================
 
 A key is exactly one path segment, percent-decoded, then UTF-8 (so ``a%2Fb`` is the key ``a/b``).
@@ -41,6 +43,9 @@ from kommander.kv.machine import (
     encode_delete,
     encode_put,
 )
+from kommander.ops import health
+from kommander.ops.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
+from kommander.ops.metrics import NodeMetrics
 from kommander.results import RaftOperationStatus, ReplicationResult
 
 #: The default largest request body, in bytes.
@@ -147,17 +152,27 @@ class KVResource(resource.Resource):
     :param machine: the node's :class:`KVStateMachine`, or ``None`` when the node runs another
         state machine (then only ``/v1/status`` is served and KV paths answer 501).
     :param max_body_bytes: largest request body accepted.
+    :param process_metrics: include the ``process_*`` metrics (CPU, memory) in ``GET /metrics``.
     """
 
     isLeaf = True
 
-    def __init__(self, manager: Any, machine: KVStateMachine | None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    def __init__(
+        self,
+        manager: Any,
+        machine: KVStateMachine | None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        *,
+        process_metrics: bool = True,
+    ):
         super().__init__()
         if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
             raise ValueError(f"max_body_bytes {max_body_bytes!r}: use a positive integer")
         self.manager = manager
         self.machine = machine
         self.max_body_bytes = max_body_bytes
+        #: ``GET /metrics``; built here so the leader-change counter starts with the site.
+        self.metrics = NodeMetrics(manager, process=process_metrics)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -197,6 +212,14 @@ class KVResource(resource.Resource):
             if method not in _STATUS_METHODS:
                 raise _method_not_allowed(method, _STATUS_METHODS)
             return self._status()
+        if path == [b"v1", b"health"]:
+            if method not in _STATUS_METHODS:
+                raise _method_not_allowed(method, _STATUS_METHODS)
+            return self._health(request)
+        if path == [b"metrics"]:
+            if method not in _STATUS_METHODS:
+                raise _method_not_allowed(method, _STATUS_METHODS)
+            return Response(200, self.metrics.render(), METRICS_CONTENT_TYPE.encode("ascii"))
         if len(path) in (3, 4) and path[:2] == [b"v1", b"kv"]:
             if len(path) == 4 and path[3] != b"cas":
                 raise _bad("unknown path; write '/' inside a key as %2F", 404)
@@ -314,6 +337,20 @@ class KVResource(resource.Resource):
         document = self.manager.status()
         document["http"] = self.manager.metadata.get("http")
         return json_response(200, document)
+
+    def _health(self, request: server.Request) -> Response:
+        partition = None
+        raw = request.args.get(b"partition")
+        if raw:
+            try:
+                partition = int(raw[0].decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                raise _bad("partition must be an integer", 400) from None
+        try:
+            healthy, document = health.check(self.manager, partition)
+        except ValueError as e:
+            raise _bad(str(e), 404) from None
+        return json_response(200 if healthy else 503, document)
 
 
 class KVRequest(server.Request):

@@ -317,6 +317,11 @@ class DriveLoop:
     # ------------------------------------------------------------------ disk stalls
 
     @property
+    def failure_reason(self) -> str | None:
+        """Why the node fail-stopped, or ``None`` while it has not."""
+        return self._failed
+
+    @property
     def disk_stalled(self) -> bool:
         """Whether a WAL write has been outstanding for longer than an election timeout (the node
         then leads nothing, does not campaign and drops incoming messages until it completes)."""

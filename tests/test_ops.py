@@ -1,0 +1,94 @@
+"""GET /metrics and GET /v1/health on the KV HTTP site, over a three-node cluster on one clock."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from test_kv_http import IDS, PARTITIONS, Cluster
+
+from kommander.ops import health
+from kommander.ops.metrics import NodeMetrics
+
+
+@pytest.fixture
+def cluster() -> Cluster:
+    return Cluster(operation_timeout=2.0)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition, parsed by prometheus_client's own parser."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_metrics_are_prometheus_text_with_every_partition(cluster: Cluster) -> None:
+    leader = cluster.leader_of("k")
+    assert cluster.request(leader, "PUT", "/v1/kv/k", b"v").code == 200
+    reply = cluster.request(leader, "GET", "/metrics")
+    assert reply.code == 200 and reply.headers["content-type"].startswith("text/plain")
+    found = samples(reply.body.decode())
+    manager = cluster.managers[leader]
+    partition = manager.partition_for_key("k")
+    labels = (("node", leader), ("partition", str(partition)))
+    status = manager.status()["partitions"][partition]
+    assert found[("kommander_partition_commit_index", labels)] == status["commit_index"]
+    assert found[("kommander_partition_applied_index", labels)] == status["applied_index"]
+    assert found[("kommander_partition_term", labels)] == status["term"]
+    assert found[("kommander_partition_role", (*labels, ("role", "leader")))] == 1.0
+    assert found[("kommander_partition_role", (*labels, ("role", "follower")))] == 0.0
+    assert found[("kommander_leader_changes_total", labels)] >= 1
+    for follower in IDS:
+        if follower != leader:
+            key = ("kommander_follower_lag_entries", tuple(sorted((*labels, ("follower", follower)))))
+            assert found[key] >= 0
+    assert found[("kommander_wal_writes_total", (("node", leader),))] >= 1
+    assert found[("kommander_node_running", (("node", leader),))] == 1.0
+    every = {dict(labels)["partition"] for name, labels in found if name == "kommander_partition_term"}
+    assert every == {str(p) for p in range(PARTITIONS)}
+    assert any(name.startswith("kommander_process_") for name, _ in found), "process metrics missing"
+
+
+def test_metrics_without_the_process_collector(cluster: Cluster) -> None:
+    text = NodeMetrics(cluster.managers["n1"], process=False).render().decode()
+    assert "kommander_partition_term" in text and "process_" not in text
+
+
+def test_health_is_200_when_every_partition_has_a_leader(cluster: Cluster) -> None:
+    reply = cluster.request("n2", "GET", "/v1/health")
+    assert reply.code == 200
+    assert reply.json() == {"node_id": "n2", "healthy": True, "reasons": []}
+    one = cluster.request("n2", "GET", "/v1/health?partition=1").json()
+    assert one["healthy"] and one["partition"] == 1
+
+
+def test_health_is_503_with_reasons_once_the_node_stopped(cluster: Cluster) -> None:
+    manager = cluster.managers["n3"]
+    manager.fail_stop("test: disk on fire")
+    reply = cluster.request("n3", "GET", "/v1/health")
+    assert reply.code == 503
+    document = reply.json()
+    assert not document["healthy"]
+    assert any("disk on fire" in reason for reason in document["reasons"])
+    found = samples(cluster.request("n3", "GET", "/metrics").body.decode())
+    assert found[("kommander_node_running", (("node", "n3"),))] == 0.0
+
+
+def test_health_names_partitions_without_a_leader() -> None:
+    cluster = Cluster(join=False)
+    healthy, document = health.check(cluster.managers["n1"])
+    assert not healthy and "node not running" in document["reasons"]
+
+
+@pytest.mark.parametrize(("query", "code"), [("partition=x", 400), ("partition=99", 404)])
+def test_health_refuses_a_bad_partition(cluster: Cluster, query: str, code: int) -> None:
+    reply = cluster.request("n1", "GET", f"/v1/health?{query}")
+    assert reply.code == code and "error" in reply.json()
+
+
+def test_metrics_and_health_refuse_writes(cluster: Cluster) -> None:
+    assert cluster.request("n1", "POST", "/metrics").code == 405
+    assert cluster.request("n1", "DELETE", "/v1/health").code == 405
