@@ -452,3 +452,53 @@ def test_node_processes_tune_the_garbage_collector() -> None:
         assert gc.get_threshold() == tap.GC_THRESHOLDS
     finally:
         gc.set_threshold(*before)
+
+
+# ---------------------------------------------------------------------- logging options
+
+
+def test_log_format_json_installs_a_json_observer_on_the_application(tmp_path) -> None:
+    """--log-format json: twistd's application gets a JSON-lines observer; events are one line each."""
+    import io
+    import json as jsonlib
+
+    from twisted.application import service as app_service
+    from twisted.logger import ILogObserver, Logger
+
+    from kommander.entry import logs
+
+    options = tap.Options()
+    options.parseOptions(
+        ["--node-id", "n1", "--listen", "tcp:0:interface=127.0.0.1", "--wal", "memory", "--log-format", "json"]
+    )
+    top = tap.makeService(options, reactor=MemoryReactorClock())
+    application = app_service.Application("kommander")
+    top.setServiceParent(application)
+    assert application.getComponent(ILogObserver) is top.observer
+    out = io.StringIO()
+    observer = logs.make_observer("json", "warn", out)
+    log = Logger(observer=observer)
+    log.info("quiet {p}", p=1)
+    log.warn("partition {p}: leader is now {leader}", p=2, leader="n3")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    event = jsonlib.loads(lines[0])
+    assert event["p"] == 2 and event["leader"] == "n3"
+
+
+def test_default_logging_is_left_to_twistd() -> None:
+    from twisted.application import service as app_service
+    from twisted.logger import ILogObserver
+
+    options = tap.Options()
+    options.parseOptions(["--node-id", "n1", "--listen", "tcp:0:interface=127.0.0.1", "--wal", "memory"])
+    top = tap.makeService(options, reactor=MemoryReactorClock())
+    application = app_service.Application("kommander")
+    top.setServiceParent(application)
+    assert application.getComponent(ILogObserver, None) is None
+
+
+@pytest.mark.parametrize("argv", [["--log-format", "xml"], ["--log-level", "loud"]])
+def test_bad_log_options_are_usage_errors(argv) -> None:
+    with pytest.raises(usage.UsageError, match="--log-"):
+        tap.Options().parseOptions(["--node-id", "n1", "--listen", "tcp:0:interface=127.0.0.1", *argv])

@@ -31,6 +31,7 @@ from twisted.python import usage
 
 from kommander.config import RaftConfiguration
 from kommander.core.errors import ConfigurationError, KommanderError
+from kommander.entry import logs
 from kommander.hookspecs import PluginContext
 from kommander.registry import PluginError, PluginKind, PluginRegistry
 
@@ -49,6 +50,8 @@ DEFAULTS: Mapping[str, str] = {
     "durability": "sync",
     "max-body-bytes": str(1024 * 1024),
     "checkpoint-every": "50000",
+    "log-format": "text",
+    "log-level": "info",
 }
 
 _PLUGIN_OPTIONS = {
@@ -216,6 +219,8 @@ class Options(usage.Options):
         ["advertise-http", None, None, "Base URL clients are redirected to [default: derived from --http]."],
         ["max-body-bytes", None, None, "Largest HTTP request body accepted [default: 1048576]."],
         ["checkpoint-every", None, None, "Snapshot and compact each partition every N applied entries; 0: never [default: 50000]."],
+        ["log-format", None, None, "text or json (one JSON event per line on standard output) [default: text]."],
+        ["log-level", None, None, "Lowest level logged: debug, info, warn, error or critical [default: info]."],
         ["expect", None, None, "Cluster size, this node included: wait until discovery finds that many nodes "
          "before starting (required with --discovery multicast unless --peers lists the others)."],
     ]
@@ -266,6 +271,10 @@ class Options(usage.Options):
             self.plugin_options.setdefault("advertise", advertise)
         self.metadata = self._metadata()
         self["max-body-bytes"] = self._int("max-body-bytes", 1, 1 << 30)
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError(f"--log-format {self['log-format']!r}: use text or json")
+        if self["log-level"] not in logs.LEVELS:
+            raise usage.UsageError(f"--log-level {self['log-level']!r}: use one of {', '.join(logs.LEVELS)}")
         self.config = self._raft_configuration()
         self._resolve_plugins()
 
@@ -529,7 +538,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     except (KommanderError, OSError, ValueError) as e:
         notes = "; ".join(getattr(e, "__notes__", ()))
         raise SystemExit(f"twistd kommander: {e}" + (f" ({notes})" if notes else "")) from None
-    top = service.MultiService()
+    # twistd's own logging unless a format or level was asked for (see kommander.entry.logs).
+    custom = options["log-format"] != "text" or options["log-level"] != "info"
+    top = logs.NodeServices(logs.make_observer(options["log-format"], options["log-level"]) if custom else None)
     if options["http"]:
         machine = built["state-machine"]
         site = make_site(
