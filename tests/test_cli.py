@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from kommander.entry import cli, status
+from kommander.entry import status as cli_status
 
 STATUS = {
     "node_id": "n2",
@@ -103,11 +104,40 @@ def test_status_url(given: str, url: str) -> None:
 
 
 def test_status_command_prints_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`kommander status URL` fetches /v1/status and prints the table; exit status 0."""
+    """`kommander status URL` fetches /v1/status and prints the table; a partition without a
+    leader is named and the exit status is 1 (degraded)."""
     asked = fake_urlopen(monkeypatch, json.dumps(STATUS).encode())
     code, out, err = run("status", "http://127.0.0.1:8002")
-    assert (code, out, err) == (0, TABLE + "\n", "")
+    assert (code, out, err) == (1, TABLE + "\ndegraded: no leader for partition 1\n", "")
     assert asked == ["http://127.0.0.1:8002/v1/status"]
+
+
+def healthy_status() -> dict[str, Any]:
+    document = json.loads(json.dumps(STATUS))
+    document["partitions"][1]["leader"] = "n1"
+    return document
+
+
+def test_status_command_exits_0_when_healthy(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_urlopen(monkeypatch, json.dumps(healthy_status()).encode())
+    code, out, _ = run("status", "http://127.0.0.1:8002")
+    assert code == 0 and "degraded" not in out
+
+
+def test_status_reports_apply_lag_and_a_stopped_node() -> None:
+    document = healthy_status()
+    document["running"] = False
+    document["partitions"][0]["applied_index"] = 120 - cli_status.APPLY_LAG - 1
+    problems = cli_status.degraded(document)
+    assert problems[0] == "the node is not running" and "trails commit 120" in problems[1]
+
+
+def test_status_watch_prints_a_table_per_round_and_exits_with_the_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_urlopen(monkeypatch, json.dumps(healthy_status()).encode())
+    slept: list[float] = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    code, out, _ = run("status", "http://127.0.0.1:8002", "--watch", "--interval", "0.5", "--count", "3")
+    assert code == 0 and out.count("partition  role") == 3 and slept == [0.5, 0.5]
 
 
 @pytest.mark.parametrize(
@@ -122,17 +152,17 @@ def test_status_command_prints_table(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_status_command_errors(monkeypatch: pytest.MonkeyPatch, outcome: Any, message: str) -> None:
-    """Unreachable or wrong answers print one clear line on stderr and exit 1."""
+    """Unreachable or wrong answers print one clear line on stderr and exit 2."""
     fake_urlopen(monkeypatch, outcome)
     code, out, err = run("status", "http://127.0.0.1:9")
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     assert err.startswith("kommander status: ") and message in err
 
 
 def test_status_command_against_closed_port() -> None:
     """A real connection refused on loopback is reported, not raised."""
     code, _, err = run("status", "http://127.0.0.1:9", "--timeout", "2")
-    assert code == 1 and "cannot reach http://127.0.0.1:9/v1/status" in err
+    assert code == 2 and "cannot reach http://127.0.0.1:9/v1/status" in err
 
 
 @pytest.mark.parametrize(

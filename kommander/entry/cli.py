@@ -1,7 +1,9 @@
 """The ``kommander`` console script.
 
-``kommander status URL``
-    Print a table of one node's view of the cluster (``GET URL/v1/status``).
+``kommander status URL [--watch]``
+    Print a table of one node's view of the cluster (``GET URL/v1/status``), again every
+    ``--interval`` seconds with ``--watch``. Exit status 0 healthy, 1 degraded (the node is not
+    running, a partition has no leader, or applies trail commits), 2 unreachable.
 ``kommander demo``
     Start a local 3-node cluster of ``twistd kommander`` processes and show writes, a leader
     killed with SIGKILL, failover and catch-up (:mod:`kommander.entry.demo`; ``make demo`` runs it).
@@ -11,22 +13,39 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from kommander.entry.status import StatusError, fetch_status, format_status, status_url
+from kommander.entry.status import StatusError, degraded, fetch_status, format_status, status_url
 
 __all__ = ["StatusError", "build_parser", "fetch_status", "format_status", "main", "status_url"]
 
 
+#: Exit statuses of ``kommander status``.
+HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 2
+
+
 def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    try:
-        status = fetch_status(args.url, args.timeout)
-    except StatusError as e:
-        print(f"kommander status: {e}", file=err)
-        return 1
-    print(format_status(status), file=out)
-    return 0
+    rounds = args.count if args.watch else 1
+    code = UNREACHABLE
+    for round_number in range(rounds):
+        if round_number:
+            time.sleep(args.interval)
+        try:
+            status = fetch_status(args.url, args.timeout)
+        except StatusError as e:
+            print(f"kommander status: {e}", file=err)
+            code = UNREACHABLE
+            continue
+        problems = degraded(status)
+        if args.watch:
+            print(f"--- {time.strftime('%H:%M:%S')}", file=out)
+        print(format_status(status), file=out)
+        for problem in problems:
+            print(f"degraded: {problem}", file=out)
+        code = DEGRADED if problems else HEALTHY
+    return code
 
 
 def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -38,6 +57,12 @@ def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _positive_int(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 64:
         raise argparse.ArgumentTypeError(f"{text!r}: use a whole number from 1 to 64")
+    return int(text)
+
+
+def _positive_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a whole number of at least 1")
     return int(text)
 
 
@@ -59,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print a table of a node's view of the cluster")
     status.add_argument("url", help="the node's HTTP base URL, e.g. http://127.0.0.1:8001")
     status.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds to wait (default 5)")
+    status.add_argument("--watch", action="store_true", help="print the table again every --interval seconds")
+    status.add_argument("--interval", type=_positive_float, default=2.0, help="seconds between tables (default 2)")
+    status.add_argument(
+        "--count", type=_positive_count, default=1_000_000, help="with --watch, stop after this many tables"
+    )
     status.set_defaults(run=_status)
     demo = commands.add_parser("demo", help="run a local 3-node cluster and show failover")
     demo.add_argument("--partitions", type=_positive_int, default=3, help="partitions per node (default 3)")

@@ -83,3 +83,23 @@ def format_status(status: dict[str, Any]) -> str:
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+#: A partition whose applied index trails its commit index by more than this is reported.
+APPLY_LAG = 1000
+
+
+def degraded(status: dict[str, Any]) -> list[str]:
+    """What is wrong in one node's status: not running, partitions without a leader, apply lag."""
+    problems = []
+    if status.get("running") is False:
+        problems.append("the node is not running")
+    parts = [p for p in status.get("partitions", []) if isinstance(p, dict)]
+    leaderless = [str(p.get("partition")) for p in parts if p.get("leader") is None]
+    if leaderless:
+        problems.append("no leader for partition " + ", ".join(leaderless))
+    for part in parts:
+        commit, applied = part.get("commit_index"), part.get("applied_index")
+        if isinstance(commit, int) and isinstance(applied, int) and commit - applied > APPLY_LAG:
+            problems.append(f"partition {part.get('partition')}: applied {applied} trails commit {commit}")
+    return problems
