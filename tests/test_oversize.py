@@ -180,3 +180,12 @@ def test_batches_of_many_entries_stay_within_the_frame(limited: Cluster) -> None
     assert result.success and len(result.results) == 12
     assert BatchRefusingTransport.refused == 0
     assert leader.m.frame_budget.max_msg_bytes < 64 * 1024
+
+
+def test_batches_with_the_widest_log_type_stay_within_the_frame(limited: Cluster) -> None:
+    """Many small entries whose log type takes the most bytes the wire allows (which the core's
+    byte count ignores) still travel in AppendEntries that fit, and commit."""
+    leader = limited.leader(2)
+    result = limited.wait(leader.m.replicate_logs(2, "𝄞" * 256, [bytes(100)] * 200), 5.0)
+    assert result.success and len(result.results) == 200
+    assert BatchRefusingTransport.refused == 0
