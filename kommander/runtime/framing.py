@@ -12,7 +12,7 @@ runtime makes sure none is built:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.logger import Logger
@@ -26,6 +26,7 @@ from kommander.wire.limits import (
 )
 
 _log = Logger()
+_CACHED_LOG_TYPES = 64
 
 
 def declared_frame_limit(transport: Any) -> int | None:
@@ -53,6 +54,9 @@ class FrameBudget:
     max_msg_entries: int
     max_msg_bytes: int
     snapshot_chunk_bytes: int
+    #: log type -> its max_entry_bytes: asked on every proposal, and computing it costs several
+    #: times a lookup. Bounded: cleared beyond :data:`_CACHED_LOG_TYPES` log types.
+    _limits: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def for_transport(cls, transport: Any, config: Any) -> "FrameBudget":
@@ -100,7 +104,13 @@ class FrameBudget:
 
         :raises ValueError: ``log_type`` is too long for the wire or not encodable.
         """
-        return max(0, max_entry_data_bytes(self.frame_bytes, log_type))
+        limit = self._limits.get(log_type)
+        if limit is None:
+            limit = max(0, max_entry_data_bytes(self.frame_bytes, log_type))
+            if len(self._limits) >= _CACHED_LOG_TYPES:
+                self._limits.clear()
+            self._limits[log_type] = limit
+        return limit
 
     def refusal(self, log_type: str, size: int) -> str:
         """The error text of a proposal of ``size`` bytes refused as too large."""
