@@ -64,7 +64,9 @@ class TCPTransport:
     :param node_id: this node's id.
     :param cluster_id: peers announcing another cluster id are refused.
     :param listen: server endpoint description, e.g. ``tcp:8001:interface=127.0.0.1``.
-    :param max_frame_bytes: the largest frame body accepted; a peer declaring more is disconnected.
+    :param max_frame_bytes: the largest frame body accepted (a peer declaring more is disconnected)
+        and sent (a larger message is dropped alone); declared to the node as
+        ``ITransport.max_frame_bytes``.
     :param max_queue_bytes: per peer, the most bytes of frames waiting to be written.
     :param backoff_initial: first redial delay cap, in seconds.
     :param backoff_max: largest redial delay cap, in seconds.
