@@ -388,6 +388,8 @@ class DriveLoop:
                     peer=peer,
                     error=exc,
                 )
+            except (KommanderError, ValueError):
+                self.log.failure("transport refused messages for {peer}", peer=peer)
 
     def _leadership_changed(self, runtime: PartitionRuntime) -> None:
         previous = runtime.leader
