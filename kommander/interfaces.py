@@ -147,6 +147,12 @@ class ITransport(Interface):
     Delivery is best effort: messages may be lost, duplicated or reordered between channels, and
     Raft retransmits. Within one channel, messages arrive in the order sent. A message is delivered
     with the partition it was sent for, never another.
+
+    Optional attribute ``max_frame_bytes`` (``int``): the largest encoded message the transport
+    carries. The node refuses proposals whose AppendEntries would not fit
+    (``RaftOperationStatus.TOO_LARGE``) and keeps its batches and snapshot chunks within it. A
+    transport without it (not declared by this interface, so older transports keep verifying)
+    is assumed to carry 16 MiB (``kommander.wire.limits.DEFAULT_MAX_FRAME_BYTES``).
     """
 
     def start(receiver: IMessageReceiver) -> "Deferred[None]":
@@ -166,7 +172,9 @@ class ITransport(Interface):
 
         Never blocks and never raises for network trouble: when the peer is unreachable or its
         outgoing queue is full, messages are dropped (and counted). Messages queued during one
-        reactor turn go out together.
+        reactor turn go out together. A message larger than ``max_frame_bytes`` is dropped alone,
+        counted and logged (rate-limited); every other message of the call is still sent. (A
+        transport that raises ``FrameTooLarge`` instead has the node resend the others one by one.)
         """
 
     def is_connected(peer: str) -> bool:

@@ -28,6 +28,10 @@ class RaftOperationStatus(enum.Enum):
     QUEUE_FULL = "queue_full"
     #: No answer within ``operation_timeout``; the outcome is unknown.
     TIMEOUT = "timeout"
+    #: An entry is larger than the transport can carry to the followers (its frame limit minus
+    #: the AppendEntries envelope; see ``RaftManager.max_entry_bytes``); nothing was written.
+    #: Retrying does not help: split the data or raise the transport's ``max_frame_bytes``.
+    TOO_LARGE = "too_large"
     #: The request was refused (unknown ticket, rollback of applied entries, ...); nothing changed.
     REFUSED = "refused"
     #: The two-phase ticket was not decided within ``ticket_timeout``: its leader rolled it back

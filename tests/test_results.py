@@ -118,6 +118,7 @@ def test_statuses_are_the_documented_set() -> None:
         "NOT_LEADER",
         "LEADERSHIP_LOST",
         "QUEUE_FULL",
+        "TOO_LARGE",
         "TIMEOUT",
         "REFUSED",
         "EXPIRED",

@@ -22,7 +22,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from kommander.wire.codec import Handshake, decode_handshake, decode_message, encode_handshake, encode_message
-from kommander.core.errors import ConfigurationError, FrameTooLarge, ProtocolError
+from kommander.core.errors import ConfigurationError, ProtocolError
 from kommander.core.types import AppendEntries, Entry, Heartbeat, HeartbeatResponse, VoteRequest
 from kommander.interfaces import IMessageReceiver, ITransport
 from kommander.plugins.tcp import TCPTransport, backoff_delay
@@ -489,13 +489,41 @@ def test_message_the_peer_would_refuse_raises_locally(message):
     assert info.value.remote is False and node.transport.queued_bytes("a") == 0
 
 
-def test_message_over_max_frame_bytes_raises_locally():
-    """A message that would exceed max_frame_bytes raises FrameTooLarge and is not queued."""
+def test_batch_with_one_oversized_message_delivers_the_others():
+    """One message over max_frame_bytes is dropped alone; the rest of its batch is written."""
     node = make_node(max_frame_bytes=64 * 1024)
+    _, wire = accept_verified(node)
     big = AppendEntries(1, ME, "a", 0, 0, (Entry(1, 1, data=bytes(70 * 1024)),), 0)
-    with pytest.raises(FrameTooLarge):
+    node.transport.send(
+        "a", [(0, HeartbeatResponse(1, ME, "a", 1)), (1, big), (2, HeartbeatResponse(1, ME, "a", 3))]
+    )
+    node.reactor.advance(0)
+    decoded = [decode_message(body, 4) for body in frames_written(wire)[1:]]
+    assert [(p, m.context) for p, m in decoded] == [(0, 1), (2, 3)]
+    assert node.transport.stats["oversized"] == 1 and node.transport.stats["dropped"] == 1
+    assert "dropped a AppendEntries of" in node.log_text() and "partition 1 to node a" in node.log_text()
+
+
+def test_oversized_drops_are_logged_at_most_every_ten_seconds():
+    """Repeated oversized messages give one log line per 10 s, counting the ones held back."""
+    node = make_node(max_frame_bytes=64 * 1024)
+    accept_verified(node)
+    big = AppendEntries(1, ME, "a", 0, 0, (Entry(1, 1, data=bytes(70 * 1024)),), 0)
+    for _ in range(5):
         node.transport.send("a", [(0, big)])
-    assert node.transport.queued_bytes("a") == 0
+    lines = lambda: [line for line in node.log_text().splitlines() if "over max_frame_bytes" in line]  # noqa: E731
+    assert len(lines()) == 1
+    node.reactor.advance(10)
+    node.transport.send("a", [(0, big)])
+    assert len(lines()) == 2 and "(4 more dropped" in lines()[1]
+    assert node.transport.stats["oversized"] == 6
+
+
+def test_declares_its_frame_limit():
+    """The transport exposes max_frame_bytes, the optional ITransport attribute the node reads."""
+    from kommander.runtime.framing import declared_frame_limit
+
+    assert declared_frame_limit(make_node(max_frame_bytes=70_000).transport) == 70_000
 
 
 def test_send_while_stopped_is_dropped():

@@ -122,3 +122,20 @@ def test_large_frame_in_small_reads_is_linear():
 def test_describe_address(address, expected):
     """Peer addresses in log lines read host:port, bracketing IPv6 hosts."""
     assert describe_address(address) == expected
+
+
+def test_protocol_module_never_imports_the_transport() -> None:
+    """tcp_protocol knows its owner only as a ConnectionOwner: no import of kommander.plugins.tcp,
+    not even one for type checking, so imports between the two point one way."""
+    import ast
+    import inspect
+
+    import kommander.plugins.tcp_protocol as module
+
+    imported = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert not {name for name in imported if name and name.startswith("kommander.plugins.tcp")}, imported

@@ -488,6 +488,29 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def check_body_limit(max_body_bytes: int, manager: Any) -> None:
+    """Refuse a ``--max-body-bytes`` that accepts requests the transport could not replicate.
+
+    A configuration error rather than a silent clamp: the operator chose both limits, and a node
+    that quietly lowered one would answer 413 to bodies the documentation of their setting allows.
+
+    :raises SystemExit: the largest KV command a body can become exceeds
+        :meth:`~kommander.runtime.manager.RaftManager.max_entry_bytes`.
+    """
+    from kommander.kv.http import COMMAND_OVERHEAD_BYTES, max_command_bytes
+    from kommander.kv.machine import LOG_TYPE
+
+    room = manager.max_entry_bytes(LOG_TYPE)
+    if max_command_bytes(max_body_bytes) > room:
+        raise SystemExit(
+            f"twistd kommander: --max-body-bytes {max_body_bytes} accepts requests the transport cannot "
+            f"carry: with its frame limit of {manager.frame_budget.frame_bytes} bytes an entry holds at most "
+            f"{room} bytes and a KV command adds up to {COMMAND_OVERHEAD_BYTES}; use --max-body-bytes "
+            f"{max(0, room - COMMAND_OVERHEAD_BYTES)} or less, or raise the transport's max_frame_bytes "
+            "(--option max_frame_bytes=N)"
+        )
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """Build the node that ``options`` describe: the HTTP site and the Raft node, not started.
 
@@ -543,6 +566,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     top = logs.NodeServices(logs.make_observer(options["log-format"], options["log-level"]) if custom else None)
     if options["http"]:
         machine = built["state-machine"]
+        if isinstance(machine, KVStateMachine):
+            check_body_limit(options["max-body-bytes"], manager)
         site = make_site(
             manager,
             machine if isinstance(machine, KVStateMachine) else None,

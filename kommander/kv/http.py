@@ -50,6 +50,16 @@ from kommander.results import RaftOperationStatus, ReplicationResult
 
 #: The default largest request body, in bytes.
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+#: The most a KV command adds to the request body it carries: a CAS with the longest key.
+COMMAND_OVERHEAD_BYTES = len(encode_cas("k" * MAX_KEY_BYTES, b"", b""))
+
+
+def max_command_bytes(max_body_bytes: int) -> int:
+    """The largest entry a request body of at most ``max_body_bytes`` can become (a PUT's value
+    is the body; a CAS's decoded strings are never longer than the JSON holding them)."""
+    return max_body_bytes + COMMAND_OVERHEAD_BYTES
+
+
 #: Seconds a client is asked to wait before retrying a 503.
 RETRY_AFTER_SECONDS = 1
 #: Once a refused body has been discarded up to this many bytes, the connection is closed anyway.
@@ -297,6 +307,8 @@ class KVResource(resource.Resource):
             return self._not_leader(request, partition, result.leader)
         if status in (Status.TIMEOUT, Status.LEADERSHIP_LOST, Status.ABORTED):
             return error_response(504, f"outcome unknown: {result.error}", result.leader or leader)
+        if status is Status.TOO_LARGE:
+            return error_response(413, result.error or status.value, leader)
         if status in (Status.QUEUE_FULL, Status.ERRORED):
             return error_response(503, result.error or status.value, leader)
         return error_response(500, f"{status.value}: {result.error}", leader)

@@ -13,6 +13,11 @@ id, neither node is disconnected and the link ``a -> b`` is not blocked. The sen
 told about its channels through ``peer_status_changed`` (with the peer receiver's ``metadata``).
 When a channel goes down every message in flight on it is lost, as when a TCP connection resets;
 messages sent while it is down are dropped and counted, never raised.
+
+A network built with ``max_frame_bytes`` behaves like the TCP transport's frame limit: each message
+is encoded with the wire codec, one larger than the limit is dropped alone (counted as
+``dropped.too-large`` and logged at most every 10 s) and the rest of its batch is delivered; its
+transports declare the limit to the node (``ITransport.max_frame_bytes``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from zope.interface import implementer
 
 from kommander.core.errors import ProtocolError
 from kommander.interfaces import IMessageReceiver, ITransport
+from kommander.runtime.ratelimit import RateLimitedLog
 
 Channel = tuple[str, str]
 _EMPTY: Mapping[str, str] = MappingProxyType({})
@@ -46,6 +52,8 @@ class MemoryNetwork:
     :param drop_rate: probability that each message is lost.
     :param codec: encode and decode every message with :mod:`kommander.wire.codec`, as the TCP
         transport does, so tests catch messages the wire cannot carry.
+    :param max_frame_bytes: the largest encoded message carried (``None``: no limit, and the
+        transports declare none).
     """
 
     _log = Logger()
@@ -60,17 +68,24 @@ class MemoryNetwork:
         jitter: float = 0.0,
         drop_rate: float = 0.0,
         codec: bool = False,
+        max_frame_bytes: int | None = None,
     ) -> None:
+        if max_frame_bytes is not None and not (type(max_frame_bytes) is int and max_frame_bytes > 0):
+            raise ValueError(f"max_frame_bytes {max_frame_bytes!r}: use a positive integer or None")
         self.reactor = reactor
+        self.max_frame_bytes = max_frame_bytes
         self.rng = rng if rng is not None else random.Random(0)
         self.delay = delay
         self.jitter = jitter
         self.set_drop_rate(drop_rate)
         self._codec: Any = None
-        if codec:
+        self._wire: Any = None
+        if codec or max_frame_bytes is not None:
             from kommander.wire import codec as wire
 
-            self._codec = wire
+            self._wire = wire
+            self._codec = wire if codec else None
+        self._log_too_large = RateLimitedLog(lambda *a, **k: self._log.warn(*a, **k), reactor.seconds)
         self._transports: dict[str, MemoryTransport] = {}
         self._blocked: set[Channel] = set()
         self._disconnected: set[str] = set()
@@ -198,6 +213,13 @@ class MemoryNetwork:
             if self.drop_rate and self.rng.random() < self.drop_rate:
                 self.stats["dropped.random"] += 1
                 continue
+            if self.max_frame_bytes is not None:
+                body = self._wire.encode_message(partition, message)
+                if len(body) > self.max_frame_bytes:
+                    self._too_large(src.node_id, dst, partition, message, len(body))
+                    continue
+                batch.append(body if self._codec else (partition, message))
+                continue
             batch.append(self._codec.encode_message(partition, message) if self._codec else (partition, message))
         if not batch:
             return
@@ -207,6 +229,19 @@ class MemoryNetwork:
         due = max(now + self.delay + extra, self._last_due.get(channel, now))
         self._last_due[channel] = due
         self.reactor.callLater(due - now, self._deliver, channel, self._epoch[channel], batch)
+
+    def _too_large(self, src: str, dst: str, partition: int, message: object, size: int) -> None:
+        self.stats["dropped.too-large"] += 1
+        self._log_too_large(
+            "memory transport {src}: dropped a {type} of {size} bytes for partition {p} to {dst}: over "
+            "max_frame_bytes={limit} ({suppressed} more dropped since the last such line)",
+            src=src,
+            dst=dst,
+            type=type(message).__name__,
+            size=size,
+            p=partition,
+            limit=self.max_frame_bytes,
+        )
 
     def _deliver(self, channel: Channel, epoch: int, batch: list[Any]) -> None:
         src, dst = channel
@@ -258,6 +293,11 @@ class MemoryTransport:
         #: Channels this transport reported up (managed by the network).
         self.status: dict[str, bool] = {}
         self.started = False
+
+    @property
+    def max_frame_bytes(self) -> int | None:
+        """The network's frame limit (``None``: none declared)."""
+        return self.network.max_frame_bytes
 
     def start(self, receiver: IMessageReceiver) -> defer.Deferred[None]:
         """Join the network; fires at once.

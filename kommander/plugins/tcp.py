@@ -11,16 +11,15 @@ code changes. ``docs/wire.rst`` states the connection policy this module impleme
   reason) and disconnected, and never reach the receiver.
 * A lost or failed dial is retried after a capped, jittered exponential backoff.
 * Each peer has its own bounded queue of encoded frames: a slow or dead peer stalls nobody else,
-  and beyond the bound messages are dropped and counted (Raft retransmits).
+  and beyond the bound messages are dropped and counted (Raft retransmits). A message over
+  ``max_frame_bytes`` is dropped alone, never the rest of its batch (:mod:`.tcp_peers`).
 """
 
 from __future__ import annotations
 
 import random
 import secrets
-from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -28,16 +27,20 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from kommander.wire.codec import PROTOCOL_VERSION, Handshake, encode_handshake, encode_message
-from kommander.core.errors import ConfigurationError, FrameTooLarge, ProtocolError
+from kommander.core.errors import ConfigurationError, ProtocolError
 from kommander.interfaces import ITransport
-from kommander.plugins.tcp_protocol import PREFIX_BYTES, PeerConnection, PeerFactory, describe_address
+from kommander.plugins.tcp_peers import PeerRecord, backoff_delay, encode_frames, handshake_refusal
+from kommander.plugins.tcp_protocol import PeerConnection, PeerFactory, describe_address
+from kommander.runtime.ratelimit import RateLimitedLog
+from kommander.wire.codec import PROTOCOL_VERSION, Handshake, encode_handshake
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IListeningPort
     from twisted.python.failure import Failure
 
     from kommander.interfaces import IMessageReceiver
+
+__all__ = ["STAT_NAMES", "TCPTransport", "backoff_delay"]
 
 _MIB = 1024 * 1024
 
@@ -47,48 +50,10 @@ STAT_NAMES = (
     "bytes_in",
     "bytes_out",
     "dropped",
+    "oversized",
     "protocol_errors",
     "reconnects",
 )
-
-
-def backoff_delay(failures: int, initial: float, maximum: float, rng: random.Random) -> float:
-    """Seconds to wait before redialing a peer after ``failures`` consecutive failed attempts.
-
-    The cap is ``min(maximum, initial * 2**failures)``; the delay is drawn uniformly from the upper
-    half of it ("equal jitter"), so nodes that lost the same peer do not redial in lockstep and
-    nobody redials at once.
-
-    :param failures: consecutive failures so far (0 after a connection that lived long enough).
-    :param initial: the cap for ``failures == 0``.
-    :param maximum: the largest cap.
-    :param rng: source of the jitter.
-    :returns: a delay in ``[cap / 2, cap]``.
-    """
-    cap = min(maximum, initial * 2.0 ** min(failures, 64))
-    return cap / 2 + rng.uniform(0, cap / 2)
-
-
-#: Bytes queued for a peer that is not connected; the rest is dropped (see ``send``).
-_DISCONNECTED_QUEUE_BYTES = 1024 * 1024
-
-
-@dataclass(eq=False)
-class _Peer:
-    """What the transport knows about one peer."""
-
-    node_id: str
-    endpoint: str
-    #: Encoded frame bodies waiting to be written, oldest first, and their size with prefixes.
-    queue: deque[bytes] = field(default_factory=deque)
-    queued_bytes: int = 0
-    #: The verified connection messages flow on, or ``None``.
-    connection: PeerConnection | None = None
-    #: Our dialed connection from connect until it is lost, verified or not.
-    attempt: PeerConnection | None = None
-    dialing: defer.Deferred[Any] | None = None
-    retry: IDelayedCall | None = None
-    failures: int = 0
 
 
 @implementer(ITransport)
@@ -99,7 +64,9 @@ class TCPTransport:
     :param node_id: this node's id.
     :param cluster_id: peers announcing another cluster id are refused.
     :param listen: server endpoint description, e.g. ``tcp:8001:interface=127.0.0.1``.
-    :param max_frame_bytes: the largest frame body accepted; a peer declaring more is disconnected.
+    :param max_frame_bytes: the largest frame body accepted (a peer declaring more is disconnected)
+        and sent (a larger message is dropped alone); declared to the node as
+        ``ITransport.max_frame_bytes``.
     :param max_queue_bytes: per peer, the most bytes of frames waiting to be written.
     :param backoff_initial: first redial delay cap, in seconds.
     :param backoff_max: largest redial delay cap, in seconds.
@@ -170,11 +137,12 @@ class TCPTransport:
         #: Our encoded handshake, sent first on every connection.
         self.handshake_frame = b""
         self._receiver: IMessageReceiver | None = None
-        self._peers: dict[str, _Peer] = {}
+        self._peers: dict[str, PeerRecord] = {}
         self._connections: set[PeerConnection] = set()
         self._closing: dict[PeerConnection, tuple[defer.Deferred[None], IDelayedCall]] = {}
         self._running = False
         self._flush_call: IDelayedCall | None = None
+        self._log_oversized = RateLimitedLog(lambda *a, **k: self.log.warn(*a, **k), reactor.seconds)
 
     # ------------------------------------------------------------------ ITransport
     def start(self, receiver: IMessageReceiver) -> defer.Deferred[None]:
@@ -244,7 +212,7 @@ class TCPTransport:
         for node, endpoint in wanted.items():
             peer = self._peers.get(node)
             if peer is None:
-                peer = self._peers[node] = _Peer(node, endpoint)
+                peer = self._peers[node] = PeerRecord(node, endpoint)
             elif peer.endpoint != endpoint:
                 peer.endpoint = endpoint
                 peer.failures = 0
@@ -258,38 +226,28 @@ class TCPTransport:
 
         Never blocks and never raises for network trouble: messages for an unknown peer, sent while
         stopped, or beyond ``max_queue_bytes`` are dropped and counted in ``stats['dropped']``.
+        A message larger than ``max_frame_bytes`` is dropped alone (counted in ``dropped`` and
+        ``oversized``, logged at most every 10 s); the rest of the call is still queued.
 
         :raises ProtocolError: (``remote=False``) a message the peer would refuse: not encodable, a
             partition out of range, ``src`` not this node or ``dst`` not ``peer``. That is a bug of
             the caller; raising keeps it from closing the connection for every partition. Nothing
             of the call is queued then.
-        :raises FrameTooLarge: (``remote=False``) a message larger than ``max_frame_bytes``.
         """
         if not self._running:
             self.stats["dropped"] += len(messages)
             return
         record = self._peers.get(peer)
-        # While the peer is not connected only a little waits for it (what the next connection
-        # can use at once): Raft resends anyway, and a restarted peer should not be handed a
-        # backlog addressed to its previous life.
-        limit = self.max_queue_bytes
-        if record is not None and record.connection is None:
-            limit = min(limit, _DISCONNECTED_QUEUE_BYTES)
+        limit = record.queue_limit(self.max_queue_bytes) if record is not None else 0
         if record is not None and record.connection is None and record.queued_bytes >= limit:
             self.stats["dropped"] += len(messages)
             return
         # Encode everything before queueing anything, so a bad message leaves no half-sent call.
-        bodies = [self._encode(peer, partition, message) for partition, message in messages]
+        bodies = encode_frames(self.node_id, peer, self.partitions, messages, self.max_frame_bytes, self._oversized)
         if record is None:
             self.stats["dropped"] += len(bodies)
             return
-        for body in bodies:
-            size = len(body) + PREFIX_BYTES
-            if record.queued_bytes + size > limit:
-                self.stats["dropped"] += 1
-                continue
-            record.queue.append(body)
-            record.queued_bytes += size
+        self.stats["dropped"] += record.offer(bodies, limit)
         if record.connection is not None:
             self.schedule_flush()
 
@@ -331,29 +289,15 @@ class TCPTransport:
 
     def check_handshake(self, conn: PeerConnection, handshake: Handshake) -> str | None:
         """Why the peer's handshake on ``conn`` is refused, or ``None`` to accept it."""
-        node = handshake.node_id
-        if handshake.cluster_id != self.cluster_id:
-            return f"cluster id {handshake.cluster_id!r} is not ours ({self.cluster_id!r})"
-        if node == self.node_id:
-            return f"peer claims our own node id {node!r}"
-        peer = self._peers.get(node)
-        if peer is None:
-            return f"node id {node!r} is not a known peer"
-        if conn.outgoing and node != conn.expected:
-            return f"dialed node {conn.expected!r} but {node!r} answered"
-        existing = peer.connection
-        if existing is None or existing.handshake is None:
-            return None
-        if existing.handshake.incarnation != handshake.incarnation:
-            return None  # the peer restarted: the new connection replaces the stale one
-        if existing.outgoing != conn.outgoing:
-            # Both ends dialed (a race): keep the connection the lower id dialed, as the peer will.
-            if conn.outgoing == (self.node_id < node):
-                return None
-            return f"duplicate connection from node {node!r}: keeping the one {min(self.node_id, node)!r} dialed"
-        if self.reactor.seconds() - existing.last_received >= self.stale_after:
-            return None  # the existing one is silent: its far end is presumably gone
-        return f"duplicate connection from node {node!r} (incarnation {handshake.incarnation}) while one is live"
+        return handshake_refusal(
+            conn,
+            handshake,
+            self.node_id,
+            self.cluster_id,
+            self._peers.get(handshake.node_id),
+            self.reactor.seconds(),
+            self.stale_after,
+        )
 
     def connection_verified(self, conn: PeerConnection) -> None:
         """``conn`` passed :meth:`check_handshake`: it becomes the peer's connection.
@@ -446,49 +390,44 @@ class TCPTransport:
             if conn is not None and peer.queue and not conn.paused:
                 peer.queued_bytes -= conn.write_from(peer.queue)
 
-    def _encode(self, peer: str, partition: int, message: Any) -> bytes:
-        body = encode_message(partition, message)
-        if partition >= self.partitions:
-            raise ProtocolError(f"partition {partition} out of range (this node has {self.partitions})", remote=False)
-        if message.src != self.node_id or message.dst != peer:
-            raise ProtocolError(
-                f"{type(message).__name__} {message.src!r} -> {message.dst!r} sent by {self.node_id!r} to {peer!r}",
-                remote=False,
-            )
-        if len(body) > self.max_frame_bytes:
-            raise FrameTooLarge(
-                f"{type(message).__name__} of {len(body)} bytes exceeds max_frame_bytes={self.max_frame_bytes}",
-                remote=False,
-            )
-        return body
+    def _oversized(self, partition: int, message: Any, size: int) -> None:
+        self.stats["dropped"] += 1
+        self.stats["oversized"] += 1
+        self._log_oversized(
+            "dropped a {type} of {size} bytes for partition {p} to node {peer}: over max_frame_bytes="
+            "{limit} ({suppressed} more dropped since the last such line)",
+            type=type(message).__name__,
+            size=size,
+            p=partition,
+            peer=message.dst,
+            limit=self.max_frame_bytes,
+        )
 
-    def _drop_queue(self, peer: _Peer) -> None:
-        self.stats["dropped"] += len(peer.queue)
-        peer.queue.clear()
-        peer.queued_bytes = 0
+    def _drop_queue(self, peer: PeerRecord) -> None:
+        self.stats["dropped"] += peer.clear()
 
-    def _dials(self, peer: _Peer) -> bool:
+    def _dials(self, peer: PeerRecord) -> bool:
         return self._running and self.node_id < peer.node_id and self._peers.get(peer.node_id) is peer
 
-    def _ensure_dial(self, peer: _Peer) -> None:
+    def _ensure_dial(self, peer: PeerRecord) -> None:
         if not self._dials(peer):
             return
         if peer.connection or peer.attempt or peer.dialing or peer.retry:
             return
         self._dial(peer)
 
-    def _schedule_dial(self, peer: _Peer) -> None:
+    def _schedule_dial(self, peer: PeerRecord) -> None:
         if not self._dials(peer) or peer.retry is not None or peer.dialing is not None:
             return
         delay = backoff_delay(peer.failures, self.backoff_initial, self.backoff_max, self.rng)
         peer.retry = self.reactor.callLater(delay, self._redial, peer)
 
-    def _redial(self, peer: _Peer) -> None:
+    def _redial(self, peer: PeerRecord) -> None:
         peer.retry = None
         self.stats["reconnects"] += 1
         self._ensure_dial(peer)
 
-    def _dial(self, peer: _Peer) -> None:
+    def _dial(self, peer: PeerRecord) -> None:
         try:
             endpoint = clientFromString(self.reactor, peer.endpoint)
         except Exception as exc:  # any parse error of a configured string: log it, keep retrying
@@ -506,11 +445,11 @@ class TCPTransport:
         d.addTimeout(self.connect_timeout, self.reactor)
         d.addCallbacks(self._dialed, self._dial_failed, callbackArgs=(peer, d), errbackArgs=(peer, d))
 
-    def _dialed(self, conn: PeerConnection, peer: _Peer, d: defer.Deferred[Any]) -> None:
+    def _dialed(self, conn: PeerConnection, peer: PeerRecord, d: defer.Deferred[Any]) -> None:
         if peer.dialing is d:
             peer.dialing = None
 
-    def _dial_failed(self, failure: Failure, peer: _Peer, d: defer.Deferred[Any]) -> None:
+    def _dial_failed(self, failure: Failure, peer: PeerRecord, d: defer.Deferred[Any]) -> None:
         if peer.dialing is not d:
             return  # we cancelled it ourselves (stop, new endpoint, forgotten peer)
         peer.dialing = None
@@ -529,7 +468,7 @@ class TCPTransport:
             delay=peer.retry.getTime() - self.reactor.seconds() if peer.retry else 0.0,
         )
 
-    def _cancel_dial(self, peer: _Peer) -> None:
+    def _cancel_dial(self, peer: PeerRecord) -> None:
         if peer.retry is not None and peer.retry.active():
             peer.retry.cancel()
         peer.retry = None
@@ -537,7 +476,7 @@ class TCPTransport:
         if dialing is not None:
             dialing.cancel()  # _dial_failed sees it is no longer peer.dialing and lets it go
 
-    def _forget(self, peer: _Peer) -> None:
+    def _forget(self, peer: PeerRecord) -> None:
         self._cancel_dial(peer)
         self._drop_queue(peer)
         conn, peer.connection = peer.connection, None

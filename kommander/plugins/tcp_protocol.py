@@ -2,15 +2,16 @@
 
 :class:`FrameReceiver` splits a byte stream into length-prefixed frames (4-byte big-endian length,
 then one CBOR item). :class:`PeerConnection` runs the handshake and checks every message before
-the owning :class:`~kommander.plugins.tcp.TCPTransport` sees it; the transport decides which
-connections to keep. Any violation closes the connection with a log line naming the peer address
+the owning transport sees it; the transport decides which connections to keep. The transport is
+known here only as a :class:`ConnectionOwner` (``kommander.plugins.tcp.TCPTransport`` is the one
+we ship), so imports point one way: ``tcp`` uses this module, never the reverse. Any violation closes the connection with a log line naming the peer address
 and the reason, and nothing reaches the receiver.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -21,9 +22,8 @@ from kommander.core.errors import FrameTooLarge, ProtocolError
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IDelayedCall
+    from twisted.logger import Logger
     from twisted.python.failure import Failure
-
-    from kommander.plugins.tcp import TCPTransport
 
 PREFIX_BYTES = 4
 #: Until a peer's handshake is accepted its frames may be at most this large: a handshake with
@@ -33,6 +33,41 @@ HANDSHAKE_MAX_BYTES = 256 * 1024
 #: Frames are handed to the transport in writes of about this size, so that Twisted's buffer,
 #: which pauses us beyond 64 KiB, never holds much more than one such write plus one frame.
 WRITE_CHUNK_BYTES = 1024 * 1024
+
+
+class ConnectionOwner(TypingProtocol):
+    """What a :class:`PeerConnection` needs of the transport that owns it."""
+
+    reactor: Any
+    node_id: str
+    max_frame_bytes: int
+    handshake_timeout: float
+    #: Our encoded handshake, sent first on every connection.
+    handshake_frame: bytes
+    stats: dict[str, int]
+    log: Logger
+
+    @property
+    def partitions(self) -> int: ...
+
+    def count_in(self, size: int) -> None: ...
+
+    def count_out(self, frames: int, size: int) -> None: ...
+
+    def connection_made(self, conn: PeerConnection) -> bool:
+        """Whether the freshly opened ``conn`` is wanted at all."""
+
+    def check_handshake(self, conn: PeerConnection, handshake: Handshake) -> str | None:
+        """Why the peer's handshake is refused, or ``None`` to accept it."""
+
+    def connection_verified(self, conn: PeerConnection) -> None: ...
+
+    def deliver(self, conn: PeerConnection, partition: int, message: Any) -> None:
+        """A checked message; may raise ``ProtocolError`` to refuse it (the connection closes)."""
+
+    def connection_lost(self, conn: PeerConnection) -> None: ...
+
+    def schedule_flush(self) -> None: ...
 
 
 def length_prefix(body: bytes) -> bytes:
@@ -138,7 +173,7 @@ class PeerConnection(FrameReceiver):
     :param expected: for a dialed connection, the node id we meant to reach.
     """
 
-    def __init__(self, owner: TCPTransport, outgoing: bool, expected: str | None = None) -> None:
+    def __init__(self, owner: ConnectionOwner, outgoing: bool, expected: str | None = None) -> None:
         super().__init__()
         self.MAX_LENGTH = min(HANDSHAKE_MAX_BYTES, owner.max_frame_bytes)
         self.owner = owner
@@ -309,7 +344,7 @@ class PeerConnection(FrameReceiver):
 class PeerFactory(Factory):
     """Builds :class:`PeerConnection` instances for the listening port or for one dial."""
 
-    def __init__(self, owner: TCPTransport, outgoing: bool = False, expected: str | None = None) -> None:
+    def __init__(self, owner: ConnectionOwner, outgoing: bool = False, expected: str | None = None) -> None:
         self.owner = owner
         self.outgoing = outgoing
         self.expected = expected

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from kommander.core.errors import KommanderError, ProtocolError
+from kommander.core.errors import FrameTooLarge, KommanderError, ProtocolError
+from kommander.runtime.ratelimit import RateLimitedLog
 from kommander.core.types import (
     AppendEntries,
     InstallSnapshot,
@@ -90,6 +91,8 @@ class DriveLoop:
         self._stall_timeout = low * self.config.heartbeat_interval
         for name in ("messages_dropped_stalled", "turns_held", "disk_stalls"):
             self.stats[name] = 0
+        #: Logs messages a transport refused as too large for a frame (see ``_send_each``).
+        self._log_unsendable = RateLimitedLog(self.log.warn, self.reactor.seconds)
 
     # ------------------------------------------------------------------ the fail-stop policy
 
@@ -376,8 +379,27 @@ class DriveLoop:
             self.stats["messages_sent"] += len(messages)
             try:
                 self.transport.send(peer, messages)
+            except FrameTooLarge:
+                # A transport that refuses a whole batch for one message too large for a frame
+                # (ours drop just that one): send the rest one by one, never the whole batch lost.
+                self._send_each(peer, messages)
             except (KommanderError, ValueError):
                 # The transport refused what we built: that is our bug, not the network's.
+                self.log.failure("transport refused messages for {peer}", peer=peer)
+
+    def _send_each(self, peer: str, messages: list[tuple[int, Message]]) -> None:
+        for item in messages:
+            try:
+                self.transport.send(peer, [item])
+            except FrameTooLarge as exc:
+                self._log_unsendable(
+                    "partition {p}: {type} for {peer} dropped: {error} ({suppressed} more since the last such line)",
+                    p=item[0],
+                    type=type(item[1]).__name__,
+                    peer=peer,
+                    error=exc,
+                )
+            except (KommanderError, ValueError):
                 self.log.failure("transport refused messages for {peer}", peer=peer)
 
     def _leadership_changed(self, runtime: PartitionRuntime) -> None:

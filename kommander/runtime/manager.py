@@ -20,6 +20,8 @@ from kommander.runtime.apply import Applier
 from kommander.runtime.bootstrap import initial_view
 from kommander.runtime.checkpoints import Checkpointer
 from kommander.runtime.drive import DriveLoop
+from kommander.runtime.framing import FrameBudget
+from kommander.runtime.ratelimit import RateLimitedLog
 from kommander.config import RaftConfiguration
 from kommander.core.errors import KommanderError, NotLeader, QueueFull
 from kommander.core.raft import CoreConfig, RaftNode
@@ -91,6 +93,9 @@ class RaftManager(DriveLoop):
         self.discovery = discovery
         self.wal = wal
         self.transport = transport
+        #: What fits in one frame of ``transport`` (proposal limit, core batch limits).
+        self.frame_budget = FrameBudget.for_transport(transport, self.config)
+        self._log_too_large = RateLimitedLog(self.log.warn, reactor.seconds)
         self.clock = clock
         self.state_machine = state_machine
         self.rng = rng or random.Random()
@@ -101,7 +106,7 @@ class RaftManager(DriveLoop):
         low, high = config.election_ticks()
         self.transfers = TransferTracker(
             self,
-            chunk_size=config.snapshot_chunk_bytes,
+            chunk_size=self.frame_budget.snapshot_chunk_bytes,
             window=config.snapshot_window,
             timeout=max(5.0, 4 * high * config.heartbeat_interval),
         )
@@ -158,8 +163,8 @@ class RaftManager(DriveLoop):
             election_tick_max=high,
             pre_vote=self.config.pre_vote,
             check_quorum=self.config.check_quorum,
-            max_msg_entries=self.config.max_batch_entries,
-            max_msg_bytes=self.config.max_batch_bytes,
+            max_msg_entries=self.frame_budget.max_msg_entries,
+            max_msg_bytes=self.frame_budget.max_msg_bytes,
             max_inflight_msgs=self.config.max_inflight_messages,
             max_inflight_bytes=self.config.max_inflight_bytes,
             max_uncommitted_bytes=self.config.max_uncommitted_bytes,
@@ -317,22 +322,51 @@ class RaftManager(DriveLoop):
         durable in this node's WAL and applied by its state machine; with ``auto_commit=False``
         once they are committed as a two-phase ticket (``result.ticket_id``), not yet applied.
         Never fails: problems are reported in ``result.status``. A two-phase proposal that times
-        out still carries its ticket (its entries may yet commit, and can then be decided).
+        out still carries its ticket (its entries may yet commit, and can then be decided). An
+        entry larger than :meth:`max_entry_bytes` is refused at once with ``TOO_LARGE`` and
+        nothing is written.
+
+        :raises TypeError: ``log_type`` is not a ``str`` or ``data`` not bytes.
+        :raises ValueError: ``log_type`` is longer than the wire allows (256 characters).
         """
         runtime = self._runtime(partition)
         if type(log_type) is not str:
             raise TypeError("log_type must be a str")
+        limit = self.frame_budget.max_entry_bytes(log_type)
         kind = EntryKind.NORMAL if auto_commit else EntryKind.PROPOSED
         if type(data) is bytes:  # the common case, without building and checking a list
+            if len(data) > limit:
+                return self._too_large(partition, log_type, len(data))
             proposals = [Proposal(log_type, data, self._now_ts(), kind)]
         else:
             items = [data] if isinstance(data, (bytearray, memoryview)) else list(data)
             if not items or not all(isinstance(d, (bytes, bytearray, memoryview)) for d in items):
                 raise TypeError("data must be bytes or a non-empty sequence of bytes")
-            proposals = [Proposal(log_type, bytes(d), self._now_ts(), kind) for d in items]
+            payloads = [bytes(d) for d in items]
+            largest = max(map(len, payloads))
+            if largest > limit:
+                return self._too_large(partition, log_type, largest)
+            proposals = [Proposal(log_type, d, self._now_ts(), kind) for d in payloads]
         # The ticket's bookkeeping (runtime.book) follows the log, not this request: a ticket
         # whose proposal timed out becomes decidable once its entries are committed.
         return self._submit(runtime, proposals)
+
+    def max_entry_bytes(self, log_type: str = "") -> int:
+        """The largest ``data`` one entry of ``log_type`` may carry: what an AppendEntries holding
+        it alone leaves of the transport's frame limit (see :mod:`kommander.runtime.framing`).
+
+        :raises ValueError: ``log_type`` is longer than the wire allows.
+        """
+        return self.frame_budget.max_entry_bytes(log_type)
+
+    def _too_large(self, partition: int, log_type: str, size: int) -> defer.Deferred[ReplicationResult]:
+        error = self.frame_budget.refusal(log_type, size)
+        self._log_too_large(
+            "partition {p}: proposal refused: {error} ({suppressed} more refused since the last such line)",
+            p=partition,
+            error=error,
+        )
+        return defer.succeed(ReplicationResult.failed(Status.TOO_LARGE, error))
 
     def commit_logs(self, partition: int, ticket_id: int) -> defer.Deferred[ReplicationResult]:
         """Commit a two-phase ticket: its entries are applied on every node.
