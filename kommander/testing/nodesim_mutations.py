@@ -1,0 +1,2 @@
+"""Deliberately broken components for the node simulator (placeholder, filled below)."""
+MUTATIONS: dict = {}
