@@ -68,6 +68,7 @@ class NodeSimulation(Lifecycle, Workload, NodeChecks):
         self.fingerprints: dict[tuple[int, int], tuple[str, str]] = {}
         self.committed: dict[tuple[int, int], tuple[int, str]] = {}
         self._next_call = self._next_value = self._next_process = 0
+        self.chaos_on = bool(self.config.faults)
 
     # ------------------------------------------------------------------ trace
 
@@ -108,7 +109,7 @@ class NodeSimulation(Lifecycle, Workload, NodeChecks):
             if self.violation is not None:
                 return
             self._restart_due()
-            if chaos and self.rng.random() < 0.04:
+            if chaos and self.rng.random() < self.config.chaos_rate:
                 self._chaos()
             for partition in range(self.config.partitions):
                 for _ in range(self.config.clients):
@@ -217,11 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", type=int, default=0, help="first seed")
     parser.add_argument("--seed", type=int, help="run only this seed (replay) and print its report")
     parser.add_argument("--nodes", type=int, default=3, choices=(3, 5), help="cluster size")
-    parser.add_argument("--profile", default="base", choices=sorted(PROFILES), help="fault classes to switch on")
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="fault classes to switch on (default: base, or the mutation's)")
     parser.add_argument("--mutation", choices=sorted(MUTATIONS), help="run with a deliberately broken component")
     parser.add_argument("--trace", action="store_true", help="with --seed: print the whole trace")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     args = parser.parse_args(argv)
+    if args.profile is None:
+        from kommander.testing.nodesim_mutations import MUTATION_PROFILES
+
+        args.profile = MUTATION_PROFILES[args.mutation] if args.mutation else "base"
     if args.seed is not None:
         result = run_seed(args.seed, args.nodes, args.profile, args.mutation, trace_limit=0 if args.trace else 300)
         if args.trace:

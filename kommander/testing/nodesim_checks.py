@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from kommander.core.types import Entry
+from kommander.runtime.snapshots import SnapshotError
 from kommander.testing.linearizability import Verdict, check
 from kommander.testing.nodesim_model import Violation
 
@@ -83,6 +84,26 @@ class NodeChecks:
                 self._fatal("bounds", f"{node.id} holds {len(manager._batches)} WAL batches in memory")
             if self.config.has("stall"):
                 self._check_stall(node)
+
+    def _check_disk(self: "NodeSimulation", node: "SimNode") -> None:
+        """A WAL is never compacted beyond what an intact snapshot on the same disk covers: the
+        entries it dropped could not be rebuilt."""
+        for number, log in node.disk.durable._logs.items():
+            checkpoint = log.bounds.checkpoint
+            if checkpoint is None or checkpoint.index == 0:
+                continue
+            intact = False
+            for meta in reversed(node.store.list(number)):
+                if meta.index < checkpoint.index:
+                    break
+                try:
+                    node.store.open(number, meta, verify=True)
+                    intact = True
+                    break
+                except SnapshotError:
+                    continue
+            if not intact:
+                self._fatal("compacted-past-snapshot", f"{node.id} p{number}: WAL compacted to {checkpoint.index} with no intact snapshot covering it")
 
     def _check_stall(self: "NodeSimulation", node: "SimNode") -> None:
         wal = node.disk.wal

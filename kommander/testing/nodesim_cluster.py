@@ -82,6 +82,7 @@ class Lifecycle:
         )
         incarnation = node.incarnation
         manager.on_fail_stop += lambda reason: self._fail_stopped(node, incarnation, reason)
+        manager.on_leader_changed += lambda partition, leader: self._leader_changed(node, partition, leader)
         self._log(f"start {node.id} #{incarnation} sm={kind} disk-gen={node.disk.generation}")
         d = manager.join_cluster()
 
@@ -89,8 +90,10 @@ class Lifecycle:
             if node.incarnation == incarnation and node.manager is manager:
                 node.joined = True
                 self._log(f"joined {node.id} #{incarnation}")
+            self._check_disk(node)
 
         def refused(failure: Failure) -> None:
+            self._check_disk(node)
             self._fatal("start-failed", f"{node.id} #{incarnation} could not start: {failure.getErrorMessage()}")
 
         d.addCallbacks(joined, refused)
@@ -127,10 +130,27 @@ class Lifecycle:
             return
         lost = node.disk.crash(torn)
         manager, node.manager = node.manager, None
-        self._down(node, self.clock.seconds() + self.rng.uniform(0.05, 1.0))
+        self._down(node, self.clock.seconds() + self.rng.choice((0.02, 0.1, 0.3, 1.0)) * self.rng.random())
         manager.leave_cluster()  # only to close its network links; its disk is already cut off
         self.stats["crashes"] += 1
         self._fault(f"crash {node.id} (lost {lost} unsynced group commits{', torn' if torn else ''})")
+
+    def _leader_changed(self: "NodeSimulation", node: SimNode, partition: int, leader: str | None) -> None:
+        """Now and then cut a fresh leader off at once, before its first messages land: the leader
+        keeps taking writes it cannot replicate (the raw material of Figure 8)."""
+        if leader != node.id or not self.chaos_on or not self.config.has("net"):
+            return
+        if self.rng.random() < self.config.swizzle_rate:
+            self.clock.callLater(self.rng.uniform(0.0, 0.003), self._isolate_if, node, node.incarnation)
+
+    def _isolate_if(self: "NodeSimulation", node: SimNode, incarnation: int) -> None:
+        if self.chaos_on and node.incarnation == incarnation:
+            self.network.partition([node.id])
+            self._fault(f"isolate fresh leader {node.id}")
+
+    def _crash_if(self: "NodeSimulation", node: SimNode, incarnation: int) -> None:
+        if self.chaos_on and node.incarnation == incarnation and node.up:
+            self.crash(node, torn=self.rng.random() < 0.7)
 
     def _restart_due(self: "NodeSimulation") -> None:
         now = self.clock.seconds()
@@ -238,6 +258,7 @@ class Lifecycle:
 
     def _heal(self: "NodeSimulation") -> None:
         """Every fault ends: the network is whole, disks behave, every node runs."""
+        self.chaos_on = False
         net = self.network
         net.heal()
         net.faults.drop = net.faults.duplicate = 0.0

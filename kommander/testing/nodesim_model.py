@@ -63,6 +63,10 @@ class NodeSimConfig:
     chaos_seconds: float = 3.0
     liveness_seconds: float = 10.0
     clients: int = 2
+    #: chance per step (10 ms) of a fault event
+    chaos_rate: float = 0.04
+    #: chance that a fresh leader is cut off at once (with ``net``)
+    swizzle_rate: float = 0.15
     keys: int = 3
     mutation: str | None = None
     raft: dict = field(

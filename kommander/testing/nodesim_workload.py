@@ -117,6 +117,11 @@ class Workload:
                     self.probe_ok[partition] = True
             return result
 
+        if self.chaos_on and self.config.has("crash") and node.leads(partition) and self.rng.random() < 0.04:
+            # Crash the leader while its entries are half replicated: the raw material of the
+            # Raft paper's Figure 8.
+            incarnation = node.incarnation
+            self.clock.callLater(self.rng.uniform(0.0, 0.01), self._crash_if, node, incarnation)
         return self._track(d, f"put {key}={value[:12]} on {node.id}").addCallback(done)
 
     def _cas(self: "NodeSimulation", node: "SimNode", partition: int) -> None:
