@@ -46,6 +46,7 @@ class NodeSimulation(Lifecycle, Workload, NodeChecks):
         self.profile = profile
         self.config = config or NodeSimConfig(faults=PROFILES[profile])
         self.rng = random.Random(seed)
+        self.transfer_rng = random.Random(f"transfer/{seed}")
         self.clock = task.Clock()
         self.clock.advance(1_000.0)
         self.network = SimNetwork(self.clock, random.Random(self.rng.getrandbits(32)))
@@ -111,6 +112,8 @@ class NodeSimulation(Lifecycle, Workload, NodeChecks):
             self._restart_due()
             if chaos and self.rng.random() < self.config.chaos_rate:
                 self._chaos()
+            if chaos and self.config.has("crash"):
+                self._crash_mid_transfer()
             for partition in range(self.config.partitions):
                 for _ in range(self.config.clients):
                     if self.rng.random() < clients:

@@ -256,6 +256,24 @@ class Lifecycle:
             node.disk.faults.stall_until = until
             self._fault(f"fsync of {node.id} stalls for {until - self.clock.seconds():.2f}s")
 
+    def _crash_mid_transfer(self: "NodeSimulation") -> None:
+        """Now and then crash one side of a snapshot transfer in progress. Drawn from a generator
+        of its own, so seeds without transfers run as if this did not exist."""
+        rng = self.transfer_rng
+        for node in self.nodes.values():
+            if not node.up:
+                continue
+            manager = node.manager
+            sending = [peer for (_, peer) in manager.transfers.senders]
+            receiving = any(r.receiver.incoming is not None for r in manager.runtimes)
+            if (sending or receiving) and rng.random() < 0.02:
+                victim = node
+                if sending and rng.random() < 0.5 and self.nodes[sending[0]].up:
+                    victim = self.nodes[sending[0]]
+                self._fault(f"crash {victim.id} during a snapshot transfer")
+                self.crash(victim, torn=rng.random() < 0.5)
+                return
+
     def _heal(self: "NodeSimulation") -> None:
         """Every fault ends: the network is whole, disks behave, every node runs."""
         self.chaos_on = False
