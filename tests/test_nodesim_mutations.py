@@ -25,6 +25,9 @@ MUTATION_RUNS = {
     "compact_before_verify": (range(0, 8), 2),
     "readindex_before_noop": (range(60, 100), 72),
     "heartbeat_commit_past_match": (range(0, 5), 0),
+    # Caught by the commit-rule check the moment the leader counts an old-term entry; the harm
+    # itself (that entry overwritten later) did not show in 450 seeds.
+    "figure8_commit_old_term": (range(10, 16), 12),
 }
 
 
@@ -44,22 +47,10 @@ def test_node_simulator_catches_mutation(name):
     assert _caught(name, seeds), f"mutation {name} survived seeds {seeds.start}..{seeds.stop - 1}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not caught in 450 node-sim seeds (3 and 5 nodes) nor 300 core-sim seeds: a new leader's "
-    "no-op usually travels in the same AppendEntries as the old-term entries, so the window in "
-    "which counting replicas commits an old-term entry that is later overwritten needs a scripted "
-    "schedule, not random faults",
-)
-def test_node_simulator_catches_figure8_commit():
-    """A leader that commits an old-term entry by counting replicas (Raft Figure 8) is caught."""
-    assert _caught("figure8_commit_old_term", range(0, 40))
-
-
 def test_every_mutation_has_a_profile():
     """Each mutation names the fault profile that exercises it."""
     assert set(MUTATIONS) == set(MUTATION_PROFILES)
-    assert set(MUTATION_RUNS) | {"figure8_commit_old_term"} == set(MUTATIONS)
+    assert set(MUTATION_RUNS) == set(MUTATIONS)
 
 
 def test_mutations_are_undone():

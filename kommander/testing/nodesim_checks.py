@@ -4,7 +4,8 @@ Mixed into :class:`kommander.testing.nodesim.NodeSimulation`.
 Every step: applied never passes commit; committed entries agree across nodes; the proposal
 queue stays within its bound (and, with ``bounds``, the apply queue, the WAL batches and the
 pending reads); HLC readings increase and follow causality; a leader whose fsync stalls for two
-election timeouts has stepped down (with ``stall``). Every apply: the digest at that index equals
+election timeouts has stepped down (with ``stall``); a leader commits only entries of its own term
+by counting replicas (Figure 8). Every apply: the digest at that index equals
 every other node's (fingerprints); no undecided or rolled-back ticket is applied.
 End: every acknowledged write is held by every node, the history is linearizable, and no
 Deferred handed to a client is left unfired.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from kommander.core.types import Entry
+from kommander.core.types import Entry, Role
 from kommander.runtime.snapshots import SnapshotError
 from kommander.testing.linearizability import Verdict, check
 from kommander.testing.nodesim_model import Violation
@@ -73,6 +74,8 @@ class NodeChecks:
                             "log-divergence",
                             f"{node.id} p{runtime.number} committed ({committed}, term {term}), {known[1]} term {known[0]}",
                         )
+                if core.role is Role.LEADER:
+                    self._check_commit_rule(node, runtime.number, core)
                 if runtime.queued_entries > limit:
                     self._fatal("bounds", f"{node.id} p{runtime.number} queues {runtime.queued_entries} > {limit}")
                 if bounds:
@@ -84,6 +87,20 @@ class NodeChecks:
                 self._fatal("bounds", f"{node.id} holds {len(manager._batches)} WAL batches in memory")
             if self.config.has("stall"):
                 self._check_stall(node)
+
+    def _check_commit_rule(self: "NodeSimulation", node: "SimNode", partition: int, core: Any) -> None:
+        """Raft section 5.4.2 (Figure 8): a leader moves its commit index only to an entry of its
+        own term; earlier entries commit with it, never by counting their replicas."""
+        start = self.leader_start.get((node.id, partition))
+        if start is None or start[:2] != (node.incarnation, core.term):
+            return
+        committed = core.log.committed
+        if committed > start[2] and core.log.term(committed) != core.term:
+            self._fatal(
+                "commit-rule",
+                f"{node.id} leads p{partition} in term {core.term} and committed {committed} of term "
+                f"{core.log.term(committed)} (Figure 8)",
+            )
 
     def _check_disk(self: "NodeSimulation", node: "SimNode") -> None:
         """A WAL is never compacted beyond what an intact snapshot on the same disk covers: the

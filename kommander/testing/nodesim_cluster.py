@@ -136,9 +136,14 @@ class Lifecycle:
         self._fault(f"crash {node.id} (lost {lost} unsynced group commits{', torn' if torn else ''})")
 
     def _leader_changed(self: "NodeSimulation", node: SimNode, partition: int, leader: str | None) -> None:
-        """Now and then cut a fresh leader off at once, before its first messages land: the leader
-        keeps taking writes it cannot replicate (the raw material of Figure 8)."""
-        if leader != node.id or not self.chaos_on or not self.config.has("net"):
+        """Note where a fresh leader's commit index starts (see ``_check_commit_rule``); now and
+        then cut it off at once, before its first messages land: the leader keeps taking writes
+        it cannot replicate (the raw material of Figure 8)."""
+        if leader != node.id or node.manager is None:
+            return
+        core = node.manager.runtimes[partition].core
+        self.leader_start[(node.id, partition)] = (node.incarnation, core.term, core.log.committed)
+        if not self.chaos_on or not self.config.has("net"):
             return
         if self.rng.random() < self.config.swizzle_rate:
             self.clock.callLater(self.rng.uniform(0.0, 0.003), self._isolate_if, node, node.incarnation)
