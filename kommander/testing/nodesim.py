@@ -68,6 +68,8 @@ class NodeSimulation(Lifecycle, Workload, NodeChecks):
         self.probe_ok = {p: False for p in range(self.config.partitions)}
         self.fingerprints: dict[tuple[int, int], tuple[str, str]] = {}
         self.committed: dict[tuple[int, int], tuple[int, str]] = {}
+        #: wiped node -> partition -> commit index it must reach before another wipe
+        self.repairing: dict[str, dict[int, int]] = {}
         self.leader_start: dict[tuple[str, int], tuple[int, int, int]] = {}
         self._next_call = self._next_value = self._next_process = 0
         self.chaos_on = bool(self.config.faults)

@@ -158,6 +158,8 @@ class Lifecycle:
             self.crash(node, torn=self.rng.random() < 0.7)
 
     def _restart_due(self: "NodeSimulation") -> None:
+        if self.repairing:
+            self._repaired()
         now = self.clock.seconds()
         for node in self.nodes.values():
             if node.down_until is not None and node.down_until <= now:
@@ -237,11 +239,7 @@ class Lifecycle:
             node.rate = rng.choice((0.9, 1.0, 1.1))  # from its next process on
             self._fault(f"skew {node.id} HLC source {jump:+d} ms (now {node.skew_ms:+d})")
         elif what == "wipe":
-            node = rng.choice(list(self.nodes.values()))
-            if node.manager is not None:
-                self.crash(node, torn=False)
-            node.disk.wipe()
-            self._fault(f"wipe {node.id}'s data directory")
+            self._wipe(rng.choice(list(self.nodes.values())))
         elif what == "diskfull":
             node = rng.choice(list(self.nodes.values()))
             node.disk.faults.full = not node.disk.faults.full
@@ -278,6 +276,29 @@ class Lifecycle:
                 self._fault(f"crash {victim.id} during a snapshot transfer")
                 self.crash(victim, torn=rng.random() < 0.5)
                 return
+
+    def _wipe(self: "NodeSimulation", node: SimNode) -> None:
+        """Lose ``node``'s data directory, as an operator may: one node at a time, and only once
+        the last wiped node holds everything that was committed when it lost its disk (Raft keeps
+        a committed entry only while a majority keeps its disk)."""
+        if self.repairing:
+            return
+        targets = {}
+        for p in range(self.config.partitions):
+            commits = [n.manager.runtimes[p].core.log.committed for n in self.nodes.values() if n is not node and n.up]
+            targets[p] = max(commits, default=0)
+        if node.manager is not None:
+            self.crash(node, torn=False)
+        node.disk.wipe()
+        self.repairing[node.id] = targets
+        self._fault(f"wipe {node.id}'s data directory (to be repaired up to {targets})")
+
+    def _repaired(self: "NodeSimulation") -> None:
+        for node_id, targets in list(self.repairing.items()):
+            node = self.nodes[node_id]
+            if node.up and all(node.manager.runtimes[p].applied >= t for p, t in targets.items()):
+                del self.repairing[node_id]
+                self._log(f"{node_id} holds everything committed before its wipe")
 
     def _heal(self: "NodeSimulation") -> None:
         """Every fault ends: the network is whole, disks behave, every node runs."""
