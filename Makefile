@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SEEDS ?= 10000
 NODES ?= 5
+NODESEEDS ?= 10000
 MINUTES ?= 10
 
 .PHONY: test demo soak jepsen bench docs deps clean
@@ -29,9 +30,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/kommander demo
 
-# The deterministic simulation over many seeds (SEEDS=, NODES= to change).
+# The deterministic simulations over many seeds: the core (SEEDS=, NODES=), then whole nodes
+# (NODESEEDS=, half with 3 nodes and half with 5, the base fault profile).
 soak: $(STAMP)
 	$(PY) -m kommander.testing.sim --seeds $(SEEDS) --nodes $(NODES)
+	$(PY) -m kommander.testing.nodesim --seeds $$(( $(NODESEEDS) / 2 )) --nodes 3
+	$(PY) -m kommander.testing.nodesim --seeds $$(( $(NODESEEDS) - $(NODESEEDS) / 2 )) --nodes 5
 
 # Real nodes under kill -9, pauses and full crashes, history checked for linearizability.
 jepsen: $(STAMP)

@@ -71,7 +71,8 @@ def main() -> int:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             seen = [status(node) for node in NODES]
-            if all(s and all(p["leader"] for p in s["partitions"]) for s in seen):
+            # A node still waiting for discovery reports no partitions: not "every leader known".
+            if all(s and s["partitions"] and all(p["leader"] for p in s["partitions"]) for s in seen):
                 out["leaders"] = {n: [p["leader"] for p in s["partitions"]] for n, s in zip(NODES, seen)}
                 out["voters"] = {n: s.get("voters") for n, s in zip(NODES, seen)}
                 break

@@ -1,0 +1,214 @@
+"""Deliberately broken components, to prove the node simulator catches what it claims to.
+
+Each mutation is a context manager that monkeypatches one piece of the real code (the runtime,
+the core, or the simulated transport) for the duration of a run, and restores it afterwards;
+nothing in the shipped modules is edited. :data:`MUTATIONS` maps a name to the mutation;
+:data:`MUTATION_PROFILES` names the fault profile that gives the broken piece a chance to show.
+Select one with ``python -m kommander.testing.nodesim --mutation NAME``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from twisted.internet import defer
+
+from kommander.core.progress import ProgressState
+from kommander.core.raft import RaftNode
+from kommander.core.types import Heartbeat
+from kommander.runtime.apply import Applier
+from kommander.runtime.checkpoints import Checkpointer
+from kommander.runtime.partition import PartitionRuntime
+from kommander.testing import nodesim_env
+
+
+@contextlib.contextmanager
+def patched(owner: Any, name: str, make: Callable[[Any], Any]) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, make(original))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def deferred_recursion() -> Any:
+    """The apply loop recurses through each entry's Deferred (``addBoth`` runs inline when the
+    Deferred has fired), so a long run of entries exhausts the stack part way through."""
+
+    def make(original: Any) -> Any:
+        def drain(self: PartitionRuntime) -> None:
+            if not self.apply_queue:
+                self.applying = False
+                return
+            self.applying = True
+            entry = self.apply_queue.popleft()
+            d = defer.maybeDeferred(self._apply_one, entry)
+
+            def next_one(outcome: Any) -> None:
+                self._done(entry, outcome)
+                drain(self)
+
+            d.addBoth(next_one)
+
+        return drain
+
+    return patched(PartitionRuntime, "_drain_apply", make)
+
+
+def stale_progress_after_wipe() -> Any:
+    """The leader ignores every rejection at or below the match index it remembers, so a follower
+    that lost its storage is never repaired."""
+
+    def make(original: Any) -> Any:
+        def handle(self: RaftNode, m: Any) -> None:
+            pr = self.progress.get(m.src)
+            if pr is not None and not m.success and m.index <= pr.match:
+                pr.recent_active = True
+                return
+            original(self, m)
+
+        return handle
+
+    return patched(RaftNode, "_handle_append_response", make)
+
+
+def swallow_sm_errors() -> Any:
+    """The applier treats an exception from the state machine as a result: the entry counts as
+    applied and the client hears SUCCESS."""
+
+    def make(original: Any) -> Any:
+        def apply(self: Applier, runtime: Any, entry: Any, restoring: bool) -> Any:
+            machine = self.host.state_machine
+            try:
+                outcome = machine.apply(runtime.number, entry)
+            except Exception as e:  # noqa: BLE001 - the mutation
+                return e
+            if isinstance(outcome, defer.Deferred):
+                return outcome.addErrback(lambda f: f.value)
+            return outcome
+
+        return apply
+
+    return patched(Applier, "apply", make)
+
+
+def batch_drop_oversized() -> Any:
+    """One message over the frame limit makes the transport refuse the whole batch to that peer
+    (heartbeats, votes and acks of every partition)."""
+
+    def make(original: Any) -> Any:
+        def init(self: Any) -> None:
+            original(self)
+            self.batch_drop = True
+
+        return init
+
+    return patched(nodesim_env.NetFaults, "__init__", make)
+
+
+def compact_before_verify() -> Any:
+    """At start-up the WAL is compacted to the newest snapshot before that snapshot is checked,
+    and a corrupt one is then skipped: the entries that could rebuild the state are gone."""
+
+    def make(original: Any) -> Any:
+        @defer.inlineCallbacks
+        def restore(self: Checkpointer, number: int, state: Any) -> Any:
+            store = self.host.snapshot_store
+            latest = store.latest(number)
+            if latest is None:
+                return None, state.entries, {}
+            yield self.host.wal.compact(number, latest)
+            try:
+                result = yield original(self, number, state)
+            except Exception:  # noqa: BLE001 - the mutation: carry on from the compacted log
+                return None, (), {}
+            return result
+
+        return restore
+
+    return patched(Checkpointer, "restore", make)
+
+
+def figure8_commit_old_term() -> Any:
+    """The leader commits whatever a quorum holds, entries of earlier terms included (the Raft
+    paper's Figure 8)."""
+
+    def make(original: Any) -> Any:
+        def maybe_commit(self: RaftNode) -> bool:
+            from kommander.core.progress import quorum_index
+
+            log = self.log
+            matches = [log.stable, *(pr.match for pr in self.progress.values())]
+            index = quorum_index(matches)
+            if index > log.committed:
+                log.commit_to(index)
+                self._on_commit()
+                return True
+            return False
+
+        return maybe_commit
+
+    return patched(RaftNode, "_maybe_commit", make)
+
+
+def readindex_before_noop() -> Any:
+    """A new leader serves ReadIndex at once, before an entry of its own term has committed, so
+    its commit index may lag what the previous leader acknowledged."""
+
+    def make(original: Any) -> Any:
+        def read_index(self: RaftNode, context: int) -> None:
+            from kommander.core.errors import NotLeader
+            from kommander.core.types import Role
+
+            if self.role is not Role.LEADER:
+                raise NotLeader(self.leader)
+            self._register_read(context)
+
+        return read_index
+
+    return patched(RaftNode, "read_index", make)
+
+
+def heartbeat_commit_past_match() -> Any:
+    """Heartbeats carry the leader's whole commit index, and a follower commits up to it over
+    whatever its log holds, a stale suffix of an old term included."""
+
+    def make_bcast(original: Any) -> Any:
+        def bcast(self: RaftNode, context: int) -> None:
+            for peer, pr in self.progress.items():
+                self._msgs.append(Heartbeat(self.term, self.id, peer, self.log.committed, context))
+                pr.sent_commit = max(pr.sent_commit, min(pr.match, self.log.committed))
+
+        return bcast
+
+    return patched(RaftNode, "_bcast_heartbeat", make_bcast)
+
+
+#: name -> mutation
+MUTATIONS: dict[str, Callable[[], Any]] = {
+    "deferred_recursion": deferred_recursion,
+    "stale_progress_after_wipe": stale_progress_after_wipe,
+    "swallow_sm_errors": swallow_sm_errors,
+    "batch_drop_oversized": batch_drop_oversized,
+    "compact_before_verify": compact_before_verify,
+    "figure8_commit_old_term": figure8_commit_old_term,
+    "readindex_before_noop": readindex_before_noop,
+    "heartbeat_commit_past_match": heartbeat_commit_past_match,
+}
+
+#: name -> the profile that exercises it
+MUTATION_PROFILES = {
+    "deferred_recursion": "fired",
+    "stale_progress_after_wipe": "wipe",
+    "swallow_sm_errors": "smfault",
+    "batch_drop_oversized": "oversize",
+    "compact_before_verify": "corrupt",
+    "figure8_commit_old_term": "base",
+    "readindex_before_noop": "base",
+    "heartbeat_commit_past_match": "base",
+}
+
+__all__ = ["MUTATIONS", "MUTATION_PROFILES", "ProgressState"]
