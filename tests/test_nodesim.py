@@ -138,17 +138,29 @@ def test_dead_process_schedules_nothing():
     assert ran == []
 
 
+# Fault classes that found a fault of issue 9 which is now fixed: the seeds that found it must pass.
+ISSUE9_FIXED = [
+    ("fired", range(5, 10)),  # fault 1, seed 8: fired Deferreds recursed, a 300+ entry ticket diverged
+    ("oversize", range(0, 3)),  # fault 3, seed 1: an entry over the frame limit stalled its partition
+    ("diskfull", range(72, 75)),  # fault 4, seed 73: a failed snapshot-chunk write escaped into the reactor
+    ("smfault", range(6, 9)),  # fault 5, seed 7: a state-machine exception was swallowed, nodes diverged
+    ("stall", range(0, 3)),  # fault 7, seed 1: a leader whose fsync stalled kept leading
+]
+
+
+@pytest.mark.parametrize(("profile", "seeds"), [pytest.param(p, s, id=p) for p, s in ISSUE9_FIXED])
+def test_fixed_issue9_fault_class_stays_fixed(profile, seeds):
+    """The seeds that found a now-fixed issue-9 fault run clean."""
+    failures = _violations(3, seeds, profile)
+    assert not failures, failures[0]
+
+
 # Fault classes that expose a fault of issue 9 still present on this branch. Each runs a range of
 # seeds that includes the seed that first found it; flip the mark once the fault is fixed.
 ISSUE9 = [
     ("later", range(165, 170), "issue 9 fault 6: Checkpointer.take raises CompactedError after an install with an asynchronous state machine; applying stays stuck (seed 167)"),
-    ("fired", range(5, 10), "issue 9 fault 1: already-fired Deferreds recurse; a 300+ entry ticket diverges (seed 8)"),
     ("wipe", range(8, 12), "issue 9 fault 2: a node on an empty data directory votes with amnesia (seed 9: it leads without entries a follower acknowledged, and the core's assertion escapes into the reactor; seed 29: committed entries diverge)"),
-    ("oversize", range(0, 3), "issue 9 fault 3: an entry over the frame limit is accepted and stalls its partition (seed 1)"),
-    ("diskfull", range(72, 75), "issue 9 fault 4: a snapshot chunk write failing escapes into the reactor (seed 73)"),
-    ("smfault", range(6, 9), "issue 9 fault 5: a state-machine exception is swallowed and the node diverges (seed 7)"),
     ("corrupt", range(20, 24), "issue 9 fault 6: restart compacts the WAL before verifying the newest snapshot (seed 22)"),
-    ("stall", range(0, 3), "issue 9 fault 7: a leader whose fsync stalls keeps leading (seed 1)"),
     ("bounds", range(7, 8), "issue 9 fault 6 under a slow state machine and heavy load: applying stays stuck (seed 7)"),
 ]
 

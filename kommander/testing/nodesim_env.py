@@ -377,6 +377,11 @@ class SimTransport(MemoryTransport):
         super().__init__(network, node_id)
         self.oversized = 0
 
+    @property
+    def max_frame_bytes(self) -> int | None:
+        """The frame limit declared to the node (``ITransport.max_frame_bytes``), as TCP declares its own."""
+        return self.network.faults.max_frame or None  # type: ignore[attr-defined]
+
     def send(self, peer: str, messages: Sequence[tuple[int, object]]) -> None:
         faults: NetFaults = self.network.faults  # type: ignore[attr-defined]
         limit = faults.max_frame

@@ -95,18 +95,26 @@ def swallow_sm_errors() -> Any:
     return patched(Applier, "apply", make)
 
 
-def batch_drop_oversized() -> Any:
-    """One message over the frame limit makes the transport refuse the whole batch to that peer
-    (heartbeats, votes and acks of every partition)."""
+@contextlib.contextmanager
+def batch_drop_oversized() -> Iterator[None]:
+    """The runtime of before the fix: the transport declares no frame limit (so an oversized entry
+    is accepted at proposal time), refuses the whole batch to a peer for one message over its
+    limit (heartbeats, votes and acks of every partition), and the runtime drops that batch
+    instead of resending the rest one by one."""
+    from kommander.runtime.drive import DriveLoop
 
-    def make(original: Any) -> Any:
+    def make_init(original: Any) -> Any:
         def init(self: Any) -> None:
             original(self)
             self.batch_drop = True
 
         return init
 
-    return patched(nodesim_env.NetFaults, "__init__", make)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patched(nodesim_env.NetFaults, "__init__", make_init))
+        stack.enter_context(patched(nodesim_env.SimTransport, "max_frame_bytes", lambda _: property(lambda self: None)))
+        stack.enter_context(patched(DriveLoop, "_send_each", lambda _: lambda self, peer, messages: None))
+        yield
 
 
 def compact_before_verify() -> Any:
