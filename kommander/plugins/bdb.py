@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from kommander.core.errors import ConfigurationError, KommanderError
 from kommander.core.types import Entry, SnapshotMeta
-from kommander.interfaces import IWAL, WalState, WalWrite
+from kommander.interfaces import IWAL, IWALMetadata, WalState, WalWrite
 from kommander.plugins.bdb_store import COMPACT, TRUNCATE, WRITE, BDBStore
 from kommander.plugins.wal_common import WALError
 
@@ -55,7 +55,7 @@ class _Operation:
         self.weight = weight
 
 
-@implementer(IWAL)
+@implementer(IWAL, IWALMetadata)
 class BerkeleyDBWAL:
     """A durable :class:`~kommander.interfaces.IWAL` in a Berkeley DB transactional environment.
 
@@ -208,6 +208,14 @@ class BerkeleyDBWAL:
         :returns: a Deferred firing once durable.
         """
         return self._submit(COMPACT, (partition, checkpoint))
+
+    def read_metadata(self, key: str) -> defer.Deferred[bytes | None]:
+        """The value stored under ``key`` (see :class:`~kommander.interfaces.IWALMetadata`), or ``None``."""
+        return self._submit("read_metadata", (key,))
+
+    def write_metadata(self, key: str, value: bytes) -> defer.Deferred[None]:
+        """Store ``value`` under ``key``, in queue order after earlier writes; fires once durable."""
+        return self._submit("write_metadata", (key, value))
 
     # ------------------------------------------------------------------ reactor side
 

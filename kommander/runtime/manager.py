@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kommander.runtime.apply import Applier
-from kommander.runtime.bootstrap import initial_view
+from kommander.runtime.bootstrap import REJOINING_KEY, encode_rejoining, initial_view, storage_identity
 from kommander.runtime.checkpoints import Checkpointer
 from kommander.config import RaftConfiguration
 from kommander.core.errors import KommanderError, NotLeader
@@ -45,6 +45,7 @@ from kommander.interfaces import (
     IStateMachine,
     ITransport,
     IWAL,
+    IWALMetadata,
     WalWrite,
 )
 from kommander.runtime.partition import PartitionRuntime, Request
@@ -157,6 +158,9 @@ class RaftManager:
         self._leader_waiters: dict[int, list[defer.Deferred[str]]] = {}
         self._restoring: set[int] = set()
         self._restored: defer.Deferred[None] | None = None
+        #: This node's storage identity, and the partitions still rejoining on new storage.
+        self.storage_id = 0
+        self.rejoining: set[int] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -190,8 +194,12 @@ class RaftManager:
             max_uncommitted_bytes=self.config.max_uncommitted_bytes,
         )
         self._restored = defer.Deferred()
+        states = []
         for number in range(self.partitions):
-            state = yield self.wal.load(number)
+            states.append((yield self.wal.load(number)))
+        self.storage_id, rejoining = yield storage_identity(self.wal, states, self.rng)
+        self.rejoining = set(rejoining)
+        for number, state in enumerate(states):
             snapshot, entries, tickets = yield self.checkpointer.restore(number, state)
             core = RaftNode(
                 core_config,
@@ -199,6 +207,8 @@ class RaftManager:
                 state.hard_state,
                 snapshot,
                 entries,
+                storage_id=self.storage_id,
+                rejoining=number in self.rejoining,
             )
             runtime = PartitionRuntime(self, number, core)
             runtime.tickets = tickets
@@ -320,12 +330,14 @@ class RaftManager:
                     "commit_index": core.log.committed,
                     "applied_index": runtime.applied,
                     "last_log_index": core.log.last_index(),
+                    "standing": core.standing.value,
                 }
             )
         return {
             "node_id": self.node_id,
             "cluster_id": self.cluster_id,
             "voters": list(self.voters),
+            "storage_id": f"{self.storage_id:016x}",
             "running": self._running,
             "partitions": parts,
         }
@@ -537,6 +549,7 @@ class RaftManager:
         writes: list[WalWrite] = []
         compactions: list[defer.Deferred[None]] = []
         readies: list[tuple[PartitionRuntime, Ready]] = []
+        rejoined = False
         dirty, self._dirty = self._dirty, {}
         for runtime in dirty.values():
             runtime.drain_queue()
@@ -560,6 +573,10 @@ class RaftManager:
                 readies.append((runtime, ready))
             if core.has_ready():
                 self._dirty[runtime.number] = runtime
+            if self.rejoining and runtime.number in self.rejoining and not core.catching_up:
+                self.rejoining.discard(runtime.number)
+                rejoined = True
+                self.log.info("partition {p}: caught up on new storage; votes again", p=runtime.number)
         self._send(outgoing)
         if readies:
             batch = _Batch(readies, done=not (writes or compactions))
@@ -567,11 +584,16 @@ class RaftManager:
             if writes:
                 self.stats["wal_writes"] += 1
                 compactions.append(self.wal.write(writes))
+            if rejoined and IWALMetadata.providedBy(self.wal):
+                # After this turn's write: the marker never clears before the entries are durable.
+                compactions.append(self.wal.write_metadata(REJOINING_KEY, encode_rejoining(self.rejoining)))
             if compactions:
                 defer.gatherResults(compactions, consumeErrors=True).addCallbacks(
                     self._write_done, self._write_failed, callbackArgs=(batch,)
                 )
             self._complete_batches()
+        elif rejoined and IWALMetadata.providedBy(self.wal):
+            self.wal.write_metadata(REJOINING_KEY, encode_rejoining(self.rejoining)).addErrback(self._write_failed)
         # Only now, with the messages on their way and the WAL writing, apply what was committed:
         # a follower's acknowledgement (sent once its write is durable) must not wait for the
         # application of entries committed earlier. Committed entries are already durable.
