@@ -71,6 +71,11 @@ class Rejoin:
         """Whether this node must not yet vote, campaign or count towards a quorum."""
         return self.standing is not Standing.MEMBER
 
+    @property
+    def rejoin_target(self: "RaftNode") -> int | None:
+        """The commit index a catching-up node had to reach; ``None`` when it never caught up."""
+        return self._catch_up_target
+
     def _is_pristine(self: "RaftNode", pre_vote: bool) -> bool:
         """Whether a vote request about to be sent proves this node had no history (no entry and,
         before this campaign, term 0 — or new storage that has made no promise yet)."""

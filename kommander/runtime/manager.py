@@ -576,7 +576,11 @@ class RaftManager:
             if self.rejoining and runtime.number in self.rejoining and not core.catching_up:
                 self.rejoining.discard(runtime.number)
                 rejoined = True
-                self.log.info("partition {p}: caught up on new storage; votes again", p=runtime.number)
+                self.log.info(
+                    "partition {p}: {how}; votes now",
+                    p=runtime.number,
+                    how="fresh cluster" if core.rejoin_target is None else f"caught up on new storage to {core.rejoin_target}",
+                )
         self._send(outgoing)
         if readies:
             batch = _Batch(readies, done=not (writes or compactions))
