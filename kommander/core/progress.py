@@ -34,6 +34,8 @@ class Progress:
         "read_ack",
         "pending_snapshot",
         "sent_commit",
+        "storage_id",
+        "catching_up",
     )
 
     def __init__(self, next_index: int) -> None:
@@ -53,6 +55,10 @@ class Progress:
         self.pending_snapshot = 0
         #: Highest commit index sent to the follower that it can use (it may not have arrived).
         self.sent_commit = 0
+        #: The follower's storage identity as its last reply gave it (0: not known yet).
+        self.storage_id = 0
+        #: The follower said it is catching up after new storage: it counts towards no quorum.
+        self.catching_up = False
 
     def __repr__(self) -> str:
         return (
@@ -78,6 +84,17 @@ class Progress:
     def become_snapshot(self, snapshot_index: int) -> None:
         self._reset(ProgressState.SNAPSHOT)
         self.pending_snapshot = snapshot_index
+
+    def restart(self, next_index: int) -> None:
+        """The follower's storage is new: forget what it matched and probe from ``next_index``.
+
+        The one place ``match`` moves backwards within a term, and rightly: the acknowledgements
+        it counted were made by a disk that no longer exists.
+        """
+        self.match = 0
+        self.next = next_index  # invariant: match < next
+        self.sent_commit = 0
+        self._reset(ProgressState.PROBE)
 
     def _reset(self, state: ProgressState) -> None:
         self.state = state

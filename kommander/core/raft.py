@@ -18,6 +18,7 @@ from kommander.core.errors import NotLeader, ProposalDropped
 from kommander.core.log import RaftLog
 from kommander.core.progress import Progress
 from kommander.core.readindex import ReadIndex
+from kommander.core.rejoin import Rejoin, Standing
 from kommander.core.replication import Replication
 from kommander.core.types import (
     AppendEntries,
@@ -81,12 +82,15 @@ class CoreConfig:
             raise ValueError("need 0 < heartbeat_tick < election_tick < election_tick_max")
 
 
-class RaftNode(Election, Replication, ReadIndex):
+class RaftNode(Election, Replication, ReadIndex, Rejoin):
     """One partition's Raft state machine.
 
     :param config: see :class:`CoreConfig`.
     :param rng: the only source of randomness (election timeouts).
     :param hard_state: / :param snapshot: / :param entries: what the WAL holds, on restart.
+    :param storage_id: identifies this node's disk; sent in every reply to a leader (0: unknown).
+    :param rejoining: the storage is new (or was when a catch-up began that has not finished):
+        start undecided or catching up, not as a voting member (see :mod:`kommander.core.rejoin`).
     """
 
     def __init__(
@@ -96,6 +100,8 @@ class RaftNode(Election, Replication, ReadIndex):
         hard_state: HardState | None = None,
         snapshot: SnapshotMeta | None = None,
         entries: Sequence[Entry] = (),
+        storage_id: int = 0,
+        rejoining: bool = False,
     ) -> None:
         hard_state = hard_state or HardState()
         self.config = config
@@ -136,6 +142,8 @@ class RaftNode(Election, Replication, ReadIndex):
         self._last_hard = HardState(self.term, self.vote, self.log.committed)
         self._last_soft = SoftState(self.role, self.leader, self.term)
         self._reset_randomized_timeout()
+        self.storage_id = storage_id
+        self._init_rejoin(rejoining)
 
     def __repr__(self) -> str:
         return (
@@ -168,6 +176,8 @@ class RaftNode(Election, Replication, ReadIndex):
         nodes, or of a stale term are ignored (stale ones may get an answer revealing our term)."""
         if m.dst != self.id or m.src not in self.voters or m.src == self.id:
             return
+        if self.standing is not Standing.MEMBER:
+            self._observe_rejoin(m)
         if m.term > self.term:
             if type(m) is VoteRequest:
                 if not m.transfer and self._in_lease():
@@ -184,7 +194,12 @@ class RaftNode(Election, Replication, ReadIndex):
             if isinstance(m, (AppendEntries, Heartbeat)):
                 # Tell a stale leader about our term so it steps down; with PreVote and
                 # CheckQuorum it could otherwise never learn it.
-                self._msgs.append(AppendEntriesResponse(self.term, self.id, m.src, False, 0))
+                self._msgs.append(
+                    AppendEntriesResponse(
+                        self.term, self.id, m.src, False, 0,
+                        storage_id=self.storage_id, catching_up=self.standing is not Standing.MEMBER,
+                    )
+                )
             elif type(m) is VoteRequest and m.pre_vote:
                 self._msgs.append(VoteResponse(self.term, self.id, m.src, False, True))
             return
@@ -209,6 +224,8 @@ class RaftNode(Election, Replication, ReadIndex):
                 self._handle_heartbeat(m)
             else:
                 self._handle_snapshot(m)
+            if self.standing is Standing.CATCHING_UP:
+                self._catch_up(m)
         elif kind is TimeoutNow and self.role is Role.FOLLOWER:
             self._campaign(transfer=True)
 

@@ -58,7 +58,9 @@ class ReadIndex:
         if not pending:
             return
         acks = [self._read_seq]
-        acks.extend(pr.read_ack for pr in self.progress.values())
+        # A follower catching up on new storage may have voted for a newer leader before it
+        # lost its disk: its acknowledgement proves nothing about our leadership.
+        acks.extend(0 if pr.catching_up else pr.read_ack for pr in self.progress.values())
         confirmed = quorum_index(acks)
         while pending and pending[0][0] <= confirmed:
             _, context, index = pending.popleft()

@@ -115,6 +115,8 @@ class Replication:
         if pr is None:
             return
         pr.recent_active = True
+        if m.storage_id != pr.storage_id or pr.catching_up:
+            self._note_storage(m.src, pr, m.storage_id, m.catching_up)
         if not m.success:
             hint = m.hint_index
             if m.hint_term > 0:
@@ -148,7 +150,11 @@ class Replication:
         pr = self.progress.get(m.src)
         if pr is None:
             return
+        # A catching-up follower still counts as active for CheckQuorum: it can only catch up
+        # from a leader, and a leader that stepped down for want of it would strand it.
         pr.recent_active = True
+        if m.storage_id != pr.storage_id or pr.catching_up:
+            self._note_storage(m.src, pr, m.storage_id, m.catching_up)
         if m.context > pr.read_ack:
             pr.read_ack = m.context
             self._confirm_reads()
@@ -191,7 +197,9 @@ class Replication:
     def _maybe_commit(self: "RaftNode") -> bool:
         log = self.log
         matches = [log.stable]
-        matches.extend(pr.match for pr in self.progress.values())
+        # A follower catching up on new storage does not count: its lost acknowledgements may
+        # have helped commit entries under another leader.
+        matches.extend(0 if pr.catching_up else pr.match for pr in self.progress.values())
         index = quorum_index(matches)
         # Figure 8 of the Raft paper: only entries of the current term commit by counting
         # replicas; earlier ones commit with them.
@@ -207,26 +215,24 @@ class Replication:
         log = self.log
         if m.prev_index < log.committed:
             # Everything up to our commit index already agrees with any leader's log.
-            self._persisted_msgs.append(
-                AppendEntriesResponse(self.term, self.id, m.src, True, log.committed)
-            )
+            self._persisted_msgs.append(self._append_response(m.src, True, log.committed))
             return
         last_new = log.maybe_append(m.prev_index, m.prev_term, m.entries)
         if last_new is not None:
             log.commit_to(min(m.commit, last_new))
             # "I hold these entries" must be true on disk before the leader counts it.
-            self._persisted_msgs.append(AppendEntriesResponse(self.term, self.id, m.src, True, last_new))
+            self._persisted_msgs.append(self._append_response(m.src, True, last_new))
             return
         hint_index = log.find_conflict_by_term(min(m.prev_index, log.last_index()), m.prev_term)
         self._msgs.append(
-            AppendEntriesResponse(
-                self.term, self.id, m.src, False, m.prev_index, hint_index, log.term_or_zero(hint_index)
-            )
+            self._append_response(m.src, False, m.prev_index, hint_index, log.term_or_zero(hint_index))
         )
 
     def _handle_heartbeat(self: "RaftNode", m: Heartbeat) -> None:
         self.log.commit_to(min(m.commit, self.log.last_index()))
-        self._msgs.append(HeartbeatResponse(self.term, self.id, m.src, m.context))
+        self._msgs.append(
+            HeartbeatResponse(self.term, self.id, m.src, m.context, self.storage_id, self.catching_up)
+        )
 
     def _handle_snapshot(self: "RaftNode", m: InstallSnapshot) -> None:
         log = self.log
@@ -241,4 +247,11 @@ class Replication:
             log.restore(meta)
             self._pending_snapshot = meta
             reply = meta.index
-        self._persisted_msgs.append(AppendEntriesResponse(self.term, self.id, m.src, True, reply))
+        self._persisted_msgs.append(self._append_response(m.src, True, reply))
+
+    def _append_response(
+        self: "RaftNode", dst: str, success: bool, index: int, hint_index: int = 0, hint_term: int = 0
+    ) -> AppendEntriesResponse:
+        return AppendEntriesResponse(
+            self.term, self.id, dst, success, index, hint_index, hint_term, self.storage_id, self.catching_up
+        )

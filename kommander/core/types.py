@@ -126,7 +126,9 @@ class SnapshotMeta:
 @dataclass(frozen=True, slots=True)
 class VoteRequest:
     """RequestVote (and PreVote when ``pre_vote``). ``transfer`` marks a leadership transfer,
-    which lets voters ignore their leader lease."""
+    which lets voters ignore their leader lease. ``pristine`` says the sender never had a history
+    (an empty log and, before this request, term 0 or new storage): see
+    :mod:`kommander.core.rejoin`."""
 
     term: int
     src: NodeId
@@ -135,6 +137,7 @@ class VoteRequest:
     last_term: int
     pre_vote: bool = False
     transfer: bool = False
+    pristine: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +170,10 @@ class AppendEntriesResponse:
     On rejection ``index`` is the rejected ``prev_index`` and ``(hint_index, hint_term)`` tell the
     leader where the logs may agree: the follower's last index at or below ``prev_index`` whose
     term is at most the rejected ``prev_term``, and that entry's term.
+
+    ``storage_id`` identifies the follower's disk (0: unknown); a new one tells the leader to
+    probe it from scratch. ``catching_up``: the follower's acknowledgements do not count towards
+    commit yet (see :mod:`kommander.core.rejoin`).
     """
 
     term: int
@@ -176,6 +183,8 @@ class AppendEntriesResponse:
     index: int
     hint_index: int = 0
     hint_term: int = 0
+    storage_id: int = 0
+    catching_up: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,10 +201,15 @@ class Heartbeat:
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatResponse:
+    """Reply to :class:`Heartbeat`; ``storage_id`` and ``catching_up`` as in
+    :class:`AppendEntriesResponse` (a catching-up follower does not count towards ReadIndex)."""
+
     term: int
     src: NodeId
     dst: NodeId
     context: int = 0
+    storage_id: int = 0
+    catching_up: bool = False
 
 
 @dataclass(frozen=True, slots=True)

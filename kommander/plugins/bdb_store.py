@@ -185,6 +185,25 @@ class BDBStore:
                 gc.enable()
         return WalState(hard_state, self._bounds[partition].checkpoint, entries)
 
+    def read_metadata(self, key: str) -> bytes | None:
+        """A value of :class:`~kommander.interfaces.IWALMetadata`, kept in the ``meta`` table."""
+        if self._env is None:
+            raise WALError("the log is not open")
+        return self._meta.get(_metadata_key(key))
+
+    def write_metadata(self, key: str, value: bytes) -> None:
+        """Store a metadata value in its own transaction (flushed like every write)."""
+        if type(value) is not bytes:
+            raise WALError(f"metadata values are bytes, not {value!r}")
+        stored_key = _metadata_key(key)
+        txn = self._begin()
+        try:
+            self._meta.put(stored_key, value, txn=txn)
+        except BaseException:
+            self._abort(txn)
+            raise
+        txn.commit()
+
     def read(self, partition: int, low: int, high: int) -> tuple[Entry, ...]:
         """Entries ``low <= index <= high``.
 
@@ -477,3 +496,10 @@ def _delete_through(table: db.DB, index: int, txn: db.DBTxn) -> None:
             record = cursor.next(dlen=codec.RUN_HEADER.size, doff=0)
     finally:
         cursor.close()
+
+
+def _metadata_key(key: str) -> bytes:
+    # Prefixed so that no metadata key can collide with the format or hard-state keys.
+    if type(key) is not str or not key.isascii() or not 0 < len(key) <= 64:
+        raise WALError(f"metadata keys are ASCII strings of 1-64 characters, not {key!r}")
+    return b"user." + key.encode()

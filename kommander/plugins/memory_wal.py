@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from kommander.core.errors import CompactedError, KommanderError
 from kommander.core.types import Entry, HardState, SnapshotMeta
-from kommander.interfaces import IWAL, WalState, WalWrite
+from kommander.interfaces import IWAL, IWALMetadata, WalState, WalWrite
 from kommander.plugins.wal_common import (
     COMPACT_ALL,
     COMPACT_IGNORE,
@@ -50,7 +50,7 @@ class _Log:
         return None
 
 
-@implementer(IWAL)
+@implementer(IWAL, IWALMetadata)
 class MemoryWAL:
     """A write-ahead log kept in dictionaries; survives ``close()`` / ``open()`` on the same object.
 
@@ -62,6 +62,7 @@ class MemoryWAL:
 
     def __init__(self) -> None:
         self._logs: dict[int, _Log] = {}
+        self._metadata: dict[str, bytes] = {}
         self._partitions = 0
         self._open = False
 
@@ -136,6 +137,19 @@ class MemoryWAL:
         :returns: a fired Deferred; an older checkpoint is ignored.
         """
         return self._call(self._compact, partition, checkpoint)
+
+    def read_metadata(self, key: str) -> defer.Deferred[bytes | None]:
+        """The value stored under ``key`` (see :class:`~kommander.interfaces.IWALMetadata`), or ``None``."""
+        return self._call(self._metadata.get, key)
+
+    def write_metadata(self, key: str, value: bytes) -> defer.Deferred[None]:
+        """Store ``value`` under ``key``; the Deferred has fired on return."""
+        return self._call(self._put_metadata, key, value)
+
+    def _put_metadata(self, key: str, value: bytes) -> None:
+        if type(key) is not str or type(value) is not bytes:
+            raise WALError(f"metadata needs a str key and bytes value, not {key!r}: {value!r}")
+        self._metadata[key] = value
 
     # ------------------------------------------------------------------ internals
 

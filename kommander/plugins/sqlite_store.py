@@ -5,7 +5,8 @@ The same contract as :class:`~kommander.plugins.bdb_store.BDBStore` (the writer 
 that one), stored with the standard library's :mod:`sqlite3` in one file, ``wal.sqlite3``:
 
 ``meta(key TEXT PRIMARY KEY, value BLOB)``
-    ``format`` -> ``kommander-sqlite-wal/1``, written when the file is created.
+    ``format`` -> ``kommander-sqlite-wal/1``, written when the file is created; ``user.<key>`` ->
+    the values of :class:`~kommander.interfaces.IWALMetadata` (the storage identity).
 ``hard_state(partition INTEGER PRIMARY KEY, term, vote, commit_index)``
 ``checkpoint(partition INTEGER PRIMARY KEY, idx, term)``
 ``entries(partition, idx, term, kind, log_type, data, timestamp, ticket)``
@@ -190,6 +191,21 @@ class SQLiteStore:
         bounds = self._bounds[partition]
         return WalState(hard_state, bounds.checkpoint, self._scan(partition, bounds.floor + 1, bounds.last_index))
 
+    def read_metadata(self, key: str) -> bytes | None:
+        """A value of :class:`~kommander.interfaces.IWALMetadata`, kept in the ``meta`` table."""
+        if self._db is None:
+            raise WALError(f"the log in {self.path} is not open")
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (_metadata_key(key),)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def write_metadata(self, key: str, value: bytes) -> None:
+        """Store a metadata value in its own transaction (synced like every write)."""
+        if type(value) is not bytes:
+            raise WALError(f"metadata values are bytes, not {value!r}")
+        if self._db is None:
+            raise WALError(f"the log in {self.path} is not open")
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_metadata_key(key), value))
+
     def read(self, partition: int, low: int, high: int) -> tuple[Entry, ...]:
         """Entries ``low <= index <= high``.
 
@@ -359,6 +375,13 @@ class SQLiteStore:
                 values = (partition, _signed(partition, "term", hs.term), hs.vote, _signed(partition, "commit", hs.commit))
                 actions.append(lambda c, values=values: c.execute("INSERT OR REPLACE INTO hard_state VALUES (?, ?, ?, ?)", values))
         return actions, scratch
+
+
+def _metadata_key(key: str) -> str:
+    # Prefixed so that no metadata key can collide with the format marker.
+    if type(key) is not str or not key.isascii() or not 0 < len(key) <= 64:
+        raise WALError(f"metadata keys are ASCII strings of 1-64 characters, not {key!r}")
+    return "user." + key
 
 
 def _delete_from(partition: int, index: int) -> Action:

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from kommander.core.errors import ConfigurationError, KommanderError
 from kommander.core.types import Entry, SnapshotMeta
-from kommander.interfaces import IWAL, WalState, WalWrite
+from kommander.interfaces import IWAL, IWALMetadata, WalState, WalWrite
 from kommander.plugins.wal_common import WALError
 
 #: ``sync``: a write's Deferred fires once its commit is on disk (fsync). ``nosync``: once the
@@ -65,13 +65,13 @@ class _Operation:
         self.weight = weight
 
 
-@implementer(IWAL)
+@implementer(IWAL, IWALMetadata)
 class ThreadedWAL:
     """An :class:`~kommander.interfaces.IWAL` whose blocking storage is driven by one writer thread.
 
     Subclasses give the storage object (``store``): it has ``open(partitions)``, ``close()``,
-    ``load``, ``read``, ``last_index_and_term``, ``checkpoint_log(kbytes)`` and
-    ``apply(operations)`` (a group of mutating operations in one transaction, one result per
+    ``load``, ``read``, ``last_index_and_term``, ``read_metadata``, ``write_metadata``,
+    ``checkpoint_log(kbytes)`` and ``apply(operations)`` (a group of mutating operations in one transaction, one result per
     operation), all called only from the writer thread.
 
     :param path: the storage directory; one process at a time.
@@ -227,6 +227,14 @@ class ThreadedWAL:
         :returns: a Deferred firing once durable.
         """
         return self._submit(COMPACT, (partition, checkpoint))
+
+    def read_metadata(self, key: str) -> defer.Deferred[bytes | None]:
+        """The value stored under ``key`` (see :class:`~kommander.interfaces.IWALMetadata`), or ``None``."""
+        return self._submit("read_metadata", (key,))
+
+    def write_metadata(self, key: str, value: bytes) -> defer.Deferred[None]:
+        """Store ``value`` under ``key``, in queue order after earlier writes; fires once durable."""
+        return self._submit("write_metadata", (key, value))
 
     # ------------------------------------------------------------------ reactor side
 

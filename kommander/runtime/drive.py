@@ -46,7 +46,8 @@ from kommander.core.types import (
     SnapshotChunk,
     SnapshotChunkAck,
 )
-from kommander.interfaces import WalWrite
+from kommander.interfaces import IWALMetadata, WalWrite
+from kommander.runtime.bootstrap import REJOINING_KEY, encode_rejoining
 
 if TYPE_CHECKING:  # pragma: no cover
     from kommander.runtime.partition import PartitionRuntime
@@ -233,6 +234,7 @@ class DriveLoop:
         writes: list[WalWrite] = []
         compactions: list[defer.Deferred[None]] = []
         readies: list[tuple[PartitionRuntime, Ready]] = []
+        rejoined = False
         dirty, self._dirty = self._dirty, {}
         for runtime in dirty.values():
             runtime.drain_queue()
@@ -256,18 +258,32 @@ class DriveLoop:
                 readies.append((runtime, ready))
             if core.has_ready():
                 self._dirty[runtime.number] = runtime
+            if self.rejoining and runtime.number in self.rejoining and not core.catching_up:
+                self.rejoining.discard(runtime.number)
+                rejoined = True
+                self.log.info(
+                    "partition {p}: {how}; votes now",
+                    p=runtime.number,
+                    how="fresh cluster" if core.rejoin_target is None else f"caught up on new storage to {core.rejoin_target}",
+                )
         self._send(outgoing)
+        mark = rejoined and IWALMetadata.providedBy(self.wal)
         if readies:
-            batch = _Batch(readies, not (writes or compactions), self.reactor.seconds())
+            batch = _Batch(readies, not (writes or compactions or mark), self.reactor.seconds())
             self._batches.append(batch)
             if writes:
                 self.stats["wal_writes"] += 1
                 compactions.append(self.wal.write(writes))
+            if mark:
+                # After this turn's write: the marker never clears before the entries are durable.
+                compactions.append(self.wal.write_metadata(REJOINING_KEY, encode_rejoining(self.rejoining)))
             if compactions:
                 defer.gatherResults(compactions, consumeErrors=True).addCallbacks(
                     self._write_done, self._write_failed, callbackArgs=(batch,)
                 )
             self._complete_batches()
+        elif mark:
+            self.wal.write_metadata(REJOINING_KEY, encode_rejoining(self.rejoining)).addErrback(self._write_failed)
         # Only now, with the messages on their way and the WAL writing, apply what was committed:
         # a follower's acknowledgement (sent once its write is durable) must not wait for the
         # application of entries committed earlier. Committed entries are already durable.

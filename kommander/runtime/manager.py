@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kommander.runtime.apply import Applier
-from kommander.runtime.bootstrap import initial_view
+from kommander.runtime.bootstrap import REJOINING_KEY, encode_rejoining, initial_view, storage_identity
 from kommander.runtime.checkpoints import Checkpointer
 from kommander.runtime.drive import DriveLoop
 from kommander.runtime.framing import FrameBudget
@@ -34,6 +34,7 @@ from kommander.interfaces import (
     IStateMachine,
     ITransport,
     IWAL,
+    IWALMetadata,
 )
 from kommander.runtime.partition import PartitionRuntime, Request
 from kommander.results import Event, RaftOperationStatus, ReplicationResult, partition_for_key
@@ -137,6 +138,9 @@ class RaftManager(DriveLoop):
         self._leader_waiters: dict[int, list[defer.Deferred[str]]] = {}
         self._restoring: set[int] = set()
         self._restored: defer.Deferred[None] | None = None
+        #: This node's storage identity, and the partitions still rejoining on new storage.
+        self.storage_id = 0
+        self.rejoining: set[int] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -170,8 +174,12 @@ class RaftManager(DriveLoop):
             max_uncommitted_bytes=self.config.max_uncommitted_bytes,
         )
         self._restored = defer.Deferred()
+        states = []
         for number in range(self.partitions):
-            state = yield self.wal.load(number)
+            states.append((yield self.wal.load(number)))
+        self.storage_id, rejoining = yield storage_identity(self.wal, states, self.rng)
+        self.rejoining = set(rejoining)
+        for number, state in enumerate(states):
             snapshot, entries, tickets = yield self.checkpointer.restore(number, state)
             core = RaftNode(
                 core_config,
@@ -179,6 +187,8 @@ class RaftManager(DriveLoop):
                 state.hard_state,
                 snapshot,
                 entries,
+                storage_id=self.storage_id,
+                rejoining=number in self.rejoining,
             )
             runtime = PartitionRuntime(self, number, core)
             runtime.tickets = tickets
@@ -297,12 +307,14 @@ class RaftManager(DriveLoop):
                     "commit_index": core.log.committed,
                     "applied_index": runtime.applied,
                     "last_log_index": core.log.last_index(),
+                    "standing": core.standing.value,
                 }
             )
         return {
             "node_id": self.node_id,
             "cluster_id": self.cluster_id,
             "voters": list(self.voters),
+            "storage_id": f"{self.storage_id:016x}",
             "running": self._running,
             "partitions": parts,
         }

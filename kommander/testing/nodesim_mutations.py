@@ -80,7 +80,7 @@ def swallow_sm_errors() -> Any:
     applied and the client hears SUCCESS."""
 
     def make(original: Any) -> Any:
-        def apply(self: Applier, runtime: Any, entry: Any, restoring: bool) -> Any:
+        def apply(self: Applier, runtime: Any, entry: Any, *_: Any) -> Any:
             machine = self.host.state_machine
             try:
                 outcome = machine.apply(runtime.number, entry)

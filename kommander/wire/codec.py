@@ -146,6 +146,20 @@ _SCHEMA: dict[type, tuple[TypeCode, tuple[tuple[str, str], ...]]] = {
         (("meta", _META), ("offset", _U), ("success", _B)),
     ),
 }
+#: Fields added later, after the original ones: a frame may end before them (the dataclass
+#: defaults apply), so frames of peers that predate them still decode. They are sent only when
+#: one of them differs from its default.
+_OPTIONAL: dict[type, tuple[tuple[str, str], ...]] = {
+    VoteRequest: (("pristine", _B),),
+    AppendEntriesResponse: (("storage_id", _U), ("catching_up", _B)),
+    HeartbeatResponse: (("storage_id", _U), ("catching_up", _B)),
+}
+_DEFAULTS = {_U: 0, _B: False}
+_SCHEMA = {
+    cls: (code, fields + _OPTIONAL.get(cls, ())) for cls, (code, fields) in _SCHEMA.items()
+}
+#: message class -> the number of fields every frame of it carries.
+_REQUIRED: dict[type, int] = {cls: len(fields) - len(_OPTIONAL.get(cls, ())) for cls, (_, fields) in _SCHEMA.items()}
 _BY_CODE: dict[int, tuple[type, tuple[tuple[str, str], ...]]] = {
     code: (cls, fields) for cls, (code, fields) in _SCHEMA.items()
 }
@@ -305,6 +319,9 @@ def encode_message(partition: int, message: Message) -> bytes:
     if schema is None:
         raise _fail(f"cannot encode {_show(message)}: not a message type", False)
     code, fields = schema
+    optional = _OPTIONAL.get(type(message))
+    if optional is not None and all(getattr(message, n) == _DEFAULTS[k] for n, k in optional):
+        fields = fields[: _REQUIRED[type(message)]]
     out: list[Any] = [
         code.value,
         _u64(partition, "partition", False),
@@ -381,7 +398,7 @@ def decode_message(data: bytes, partitions: int) -> tuple[int, Message]:
     if type(code) is not int or code not in _BY_CODE:
         raise _fail(f"unknown message type code {_show(code)}", True)
     cls, fields = _BY_CODE[code]
-    if len(item) != _HEADER + len(fields):
+    if len(item) != _HEADER + len(fields) and len(item) != _HEADER + _REQUIRED[cls]:
         raise _fail(f"{cls.__name__}: expected {_HEADER + len(fields)} elements, got {len(item)}", True)
     partition = _u64(item[1], "partition", True)
     if partition >= partitions:

@@ -1,0 +1,138 @@
+"""Rejoining on new storage: a node that lost its disk must not vote with amnesia.
+
+A node's promises (votes, acknowledgements) live on its disk. A node restarted on an empty data
+directory has forgotten them: if it voted or counted towards a quorum at once, it could elect a
+leader that lacks entries its own lost acknowledgements helped commit, or vote twice in a term.
+So a node whose storage is new starts each partition in a *standing* other than
+:attr:`Standing.MEMBER`:
+
+* :attr:`Standing.UNDECIDED` while its log is empty and it cannot tell a fresh cluster's first
+  start from a rejoin. On each election timeout it sends PreVote requests marked ``pristine``
+  (changing nothing anywhere) instead of campaigning. Seeing ``pristine`` requests from enough
+  peers that they and it make a majority proves a fresh cluster (at most a minority of voters may
+  be without the data at a time, see ``docs/operations.rst``): it becomes a member. Any sign of
+  history first (a leader's message, a vote request not marked pristine) makes it catch up.
+* :attr:`Standing.CATCHING_UP`: it follows a leader but neither votes, nor campaigns, nor counts
+  towards commit or ReadIndex (its replies say ``catching_up``), until it holds the commit index
+  the leader announced in the first AppendEntries it received (raised when a leader of a newer
+  term speaks). Then it is a member again.
+
+The leader side: every reply to the leader carries the sender's ``storage_id``. A leader that sees
+a new id for a follower resets that follower's progress and probes it from scratch, since nothing
+it knew about that follower's log holds any more.
+
+Mixed into :class:`kommander.core.raft.RaftNode`; every attribute used here is defined there.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+from kommander.core.progress import Progress
+from kommander.core.types import AppendEntries, Heartbeat, InstallSnapshot, Message, VoteRequest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kommander.core.raft import RaftNode
+
+
+class Standing(enum.Enum):
+    #: Votes, campaigns and counts towards every quorum.
+    MEMBER = "member"
+    #: New storage, empty log, and no sign yet of whether the cluster has a history.
+    UNDECIDED = "undecided"
+    #: New storage in a cluster with a history: follows, but does not vote or count yet.
+    CATCHING_UP = "catching-up"
+
+
+_FROM_LEADER = (AppendEntries, Heartbeat, InstallSnapshot)
+
+
+class Rejoin:
+    """Rejoin behaviour of a :class:`RaftNode`."""
+
+    def _init_rejoin(self: "RaftNode", rejoining: bool) -> None:
+        if not rejoining:
+            self.standing = Standing.MEMBER
+        elif self.log.last_index() == 0:
+            self.standing = Standing.UNDECIDED
+        else:
+            self.standing = Standing.CATCHING_UP
+        #: UNDECIDED: voters known to have had no history (this node included).
+        self._pristine_seen = {self.id}
+        #: CATCHING_UP: the commit index to reach, and the leader term that announced it.
+        self._catch_up_target: int | None = None
+        self._catch_up_term = 0
+        if self.standing is Standing.UNDECIDED and self.quorum == 1:
+            self.standing = Standing.MEMBER  # a one-node cluster has nobody to have forgotten
+
+    @property
+    def catching_up(self: "RaftNode") -> bool:
+        """Whether this node must not yet vote, campaign or count towards a quorum."""
+        return self.standing is not Standing.MEMBER
+
+    @property
+    def rejoin_target(self: "RaftNode") -> int | None:
+        """The commit index a catching-up node had to reach; ``None`` when it never caught up."""
+        return self._catch_up_target
+
+    def _is_pristine(self: "RaftNode", pre_vote: bool) -> bool:
+        """Whether a vote request about to be sent proves this node had no history (no entry and,
+        before this campaign, term 0 — or new storage that has made no promise yet)."""
+        if self.log.last_index() != 0:
+            return False
+        if self.standing is Standing.UNDECIDED:
+            return True
+        return self.term == (0 if pre_vote else 1)
+
+    # ------------------------------------------------------------------ follower side
+
+    def _observe_rejoin(self: "RaftNode", m: Message) -> None:
+        """Learn from any message whether the cluster is fresh (called while not a member)."""
+        kind = type(m)
+        if kind is VoteRequest and m.pristine:
+            if self.standing is Standing.UNDECIDED:
+                self._pristine_seen.add(m.src)
+                if len(self._pristine_seen) >= self.quorum:
+                    # A majority never had a history: this is the cluster's first start.
+                    self.standing = Standing.MEMBER
+        elif kind is VoteRequest or kind in _FROM_LEADER:
+            if self.standing is Standing.UNDECIDED:
+                self.standing = Standing.CATCHING_UP
+
+    def _catch_up(self: "RaftNode", m: Message) -> None:
+        """After a leader's message: record the target, and end catching up once it is reached."""
+        if type(m) is AppendEntries and (self._catch_up_target is None or m.term > self._catch_up_term):
+            self._catch_up_target = max(self._catch_up_target or 0, m.commit)
+            self._catch_up_term = m.term
+        if self._catch_up_target is not None and self.log.committed >= self._catch_up_target:
+            self.standing = Standing.MEMBER
+
+    def _rejoin_timeout(self: "RaftNode") -> None:
+        """The election timeout of a node that may not campaign: an undecided one announces that
+        it is pristine (a PreVote request, which changes nothing at the receivers)."""
+        self.election_elapsed = 0
+        self._reset_randomized_timeout()
+        if self.standing is not Standing.UNDECIDED:
+            return
+        for peer in self.peers:
+            self._msgs.append(VoteRequest(self.term + 1, self.id, peer, 0, 0, pre_vote=True, pristine=True))
+
+    # ------------------------------------------------------------------ leader side
+
+    def _note_storage(self: "RaftNode", peer: str, pr: Progress, storage_id: int, catching_up: bool) -> None:
+        """Track a follower's storage identity and standing from one of its replies."""
+        if storage_id and storage_id != pr.storage_id:
+            known = pr.storage_id
+            pr.storage_id = storage_id
+            pr.catching_up = catching_up
+            if known:
+                # A new disk: what it acknowledged before is gone. Probe it from scratch.
+                pr.restart(self.log.last_index() + 1)
+                self._send_append(peer, pr, send_empty=True)
+        elif pr.catching_up and not catching_up:
+            # Caught up (a stale "catching up" after this is ignored: it never goes back).
+            pr.catching_up = False
+            if self._maybe_commit():
+                self._commit_dirty = True
+            self._confirm_reads()
