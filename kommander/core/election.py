@@ -124,6 +124,10 @@ class Election:
         if self.role is Role.PRE_CANDIDATE:
             if not m.pre_vote:
                 return
+            if m.granted and m.term != self.term + 1:
+                # A grant carries the term it was asked for; one for our current term answers
+                # an earlier round (sent before we last campaigned) and proves nothing now.
+                return
         elif self.role is Role.CANDIDATE:
             if m.pre_vote or m.term != self.term:
                 return
@@ -167,11 +171,25 @@ class Election:
         self.lead_transferee = target
         self.election_elapsed = 0
         pr = self.progress[target]
-        if pr.match == self.log.last_index():
-            self._msgs.append(TimeoutNow(self.term, self.id, target))
+        last = self.log.last_index()
+        if pr.match == last:
+            self._msgs.append(TimeoutNow(self.term, self.id, target, last))
         else:
             self._send_append(target, pr, send_empty=True)
 
     def _maybe_finish_transfer(self: "RaftNode", peer: str) -> None:
-        if peer == self.lead_transferee and self.progress[peer].match == self.log.last_index():
-            self._msgs.append(TimeoutNow(self.term, self.id, peer))
+        last = self.log.last_index()
+        if peer == self.lead_transferee and self.progress[peer].match == last:
+            self._msgs.append(TimeoutNow(self.term, self.id, peer, last))
+
+    def _handle_timeout_now(self, m: TimeoutNow) -> None:
+        # The leader gives a transfer up after an election timeout and then takes proposals again,
+        # but a TimeoutNow may still be on its way. The target cannot see the leader's timer, so
+        # it checks the leader's log instead: while the transfer is live the leader appends
+        # nothing, so the target's log ends exactly at m.index. An entry after it proves the
+        # leader resumed service (the transfer is over): campaigning then would only unseat a
+        # working leader. (A TimeoutNow that overtakes everything the leader sent after giving
+        # up is indistinguishable from a live one; acting on it is the transfer that was asked
+        # for, by a target exactly as up to date as the leader, so it wins at once.)
+        if self.log.last_index() == m.index:
+            self._campaign(transfer=True)

@@ -34,6 +34,7 @@ class Progress:
         "read_ack",
         "pending_snapshot",
         "sent_commit",
+        "sent_round",
     )
 
     def __init__(self, next_index: int) -> None:
@@ -53,6 +54,8 @@ class Progress:
         self.pending_snapshot = 0
         #: Highest commit index sent to the follower that it can use (it may not have arrived).
         self.sent_commit = 0
+        #: The leader's heartbeat round (ReadIndex context) when it last sent an AppendEntries.
+        self.sent_round = 0
 
     def __repr__(self) -> str:
         return (

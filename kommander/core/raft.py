@@ -204,7 +204,7 @@ class RaftNode(Election, Replication, ReadIndex):
             else:
                 self._handle_snapshot(m)
         elif kind is TimeoutNow and self.role is Role.FOLLOWER:
-            self._campaign(transfer=True)
+            self._handle_timeout_now(m)
 
     def propose(self, proposals: Sequence[Proposal]) -> tuple[int, int]:
         """Append entries to the leader's log.

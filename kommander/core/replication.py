@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kommander.core.raft import RaftNode
 
 
+
 class Replication:
     """Replication behaviour of a :class:`RaftNode`."""
 
@@ -64,6 +65,7 @@ class Replication:
             AppendEntries(self.term, self.id, peer, prev_index, prev_term, tuple(batch), committed)
         )
         pr.sent(last, size, count)
+        pr.sent_round = self._read_seq
         # The follower can use the commit index up to what this message vouches for.
         usable = committed if committed < last else last
         if usable > pr.sent_commit:
@@ -126,7 +128,10 @@ class Replication:
                 self._send_append(m.src, pr, send_empty=True)
             return
         if not pr.maybe_update(m.index):
-            return
+            if pr.state is not ProgressState.PROBE or m.index != pr.match:
+                return
+            # The follower confirms it holds our log up to match: that is all a probe asks, so
+            # stream from there instead of waiting (paused) for a heartbeat reply.
         if pr.state is ProgressState.PROBE:
             pr.become_replicate()
         elif pr.state is ProgressState.SNAPSHOT:
@@ -159,13 +164,18 @@ class Replication:
             pr.probe_sent = False
             self._send_append(m.src, pr, send_empty=True)
         elif pr.state is ProgressState.REPLICATE:
-            if pr.is_paused(self.config.max_inflight_msgs, self.config.max_inflight_bytes):
-                # The window may be full of messages the network lost, and nothing else would
-                # ever unblock it: send one empty AppendEntries past the window. The follower
-                # either acknowledges it (freeing the window) or rejects it (back to probing).
+            if self._send_append(m.src, pr):
+                return  # entries not sent yet, and room in the window
+            if m.context > pr.sent_round:
+                # Everything is in flight, and the follower answered a heartbeat sent after our
+                # last AppendEntries without acknowledging it yet: the network may have lost
+                # what is in flight, and nothing else would resend it. Send one empty
+                # AppendEntries past the window; the follower acknowledges it (freeing the
+                # window) or rejects it (back to probing). Not for replies to older rounds:
+                # under load that would be one per reply, and one sent just after the entries
+                # it follows can overtake them, be rejected, and knock the follower back to
+                # probing. Each probe counts as sent, so a slow disk draws at most one a round.
                 self._send_window_probe(m.src, pr)
-            else:
-                self._send_append(m.src, pr, send_empty=True)
 
     def _send_window_probe(self: "RaftNode", peer: str, pr: Progress) -> None:
         prev_index = pr.next - 1
@@ -177,6 +187,7 @@ class Replication:
         self._msgs.append(
             AppendEntries(self.term, self.id, peer, prev_index, prev_term, (), self.log.committed)
         )
+        pr.sent_round = self._read_seq
 
     def report_snapshot(self: "RaftNode", peer: str, success: bool) -> None:
         """The runtime finished (or gave up) streaming a snapshot to ``peer``. On failure the
