@@ -1,24 +1,39 @@
 """The properties a simulation run checks after every step (see :mod:`kommander.testing.sim`).
 
-Mixed into :class:`kommander.testing.sim.Simulation`; every attribute used here is defined there.
+:class:`kommander.testing.sim.Simulation` builds on :class:`Checks`; the fields the checks read are
+declared here (the simulation assigns them), so this module never imports the one that uses it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from kommander.core.types import AppendEntriesResponse, Message, Ready, Role, VoteRequest, VoteResponse
-from kommander.testing.sim_model import TICK, SimNode, Violation
-
-if TYPE_CHECKING:  # pragma: no cover
-    from kommander.testing.sim import Simulation
+from kommander.core.types import AppendEntriesResponse, EntryKind, Message, Ready, Role, VoteRequest, VoteResponse
+from kommander.testing.sim_model import TICK, SimConfig, SimNode, Violation
 
 
 class Checks:
     """Election safety, log matching, leader completeness, state machine safety, commit
     durability, persistence ordering, monotonic commits, linearizable reads and liveness."""
 
-    def _check_fingerprint(self: "Simulation", node: SimNode, index: int) -> None:
+    # Assigned by Simulation.__init__.
+    config: SimConfig
+    nodes: dict[str, SimNode]
+    quorum: int
+    now: int
+    leaders: dict[int, str]
+    registry: dict[tuple[int, int], tuple[int, EntryKind, bytes]]
+    committed: dict[int, int]
+    commit_terms: dict[int, int]
+    commit_max: int
+    fingerprints: dict[int, object]
+    reads: dict[int, tuple[str, int]]
+    calm_since: int | None
+    live_commit_target: int | None
+    result_stats: dict[str, int]
+
+    def _log(self, text: str) -> None:  # defined by Simulation
+        raise NotImplementedError
+
+    def _check_fingerprint(self, node: SimNode, index: int) -> None:
         state = node.sm.fingerprint()
         seen = self.fingerprints.setdefault(index, state)
         if seen != state:
@@ -26,7 +41,7 @@ class Checks:
 
     # ------------------------------------------------------------------ checks
 
-    def _observe(self: "Simulation", node: SimNode, ready: Ready) -> None:
+    def _observe(self, node: SimNode, ready: Ready) -> None:
         core = node.core
         self._check_node(node)
         if ready.soft_state is not None and ready.soft_state.role is Role.LEADER:
@@ -70,7 +85,7 @@ class Checks:
         for context in ready.dropped_reads:
             self.reads.pop(context, None)
 
-    def _check_node(self: "Simulation", node: SimNode) -> None:
+    def _check_node(self, node: SimNode) -> None:
         core = node.core
         if core is None:
             return
@@ -101,7 +116,7 @@ class Checks:
                 self.commit_max = commit
             node.commit_seen = commit
 
-    def _check_applied_durable(self: "Simulation", node: SimNode, first: int) -> None:
+    def _check_applied_durable(self, node: SimNode, first: int) -> None:
         """A write that replaced stored entries from ``first`` must leave every applied entry on
         disk: the state machine may not run ahead of the log it would restart from."""
         for index in range(first, node.applied + 1):
@@ -111,7 +126,7 @@ class Checks:
                     f"{node.id} applied {index} but a later write left term {node.durable_term(index)} there",
                 )
 
-    def _check_persistence(self: "Simulation", node: SimNode, m: Message) -> None:
+    def _check_persistence(self, node: SimNode, m: Message) -> None:
         kind = type(m)
         if kind is VoteResponse and m.granted and not m.pre_vote:
             if node.hard.term != m.term or node.hard.vote != m.dst:
@@ -128,7 +143,7 @@ class Checks:
 
     # ------------------------------------------------------------------ liveness
 
-    def _check_liveness(self: "Simulation") -> None:
+    def _check_liveness(self) -> None:
         if self.calm_since is None:
             return
         if self.live_commit_target is None:
@@ -141,10 +156,10 @@ class Checks:
                 f"{self.config.liveness_ticks} ticks of healing",
             )
 
-    def _highest_index(self: "Simulation") -> int:
+    def _highest_index(self) -> int:
         return max(n.core.log.last_index() for n in self.nodes.values() if n.alive)
 
-    def _liveness_settled(self: "Simulation") -> bool:
+    def _liveness_settled(self) -> bool:
         return (
             self.live_commit_target is not None
             and self.commit_max >= self.live_commit_target
