@@ -111,10 +111,50 @@ class Checks:
                         "commit-durability",
                         f"{node.id} committed {commit} held durably by only {holders} nodes",
                     )
+                self._check_commit_electable(node, commit, term)
             if commit > self.commit_max:
                 self.result_stats["commits"] += commit - self.commit_max
                 self.commit_max = commit
             node.commit_seen = commit
+
+    def _check_commit_electable(self, leader: SimNode, index: int, term: int) -> None:
+        """Leader Completeness, checked when it is decided rather than when it breaks: once
+        ``(index, term)`` commits, no node lacking it may be electable, that is, as up to date
+        (section 5.4.1) as a quorum of logs as a crash could leave them. Raft's rule that a leader
+        counts replicas only for entries of its own term guarantees it; committing an older
+        term's entry by counting (the paper's Figure 8) does not, and the overwrite it allows
+        needs a rare schedule to happen, while this needs only the commit."""
+        floors = {n.id: self._least_up_to_date(n) for n in self.nodes.values()}
+        for candidate in self.nodes.values():
+            if candidate.holds(index, term) or (
+                candidate.alive and candidate.core.log.term_or_zero(index) == term
+            ):
+                continue
+            claim = self._most_up_to_date(candidate)
+            voters = sum(1 for floor in floors.values() if floor <= claim)
+            if voters >= self.quorum:
+                raise Violation(
+                    "commit-safety",
+                    f"{leader.id} committed ({index}, {term}) but {candidate.id}, lacking it, "
+                    f"is as up to date as {voters} logs",
+                )
+
+    @staticmethod
+    def _least_up_to_date(node: SimNode) -> tuple[int, int]:
+        """(last term, last index) of ``node``'s log after a crash now: its durable log, or the
+        received snapshot a restart would adopt."""
+        last = node.durable_last()
+        best = (node.durable_term(last) or 0, last)
+        for meta in node.received:
+            best = max(best, (meta.term, meta.index))
+        return best
+
+    def _most_up_to_date(self, node: SimNode) -> tuple[int, int]:
+        """The most up-to-date (last term, last index) ``node`` could claim in a VoteRequest."""
+        best = self._least_up_to_date(node)
+        if node.alive:
+            best = max(best, (node.core.log.last_term(), node.core.log.last_index()))
+        return best
 
     def _check_applied_durable(self, node: SimNode, first: int) -> None:
         """A write that replaced stored entries from ``first`` must leave every applied entry on
