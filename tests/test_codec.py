@@ -175,8 +175,8 @@ def test_type_codes_are_stable():
 
 
 def test_encoding_is_compact_array():
-    """TimeoutNow for partition 0 is exactly [7, 0, 1, "a", "b"] in CBOR: eight bytes."""
-    assert encode_message(0, TimeoutNow(1, "a", "b")) == bytes.fromhex("850700016161 6162".replace(" ", ""))
+    """TimeoutNow for partition 0 is exactly [7, 0, 1, "a", "b", 5] in CBOR: nine bytes."""
+    assert encode_message(0, TimeoutNow(1, "a", "b", 5)) == bytes.fromhex("860700016161 616205".replace(" ", ""))
 
 
 def test_entry_layout():

@@ -1,31 +1,28 @@
 """Leader election: timers, PreVote, RequestVote, CheckQuorum and leadership transfer.
 
-Mixed into :class:`kommander.core.raft.RaftNode`; every attribute used here is defined there.
+Builds on :class:`kommander.core.state.NodeState` (the fields and the other parts' operations);
+:class:`kommander.core.raft.RaftNode` combines the parts.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from kommander.core.errors import NotLeader
+from kommander.core.state import NodeState
 from kommander.core.types import Role, TimeoutNow, VoteRequest, VoteResponse
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kommander.core.raft import RaftNode
 
-
-class Election:
+class Election(NodeState):
     """Election behaviour of a :class:`RaftNode`."""
 
     # ------------------------------------------------------------------ timers
 
-    def _tick_election(self: "RaftNode") -> None:
+    def _tick_election(self) -> None:
         self.election_elapsed += 1
         if self.election_elapsed >= self.randomized_timeout and self.id in self.voters:
             self.election_elapsed = 0
             self._campaign(transfer=False)
 
-    def _tick_leader(self: "RaftNode") -> None:
+    def _tick_leader(self) -> None:
         self.heartbeat_elapsed += 1
         self.election_elapsed += 1
         if self.election_elapsed >= self.config.election_tick:
@@ -41,7 +38,7 @@ class Election:
             self.heartbeat_elapsed = 0
             self._bcast_heartbeat(self._next_read_round())
 
-    def _quorum_active(self: "RaftNode") -> bool:
+    def _quorum_active(self) -> bool:
         active = 1  # ourselves
         for pr in self.progress.values():
             if pr.recent_active:
@@ -51,7 +48,7 @@ class Election:
 
     # ------------------------------------------------------------------ campaigning
 
-    def _campaign(self: "RaftNode", transfer: bool) -> None:
+    def _campaign(self, transfer: bool) -> None:
         if self.catching_up:
             self._rejoin_timeout()  # new storage: no campaign until caught up (rejoin.py)
             return
@@ -60,7 +57,7 @@ class Election:
         else:
             self._become_candidate(transfer)
 
-    def _become_pre_candidate(self: "RaftNode") -> None:
+    def _become_pre_candidate(self) -> None:
         # PreVote (Raft thesis 9.6): ask whether we could win before bumping the term, so a node
         # that was cut off cannot depose a healthy leader when it returns.
         self._drop_leader_state()
@@ -81,7 +78,7 @@ class Election:
                 )
             )
 
-    def _become_candidate(self: "RaftNode", transfer: bool) -> None:
+    def _become_candidate(self, transfer: bool) -> None:
         self._reset(self.term + 1)
         self.role = Role.CANDIDATE
         self.vote = self.id
@@ -99,7 +96,7 @@ class Election:
                 )
             )
 
-    def _tally(self: "RaftNode") -> bool | None:
+    def _tally(self) -> bool | None:
         """``True`` once a quorum granted, ``False`` once a quorum refused, else ``None``."""
         granted = sum(1 for v in self.votes.values() if v)
         if granted >= self.quorum:
@@ -110,7 +107,7 @@ class Election:
 
     # ------------------------------------------------------------------ voting
 
-    def _handle_vote_request(self: "RaftNode", m: VoteRequest) -> None:
+    def _handle_vote_request(self, m: VoteRequest) -> None:
         can_vote = (
             self.vote == m.src
             or (self.vote is None and self.leader is None)
@@ -130,9 +127,13 @@ class Election:
         else:
             self._msgs.append(VoteResponse(self.term, self.id, m.src, False, m.pre_vote))
 
-    def _handle_vote_response(self: "RaftNode", m: VoteResponse) -> None:
+    def _handle_vote_response(self, m: VoteResponse) -> None:
         if self.role is Role.PRE_CANDIDATE:
             if not m.pre_vote:
+                return
+            if m.granted and m.term != self.term + 1:
+                # A grant carries the term it was asked for; one for our current term answers
+                # an earlier round (sent before we last campaigned) and proves nothing now.
                 return
         elif self.role is Role.CANDIDATE:
             if m.pre_vote or m.term != self.term:
@@ -149,7 +150,7 @@ class Election:
         elif outcome is False:
             self._become_follower(self.term, None)
 
-    def _in_lease(self: "RaftNode") -> bool:
+    def _in_lease(self) -> bool:
         """Whether we heard from a live leader within the minimum election timeout, in which case
         vote requests are ignored (CheckQuorum's leader lease)."""
         return (
@@ -160,7 +161,7 @@ class Election:
 
     # ------------------------------------------------------------------ leadership transfer
 
-    def transfer_leadership(self: "RaftNode", target: str) -> None:
+    def transfer_leadership(self, target: str) -> None:
         """Hand leadership to ``target`` (Raft thesis 3.10): bring it up to date, then tell it to
         start an election at once with :class:`TimeoutNow`. Proposals are refused meanwhile; the
         transfer is abandoned after an election timeout.
@@ -177,11 +178,25 @@ class Election:
         self.lead_transferee = target
         self.election_elapsed = 0
         pr = self.progress[target]
-        if pr.match == self.log.last_index():
-            self._msgs.append(TimeoutNow(self.term, self.id, target))
+        last = self.log.last_index()
+        if pr.match == last:
+            self._msgs.append(TimeoutNow(self.term, self.id, target, last))
         else:
             self._send_append(target, pr, send_empty=True)
 
-    def _maybe_finish_transfer(self: "RaftNode", peer: str) -> None:
-        if peer == self.lead_transferee and self.progress[peer].match == self.log.last_index():
-            self._msgs.append(TimeoutNow(self.term, self.id, peer))
+    def _maybe_finish_transfer(self, peer: str) -> None:
+        last = self.log.last_index()
+        if peer == self.lead_transferee and self.progress[peer].match == last:
+            self._msgs.append(TimeoutNow(self.term, self.id, peer, last))
+
+    def _handle_timeout_now(self, m: TimeoutNow) -> None:
+        # The leader gives a transfer up after an election timeout and then takes proposals again,
+        # but a TimeoutNow may still be on its way. The target cannot see the leader's timer, so
+        # it checks the leader's log instead: while the transfer is live the leader appends
+        # nothing, so the target's log ends exactly at m.index. An entry after it proves the
+        # leader resumed service (the transfer is over): campaigning then would only unseat a
+        # working leader. (A TimeoutNow that overtakes everything the leader sent after giving
+        # up is indistinguishable from a live one; acting on it is the transfer that was asked
+        # for, by a target exactly as up to date as the leader, so it wins at once.)
+        if self.log.last_index() == m.index:
+            self._campaign(transfer=True)

@@ -36,6 +36,7 @@ class Progress:
         "sent_commit",
         "storage_id",
         "catching_up",
+        "sent_round",
     )
 
     def __init__(self, next_index: int) -> None:
@@ -59,6 +60,8 @@ class Progress:
         self.storage_id = 0
         #: The follower said it is catching up after new storage: it counts towards no quorum.
         self.catching_up = False
+        #: The leader's heartbeat round (ReadIndex context) when it last sent an AppendEntries.
+        self.sent_round = 0
 
     def __repr__(self) -> str:
         return (

@@ -11,7 +11,6 @@ from __future__ import annotations
 from random import Random  # the type of the injected generator; never the global one
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from kommander.core.election import Election
 from kommander.core.errors import NotLeader, ProposalDropped
@@ -20,6 +19,7 @@ from kommander.core.progress import Progress
 from kommander.core.readindex import ReadIndex
 from kommander.core.rejoin import Rejoin, Standing
 from kommander.core.replication import Replication
+from kommander.core.state import CoreConfig  # noqa: F401 - public here: kommander.core.raft.CoreConfig
 from kommander.core.types import (
     AppendEntries,
     AppendEntriesResponse,
@@ -42,44 +42,6 @@ from kommander.core.types import (
 )
 
 _FROM_LEADER = (AppendEntries, Heartbeat, InstallSnapshot)
-
-
-@dataclass(frozen=True, slots=True)
-class CoreConfig:
-    """Settings of one core. Times are in ticks.
-
-    :ivar node_id: this node.
-    :ivar voters: every voting node of the partition, this one included.
-    :ivar election_tick: minimum election timeout; a follower's timeout is drawn from
-        ``[election_tick, election_tick_max)``. Also the CheckQuorum period and leader lease.
-    :ivar heartbeat_tick: a leader sends heartbeats this often.
-    :ivar max_msg_entries: / :ivar max_msg_bytes: limits of one AppendEntries.
-    :ivar max_inflight_msgs: / :ivar max_inflight_bytes: per-follower pipelining window.
-    :ivar max_uncommitted_bytes: the leader refuses proposals beyond this much uncommitted data.
-    :ivar max_apply_entries: at most this many committed entries per ``Ready``.
-    """
-
-    node_id: str
-    voters: tuple[str, ...]
-    election_tick: int = 10
-    election_tick_max: int = 20
-    heartbeat_tick: int = 1
-    pre_vote: bool = True
-    check_quorum: bool = True
-    max_msg_entries: int = 1024
-    max_msg_bytes: int = 1 << 20
-    max_inflight_msgs: int = 256
-    max_inflight_bytes: int = 32 << 20
-    max_uncommitted_bytes: int = 64 << 20
-    max_apply_entries: int = 4096
-
-    def __post_init__(self) -> None:
-        if self.node_id not in self.voters:
-            raise ValueError(f"node {self.node_id!r} is not among the voters {self.voters!r}")
-        if len(set(self.voters)) != len(self.voters):
-            raise ValueError(f"duplicate voters in {self.voters!r}")
-        if not 0 < self.heartbeat_tick < self.election_tick < self.election_tick_max:
-            raise ValueError("need 0 < heartbeat_tick < election_tick < election_tick_max")
 
 
 class RaftNode(Election, Replication, ReadIndex, Rejoin):
@@ -227,7 +189,7 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
             if self.standing is Standing.CATCHING_UP:
                 self._catch_up(m)
         elif kind is TimeoutNow and self.role is Role.FOLLOWER:
-            self._campaign(transfer=True)
+            self._handle_timeout_now(m)
 
     def propose(self, proposals: Sequence[Proposal]) -> tuple[int, int]:
         """Append entries to the leader's log.

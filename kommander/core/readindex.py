@@ -5,25 +5,22 @@ heartbeats acknowledged by a quorum, and hands back the index; the runtime serve
 that index is applied. Reads arriving together share one heartbeat round: each read waits for the
 first round numbered after it was registered.
 
-Mixed into :class:`kommander.core.raft.RaftNode`; every attribute used here is defined there.
+Builds on :class:`kommander.core.state.NodeState` (the fields and the other parts' operations);
+:class:`kommander.core.raft.RaftNode` combines the parts.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from kommander.core.errors import NotLeader
 from kommander.core.progress import quorum_index
+from kommander.core.state import NodeState
 from kommander.core.types import ReadState, Role
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kommander.core.raft import RaftNode
 
-
-class ReadIndex:
+class ReadIndex(NodeState):
     """ReadIndex behaviour of a :class:`RaftNode`."""
 
-    def read_index(self: "RaftNode", context: int) -> None:
+    def read_index(self, context: int) -> None:
         """Ask for a linearizable read barrier; ``ready().read_states`` later carries
         ``ReadState(context, index)``, or ``ready().dropped_reads`` carries ``context`` if
         leadership is lost first.
@@ -39,21 +36,21 @@ class ReadIndex:
             return
         self._register_read(context)
 
-    def _register_read(self: "RaftNode", context: int) -> None:
+    def _register_read(self, context: int) -> None:
         if not self.progress:
             self._read_states.append(ReadState(context, self.log.committed))
             return
         self._pending_reads.append((self._read_seq + 1, context, self.log.committed))
         self._read_round_needed = True
 
-    def _next_read_round(self: "RaftNode") -> int:
+    def _next_read_round(self) -> int:
         """The context for a heartbeat round about to be sent. Every round gets a fresh number so
         acknowledgements of it prove leadership after every read registered before it."""
         self._read_seq += 1
         self._read_round_needed = False
         return self._read_seq
 
-    def _confirm_reads(self: "RaftNode") -> None:
+    def _confirm_reads(self) -> None:
         pending = self._pending_reads
         if not pending:
             return
@@ -66,12 +63,12 @@ class ReadIndex:
             _, context, index = pending.popleft()
             self._read_states.append(ReadState(context, index))
 
-    def _release_reads_waiting_commit(self: "RaftNode") -> None:
+    def _release_reads_waiting_commit(self) -> None:
         waiting, self._reads_waiting_commit = self._reads_waiting_commit, []
         for context in waiting:
             self._register_read(context)
 
-    def _drop_reads(self: "RaftNode") -> None:
+    def _drop_reads(self) -> None:
         dropped = [context for _, context, _ in self._pending_reads]
         dropped.extend(self._reads_waiting_commit)
         self._pending_reads.clear()

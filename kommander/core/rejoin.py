@@ -21,19 +21,17 @@ The leader side: every reply to the leader carries the sender's ``storage_id``. 
 a new id for a follower resets that follower's progress and probes it from scratch, since nothing
 it knew about that follower's log holds any more.
 
-Mixed into :class:`kommander.core.raft.RaftNode`; every attribute used here is defined there.
+Mixed into :class:`kommander.core.raft.RaftNode`; the fields it shares are declared in
+:class:`kommander.core.state.NodeState`.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
 
 from kommander.core.progress import Progress
+from kommander.core.state import NodeState
 from kommander.core.types import AppendEntries, Heartbeat, InstallSnapshot, Message, VoteRequest
-
-if TYPE_CHECKING:  # pragma: no cover
-    from kommander.core.raft import RaftNode
 
 
 class Standing(enum.Enum):
@@ -48,10 +46,10 @@ class Standing(enum.Enum):
 _FROM_LEADER = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
-class Rejoin:
+class Rejoin(NodeState):
     """Rejoin behaviour of a :class:`RaftNode`."""
 
-    def _init_rejoin(self: "RaftNode", rejoining: bool) -> None:
+    def _init_rejoin(self, rejoining: bool) -> None:
         if not rejoining:
             self.standing = Standing.MEMBER
         elif self.log.last_index() == 0:
@@ -67,16 +65,16 @@ class Rejoin:
             self.standing = Standing.MEMBER  # a one-node cluster has nobody to have forgotten
 
     @property
-    def catching_up(self: "RaftNode") -> bool:
+    def catching_up(self) -> bool:
         """Whether this node must not yet vote, campaign or count towards a quorum."""
         return self.standing is not Standing.MEMBER
 
     @property
-    def rejoin_target(self: "RaftNode") -> int | None:
+    def rejoin_target(self) -> int | None:
         """The commit index a catching-up node had to reach; ``None`` when it never caught up."""
         return self._catch_up_target
 
-    def _is_pristine(self: "RaftNode", pre_vote: bool) -> bool:
+    def _is_pristine(self, pre_vote: bool) -> bool:
         """Whether a vote request about to be sent proves this node had no history (no entry and,
         before this campaign, term 0 — or new storage that has made no promise yet)."""
         if self.log.last_index() != 0:
@@ -87,7 +85,7 @@ class Rejoin:
 
     # ------------------------------------------------------------------ follower side
 
-    def _observe_rejoin(self: "RaftNode", m: Message) -> None:
+    def _observe_rejoin(self, m: Message) -> None:
         """Learn from any message whether the cluster is fresh (called while not a member)."""
         kind = type(m)
         if kind is VoteRequest and m.pristine:
@@ -100,7 +98,7 @@ class Rejoin:
             if self.standing is Standing.UNDECIDED:
                 self.standing = Standing.CATCHING_UP
 
-    def _catch_up(self: "RaftNode", m: Message) -> None:
+    def _catch_up(self, m: Message) -> None:
         """After a leader's message: record the target, and end catching up once it is reached."""
         if type(m) is AppendEntries and (self._catch_up_target is None or m.term > self._catch_up_term):
             self._catch_up_target = max(self._catch_up_target or 0, m.commit)
@@ -108,7 +106,7 @@ class Rejoin:
         if self._catch_up_target is not None and self.log.committed >= self._catch_up_target:
             self.standing = Standing.MEMBER
 
-    def _rejoin_timeout(self: "RaftNode") -> None:
+    def _rejoin_timeout(self) -> None:
         """The election timeout of a node that may not campaign: an undecided one announces that
         it is pristine (a PreVote request, which changes nothing at the receivers)."""
         self.election_elapsed = 0
@@ -120,7 +118,7 @@ class Rejoin:
 
     # ------------------------------------------------------------------ leader side
 
-    def _note_storage(self: "RaftNode", peer: str, pr: Progress, storage_id: int, catching_up: bool) -> None:
+    def _note_storage(self, peer: str, pr: Progress, storage_id: int, catching_up: bool) -> None:
         """Track a follower's storage identity and standing from one of its replies."""
         if storage_id and storage_id != pr.storage_id:
             known = pr.storage_id

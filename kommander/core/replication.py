@@ -1,14 +1,14 @@
 """Log replication: the leader's AppendEntries flow control and the follower's consistency check.
 
-Mixed into :class:`kommander.core.raft.RaftNode`; every attribute used here is defined there.
+Builds on :class:`kommander.core.state.NodeState` (the fields and the other parts' operations);
+:class:`kommander.core.raft.RaftNode` combines the parts.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from kommander.core.errors import CompactedError
 from kommander.core.progress import Progress, ProgressState, quorum_index
+from kommander.core.state import NodeState
 from kommander.core.types import (
     AppendEntries,
     AppendEntriesResponse,
@@ -17,16 +17,14 @@ from kommander.core.types import (
     InstallSnapshot,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kommander.core.raft import RaftNode
 
 
-class Replication:
+class Replication(NodeState):
     """Replication behaviour of a :class:`RaftNode`."""
 
     # ------------------------------------------------------------------ leader: sending
 
-    def _send_append(self: "RaftNode", peer: str, pr: Progress, send_empty: bool = False) -> bool:
+    def _send_append(self, peer: str, pr: Progress, send_empty: bool = False) -> bool:
         """Send ``peer`` the entries from ``pr.next`` if flow control allows. Returns whether a
         message went out (so callers can loop to fill the pipelining window)."""
         if not send_empty and pr.next == self.log.last_index() + 1:
@@ -36,7 +34,7 @@ class Replication:
             return False
         return self._send_append_unpaused(peer, pr, send_empty)
 
-    def _send_append_unpaused(self: "RaftNode", peer: str, pr: Progress, send_empty: bool) -> bool:
+    def _send_append_unpaused(self, peer: str, pr: Progress, send_empty: bool) -> bool:
         config = self.config
         log = self.log
         prev_index = pr.next - 1
@@ -64,13 +62,14 @@ class Replication:
             AppendEntries(self.term, self.id, peer, prev_index, prev_term, tuple(batch), committed)
         )
         pr.sent(last, size, count)
+        pr.sent_round = self._read_seq
         # The follower can use the commit index up to what this message vouches for.
         usable = committed if committed < last else last
         if usable > pr.sent_commit:
             pr.sent_commit = usable
         return True
 
-    def _send_snapshot(self: "RaftNode", peer: str, pr: Progress) -> bool:
+    def _send_snapshot(self, peer: str, pr: Progress) -> bool:
         if pr.state is ProgressState.SNAPSHOT:
             return False
         meta = self.log.snapshot
@@ -78,12 +77,12 @@ class Replication:
         self._msgs.append(InstallSnapshot(self.term, self.id, peer, meta))
         return True
 
-    def _bcast_append(self: "RaftNode") -> None:
+    def _bcast_append(self) -> None:
         for peer, pr in self.progress.items():
             while self._send_append(peer, pr):
                 pass
 
-    def _bcast_heartbeat(self: "RaftNode", context: int) -> None:
+    def _bcast_heartbeat(self, context: int) -> None:
         committed = self.log.committed
         for peer, pr in self.progress.items():
             # Never claim a commit index the follower may not hold yet.
@@ -92,7 +91,7 @@ class Replication:
             if commit > pr.sent_commit:
                 pr.sent_commit = commit
 
-    def _bcast_commit(self: "RaftNode") -> None:
+    def _bcast_commit(self) -> None:
         """Tell followers about a new commit index: piggy-backed on new entries where there are
         some, by heartbeat otherwise."""
         context = self._read_seq
@@ -100,7 +99,7 @@ class Replication:
             if not self._send_append(peer, pr):
                 self._send_commit(peer, pr, context)
 
-    def _send_commit(self: "RaftNode", peer: str, pr: Progress, context: int) -> None:
+    def _send_commit(self, peer: str, pr: Progress, context: int) -> None:
         """Heartbeat ``peer`` if it can learn a commit index it was not sent yet: the part of our
         commit index that it is known to hold."""
         commit = min(pr.match, self.log.committed)
@@ -110,7 +109,7 @@ class Replication:
 
     # ------------------------------------------------------------------ leader: acknowledgements
 
-    def _handle_append_response(self: "RaftNode", m: AppendEntriesResponse) -> None:
+    def _handle_append_response(self, m: AppendEntriesResponse) -> None:
         pr = self.progress.get(m.src)
         if pr is None:
             return
@@ -128,7 +127,10 @@ class Replication:
                 self._send_append(m.src, pr, send_empty=True)
             return
         if not pr.maybe_update(m.index):
-            return
+            if pr.state is not ProgressState.PROBE or m.index != pr.match:
+                return
+            # The follower confirms it holds our log up to match: that is all a probe asks, so
+            # stream from there instead of waiting (paused) for a heartbeat reply.
         if pr.state is ProgressState.PROBE:
             pr.become_replicate()
         elif pr.state is ProgressState.SNAPSHOT:
@@ -146,7 +148,7 @@ class Replication:
             # rather than at the next heartbeat. (A pending broadcast tells everyone anyway.)
             self._send_commit(m.src, pr, self._read_seq)
 
-    def _handle_heartbeat_response(self: "RaftNode", m: HeartbeatResponse) -> None:
+    def _handle_heartbeat_response(self, m: HeartbeatResponse) -> None:
         pr = self.progress.get(m.src)
         if pr is None:
             return
@@ -165,15 +167,20 @@ class Replication:
             pr.probe_sent = False
             self._send_append(m.src, pr, send_empty=True)
         elif pr.state is ProgressState.REPLICATE:
-            if pr.is_paused(self.config.max_inflight_msgs, self.config.max_inflight_bytes):
-                # The window may be full of messages the network lost, and nothing else would
-                # ever unblock it: send one empty AppendEntries past the window. The follower
-                # either acknowledges it (freeing the window) or rejects it (back to probing).
+            if self._send_append(m.src, pr):
+                return  # entries not sent yet, and room in the window
+            if m.context > pr.sent_round:
+                # Everything is in flight, and the follower answered a heartbeat sent after our
+                # last AppendEntries without acknowledging it yet: the network may have lost
+                # what is in flight, and nothing else would resend it. Send one empty
+                # AppendEntries past the window; the follower acknowledges it (freeing the
+                # window) or rejects it (back to probing). Not for replies to older rounds:
+                # under load that would be one per reply, and one sent just after the entries
+                # it follows can overtake them, be rejected, and knock the follower back to
+                # probing. Each probe counts as sent, so a slow disk draws at most one a round.
                 self._send_window_probe(m.src, pr)
-            else:
-                self._send_append(m.src, pr, send_empty=True)
 
-    def _send_window_probe(self: "RaftNode", peer: str, pr: Progress) -> None:
+    def _send_window_probe(self, peer: str, pr: Progress) -> None:
         prev_index = pr.next - 1
         try:
             prev_term = self.log.term(prev_index)
@@ -183,8 +190,9 @@ class Replication:
         self._msgs.append(
             AppendEntries(self.term, self.id, peer, prev_index, prev_term, (), self.log.committed)
         )
+        pr.sent_round = self._read_seq
 
-    def report_snapshot(self: "RaftNode", peer: str, success: bool) -> None:
+    def report_snapshot(self, peer: str, success: bool) -> None:
         """The runtime finished (or gave up) streaming a snapshot to ``peer``. On failure the
         leader probes again, which starts a new transfer if one is still needed."""
         pr = self.progress.get(peer)
@@ -194,7 +202,7 @@ class Replication:
             pr.pending_snapshot = 0
         pr.become_probe()
 
-    def _maybe_commit(self: "RaftNode") -> bool:
+    def _maybe_commit(self) -> bool:
         log = self.log
         matches = [log.stable]
         # A follower catching up on new storage does not count: its lost acknowledgements may
@@ -211,7 +219,7 @@ class Replication:
 
     # ------------------------------------------------------------------ follower
 
-    def _handle_append(self: "RaftNode", m: AppendEntries) -> None:
+    def _handle_append(self, m: AppendEntries) -> None:
         log = self.log
         if m.prev_index < log.committed:
             # Everything up to our commit index already agrees with any leader's log.
@@ -228,13 +236,13 @@ class Replication:
             self._append_response(m.src, False, m.prev_index, hint_index, log.term_or_zero(hint_index))
         )
 
-    def _handle_heartbeat(self: "RaftNode", m: Heartbeat) -> None:
+    def _handle_heartbeat(self, m: Heartbeat) -> None:
         self.log.commit_to(min(m.commit, self.log.last_index()))
         self._msgs.append(
             HeartbeatResponse(self.term, self.id, m.src, m.context, self.storage_id, self.catching_up)
         )
 
-    def _handle_snapshot(self: "RaftNode", m: InstallSnapshot) -> None:
+    def _handle_snapshot(self, m: InstallSnapshot) -> None:
         log = self.log
         meta = m.meta
         if meta.index <= log.committed:
@@ -250,7 +258,7 @@ class Replication:
         self._persisted_msgs.append(self._append_response(m.src, True, reply))
 
     def _append_response(
-        self: "RaftNode", dst: str, success: bool, index: int, hint_index: int = 0, hint_term: int = 0
+        self, dst: str, success: bool, index: int, hint_index: int = 0, hint_term: int = 0
     ) -> AppendEntriesResponse:
         return AppendEntriesResponse(
             self.term, self.id, dst, success, index, hint_index, hint_term, self.storage_id, self.catching_up

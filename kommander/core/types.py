@@ -214,11 +214,17 @@ class HeartbeatResponse:
 
 @dataclass(frozen=True, slots=True)
 class TimeoutNow:
-    """Leadership transfer: the recipient starts an election at once, skipping PreVote."""
+    """Leadership transfer: the recipient starts an election at once, skipping PreVote.
+
+    ``index`` is the leader's last log index when it sent this, which the target was known to
+    hold. The leader takes no proposals while a transfer is under way, so a target that holds an
+    entry after ``index`` knows the leader has since given the transfer up, and ignores it.
+    """
 
     term: int
     src: NodeId
     dst: NodeId
+    index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,12 +309,16 @@ class Ready:
        ``entries`` starts at or below the last stored index, the stored suffix from
        ``entries[0].index`` is replaced. Writes of successive ``Ready`` objects are applied in the
        order ``ready()`` returned them.
-    2. ``messages`` may be sent at once, before that write completes: they are a leader's
-       replication traffic, which the Raft thesis (section 10.2.1) allows in parallel with the
-       leader's own disk write because the leader counts itself towards a quorum only once
-       ``advance`` tells it its entries are durable.
-    3. ``persisted_messages`` (votes, vote requests, replies to the leader) must not leave the node
-       before this ``Ready``'s write is durable: they promise what is on disk.
+    2. ``messages`` may be sent at once, before that write completes: none of them promises
+       anything about this node's disk. They are a leader's AppendEntries, heartbeats,
+       InstallSnapshot and TimeoutNow (the Raft thesis, section 10.2.1, allows replication in
+       parallel with the leader's own write because the leader counts itself towards a quorum
+       only once ``advance`` says its entries are durable), and any node's replies that promise
+       nothing durable: heartbeat replies, AppendEntries rejections, refused votes, PreVote
+       answers, and the term-revealing answers to stale leaders and pre-candidates.
+    3. ``persisted_messages`` must not leave the node before this ``Ready``'s write is durable:
+       they promise what is on disk. They are granted votes, this candidate's vote requests (its
+       own vote is in ``hard_state``) and successful AppendEntries / InstallSnapshot replies.
     4. ``snapshot``, when set, must be installed in the state machine (and recorded in the WAL)
        before ``committed_entries`` are applied.
     5. ``committed_entries`` are applied in order; they never run ahead of what is durable locally.

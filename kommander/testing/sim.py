@@ -15,6 +15,8 @@ After every step it checks:
   machine that applied up to an index has the same fingerprint there.
 * Applied entries are durable when applied and stay durable: no later write replaces them.
 * Commit durability: when a leader commits an index, a quorum holds that entry durably.
+* Commit safety: when a leader commits an index, no node lacking that entry is as up to date as
+  a quorum of logs (as a crash would leave them), so none could be elected without it.
 * Persistence ordering: a vote, vote request or acknowledgement leaves a node only when what it
   promises is durable.
 * Monotonic commit: a node's commit index never goes back (within one process lifetime).

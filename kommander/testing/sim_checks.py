@@ -1,24 +1,39 @@
 """The properties a simulation run checks after every step (see :mod:`kommander.testing.sim`).
 
-Mixed into :class:`kommander.testing.sim.Simulation`; every attribute used here is defined there.
+:class:`kommander.testing.sim.Simulation` builds on :class:`Checks`; the fields the checks read are
+declared here (the simulation assigns them), so this module never imports the one that uses it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from kommander.core.types import AppendEntriesResponse, Message, Ready, Role, VoteRequest, VoteResponse
-from kommander.testing.sim_model import TICK, SimNode, Violation
-
-if TYPE_CHECKING:  # pragma: no cover
-    from kommander.testing.sim import Simulation
+from kommander.core.types import AppendEntriesResponse, EntryKind, Message, Ready, Role, VoteRequest, VoteResponse
+from kommander.testing.sim_model import TICK, SimConfig, SimNode, Violation
 
 
 class Checks:
     """Election safety, log matching, leader completeness, state machine safety, commit
     durability, persistence ordering, monotonic commits, linearizable reads and liveness."""
 
-    def _check_fingerprint(self: "Simulation", node: SimNode, index: int) -> None:
+    # Assigned by Simulation.__init__.
+    config: SimConfig
+    nodes: dict[str, SimNode]
+    quorum: int
+    now: int
+    leaders: dict[int, str]
+    registry: dict[tuple[int, int], tuple[int, EntryKind, bytes]]
+    committed: dict[int, int]
+    commit_terms: dict[int, int]
+    commit_max: int
+    fingerprints: dict[int, object]
+    reads: dict[int, tuple[str, int]]
+    calm_since: int | None
+    live_commit_target: int | None
+    result_stats: dict[str, int]
+
+    def _log(self, text: str) -> None:  # defined by Simulation
+        raise NotImplementedError
+
+    def _check_fingerprint(self, node: SimNode, index: int) -> None:
         state = node.sm.fingerprint()
         seen = self.fingerprints.setdefault(index, state)
         if seen != state:
@@ -26,7 +41,7 @@ class Checks:
 
     # ------------------------------------------------------------------ checks
 
-    def _observe(self: "Simulation", node: SimNode, ready: Ready) -> None:
+    def _observe(self, node: SimNode, ready: Ready) -> None:
         core = node.core
         self._check_node(node)
         if ready.soft_state is not None and ready.soft_state.role is Role.LEADER:
@@ -70,7 +85,7 @@ class Checks:
         for context in ready.dropped_reads:
             self.reads.pop(context, None)
 
-    def _check_node(self: "Simulation", node: SimNode) -> None:
+    def _check_node(self, node: SimNode) -> None:
         core = node.core
         if core is None:
             return
@@ -96,12 +111,52 @@ class Checks:
                         "commit-durability",
                         f"{node.id} committed {commit} held durably by only {holders} nodes",
                     )
+                self._check_commit_electable(node, commit, term)
             if commit > self.commit_max:
                 self.result_stats["commits"] += commit - self.commit_max
                 self.commit_max = commit
             node.commit_seen = commit
 
-    def _check_applied_durable(self: "Simulation", node: SimNode, first: int) -> None:
+    def _check_commit_electable(self, leader: SimNode, index: int, term: int) -> None:
+        """Leader Completeness, checked when it is decided rather than when it breaks: once
+        ``(index, term)`` commits, no node lacking it may be electable, that is, as up to date
+        (section 5.4.1) as a quorum of logs as a crash could leave them. Raft's rule that a leader
+        counts replicas only for entries of its own term guarantees it; committing an older
+        term's entry by counting (the paper's Figure 8) does not, and the overwrite it allows
+        needs a rare schedule to happen, while this needs only the commit."""
+        floors = {n.id: self._least_up_to_date(n) for n in self.nodes.values()}
+        for candidate in self.nodes.values():
+            if candidate.holds(index, term) or (
+                candidate.alive and candidate.core.log.term_or_zero(index) == term
+            ):
+                continue
+            claim = self._most_up_to_date(candidate)
+            voters = sum(1 for floor in floors.values() if floor <= claim)
+            if voters >= self.quorum:
+                raise Violation(
+                    "commit-safety",
+                    f"{leader.id} committed ({index}, {term}) but {candidate.id}, lacking it, "
+                    f"is as up to date as {voters} logs",
+                )
+
+    @staticmethod
+    def _least_up_to_date(node: SimNode) -> tuple[int, int]:
+        """(last term, last index) of ``node``'s log after a crash now: its durable log, or the
+        received snapshot a restart would adopt."""
+        last = node.durable_last()
+        best = (node.durable_term(last) or 0, last)
+        for meta in node.received:
+            best = max(best, (meta.term, meta.index))
+        return best
+
+    def _most_up_to_date(self, node: SimNode) -> tuple[int, int]:
+        """The most up-to-date (last term, last index) ``node`` could claim in a VoteRequest."""
+        best = self._least_up_to_date(node)
+        if node.alive:
+            best = max(best, (node.core.log.last_term(), node.core.log.last_index()))
+        return best
+
+    def _check_applied_durable(self, node: SimNode, first: int) -> None:
         """A write that replaced stored entries from ``first`` must leave every applied entry on
         disk: the state machine may not run ahead of the log it would restart from."""
         for index in range(first, node.applied + 1):
@@ -111,7 +166,7 @@ class Checks:
                     f"{node.id} applied {index} but a later write left term {node.durable_term(index)} there",
                 )
 
-    def _check_persistence(self: "Simulation", node: SimNode, m: Message) -> None:
+    def _check_persistence(self, node: SimNode, m: Message) -> None:
         kind = type(m)
         if kind is VoteResponse and m.granted and not m.pre_vote:
             if node.hard.term != m.term or node.hard.vote != m.dst:
@@ -128,7 +183,7 @@ class Checks:
 
     # ------------------------------------------------------------------ liveness
 
-    def _check_liveness(self: "Simulation") -> None:
+    def _check_liveness(self) -> None:
         if self.calm_since is None:
             return
         if self.live_commit_target is None:
@@ -141,10 +196,10 @@ class Checks:
                 f"{self.config.liveness_ticks} ticks of healing",
             )
 
-    def _highest_index(self: "Simulation") -> int:
+    def _highest_index(self) -> int:
         return max(n.core.log.last_index() for n in self.nodes.values() if n.alive)
 
-    def _liveness_settled(self: "Simulation") -> bool:
+    def _liveness_settled(self) -> bool:
         return (
             self.live_commit_target is not None
             and self.commit_max >= self.live_commit_target

@@ -135,7 +135,7 @@ _SCHEMA: dict[type, tuple[TypeCode, tuple[tuple[str, str], ...]]] = {
     ),
     Heartbeat: (TypeCode.HEARTBEAT, (("commit", _U), ("context", _U))),
     HeartbeatResponse: (TypeCode.HEARTBEAT_RESPONSE, (("context", _U),)),
-    TimeoutNow: (TypeCode.TIMEOUT_NOW, ()),
+    TimeoutNow: (TypeCode.TIMEOUT_NOW, (("index", _U),)),
     InstallSnapshot: (TypeCode.INSTALL_SNAPSHOT, (("meta", _META),)),
     SnapshotChunk: (
         TypeCode.SNAPSHOT_CHUNK,

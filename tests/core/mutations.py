@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from kommander.core.log import RaftLog
 from kommander.core.progress import quorum_index
 from kommander.core.raft import RaftNode
-from kommander.core.types import AppendEntriesResponse, ReadState, VoteRequest, VoteResponse
+from kommander.core.errors import NotLeader
+from kommander.core.types import AppendEntriesResponse, Heartbeat, ReadState, Role, VoteRequest, VoteResponse
 
 
 @contextlib.contextmanager
@@ -111,6 +112,57 @@ def two_votes_per_term():
     return patched(RaftNode, "_handle_vote_request", make)
 
 
+def commit_old_term_by_counting():
+    """(g) The leader commits an entry of an earlier term once a quorum holds it (Raft paper,
+    Figure 8), instead of only entries of its own term."""
+
+    def make(original):
+        def maybe_commit(self):
+            log = self.log
+            matches = [log.stable]
+            matches.extend(pr.match for pr in self.progress.values())
+            index = quorum_index(matches)
+            if index > log.committed:
+                log.commit_to(index)
+                self._on_commit()
+                return True
+            return False
+
+        return maybe_commit
+
+    return patched(RaftNode, "_maybe_commit", make)
+
+
+def read_before_noop_commits():
+    """(h) ReadIndex is served before the leader's no-op of its term commits: the commit index it
+    records may be older than what an earlier leader committed."""
+
+    def make(original):
+        def read_index(self, context):
+            if self.role is not Role.LEADER:
+                raise NotLeader(self.leader)
+            self._register_read(context)
+
+        return read_index
+
+    return patched(RaftNode, "read_index", make)
+
+
+def heartbeat_commit_past_match():
+    """(i) Heartbeats tell a follower the leader's whole commit index, past what the follower is
+    known to hold; it commits whatever its own log has there."""
+
+    def make(original):
+        def bcast_heartbeat(self, context):
+            committed = self.log.committed
+            for peer in self.progress:
+                self._msgs.append(Heartbeat(self.term, self.id, peer, committed, context))
+
+        return bcast_heartbeat
+
+    return patched(RaftNode, "_bcast_heartbeat", make)
+
+
 #: name -> (mutation, violation kind the simulator must report)
 MUTATIONS = {
     "vote_before_persist": (vote_before_persist, "persistence"),
@@ -119,4 +171,7 @@ MUTATIONS = {
     "reads_without_heartbeat": (reads_without_heartbeat, "linearizability"),
     "vote_for_any_log": (vote_for_any_log, "leader-completeness"),
     "two_votes_per_term": (two_votes_per_term, "election-safety"),
+    "commit_old_term_by_counting": (commit_old_term_by_counting, "commit-safety"),
+    "read_before_noop_commits": (read_before_noop_commits, "linearizability"),
+    "heartbeat_commit_past_match": (heartbeat_commit_past_match, "state-machine-safety"),
 }

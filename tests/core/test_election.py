@@ -383,3 +383,29 @@ def test_lease_needs_check_quorum():
     net.elect("n1")
     net.step(VoteRequest(2, "n2", "n3", 99, 1))
     assert (net["n3"].term, net["n3"].vote) == (2, "n2")
+
+
+def test_stale_pre_vote_grant_is_not_counted():
+    """A PreVote grant from an earlier round (its term equals our current term) counts for nothing."""
+    core = lone("n1", n=5)
+    # Round one: pre-vote for term 1, won with n2 and n3; the election for term 1 then fails.
+    core.campaign()
+    core.ready()
+    for peer in ("n2", "n3"):
+        core.step(VoteResponse(1, peer, "n1", True, True))
+    assert core.role is Role.CANDIDATE and core.term == 1
+    core.ready()
+    for peer in ("n2", "n3", "n4"):
+        core.step(VoteResponse(1, peer, "n1", False))
+    assert core.role is Role.FOLLOWER and core.term == 1
+    # Round two asks for term 2; late copies of round one's grants (term 1) arrive.
+    core.campaign()
+    assert core.role is Role.PRE_CANDIDATE
+    core.ready()
+    for peer in ("n4", "n5"):
+        core.step(VoteResponse(1, peer, "n1", True, True))
+    assert core.role is Role.PRE_CANDIDATE and core.term == 1
+    # Grants for the term actually asked for still win.
+    for peer in ("n4", "n5"):
+        core.step(VoteResponse(2, peer, "n1", True, True))
+    assert core.role is Role.CANDIDATE and core.term == 2

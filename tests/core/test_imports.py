@@ -106,3 +106,51 @@ def test_checker_allows_injected_random():
     """``random.Random`` as a type or constructor is fine: the generator is injected."""
     source = "import random\ndef f(rng: random.Random) -> None:\n    rng.randrange(3)\nrandom.Random(1)\n"
     assert problems(source) == []
+
+
+def _kommander_imports(path: Path) -> set[str]:
+    """Every ``kommander.*`` module ``path`` imports, those under ``TYPE_CHECKING`` included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("kommander.")}
+
+
+def _circles(modules: dict[str, Path]) -> list[list[str]]:
+    graph = {name: _kommander_imports(path) & modules.keys() for name, path in modules.items()}
+    circles = []
+
+    def walk(name: str, trail: list[str]) -> None:
+        for nxt in sorted(graph[name]):
+            if nxt == trail[0]:
+                circles.append(trail + [nxt])
+            elif nxt not in trail and nxt > trail[0]:
+                walk(nxt, trail + [nxt])
+
+    for start in sorted(graph):
+        walk(start, [start])
+    return circles
+
+
+def test_core_modules_import_one_way():
+    """No circle of imports between core modules, not even one hidden behind TYPE_CHECKING."""
+    modules = {f"kommander.core.{p.stem}": p for p in MODULES if p.stem != "__init__"}
+    assert _circles(modules) == []
+
+
+def test_simulator_modules_import_one_way():
+    """sim.py builds on sim_checks.py and sim_model.py, which never import it back."""
+    testing = CORE.parent / "testing"
+    modules = {f"kommander.testing.{n}": testing / f"{n}.py" for n in ("sim", "sim_checks", "sim_model")}
+    assert _circles(modules) == []
+
+
+def test_circle_finder_finds_a_circle(tmp_path):
+    """The circle finder itself reports a circle hidden behind TYPE_CHECKING."""
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("import kommander.x.b\n")
+    b.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from kommander.x.a import A\n")
+    assert _circles({"kommander.x.a": a, "kommander.x.b": b}) == [["kommander.x.a", "kommander.x.b", "kommander.x.a"]]

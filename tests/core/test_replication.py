@@ -412,3 +412,62 @@ def test_restart_from_snapshot_and_log():
     net.propose("n1", b"after")
     net.heartbeat("n1")
     assert net.node("n3").applied_data[-1] == b"after"
+
+
+def test_probe_answered_with_match_resumes_replication():
+    """A probe acknowledged at exactly ``match`` (the follower holds what we knew it held) moves
+    the follower to replicating and sends what it lacks, without waiting for a heartbeat."""
+    net = Network(3)
+    leader = net.elect("n1")
+    net.propose("n1", b"a")
+    pr = leader.progress["n2"]
+    match = pr.match
+    assert pr.state is ProgressState.REPLICATE and match == leader.log.last_index()
+    # The leader loses track (as after a failed snapshot transfer or a rejection) and probes;
+    # the probe is lost, and an acknowledgement equal to match arrives.
+    lost = net.drop(AppendEntries, dst="n2")
+    pr.become_probe()
+    net.propose("n1", b"b")
+    assert pr.state is ProgressState.PROBE and pr.probe_sent
+    net.restore(lost)
+    mark = len(net.delivered)
+    net.step(AppendEntriesResponse(leader.term, "n2", "n1", True, match))
+    assert pr.state is ProgressState.REPLICATE
+    net.deliver()
+    assert [m.entries[-1].data for m in appends_to(net, "n2", source=net.delivered[mark:])] == [b"b"]
+    assert pr.match == leader.log.last_index()
+
+
+def test_heartbeat_reply_in_replicate_sends_nothing_while_entries_are_in_flight():
+    """A heartbeat reply answering a round sent before the leader's last AppendEntries triggers no
+    empty AppendEntries: it would be extra traffic, and overtaking the entries it knocks the
+    follower back to probing."""
+    net = Network(3)
+    leader = net.elect("n1")
+    net.propose("n1", b"a")
+    pr = leader.progress["n2"]
+    assert pr.state is ProgressState.REPLICATE
+    net.heartbeat("n1")
+    round_ = leader._read_seq
+    net.propose("n1", b"b", stabilize=False)  # in flight to n2, not yet acknowledged
+    leader.ready()
+    net.queue.clear()
+    leader.step(HeartbeatResponse(leader.term, "n2", "n1", round_))  # late reply, older round
+    sent = [m for m in leader.ready().messages if type(m) is AppendEntries and m.dst == "n2"]
+    assert sent == []
+    assert pr.state is ProgressState.REPLICATE
+
+
+def test_heartbeat_reply_after_lost_entries_resends():
+    """When the AppendEntries in flight were lost, a reply to a later heartbeat still recovers."""
+    net = Network(3)
+    leader = net.elect("n1")
+    net.propose("n1", b"a")
+    lost = net.drop(AppendEntries, dst="n2")
+    net.propose("n1", b"b")
+    net.restore(lost)
+    assert leader.progress["n2"].match < leader.log.last_index()
+    net.heartbeat("n1")
+    net.heartbeat("n1")
+    assert leader.progress["n2"].match == leader.log.last_index()
+    assert net["n2"].log.last_index() == leader.log.last_index()

@@ -127,3 +127,37 @@ def test_timeout_now_from_stale_term_is_ignored():
     term = net["n2"].term
     net.step(TimeoutNow(1, "n1", "n3"))
     assert net["n3"].role is Role.FOLLOWER and net["n3"].term == term
+
+
+def test_timeout_now_after_abandoned_transfer_does_not_unseat_the_leader():
+    """A TimeoutNow delayed past the transfer's abandonment, reaching a target that has since got
+    new entries from the leader, starts no election."""
+    net = Network(3)
+    leader = net.elect("n1")
+    late = net.drop(TimeoutNow)
+    leader.transfer_leadership("n2")
+    net.stabilize()
+    held = [m for m in net.dropped if type(m) is TimeoutNow]
+    caught_up = leader.log.last_index()
+    assert len(held) == 1
+    net.restore(late)
+    net.tick("n1", n=10)  # an election timeout: the transfer is given up
+    assert leader.lead_transferee is None
+    net.propose("n1", b"after")
+    assert net["n2"].log.last_index() > caught_up
+    net.step(held[0])
+    net.stabilize()
+    assert net.leader() == "n1" and leader.term == 1
+    assert net["n2"].role is Role.FOLLOWER and net["n2"].term == 1
+
+
+def test_timeout_now_carries_the_leaders_last_index():
+    """A live transfer's TimeoutNow names the index the target matches, and the target acts on it."""
+    net = Network(3)
+    leader = net.elect("n1")
+    net.propose("n1", b"a")
+    leader.transfer_leadership("n3")
+    net.stabilize()
+    sent = [m for m in net.delivered if type(m) is TimeoutNow]
+    assert [m.index for m in sent] == [2]
+    assert net.leader() == "n3"

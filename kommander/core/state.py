@@ -1,0 +1,147 @@
+"""What every part of a :class:`~kommander.core.raft.RaftNode` shares: its configuration, its
+fields and the operations one part calls in another.
+
+The parts (election.py, replication.py, readindex.py) build on :class:`NodeState`, and raft.py
+builds :class:`~kommander.core.raft.RaftNode` on them, so imports point one way:
+``state <- election, replication, readindex <- raft``. Nothing here runs on the hot path: the
+fields are annotations only (``RaftNode.__init__`` assigns them), and the operations below are
+stubs that the parts' own definitions override.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from random import Random  # the type of the injected generator; never the global one
+from typing import Any
+
+from kommander.core.log import RaftLog
+from kommander.core.progress import Progress
+from kommander.core.types import Message, ReadState, Role, SnapshotMeta
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    """Settings of one core. Times are in ticks.
+
+    :ivar node_id: this node.
+    :ivar voters: every voting node of the partition, this one included.
+    :ivar election_tick: minimum election timeout; a follower's timeout is drawn from
+        ``[election_tick, election_tick_max)``. Also the CheckQuorum period and leader lease.
+    :ivar heartbeat_tick: a leader sends heartbeats this often.
+    :ivar max_msg_entries: / :ivar max_msg_bytes: limits of one AppendEntries.
+    :ivar max_inflight_msgs: / :ivar max_inflight_bytes: per-follower pipelining window.
+    :ivar max_uncommitted_bytes: the leader refuses proposals beyond this much uncommitted data.
+    :ivar max_apply_entries: at most this many committed entries per ``Ready``.
+    """
+
+    node_id: str
+    voters: tuple[str, ...]
+    election_tick: int = 10
+    election_tick_max: int = 20
+    heartbeat_tick: int = 1
+    pre_vote: bool = True
+    check_quorum: bool = True
+    max_msg_entries: int = 1024
+    max_msg_bytes: int = 1 << 20
+    max_inflight_msgs: int = 256
+    max_inflight_bytes: int = 32 << 20
+    max_uncommitted_bytes: int = 64 << 20
+    max_apply_entries: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.node_id not in self.voters:
+            raise ValueError(f"node {self.node_id!r} is not among the voters {self.voters!r}")
+        if len(set(self.voters)) != len(self.voters):
+            raise ValueError(f"duplicate voters in {self.voters!r}")
+        if not 0 < self.heartbeat_tick < self.election_tick < self.election_tick_max:
+            raise ValueError("need 0 < heartbeat_tick < election_tick < election_tick_max")
+
+
+class NodeState:
+    """The fields and cross-part operations of one partition's Raft state machine."""
+
+    # Fields, assigned by RaftNode.__init__.
+    config: CoreConfig
+    id: str
+    voters: frozenset[str]
+    peers: tuple[str, ...]
+    quorum: int
+    rng: Random
+    log: RaftLog
+    term: int
+    vote: str | None
+    role: Role
+    leader: str | None
+    progress: dict[str, Progress]
+    votes: dict[str, bool]
+    election_elapsed: int
+    heartbeat_elapsed: int
+    randomized_timeout: int
+    lead_transferee: str | None
+    _msgs: list[Message]
+    _persisted_msgs: list[Message]
+    _read_states: list[ReadState]
+    _dropped_reads: list[int]
+    _pending_snapshot: SnapshotMeta | None
+    _commit_dirty: bool
+    _read_seq: int
+    _read_round_needed: bool
+    _pending_reads: deque[tuple[int, int, int]]
+    _reads_waiting_commit: list[int]
+    storage_id: int
+    standing: Any  # rejoin.Standing
+    _pristine_seen: set[str]
+    _catch_up_target: int | None
+    _catch_up_term: int
+
+    # Operations one part calls in another; each is defined by the part named.
+
+    def _reset(self, term: int) -> None:  # raft.py
+        raise NotImplementedError
+
+    def _reset_randomized_timeout(self) -> None:  # raft.py
+        raise NotImplementedError
+
+    def _become_follower(self, term: int, leader: str | None) -> None:  # raft.py
+        raise NotImplementedError
+
+    def _become_leader(self) -> None:  # raft.py
+        raise NotImplementedError
+
+    def _drop_leader_state(self) -> None:  # raft.py
+        raise NotImplementedError
+
+    def _on_commit(self) -> None:  # raft.py
+        raise NotImplementedError
+
+    def _send_append(self, peer: str, pr: Progress, send_empty: bool = False) -> bool:  # replication.py
+        raise NotImplementedError
+
+    def _bcast_heartbeat(self, context: int) -> None:  # replication.py
+        raise NotImplementedError
+
+    def _maybe_finish_transfer(self, peer: str) -> None:  # election.py
+        raise NotImplementedError
+
+    def _next_read_round(self) -> int:  # readindex.py
+        raise NotImplementedError
+
+    def _confirm_reads(self) -> None:  # readindex.py
+        raise NotImplementedError
+
+    def _maybe_commit(self) -> bool:  # replication.py
+        raise NotImplementedError
+
+    @property
+    def catching_up(self) -> bool:  # rejoin.py
+        raise NotImplementedError
+
+    def _is_pristine(self, pre_vote: bool) -> bool:  # rejoin.py
+        raise NotImplementedError
+
+    def _rejoin_timeout(self) -> None:  # rejoin.py
+        raise NotImplementedError
+
+    def _note_storage(self, peer: str, pr: Progress, storage_id: int, catching_up: bool) -> None:  # rejoin.py
+        raise NotImplementedError
