@@ -371,7 +371,8 @@ def test_bad_http_requests_get_json_errors(quiet_cluster, method, path, body, st
     """Malformed requests get a 4xx with a JSON error and the node keeps serving."""
     cluster = quiet_cluster
     node = cluster.node_ids[0]
-    result = cluster.http(node, method, path, body)
+    headers = {"Content-Type": "application/json"} if path.endswith("/cas") else None
+    result = cluster.http(node, method, path, body, headers=headers)
     assert result.status == status, result
     document = json.loads(result.body)
     assert isinstance(document.get("error"), str) and "leader" in document, document

@@ -34,7 +34,9 @@ from kommander.core.errors import ConfigurationError, KommanderError
 from kommander.entry import logs
 # Re-exported: tests and embedders know them as tap.RaftService, tap.GC_THRESHOLDS, ...
 from kommander.entry.node import GC_THRESHOLDS, RaftService, check_body_limit, tune_garbage_collector  # noqa: F401
+from kommander.entry.hangup import HangupService
 from kommander.hookspecs import PluginContext
+from kommander.kv.auth import TokenTable
 from kommander.registry import PluginError, PluginKind, PluginRegistry
 
 #: Defaults of the options that have one; the others default to "not given".
@@ -220,6 +222,8 @@ class Options(usage.Options):
         ["durability", None, None, "WAL durability: sync (fsync every write) or nosync [default: sync]."],
         ["advertise-http", None, None, "Base URL clients are redirected to [default: derived from --http]."],
         ["max-body-bytes", None, None, "Largest HTTP request body accepted [default: 1048576]."],
+        ["http-token-file", None, None, "File of 'TOKEN ROLE' lines (roles read, write, admin): the HTTP API then "
+         "requires 'Authorization: Bearer TOKEN'; re-read on SIGHUP [default: none, the API is open]."],
         ["checkpoint-every", None, None, "Snapshot and compact each partition every N applied entries; 0: never [default: 50000]."],
         ["log-format", None, None, "text or json (one JSON event per line on standard output) [default: text]."],
         ["log-level", None, None, "Lowest level logged: debug, info, warn, error or critical [default: info]."],
@@ -235,6 +239,7 @@ class Options(usage.Options):
         self.metadata: dict[str, str] = {}
         self.config: RaftConfiguration | None = None
         self.registry: PluginRegistry | None = None
+        self.tokens: TokenTable | None = None
 
     def opt_option(self, value: str) -> None:
         """KEY=VALUE plugin option, e.g. durability=nosync or multicast_ttl=0; repeatable."""
@@ -273,6 +278,11 @@ class Options(usage.Options):
             self.plugin_options.setdefault("advertise", advertise)
         self.metadata = self._metadata()
         self["max-body-bytes"] = self._int("max-body-bytes", 1, 1 << 30)
+        if self["http-token-file"]:
+            try:
+                self.tokens = TokenTable(self["http-token-file"])
+            except ConfigurationError as e:
+                raise usage.UsageError(str(e)) from None
         if self["log-format"] not in logs.FORMATS:
             raise usage.UsageError(f"--log-format {self['log-format']!r}: use text or json")
         if self["log-level"] not in logs.LEVELS:
@@ -469,7 +479,17 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             machine if isinstance(machine, KVStateMachine) else None,
             max_body_bytes=options["max-body-bytes"],
             reactor=reactor,
+            tokens=options.tokens,
         )
+        if options.tokens is None:
+            _log.warn(
+                "the HTTP API on {http} is open: no --http-token-file, so anyone who reaches it can read and write",
+                http=options["http"],
+            )
+        else:
+            hangup = HangupService(reactor)
+            hangup.add("the HTTP token file", options.tokens.reload)
+            hangup.setServiceParent(top)
         http = strports.service(options["http"], site, reactor=reactor)
         http.setName("kommander-http")
         # Added first: a taken HTTP port fails twistd at start-up, before the node joins Raft.
