@@ -4,6 +4,9 @@
     Print a table of one node's view of the cluster (``GET URL/v1/status``), again every
     ``--interval`` seconds with ``--watch``. Exit status 0 healthy, 1 degraded (the node is not
     running, a partition has no leader, or applies trail commits), 2 unreachable.
+``kommander certs --out DIR --cluster NAME ID [ID...]``
+    Write a CA (``ca.pem``, ``ca.key``) and a certificate per node (``ID.pem``, ``ID.key``) for
+    mutual TLS between nodes (:mod:`kommander.entry.certs`).
 ``kommander demo``
     Start a local 3-node cluster of ``twistd kommander`` processes and show writes, a leader
     killed with SIGKILL, failover and catch-up (:mod:`kommander.entry.demo`; ``make demo`` runs it).
@@ -54,6 +57,19 @@ def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return Demo(partitions=args.partitions, keep=args.keep, out=out, time_limit=args.time_limit).run()
 
 
+def _certs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from kommander.entry.certs import CertificateError, write_certificates
+
+    try:
+        written = write_certificates(args.out, args.cluster, args.ids, days=args.days)
+    except (CertificateError, OSError) as e:
+        print(f"kommander certs: {e}", file=err)
+        return 1
+    for path in written:
+        print(path, file=out)
+    return 0
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 64:
         raise argparse.ArgumentTypeError(f"{text!r}: use a whole number from 1 to 64")
@@ -90,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--count", type=_positive_count, default=1_000_000, help="with --watch, stop after this many tables"
     )
     status.set_defaults(run=_status)
+    certs = commands.add_parser("certs", help="write a CA and one TLS certificate per node")
+    certs.add_argument("--out", required=True, help="directory for ca.pem, ca.key and ID.pem/ID.key (reuses a CA there)")
+    certs.add_argument("--cluster", required=True, help="the cluster's name, as in --cluster-id")
+    certs.add_argument("--days", type=_positive_count, default=825, help="validity of node certificates (default 825)")
+    certs.add_argument("ids", nargs="+", metavar="ID", help="node ids, one certificate each")
+    certs.set_defaults(run=_certs)
     demo = commands.add_parser("demo", help="run a local 3-node cluster and show failover")
     demo.add_argument("--partitions", type=_positive_int, default=3, help="partitions per node (default 3)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
