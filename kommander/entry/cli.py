@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from kommander.entry.status import StatusError, degraded, fetch_status, format_status, status_url
+from kommander.entry.status import StatusError, degraded, fetch_status, format_status, read_token, status_url
 
 __all__ = ["StatusError", "build_parser", "fetch_status", "format_status", "main", "status_url"]
 
@@ -32,11 +32,16 @@ HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 2
 def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     rounds = args.count if args.watch else 1
     code = UNREACHABLE
+    try:
+        token = read_token(args.token_file) if args.token_file else None
+    except StatusError as e:
+        print(f"kommander status: {e}", file=err)
+        return UNREACHABLE
     for round_number in range(rounds):
         if round_number:
             time.sleep(args.interval)
         try:
-            status = fetch_status(args.url, args.timeout)
+            status = fetch_status(args.url, args.timeout, token)
         except StatusError as e:
             print(f"kommander status: {e}", file=err)
             code = UNREACHABLE
@@ -104,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=_positive_float, default=2.0, help="seconds between tables (default 2)")
     status.add_argument(
         "--count", type=_positive_count, default=1_000_000, help="with --watch, stop after this many tables"
+    )
+    status.add_argument(
+        "--token-file", help="file holding the bearer token to send (a node's TOKEN ROLE file works too)"
     )
     status.set_defaults(run=_status)
     certs = commands.add_parser("certs", help="write a CA and one TLS certificate per node")
