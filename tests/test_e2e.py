@@ -308,6 +308,13 @@ def _cases(cluster, target, claimed):
             handshake("kommander", claimed, {"http": http_url}) + frame(b"\xff\xfe\x00garbage"),
             f"(node {claimed})",
         ),
+        (
+            # Adopted and persisted before the fix, leaving no encodable term for an election.
+            "a heartbeat with term 2**64-1 after a valid handshake",
+            handshake("kommander", claimed, {"http": http_url})
+            + frame(cbor2.dumps([5, 0, 2**64 - 1, claimed, target, 2**64 - 1, 0])),
+            "2**63",
+        ),
     ]
 
 
