@@ -43,7 +43,6 @@ from twisted.web import resource, server
 
 from kommander.core.errors import KommanderError, NotLeader
 from kommander.kv.auth import Outcome, Role, TokenTable
-from kommander.kv.redirects import base_url, same_path
 from kommander.kv.machine import (
     LOG_TYPE,
     MAX_KEY_BYTES,
@@ -53,6 +52,7 @@ from kommander.kv.machine import (
     encode_delete,
     encode_put,
 )
+from kommander.kv.redirects import base_url, same_path
 from kommander.ops import health
 from kommander.ops.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from kommander.ops.metrics import NodeMetrics
@@ -325,7 +325,7 @@ class KVResource(resource.Resource):
             return error_response(503, f"no leader for partition {partition} yet")
         base = self._leader_url(leader)
         if base is None:
-            return error_response(503, f"the HTTP address of leader {leader} is not known yet", leader)
+            return error_response(503, f"no usable HTTP address of leader {leader} is known yet", leader)
         response = error_response(307, f"not the leader of partition {partition}", leader)
         return Response(307, response.body, _JSON, ((b"Location", base + same_path(request)),))
 
