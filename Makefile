@@ -7,8 +7,9 @@ SEEDS ?= 10000
 NODES ?= 5
 NODESEEDS ?= 10000
 MINUTES ?= 10
+FUZZ_SECONDS ?= 60
 
-.PHONY: test demo soak jepsen bench docs deps clean
+.PHONY: test demo soak jepsen bench fuzz docs deps clean
 
 # Debian's Berkeley DB headers are needed to build the berkeleydb binding.
 deps:
@@ -40,6 +41,11 @@ soak: $(STAMP)
 # Real nodes under kill -9, pauses and full crashes, history checked for linearizability.
 jepsen: $(STAMP)
 	$(PY) -m kommander.testing.jepsen --minutes $(MINUTES) --nodes 3
+
+# Mutated frames into the wire codec and mutated requests into the HTTP API, FUZZ_SECONDS each
+# (SEED= to replay a run); a short fixed run is part of `make test` (tests/test_fuzz.py).
+fuzz: $(STAMP)
+	$(PY) -m kommander.testing.fuzz --seconds $(FUZZ_SECONDS) $(if $(SEED),--seed $(SEED))
 
 # The core alone, the WAL alone, then whole clusters against PySyncObj (its line comes last).
 bench: $(STAMP)

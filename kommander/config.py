@@ -9,6 +9,9 @@ from dataclasses import dataclass, fields
 from kommander.core.errors import ConfigurationError
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+#: The most entries one AppendEntries may carry; the wire codec refuses more from a peer, so
+#: :attr:`RaftConfiguration.max_batch_entries` may not exceed it.
+MAX_BATCH_ENTRIES = 1 << 16
 
 
 @dataclass
@@ -146,6 +149,10 @@ class RaftConfiguration:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name} {value!r}: use a positive integer")
+        if isinstance(self.max_batch_entries, int) and self.max_batch_entries > MAX_BATCH_ENTRIES:
+            problems.append(
+                f"max_batch_entries {self.max_batch_entries}: at most {MAX_BATCH_ENTRIES} (what the wire carries)"
+            )
         for name in ("checkpoint_every", "checkpoint_every_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

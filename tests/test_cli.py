@@ -58,15 +58,22 @@ class _Response(io.BytesIO):
 def fake_urlopen(monkeypatch: pytest.MonkeyPatch, outcome: Any) -> list[str]:
     """Make urlopen return ``outcome`` (bytes) or raise it; returns the URLs asked for."""
     asked: list[str] = []
+    headers = HEADERS
+    headers.clear()
 
-    def urlopen(url: str, timeout: float) -> _Response:
-        asked.append(url)
+    def urlopen(url: Any, timeout: float) -> _Response:
+        asked.append(getattr(url, "full_url", url))
+        headers.append(dict(getattr(url, "header_items", lambda: [])()))
         if isinstance(outcome, Exception):
             raise outcome
         return _Response(outcome)
 
     monkeypatch.setattr(status.urllib.request, "urlopen", urlopen)
     return asked
+
+
+#: The request headers of every fake urlopen call of the current test.
+HEADERS: list[dict[str, str]] = []
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -183,3 +190,20 @@ def test_argument_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[s
         cli.main(argv)
     assert info.value.code == 2
     assert "usage: kommander" in capsys.readouterr().err
+
+
+def test_status_sends_the_token_of_token_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """--token-file sends the file's first token as a bearer token; a node's TOKEN ROLE file works."""
+    path = tmp_path / "tokens"
+    path.write_text("# mine\n\n" + "k" * 20 + " read\n")
+    fake_urlopen(monkeypatch, json.dumps(healthy_status()).encode())
+    code, _, _ = run("status", "http://127.0.0.1:8002", "--token-file", str(path))
+    assert code == 0 and HEADERS == [{"Authorization": "Bearer " + "k" * 20}]
+
+
+def test_status_with_an_unreadable_token_file_exits_2(tmp_path: Any) -> None:
+    """A missing or empty --token-file is one clear line and exit status 2."""
+    (tmp_path / "empty").write_text("# nothing\n")
+    for name in ("absent", "empty"):
+        code, _, err = run("status", "http://127.0.0.1:9", "--token-file", str(tmp_path / name))
+        assert code == 2 and err.startswith("kommander status: --token-file")

@@ -43,44 +43,46 @@ PARTITIONS = 16
 
 # --------------------------------------------------------------------------- strategies
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
+#: Terms, indexes, tickets, offsets and counters stay below 2**63 on the wire.
+n63 = st.integers(min_value=0, max_value=2**63 - 1)
 node_ids = st.text(min_size=1, max_size=64)
-metas = st.builds(SnapshotMeta, u64, u64)
+metas = st.builds(SnapshotMeta, n63, n63)
 entries = st.builds(
     Entry,
-    index=u64,
-    term=u64,
+    index=n63,
+    term=n63,
     kind=st.sampled_from(EntryKind),
     log_type=st.text(max_size=256),
     data=st.binary(max_size=64),
     timestamp=u64,
-    ticket=u64,
+    ticket=n63,
 )
-header = dict(term=u64, src=node_ids, dst=node_ids)
+header = dict(term=n63, src=node_ids, dst=node_ids)
 messages = st.one_of(
-    st.builds(VoteRequest, **header, last_index=u64, last_term=u64, pre_vote=st.booleans(), transfer=st.booleans()),
+    st.builds(VoteRequest, **header, last_index=n63, last_term=n63, pre_vote=st.booleans(), transfer=st.booleans()),
     st.builds(VoteResponse, **header, granted=st.booleans(), pre_vote=st.booleans()),
     st.builds(
         AppendEntries,
         **header,
-        prev_index=u64,
-        prev_term=u64,
+        prev_index=n63,
+        prev_term=n63,
         entries=st.lists(entries, max_size=5).map(tuple),
-        commit=u64,
+        commit=n63,
     ),
     st.builds(
         AppendEntriesResponse,
         **header,
         success=st.booleans(),
-        index=u64,
-        hint_index=u64,
-        hint_term=u64,
+        index=n63,
+        hint_index=n63,
+        hint_term=n63,
     ),
-    st.builds(Heartbeat, **header, commit=u64, context=u64),
-    st.builds(HeartbeatResponse, **header, context=u64),
+    st.builds(Heartbeat, **header, commit=n63, context=n63),
+    st.builds(HeartbeatResponse, **header, context=n63),
     st.builds(TimeoutNow, **header),
     st.builds(InstallSnapshot, **header, meta=metas),
-    st.builds(SnapshotChunk, **header, meta=metas, offset=u64, data=st.binary(max_size=64), done=st.booleans()),
-    st.builds(SnapshotChunkAck, **header, meta=metas, offset=u64, success=st.booleans()),
+    st.builds(SnapshotChunk, **header, meta=metas, offset=n63, data=st.binary(max_size=64), done=st.booleans()),
+    st.builds(SnapshotChunkAck, **header, meta=metas, offset=n63, success=st.booleans()),
 )
 short_text = st.text(max_size=1024)
 handshakes = st.builds(
@@ -301,11 +303,14 @@ def test_refuses_int_of_2_to_the_64():
     refused(cbor2.dumps(item))
 
 
-def test_accepts_largest_u64():
-    """2**64 - 1 is the largest integer accepted."""
+def test_accepts_largest_index_and_timestamp():
+    """2**63 - 1 is the largest index accepted; a timestamp may use all 64 bits."""
     item = as_list(Heartbeat)
-    item[5] = 2**64 - 1
-    assert decode_message(cbor2.dumps(item), PARTITIONS)[1].commit == 2**64 - 1
+    item[5] = 2**63 - 1
+    assert decode_message(cbor2.dumps(item), PARTITIONS)[1].commit == 2**63 - 1
+    item = as_list()
+    item[7][0][5] = 2**64 - 1
+    assert decode_message(cbor2.dumps(item), PARTITIONS)[1].entries[0].timestamp == 2**64 - 1
 
 
 def test_refuses_float():

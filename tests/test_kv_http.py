@@ -147,6 +147,10 @@ def cas_body(expected: str | None, value: str) -> bytes:
     return json.dumps({"expected": expected, "value": value}).encode()
 
 
+#: CAS bodies must be declared JSON.
+JSON = {"Content-Type": "application/json"}
+
+
 # ---------------------------------------------------------------------------- the happy paths
 
 
@@ -195,26 +199,30 @@ def test_delete(cluster: Cluster) -> None:
 def test_cas(cluster: Cluster) -> None:
     """CAS swaps (200) only when the value matches; null expects absence; a mismatch is 409."""
     leader = cluster.leader_of("c")
-    assert cluster.request(leader, "POST", "/v1/kv/c/cas", cas_body(None, "one")).code == 200
-    conflict = cluster.request(leader, "POST", "/v1/kv/c/cas", cas_body(None, "two"))
+    assert cluster.request(leader, "POST", "/v1/kv/c/cas", cas_body(None, "one"), JSON).code == 200
+    conflict = cluster.request(leader, "POST", "/v1/kv/c/cas", cas_body(None, "two"), JSON)
     assert conflict.code == 409 and conflict.json()["leader"] == leader
-    assert cluster.request(leader, "POST", "/v1/kv/c/cas", cas_body("wrong", "two")).code == 409
-    swapped = cluster.request(leader, "POST", "/v1/kv/c/cas", cas_body("one", "two"))
+    assert cluster.request(leader, "POST", "/v1/kv/c/cas", cas_body("wrong", "two"), JSON).code == 409
+    swapped = cluster.request(leader, "POST", "/v1/kv/c/cas", cas_body("one", "two"), JSON)
     assert swapped.code == 200 and "index" in swapped.json()
     assert cluster.request(leader, "GET", "/v1/kv/c").body == b"two"
 
 
-def test_cas_ignores_form_content_type(cluster: Cluster) -> None:
-    """A CAS body sent as curl -d sends it (form content type) is still read as JSON."""
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x", "application/jsonx"],
+)
+def test_cas_refuses_bodies_not_declared_json(cluster: Cluster, content_type: str | None) -> None:
+    """A CAS body a browser could send cross-site without a preflight (a form, text/plain) or
+    with no Content-Type is refused with 415 and writes nothing; JSON with a charset is fine."""
     leader = cluster.leader_of("f")
-    reply = cluster.request(
-        leader,
-        "POST",
-        "/v1/kv/f/cas",
-        cas_body(None, "x"),
-        {"Content-Type": "application/x-www-form-urlencoded"},
-    )
-    assert reply.code == 200
+    before = cluster.last_indexes()
+    headers = {"Content-Type": content_type} if content_type else {}
+    reply = cluster.request(leader, "POST", "/v1/kv/f/cas", cas_body(None, "x"), headers)
+    assert reply.code == 415 and "application/json" in reply.json()["error"]
+    assert cluster.last_indexes() == before
+    ok = cluster.request(leader, "POST", "/v1/kv/f/cas", cas_body(None, "x"), {"Content-Type": "Application/JSON; charset=utf-8"})
+    assert ok.code == 200
 
 
 def test_percent_encoded_slash_is_part_of_the_key(cluster: Cluster) -> None:
@@ -255,7 +263,7 @@ def test_follower_redirects_to_leader(cluster: Cluster, method: str, path: str, 
     leader = cluster.leader_of("r")
     follower = cluster.follower_of("r")
     before = cluster.last_indexes()
-    reply = cluster.request(follower, method, path, body)
+    reply = cluster.request(follower, method, path, body, JSON if method == "POST" else None)
     assert reply.code == 307
     assert reply.headers["location"] == cluster.managers[leader].metadata["http"] + path
     assert reply.json()["leader"] == leader
@@ -384,7 +392,7 @@ def test_malformed_requests(
     """Malformed requests get a 4xx JSON error (405 with Allow) and nothing is written."""
     node = cluster.leader_of("k")
     before = cluster.last_indexes()
-    reply = cluster.request(node, method, path, body)
+    reply = cluster.request(node, method, path, body, JSON if path.endswith("/cas") else None)
     assert reply.code == code
     if method != "HEAD":
         assert set(reply.json()) == {"error", "leader"}

@@ -17,13 +17,14 @@ from kommander.wire.limits import (
     max_entry_data_bytes,
 )
 
-BIG = 2**64 - 1
+BIG = 2**63 - 1  # the largest term/index the codec carries; still a 9-byte CBOR integer
+HUGE = 2**64 - 1  # the largest partition number and timestamp
 WIDE_ID = "𝄞" * MAX_NODE_ID_CHARS  # 4 UTF-8 bytes per character
 WIDE_TYPE = "𝄞" * MAX_LOG_TYPE_CHARS
 
 
 def worst_entry(data: bytes, log_type: str = WIDE_TYPE) -> Entry:
-    return Entry(BIG, BIG, EntryKind.PROPOSED, log_type, data, BIG, BIG)
+    return Entry(BIG, BIG, EntryKind.PROPOSED, log_type, data, HUGE, BIG)
 
 
 @pytest.mark.parametrize("size", [0, 23, 255, 65_535, 65_536, 200_000])
@@ -32,8 +33,8 @@ def test_one_entry_append_entries_is_within_the_bound(size: int) -> None:
     log type + data."""
     message = AppendEntries(BIG, WIDE_ID, WIDE_ID, BIG, BIG, (worst_entry(bytes(size)),), BIG)
     bound = APPEND_ENTRIES_ENVELOPE_BYTES + ENTRY_OVERHEAD_BYTES + 4 * MAX_LOG_TYPE_CHARS + size
-    assert len(encode_message(BIG, message)) <= bound
-    assert bound - len(encode_message(BIG, message)) < 16  # and the bound is close
+    assert len(encode_message(HUGE, message)) <= bound
+    assert bound - len(encode_message(HUGE, message)) < 16  # and the bound is close
 
 
 def test_max_entry_data_bytes_fills_the_frame_exactly_or_less() -> None:
@@ -42,13 +43,13 @@ def test_max_entry_data_bytes_fills_the_frame_exactly_or_less() -> None:
     for log_type in ("", "kv", WIDE_TYPE):
         data = bytes(max_entry_data_bytes(frame, log_type))
         message = AppendEntries(BIG, WIDE_ID, WIDE_ID, BIG, BIG, (worst_entry(data, log_type),), BIG)
-        assert len(encode_message(BIG, message)) <= frame
+        assert len(encode_message(HUGE, message)) <= frame
 
 
 def test_snapshot_chunk_is_within_the_bound() -> None:
     """A SnapshotChunk at its widest never exceeds its envelope plus data."""
     chunk = SnapshotChunk(BIG, WIDE_ID, WIDE_ID, SnapshotMeta(BIG, BIG), BIG, bytes(70_000), True)
-    assert len(encode_message(BIG, chunk)) <= SNAPSHOT_CHUNK_ENVELOPE_BYTES + 70_000
+    assert len(encode_message(HUGE, chunk)) <= SNAPSHOT_CHUNK_ENVELOPE_BYTES + 70_000
 
 
 def test_log_type_too_long_is_refused() -> None:
@@ -82,7 +83,7 @@ def test_batches_under_batch_limits_fit_the_frame(frame: int) -> None:
         log = [worst_entry(bytes(s)) for s in sizes]
         batch = fill(log, entries_limit, bytes_limit)
         message = AppendEntries(BIG, WIDE_ID, WIDE_ID, BIG, BIG, batch, BIG)
-        assert len(encode_message(BIG, message)) <= frame
+        assert len(encode_message(HUGE, message)) <= frame
 
 
 def test_batch_limits_leave_roomy_settings_alone() -> None:

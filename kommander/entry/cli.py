@@ -4,6 +4,9 @@
     Print a table of one node's view of the cluster (``GET URL/v1/status``), again every
     ``--interval`` seconds with ``--watch``. Exit status 0 healthy, 1 degraded (the node is not
     running, a partition has no leader, or applies trail commits), 2 unreachable.
+``kommander certs --out DIR --cluster NAME ID [ID...]``
+    Write a CA (``ca.pem``, ``ca.key``) and a certificate per node (``ID.pem``, ``ID.key``) for
+    mutual TLS between nodes (:mod:`kommander.entry.certs`).
 ``kommander demo``
     Start a local 3-node cluster of ``twistd kommander`` processes and show writes, a leader
     killed with SIGKILL, failover and catch-up (:mod:`kommander.entry.demo`; ``make demo`` runs it).
@@ -17,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from kommander.entry.status import StatusError, degraded, fetch_status, format_status, status_url
+from kommander.entry.status import StatusError, degraded, fetch_status, format_status, read_token, status_url
 
 __all__ = ["StatusError", "build_parser", "fetch_status", "format_status", "main", "status_url"]
 
@@ -29,11 +32,16 @@ HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 2
 def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     rounds = args.count if args.watch else 1
     code = UNREACHABLE
+    try:
+        token = read_token(args.token_file) if args.token_file else None
+    except StatusError as e:
+        print(f"kommander status: {e}", file=err)
+        return UNREACHABLE
     for round_number in range(rounds):
         if round_number:
             time.sleep(args.interval)
         try:
-            status = fetch_status(args.url, args.timeout)
+            status = fetch_status(args.url, args.timeout, token)
         except StatusError as e:
             print(f"kommander status: {e}", file=err)
             code = UNREACHABLE
@@ -52,6 +60,19 @@ def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from kommander.entry.demo import Demo
 
     return Demo(partitions=args.partitions, keep=args.keep, out=out, time_limit=args.time_limit).run()
+
+
+def _certs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from kommander.entry.certs import CertificateError, write_certificates
+
+    try:
+        written = write_certificates(args.out, args.cluster, args.ids, days=args.days)
+    except (CertificateError, OSError) as e:
+        print(f"kommander certs: {e}", file=err)
+        return 1
+    for path in written:
+        print(path, file=out)
+    return 0
 
 
 def _positive_int(text: str) -> int:
@@ -89,7 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--count", type=_positive_count, default=1_000_000, help="with --watch, stop after this many tables"
     )
+    status.add_argument(
+        "--token-file", help="file holding the bearer token to send (a node's TOKEN ROLE file works too)"
+    )
     status.set_defaults(run=_status)
+    certs = commands.add_parser("certs", help="write a CA and one TLS certificate per node")
+    certs.add_argument("--out", required=True, help="directory for ca.pem, ca.key and ID.pem/ID.key (reuses a CA there)")
+    certs.add_argument("--cluster", required=True, help="the cluster's name, as in --cluster-id")
+    certs.add_argument("--days", type=_positive_count, default=825, help="validity of node certificates (default 825)")
+    certs.add_argument("ids", nargs="+", metavar="ID", help="node ids, one certificate each")
+    certs.set_defaults(run=_certs)
     demo = commands.add_parser("demo", help="run a local 3-node cluster and show failover")
     demo.add_argument("--partitions", type=_positive_int, default=3, help="partitions per node (default 3)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")

@@ -32,14 +32,33 @@ def status_url(url: str) -> str:
     return url if url.endswith("/v1/status") else url + "/v1/status"
 
 
-def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+def read_token(path: str) -> str:
+    """The token in ``path``: the first field of its first line that is not blank or a comment
+    (so both a file holding just the token and a node's ``TOKEN ROLE`` file work).
+
+    :raises StatusError: the file cannot be read or holds no token.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                fields = line.split("#", 1)[0].split()
+                if fields:
+                    return fields[0]
+    except (OSError, UnicodeDecodeError) as e:
+        raise StatusError(f"--token-file {path!r}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+    raise StatusError(f"--token-file {path!r}: no token in it")
+
+
+def fetch_status(url: str, timeout: float = 5.0, token: str | None = None) -> dict[str, Any]:
     """``GET /v1/status`` of the node at ``url``, decoded.
 
+    :param token: sent as ``Authorization: Bearer TOKEN`` (nodes with ``--http-token-file``).
     :raises StatusError: unreachable, not a 200, or not a JSON object with ``partitions``.
     """
     target = status_url(url)
+    request = urllib.request.Request(target, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(target, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as e:
         raise StatusError(f"{target} answered {e.code} {e.reason}") from None

@@ -32,7 +32,11 @@ from twisted.python import usage
 from kommander.config import RaftConfiguration
 from kommander.core.errors import ConfigurationError, KommanderError
 from kommander.entry import logs
+# Re-exported: tests and embedders know them as tap.RaftService, tap.GC_THRESHOLDS, ...
+from kommander.entry.node import GC_THRESHOLDS, RaftService, check_body_limit, tune_garbage_collector  # noqa: F401
+from kommander.entry.hangup import HangupService
 from kommander.hookspecs import PluginContext
+from kommander.kv.auth import TokenTable
 from kommander.registry import PluginError, PluginKind, PluginRegistry
 
 #: Defaults of the options that have one; the others default to "not given".
@@ -218,6 +222,8 @@ class Options(usage.Options):
         ["durability", None, None, "WAL durability: sync (fsync every write) or nosync [default: sync]."],
         ["advertise-http", None, None, "Base URL clients are redirected to [default: derived from --http]."],
         ["max-body-bytes", None, None, "Largest HTTP request body accepted [default: 1048576]."],
+        ["http-token-file", None, None, "File of 'TOKEN ROLE' lines (roles read, write, admin): the HTTP API then "
+         "requires 'Authorization: Bearer TOKEN'; re-read on SIGHUP [default: none, the API is open]."],
         ["checkpoint-every", None, None, "Snapshot and compact each partition every N applied entries; 0: never [default: 50000]."],
         ["log-format", None, None, "text or json (one JSON event per line on standard output) [default: text]."],
         ["log-level", None, None, "Lowest level logged: debug, info, warn, error or critical [default: info]."],
@@ -233,6 +239,7 @@ class Options(usage.Options):
         self.metadata: dict[str, str] = {}
         self.config: RaftConfiguration | None = None
         self.registry: PluginRegistry | None = None
+        self.tokens: TokenTable | None = None
 
     def opt_option(self, value: str) -> None:
         """KEY=VALUE plugin option, e.g. durability=nosync or multicast_ttl=0; repeatable."""
@@ -271,6 +278,11 @@ class Options(usage.Options):
             self.plugin_options.setdefault("advertise", advertise)
         self.metadata = self._metadata()
         self["max-body-bytes"] = self._int("max-body-bytes", 1, 1 << 30)
+        if self["http-token-file"]:
+            try:
+                self.tokens = TokenTable(self["http-token-file"])
+            except ConfigurationError as e:
+                raise usage.UsageError(str(e)) from None
         if self["log-format"] not in logs.FORMATS:
             raise usage.UsageError(f"--log-format {self['log-format']!r}: use text or json")
         if self["log-level"] not in logs.LEVELS:
@@ -405,112 +417,6 @@ def _option_table(where: str, value: Any) -> dict[str, str]:
     raise usage.UsageError(f"{where}: use a table of KEY = VALUE")
 
 
-class RaftService(service.Service):
-    """Joins the cluster when started and leaves it when stopped.
-
-    If joining fails (the Raft port is taken, the WAL cannot be opened) the failure is logged and
-    the reactor stopped, so the process ends instead of serving without Raft.
-    """
-
-    name = "kommander-raft"
-
-    def __init__(self, manager: Any, reactor: Any) -> None:
-        self.manager = manager
-        self.reactor = reactor
-        self.failure: Any = None
-        self.exit_status = 0
-        #: Tests running the service in-process turn the final os._exit off.
-        self.exit_on_failure = True
-
-    def startService(self) -> None:
-        super().startService()
-        self.manager.on_fail_stop += self._fail_stopped
-        self.manager.join_cluster().addCallbacks(self._joined, self._failed)
-
-    def _fail_stopped(self, reason: str) -> None:
-        _log.critical("node {node} stopped itself ({reason}); exiting", node=self.manager.node_id, reason=reason)
-        self._stop_and_exit()
-
-    def _joined(self, _: Any) -> None:
-        _log.info(
-            "node {node} is serving {n} partitions; HTTP at {http}",
-            node=self.manager.node_id,
-            n=self.manager.partitions,
-            http=self.manager.metadata.get("http", "(not served)"),
-        )
-
-    def _failed(self, failure: Any) -> None:
-        self.failure = failure
-        _log.failure("node {node} could not join the cluster; stopping", failure, node=self.manager.node_id)
-        self._stop_and_exit()
-
-    def _stop_and_exit(self) -> None:
-        """Stop the reactor and make the process exit with status 1 (twistd itself would exit 0,
-        hiding the failure from supervisors and scripts)."""
-        if self.exit_status:
-            return
-        self.exit_status = 1
-
-        def stop() -> None:
-            if getattr(self.reactor, "running", False):
-                self.reactor.stop()
-
-        def exit_nonzero() -> None:
-            import os
-            import sys
-
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
-
-        if hasattr(self.reactor, "addSystemEventTrigger") and getattr(self, "exit_on_failure", True):
-            self.reactor.addSystemEventTrigger("after", "shutdown", exit_nonzero)
-        # twistd starts services before the reactor runs; stopping must wait until it does.
-        self.reactor.callWhenRunning(stop)
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self.manager.leave_cluster()
-
-
-#: Collector thresholds for a node process: a loaded node allocates a few short-lived objects per
-#: write, and with Python's defaults (700, 10, 10) the collector kept re-scanning the log held in
-#: memory between checkpoints: 7% of the instructions per write (callgrind, 3-node in-process
-#: cluster at 1,000 writes in flight). Cycles are still collected, in larger steps.
-GC_THRESHOLDS = (50_000, 20, 100)
-
-
-def tune_garbage_collector() -> None:
-    """Apply :data:`GC_THRESHOLDS` to this process (a twistd node owns its process; a library
-    user embedding Kommander decides for theirs)."""
-    import gc
-
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-def check_body_limit(max_body_bytes: int, manager: Any) -> None:
-    """Refuse a ``--max-body-bytes`` that accepts requests the transport could not replicate.
-
-    A configuration error rather than a silent clamp: the operator chose both limits, and a node
-    that quietly lowered one would answer 413 to bodies the documentation of their setting allows.
-
-    :raises SystemExit: the largest KV command a body can become exceeds
-        :meth:`~kommander.runtime.manager.RaftManager.max_entry_bytes`.
-    """
-    from kommander.kv.http import COMMAND_OVERHEAD_BYTES, max_command_bytes
-    from kommander.kv.machine import LOG_TYPE
-
-    room = manager.max_entry_bytes(LOG_TYPE)
-    if max_command_bytes(max_body_bytes) > room:
-        raise SystemExit(
-            f"twistd kommander: --max-body-bytes {max_body_bytes} accepts requests the transport cannot "
-            f"carry: with its frame limit of {manager.frame_budget.frame_bytes} bytes an entry holds at most "
-            f"{room} bytes and a KV command adds up to {COMMAND_OVERHEAD_BYTES}; use --max-body-bytes "
-            f"{max(0, room - COMMAND_OVERHEAD_BYTES)} or less, or raise the transport's max_frame_bytes "
-            "(--option max_frame_bytes=N)"
-        )
-
-
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """Build the node that ``options`` describe: the HTTP site and the Raft node, not started.
 
@@ -573,7 +479,17 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             machine if isinstance(machine, KVStateMachine) else None,
             max_body_bytes=options["max-body-bytes"],
             reactor=reactor,
+            tokens=options.tokens,
         )
+        if options.tokens is None:
+            _log.warn(
+                "the HTTP API on {http} is open: no --http-token-file, so anyone who reaches it can read and write",
+                http=options["http"],
+            )
+        else:
+            hangup = HangupService(reactor)
+            hangup.add("the HTTP token file", options.tokens.reload)
+            hangup.setServiceParent(top)
         http = strports.service(options["http"], site, reactor=reactor)
         http.setName("kommander-http")
         # Added first: a taken HTTP port fails twistd at start-up, before the node joins Raft.

@@ -19,12 +19,20 @@ have happened. Every error is JSON ``{"error": ..., "leader": <node id or null>}
 
 Request bodies larger than the limit are refused with 413 as soon as their ``Content-Length`` is
 known, before the body is read or stored (:class:`KVRequest`).
+
+With a :class:`~kommander.kv.auth.TokenTable` every path but ``/v1/health`` needs a bearer token:
+``read`` for GETs (KV reads, status, metrics, unknown paths), ``write`` for PUT, DELETE and CAS;
+401 with ``WWW-Authenticate: Bearer`` without a known token, 403 below the role. A CAS body must be
+declared ``application/json`` (415 otherwise), so that no cross-site HTML form or ``text/plain``
+request, which browsers send without asking, can write. A 307 goes only to the advertised
+``http(s)://host:port`` URL of a voter, with the path rebuilt from the parsed request.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +42,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from kommander.core.errors import KommanderError, NotLeader
+from kommander.kv.auth import Outcome, Role, TokenTable
 from kommander.kv.machine import (
     LOG_TYPE,
     MAX_KEY_BYTES,
@@ -43,10 +52,12 @@ from kommander.kv.machine import (
     encode_delete,
     encode_put,
 )
+from kommander.kv.redirects import base_url, same_path
 from kommander.ops import health
 from kommander.ops.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from kommander.ops.metrics import NodeMetrics
 from kommander.results import RaftOperationStatus, ReplicationResult
+from kommander.runtime.ratelimit import RateLimitedLog
 
 #: The default largest request body, in bytes.
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -163,6 +174,8 @@ class KVResource(resource.Resource):
         state machine (then only ``/v1/status`` is served and KV paths answer 501).
     :param max_body_bytes: largest request body accepted.
     :param process_metrics: include the ``process_*`` metrics (CPU, memory) in ``GET /metrics``.
+    :param tokens: the bearer tokens requests must carry; ``None`` serves everyone.
+    :param seconds: the current time, for rate-limiting the log lines of refused requests.
     """
 
     isLeaf = True
@@ -174,6 +187,8 @@ class KVResource(resource.Resource):
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         *,
         process_metrics: bool = True,
+        tokens: TokenTable | None = None,
+        seconds: Callable[[], float] = time.monotonic,
     ):
         super().__init__()
         if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
@@ -181,6 +196,8 @@ class KVResource(resource.Resource):
         self.manager = manager
         self.machine = machine
         self.max_body_bytes = max_body_bytes
+        self.tokens = tokens
+        self._log_refused = RateLimitedLog(_log.warn, seconds)
         #: ``GET /metrics``; built here so the leader-change counter starts with the site.
         self.metrics = NodeMetrics(manager, process=process_metrics)
 
@@ -215,7 +232,40 @@ class KVResource(resource.Resource):
         request.write(response.body)
         request.finish()
 
+    def _authorize(self, request: server.Request) -> None:
+        """Refuse a request whose token does not carry the role its path and method need.
+
+        :raises _BadRequest: 401 (no or an unknown token) or 403 (a lower role).
+        """
+        if self.tokens is None or request.postpath == [b"v1", b"health"]:
+            return  # health stays open for load balancers and orchestrators' probes
+        needed = Role.READ if request.method in (b"GET", b"HEAD") else Role.WRITE
+        verdict = self.tokens.check(request.getHeader(b"authorization"), needed)
+        if verdict.outcome is Outcome.ALLOWED:
+            return
+        if verdict.outcome is Outcome.FORBIDDEN:
+            code, message = 403, f"this token's role is {verdict.role.name.lower()}; {needed.name.lower()} is needed"
+            challenge = b'Bearer realm="kommander", error="insufficient_scope"'
+        elif verdict.outcome is Outcome.UNKNOWN:
+            code, message = 401, "unknown token"
+            challenge = b'Bearer realm="kommander", error="invalid_token"'
+        else:
+            code, message = 401, "send Authorization: Bearer TOKEN"
+            challenge = b'Bearer realm="kommander"'
+        client = request.getClientAddress()
+        self._log_refused(
+            "HTTP {code} for {method} {path} from {client}: {why} ({suppressed} more refused since the last such line)",
+            code=code,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1")[:200],
+            client=getattr(client, "host", client),
+            why=message,
+        )
+        response = error_response(code, message)
+        raise _BadRequest(Response(code, response.body, _JSON, ((b"WWW-Authenticate", challenge),)))
+
     def _dispatch(self, request: server.Request) -> Response | defer.Deferred[Response]:
+        self._authorize(request)
         path = request.postpath
         method = request.method
         if path == [b"v1", b"status"]:
@@ -261,14 +311,13 @@ class KVResource(resource.Resource):
     # ------------------------------------------------------------------ leaders
 
     def _leader_url(self, leader: str) -> bytes | None:
+        """The leader's advertised base URL, if it is a voter and the URL is a plain
+        ``http(s)://host:port`` (no user info, path, query or fragment); else ``None``."""
+        if leader != self.manager.node_id and leader not in self.manager.voters:
+            return None
         metadata = self.manager.metadata if leader == self.manager.node_id else self.manager.peer_metadata.get(leader)
         url = (metadata or {}).get("http")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            return None
-        try:
-            return url.rstrip("/").encode("ascii")
-        except UnicodeEncodeError:
-            return None
+        return base_url(url) if isinstance(url, str) else None
 
     def _not_leader(self, request: server.Request, partition: int, leader: str | None) -> Response:
         """307 to the leader's same URL, or 503 when the leader or its URL is unknown."""
@@ -276,13 +325,17 @@ class KVResource(resource.Resource):
             return error_response(503, f"no leader for partition {partition} yet")
         base = self._leader_url(leader)
         if base is None:
-            return error_response(503, f"the HTTP address of leader {leader} is not known yet", leader)
+            return error_response(503, f"no usable HTTP address of leader {leader} is known yet", leader)
         response = error_response(307, f"not the leader of partition {partition}", leader)
-        return Response(307, response.body, _JSON, ((b"Location", base + request.uri),))
+        return Response(307, response.body, _JSON, ((b"Location", base + same_path(request)),))
 
     # ------------------------------------------------------------------ writes
 
     def _cas(self, request: server.Request, partition: int, key: str) -> defer.Deferred[Response]:
+        content_type = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
+        if content_type != _JSON:
+            # Browsers send form and text/plain POSTs cross-site without asking; JSON they do not.
+            raise _bad('a CAS body must be sent with "Content-Type: application/json"', 415)
         expected, value = parse_cas_body(self._body(request))
         return self._replicate(request, partition, encode_cas(key, expected, value))
 
@@ -433,12 +486,15 @@ def make_site(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     reactor: Any = None,
+    tokens: TokenTable | None = None,
 ) -> server.Site:
     """A :class:`~twisted.web.server.Site` serving the API of ``manager`` and ``machine``.
 
     :param reactor: for the site's connection timeouts; the global reactor when ``None``.
+    :param tokens: require these bearer tokens (see :mod:`kommander.kv.auth`); ``None``: open.
     """
-    root = KVResource(manager, machine, max_body_bytes)
+    extra: dict[str, Any] = {"seconds": reactor.seconds} if reactor is not None else {}
+    root = KVResource(manager, machine, max_body_bytes, tokens=tokens, **extra)
     kwargs: dict[str, Any] = {"requestFactory": KVRequest}
     if reactor is not None:
         kwargs["reactor"] = reactor

@@ -349,9 +349,17 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ observing
 
-    def http(self, node_id: str, method: str, path: str, body: bytes | None = None, timeout: float = 5.0) -> HTTPResult:
+    def http(
+        self,
+        node_id: str,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
+    ) -> HTTPResult:
         """One request to a node's HTTP API (``path`` starts with ``/``); redirects not followed."""
-        return http_call(method, self.url(node_id) + path, body, timeout)
+        return http_call(method, self.url(node_id) + path, body, timeout, headers)
 
     def status(self, node_id: str, timeout: float = 2.0) -> dict[str, Any] | None:
         """The node's ``/v1/status`` document, or ``None`` when it does not answer properly."""

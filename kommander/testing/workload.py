@@ -85,14 +85,16 @@ class KVClient:
         self.statuses: Counter[str] = Counter()
         self.lock = threading.Lock()
 
-    def request(self, method: str, base_url: str, path: str, body: bytes | None = None) -> Answer:
+    def request(
+        self, method: str, base_url: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> Answer:
         """Send one request, following 307s; never raises for network trouble."""
         url = base_url.rstrip("/") + path
         redirected = False
         for _ in range(MAX_REDIRECTS + 1):
             node = urlsplit(url).netloc
             try:
-                result = http_call(method, url, body, self.timeout)
+                result = http_call(method, url, body, self.timeout, headers)
             except ConnectRefused:
                 # Nothing listened, so this request was certainly not received; earlier hops
                 # answered 307, which is also "not written".
@@ -135,7 +137,9 @@ class KVClient:
         path = "/v1/kv/" + quote(key, safe="") + suffix + query
         known = {"put": (200,), "get": (200, 404), "delete": (200, 404), "cas": (200, 409)}[kind]
         invoked = time.monotonic()
-        answer = self.request(method, base_url, path, body)
+        # A CAS body must be declared JSON; PUT bodies are raw bytes.
+        headers = {"Content-Type": "application/json"} if kind == "cas" else None
+        answer = self.request(method, base_url, path, body, headers)
         completed = time.monotonic()
         outcome = self._outcome(answer, known)
         with self.lock:
