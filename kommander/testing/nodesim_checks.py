@@ -21,21 +21,20 @@ from kommander.testing.linearizability import Verdict, check
 from kommander.testing.nodesim_model import Violation
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.testing.nodesim import NodeSimulation
     from kommander.testing.nodesim_cluster import SimNode
 
 
 class NodeChecks:
     """The properties of a run."""
 
-    def _fatal(self: "NodeSimulation", kind: str, detail: str) -> None:
+    def _fatal(self, kind: str, detail: str) -> None:
         """Record the first violation (it may be found inside a callback, where raising would
         only become a failed Deferred); the run loop stops on it."""
         if self.violation is None:
             self.violation = Violation(kind, detail)
             self._log(f"VIOLATION {kind}: {detail}")
 
-    def _observer(self: "NodeSimulation", node: "SimNode") -> Callable[[int, Entry, str], None]:
+    def _observer(self, node: "SimNode") -> Callable[[int, Entry, str], None]:
         def observe(partition: int, entry: Entry, digest: str) -> None:
             key = (partition, entry.index)
             seen = self.fingerprints.setdefault(key, (digest, node.id))
@@ -52,7 +51,7 @@ class NodeChecks:
 
         return observe
 
-    def _check_step(self: "NodeSimulation") -> None:
+    def _check_step(self) -> None:
         bounds = self.config.has("bounds")
         for node in self.nodes.values():
             if not node.up:
@@ -88,7 +87,7 @@ class NodeChecks:
             if self.config.has("stall"):
                 self._check_stall(node)
 
-    def _check_commit_rule(self: "NodeSimulation", node: "SimNode", partition: int, core: Any) -> None:
+    def _check_commit_rule(self, node: "SimNode", partition: int, core: Any) -> None:
         """Raft section 5.4.2 (Figure 8): a leader moves its commit index only to an entry of its
         own term; earlier entries commit with it, never by counting their replicas."""
         start = self.leader_start.get((node.id, partition))
@@ -102,7 +101,7 @@ class NodeChecks:
                 f"{core.log.term(committed)} (Figure 8)",
             )
 
-    def _check_disk(self: "NodeSimulation", node: "SimNode") -> None:
+    def _check_disk(self, node: "SimNode") -> None:
         """A WAL is never compacted beyond what an intact snapshot on the same disk covers: the
         entries it dropped could not be rebuilt."""
         for number, log in node.disk.durable._logs.items():
@@ -122,7 +121,7 @@ class NodeChecks:
             if not intact:
                 self._fatal("compacted-past-snapshot", f"{node.id} p{number}: WAL compacted to {checkpoint.index} with no intact snapshot covering it")
 
-    def _check_stall(self: "NodeSimulation", node: "SimNode") -> None:
+    def _check_stall(self, node: "SimNode") -> None:
         wal = node.disk.wal
         if wal is None:
             return
@@ -134,7 +133,7 @@ class NodeChecks:
 
     # ------------------------------------------------------------------ liveness
 
-    def _settled(self: "NodeSimulation", partition: int) -> bool:
+    def _settled(self, partition: int) -> bool:
         """A leader every running node follows, a write committed since healing, every node up to
         the leader's commit index."""
         if not all(n.up for n in self.nodes.values()):
@@ -151,7 +150,7 @@ class NodeChecks:
         target = core.log.committed
         return all(n.manager.runtimes[partition].applied >= target for n in self.nodes.values())
 
-    def _why_unsettled(self: "NodeSimulation", partition: int) -> str:
+    def _why_unsettled(self, partition: int) -> str:
         parts = []
         for node in self.nodes.values():
             if not node.up:
@@ -166,7 +165,7 @@ class NodeChecks:
 
     # ------------------------------------------------------------------ the end
 
-    def _check_end(self: "NodeSimulation") -> None:
+    def _check_end(self) -> None:
         if self.pending_calls:
             what, since = next(iter(self.pending_calls.values()))
             self._fatal("unfired-deferred", f"{len(self.pending_calls)} client calls never answered, e.g. {what} (since t={since:.2f})")
@@ -200,7 +199,7 @@ class NodeChecks:
             if result.verdict is Verdict.UNKNOWN:
                 self.stats["lin_unknown"] += 1
 
-    def _final_reads(self: "NodeSimulation") -> list[Any]:
+    def _final_reads(self) -> list[Any]:
         """One linearizable read of every key, through its partition's leader."""
         out = []
         for partition in range(self.config.partitions):

@@ -6,7 +6,7 @@ schedule that does it. Mixed into :class:`kommander.testing.nodesim.NodeSimulati
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.python.failure import Failure
 
@@ -16,9 +16,6 @@ from kommander.plugins.static import StaticDiscovery
 from kommander.runtime.manager import RaftManager
 from kommander.testing.nodesim_env import NodeReactor, SimDisk, SimHLC, SimTransport
 from kommander.testing.nodesim_machines import SimKV
-
-if TYPE_CHECKING:  # pragma: no cover
-    from kommander.testing.nodesim import NodeSimulation
 
 
 class SimNode:
@@ -53,7 +50,7 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ processes
 
-    def _start(self: "NodeSimulation", node: SimNode) -> None:
+    def _start(self, node: SimNode) -> None:
         node.incarnation += 1
         node.down_until = None
         node.failed = None
@@ -98,7 +95,7 @@ class Lifecycle:
 
         d.addCallbacks(joined, refused)
 
-    def sm_kind(self: "NodeSimulation", node: SimNode) -> str:
+    def sm_kind(self, node: SimNode) -> str:
         if self.config.has("fired"):
             return "fired"
         if self.config.has("bounds"):
@@ -107,7 +104,7 @@ class Lifecycle:
             return self.rng.choice(("sync", "later", "later", "slow"))
         return "sync"
 
-    def _fail_stopped(self: "NodeSimulation", node: SimNode, incarnation: int, reason: str) -> None:
+    def _fail_stopped(self, node: SimNode, incarnation: int, reason: str) -> None:
         self._log(f"fail-stop {node.id} #{incarnation}: {reason}")
         self.stats["fail_stops"] += 1
         expected = ("disk full" in reason) or ("simulated" in reason)
@@ -117,7 +114,7 @@ class Lifecycle:
             node.failed = reason
             self._down(node, self.clock.seconds() + self.rng.uniform(0.05, 0.5))
 
-    def _down(self: "NodeSimulation", node: SimNode, restart_at: float) -> None:
+    def _down(self, node: SimNode, restart_at: float) -> None:
         """The process is gone (its reactor dead); it comes back at ``restart_at``."""
         if node.reactor is not None:
             node.reactor.kill()
@@ -125,7 +122,7 @@ class Lifecycle:
             node.store.dead = True
         node.down_until = restart_at
 
-    def crash(self: "NodeSimulation", node: SimNode, torn: bool = True) -> None:
+    def crash(self, node: SimNode, torn: bool = True) -> None:
         if node.manager is None or node.down_until is not None:
             return
         lost = node.disk.crash(torn)
@@ -135,7 +132,7 @@ class Lifecycle:
         self.stats["crashes"] += 1
         self._fault(f"crash {node.id} (lost {lost} unsynced group commits{', torn' if torn else ''})")
 
-    def _leader_changed(self: "NodeSimulation", node: SimNode, partition: int, leader: str | None) -> None:
+    def _leader_changed(self, node: SimNode, partition: int, leader: str | None) -> None:
         """Note where a fresh leader's commit index starts (see ``_check_commit_rule``); now and
         then cut it off at once, before its first messages land: the leader keeps taking writes
         it cannot replicate (the raw material of Figure 8)."""
@@ -148,16 +145,16 @@ class Lifecycle:
         if self.rng.random() < self.config.swizzle_rate:
             self.clock.callLater(self.rng.uniform(0.0, 0.003), self._isolate_if, node, node.incarnation)
 
-    def _isolate_if(self: "NodeSimulation", node: SimNode, incarnation: int) -> None:
+    def _isolate_if(self, node: SimNode, incarnation: int) -> None:
         if self.chaos_on and node.incarnation == incarnation:
             self.network.partition([node.id])
             self._fault(f"isolate fresh leader {node.id}")
 
-    def _crash_if(self: "NodeSimulation", node: SimNode, incarnation: int) -> None:
+    def _crash_if(self, node: SimNode, incarnation: int) -> None:
         if self.chaos_on and node.incarnation == incarnation and node.up:
             self.crash(node, torn=self.rng.random() < 0.7)
 
-    def _restart_due(self: "NodeSimulation") -> None:
+    def _restart_due(self) -> None:
         if self.repairing:
             self._repaired()
         now = self.clock.seconds()
@@ -170,7 +167,7 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ chaos
 
-    def _chaos(self: "NodeSimulation") -> None:
+    def _chaos(self) -> None:
         """One fault event, drawn from the classes switched on."""
         cfg, rng, net = self.config, self.rng, self.network
         choices: list[str] = []
@@ -259,7 +256,7 @@ class Lifecycle:
             node.disk.faults.stall_until = until
             self._fault(f"fsync of {node.id} stalls for {until - self.clock.seconds():.2f}s")
 
-    def _crash_mid_transfer(self: "NodeSimulation") -> None:
+    def _crash_mid_transfer(self) -> None:
         """Now and then crash one side of a snapshot transfer in progress. Drawn from a generator
         of its own, so seeds without transfers run as if this did not exist."""
         rng = self.transfer_rng
@@ -277,7 +274,7 @@ class Lifecycle:
                 self.crash(victim, torn=rng.random() < 0.5)
                 return
 
-    def _wipe(self: "NodeSimulation", node: SimNode) -> None:
+    def _wipe(self, node: SimNode) -> None:
         """Lose ``node``'s data directory, as an operator may: one node at a time, and only once
         the last wiped node holds everything that was committed when it lost its disk (Raft keeps
         a committed entry only while a majority keeps its disk)."""
@@ -293,14 +290,14 @@ class Lifecycle:
         self.repairing[node.id] = targets
         self._fault(f"wipe {node.id}'s data directory (to be repaired up to {targets})")
 
-    def _repaired(self: "NodeSimulation") -> None:
+    def _repaired(self) -> None:
         for node_id, targets in list(self.repairing.items()):
             node = self.nodes[node_id]
             if node.up and all(node.manager.runtimes[p].applied >= t for p, t in targets.items()):
                 del self.repairing[node_id]
                 self._log(f"{node_id} holds everything committed before its wipe")
 
-    def _heal(self: "NodeSimulation") -> None:
+    def _heal(self) -> None:
         """Every fault ends: the network is whole, disks behave, every node runs."""
         self.chaos_on = False
         net = self.network

@@ -16,7 +16,6 @@ from kommander.results import RaftOperationStatus as Status
 from kommander.testing.linearizability import Operation, Outcome
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.testing.nodesim import NodeSimulation
     from kommander.testing.nodesim_cluster import SimNode
 
 #: Statuses that promise nothing was written.
@@ -34,7 +33,7 @@ def outcome_of(status: Status) -> Outcome:
 class Workload:
     """Client operations and their history."""
 
-    def _track(self: "NodeSimulation", d: Any, what: str) -> Any:
+    def _track(self, d: Any, what: str) -> Any:
         """Remember ``d`` until it fires: none may be left unfired once the run heals."""
         self._next_call += 1
         call = self._next_call
@@ -47,7 +46,7 @@ class Workload:
         d.addBoth(fired)
         return d
 
-    def _pick(self: "NodeSimulation", partition: int) -> "SimNode | None":
+    def _pick(self, partition: int) -> "SimNode | None":
         """The node a client would talk to: a random running one, following its leader hint once."""
         ups = [n for n in self.nodes.values() if n.up]
         if not ups:
@@ -59,23 +58,23 @@ class Workload:
                 node = self.nodes[hint]
         return node
 
-    def _key(self: "NodeSimulation", partition: int) -> str:
+    def _key(self, partition: int) -> str:
         return f"p{partition}k{self.rng.randrange(self.config.keys)}"
 
-    def _value(self: "NodeSimulation", big: bool = False) -> str:
+    def _value(self, big: bool = False) -> str:
         self._next_value += 1
         return f"v{self._next_value}" + ("x" * 6000 if big else "")
 
-    def _process(self: "NodeSimulation") -> int:
+    def _process(self) -> int:
         self._next_process += 1
         return self._next_process
 
-    def _record(self: "NodeSimulation", partition: int, op: Operation) -> None:
+    def _record(self, partition: int, op: Operation) -> None:
         self.history[partition].append(op)
 
     # ------------------------------------------------------------------ one client step
 
-    def _client(self: "NodeSimulation", partition: int) -> None:
+    def _client(self, partition: int) -> None:
         node = self._pick(partition)
         if node is None:
             return
@@ -100,7 +99,7 @@ class Workload:
             except KommanderError:
                 pass
 
-    def _put(self: "NodeSimulation", node: "SimNode", partition: int, big: bool = False, probe: bool = False) -> Any:
+    def _put(self, node: "SimNode", partition: int, big: bool = False, probe: bool = False) -> Any:
         key, value = self._key(partition), self._value(big)
         invoked, process = self.clock.seconds(), self._process()
         d = node.manager.replicate_logs(partition, "kv", f"put|{key}|{value}".encode())
@@ -124,7 +123,7 @@ class Workload:
             self.clock.callLater(self.rng.uniform(0.0, 0.01), self._crash_if, node, incarnation)
         return self._track(d, f"put {key}={value[:12]} on {node.id}").addCallback(done)
 
-    def _cas(self: "NodeSimulation", node: "SimNode", partition: int) -> None:
+    def _cas(self, node: "SimNode", partition: int) -> None:
         key, value = self._key(partition), self._value()
         known = self.written.get(key)
         expected = known if known is not None and self.rng.random() < 0.7 else None
@@ -146,7 +145,7 @@ class Workload:
 
         self._track(d, f"cas {key} on {node.id}").addCallback(done)
 
-    def _get(self: "NodeSimulation", node: "SimNode", partition: int, key: str | None = None) -> Any:
+    def _get(self, node: "SimNode", partition: int, key: str | None = None) -> Any:
         key = key or self._key(partition)
         invoked, process = self.clock.seconds(), self._process()
         sm, manager = node.sm, node.manager
@@ -163,7 +162,7 @@ class Workload:
 
         return self._track(d, f"read {key} on {node.id}").addCallbacks(read, failed)
 
-    def _ticket(self: "NodeSimulation", node: "SimNode", partition: int, big: bool = False) -> None:
+    def _ticket(self, node: "SimNode", partition: int, big: bool = False) -> None:
         """Propose a two-phase ticket, then (later) commit it, roll it back, or abandon it."""
         invoked = self.clock.seconds()
         if big:
