@@ -110,8 +110,17 @@ def test_start_up_names_the_security_in_use(tmp_path: Path) -> None:
     ca, cert, key = tls_files(tmp_path)
     secret = tmp_path / "secret"
     secret.write_text("a-long-enough-cluster-secret\n")
+    secret.chmod(0o600)
     text = started_log(peer_security(context(tls_ca=ca, tls_cert=cert, tls_key=key, secret_file=str(secret))))
     assert "peers authenticate with mutual TLS + shared secret" in text and "warn" not in text
+
+
+def test_start_up_warns_about_a_secret_file_others_can_read(tmp_path: Path) -> None:
+    """A secret file readable by group or others is named in a warning."""
+    secret = tmp_path / "secret"
+    secret.write_text("a-long-enough-cluster-secret\n")
+    secret.chmod(0o644)
+    assert "readable by group or others" in started_log(peer_security(context(secret_file=str(secret))))
 
 
 def test_sighup_reload_logs_a_bad_file_and_keeps_the_old_one(tmp_path: Path) -> None:

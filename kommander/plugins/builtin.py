@@ -25,7 +25,7 @@ Options read from :attr:`PluginContext.options <kommander.hookspecs.PluginContex
     the same reactor and network name reach each other.
 ``durability``
     ``bdb``: ``sync`` (default) or ``nosync``.
-``multicast_group``, ``multicast_port``, ``multicast_interface``, ``multicast_ttl``, ``multicast_interval``
+``multicast_group``, ``multicast_port``, ``multicast_interface``, ``multicast_ttl``, ``multicast_interval``, ``multicast_max_unknown``
     ``multicast`` discovery settings; see :class:`~kommander.plugins.multicast.MulticastDiscovery`.
 ``hlc_max_drift_ms``
     ``hlc``: how far ahead of the local wall clock a remote reading may be and still be trusted.
@@ -222,6 +222,7 @@ def _multicast_discovery(ctx: PluginContext) -> Any:
         interval=float_option(ctx, "multicast_interval", multicast.DEFAULT_INTERVAL),
         seeds=ctx.peers,
         secrets=SharedSecrets.from_file(secret_file) if secret_file else None,
+        max_unknown=int_option(ctx, "multicast_max_unknown", multicast.DEFAULT_MAX_UNKNOWN, low=0),
     )
 
 

@@ -68,6 +68,8 @@ class SharedSecrets:
                 raise ConfigurationError(f"{source}: a secret must be at least {MIN_SECRET_BYTES} bytes")
         self.secrets = tuple(secrets)
         self.source = source
+        #: Set by :meth:`from_file` when group or others may read the file (worth a warning).
+        self.readable_by_others = False
 
     @property
     def primary(self) -> bytes:
@@ -85,15 +87,12 @@ class SharedSecrets:
                 lines = f.read().splitlines()
         except OSError as exc:
             raise ConfigurationError(f"{source}: cannot read it: {exc.strerror or exc}") from None
-        return cls([line.strip() for line in lines if line.strip()], source)
-
-    @staticmethod
-    def readable_by_others(path: str) -> bool:
-        """Whether group or others may read ``path`` (worth a warning)."""
+        found = cls([line.strip() for line in lines if line.strip()], source)
         try:
-            return bool(os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH))
+            found.readable_by_others = bool(os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH))
         except OSError:
-            return False
+            pass
+        return found
 
     def matching(self, mac: bytes, message: bytes) -> bytes | None:
         """The accepted secret under which ``mac`` is the HMAC of ``message``, or ``None``."""

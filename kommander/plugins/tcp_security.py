@@ -56,6 +56,8 @@ class PeerSecurity:
         """Say at start-up how peers are authenticated; warn when they are not."""
         if self.enabled:
             log.info("node {node}: peers authenticate with {modes}", node=node_id, modes=self.describe())
+            if self.secrets is not None and self.secrets.readable_by_others:
+                log.warn("{source} is readable by group or others: chmod 600 it", source=self.secrets.source)
         elif self.insecure:
             log.info("node {node}: peer traffic is unauthenticated (--insecure)", node=node_id)
         else:
