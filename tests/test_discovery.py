@@ -369,3 +369,29 @@ def test_multicast_nodes_find_each_other_over_loopback() -> None:
     assert sum(result["ignored"]["n0"].values()) == result["garbage_sent"]
     assert result["ignored"]["n0"]["other-cluster"] == 1
     assert all(count == 2 for count in result["changes"].values())
+
+
+# ----------------------------------------------------------------------------- hostile announcements
+
+
+@pytest.mark.parametrize("endpoint", ["unix:/tmp/kommander.sock", "ssl:host=10.0.0.9:port=7001", "tcp:host=x y:port=1"])
+def test_an_announcement_never_supplies_a_scheme_or_odd_endpoint(endpoint: str) -> None:
+    """A datagram naming a unix:, ssl: or malformed endpoint never reaches the view: discovery
+    hands out only tcp:host=H:port=P descriptions it builds itself."""
+    d = _discovery(task.Clock())
+    try:
+        datagram = encode_announcement("c1", "n2", endpoint, {})
+    except MalformedAnnouncement:
+        # Our encoder refuses it; a hostile sender would not use our encoder.
+        body = {"cluster": "c1", "node": "n2", "host": endpoint, "port": 7001, "metadata": {}}
+        datagram = MAGIC + bytes([VERSION]) + cbor2.dumps(body, canonical=True)
+    d.datagram_received(datagram, None)
+    assert set(d.nodes()) == {"n1"}
+
+
+def test_a_flood_of_made_up_node_ids_is_capped() -> None:
+    """Thousands of announcements with distinct ids grow the view by a bounded number only."""
+    d = _discovery(task.Clock())
+    for i in range(1000):
+        d.datagram_received(encode_announcement("c1", f"x{i}", f"tcp:host=127.0.0.1:port={1000 + i}", {}), None)
+    assert len(d.nodes()) <= 1 + 64
