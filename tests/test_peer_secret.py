@@ -239,3 +239,26 @@ def test_loopback_rotation_mixed_secrets_connect():
         yield wait_until(reactor, lambda: len(nodes["n1"][1].messages) == 1)
     finally:
         yield stop_cluster(nodes)
+
+
+@pytest_twisted.inlineCallbacks
+def test_loopback_tls_and_secret_together(tmp_path):
+    """Both modes at once: the challenge-response and frame MACs run inside TLS, and messages flow."""
+    from twisted.internet import reactor
+
+    from test_peer_tls import credentials
+    from tls_helper import make_ca
+
+    ca = make_ca()
+    nodes = {
+        n: transport(reactor, n, PeerSecurity(tls=credentials(tmp_path, ca, n), secrets=OLD)) for n in ("n1", "n2")
+    }
+    try:
+        yield start(reactor, nodes)
+        yield wait_until(reactor, lambda: nodes["n1"][0].is_connected("n2") and nodes["n2"][0].is_connected("n1"))
+        nodes["n1"][0].send("n2", [(3, Heartbeat(5, "n1", "n2", 0))])
+        yield wait_until(reactor, lambda: len(nodes["n2"][1].messages) == 1)
+        conn = next(iter(nodes["n2"][0]._connections))
+        assert conn.session is not None and conn.session.authenticated and conn.transport.getPeerCertificate()
+    finally:
+        yield stop_cluster(nodes)

@@ -252,10 +252,7 @@ class TCPTransport:
             self.schedule_flush()
 
     def reload_credentials(self) -> None:
-        """Re-read the TLS files (SIGHUP): new connections use them, live ones keep theirs.
-
-        :raises ConfigurationError: the files are unusable; the ones in use stay.
-        """
+        """Re-read the TLS files (SIGHUP) for new connections; :raises ConfigurationError: unusable."""
         self.security.reload()
 
     def is_connected(self, peer: str) -> bool:

@@ -4,8 +4,14 @@
 then one CBOR item). :class:`PeerConnection` runs the handshake and checks every message before
 the owning transport sees it; the transport decides which connections to keep. The transport is
 known here only as a :class:`ConnectionOwner` (``kommander.plugins.tcp.TCPTransport`` is the one
-we ship), so imports point one way: ``tcp`` uses this module, never the reverse. Any violation closes the connection with a log line naming the peer address
-and the reason, and nothing reaches the receiver.
+we ship), so imports point one way: ``tcp`` uses this module, never the reverse. Any violation
+closes the connection with a log line naming the peer address and the reason, and nothing reaches
+the receiver.
+
+With a shared secret (the owner's ``security``), a :class:`~kommander.plugins.peer_secret.SecretSession`
+runs its challenge-response before the handshake, and every later frame is sealed on write and
+opened (its MAC checked) before anything decodes it. With TLS, the connection sits on Twisted's
+TLS transport, and the handshake's node id must be one its peer certificate names.
 """
 
 from __future__ import annotations
