@@ -79,7 +79,7 @@ def test_announcement_round_trip() -> None:
 
 
 def _body(**fields: object) -> dict:
-    body = {"cluster": "c", "node": "n", "endpoint": "e", "metadata": {}}
+    body = {"cluster": "c", "node": "n", "host": "127.0.0.1", "port": 1, "metadata": {}}
     body.update(fields)
     return body
 
@@ -96,7 +96,9 @@ def _body(**fields: object) -> dict:
         MAGIC + bytes([VERSION]) + cbor2.dumps(_body(extra="x"), canonical=True),
         MAGIC + bytes([VERSION]) + cbor2.dumps(_body(node=""), canonical=True),
         MAGIC + bytes([VERSION]) + cbor2.dumps(_body(node="bad id"), canonical=True),
-        MAGIC + bytes([VERSION]) + cbor2.dumps(_body(endpoint=b"bytes"), canonical=True),
+        MAGIC + bytes([VERSION]) + cbor2.dumps(_body(host=b"bytes"), canonical=True),
+        MAGIC + bytes([VERSION]) + cbor2.dumps(_body(host="unix:/tmp/x"), canonical=True),
+        MAGIC + bytes([VERSION]) + cbor2.dumps(_body(port=0), canonical=True),
         MAGIC + bytes([VERSION]) + cbor2.dumps(_body(metadata={"k": 1}), canonical=True),
         MAGIC + bytes([VERSION]) + cbor2.dumps(_body(metadata={str(i): "v" for i in range(17)}), canonical=True),
         MAGIC + bytes([VERSION]) + cbor2.dumps(_body(), canonical=True) + b"\x00",
@@ -156,10 +158,10 @@ def test_multicast_replaces_a_moved_endpoint_and_never_removes_nodes() -> None:
     """A node announcing a new endpoint replaces the old one; silence never removes a node."""
     clock = task.Clock()
     d = _discovery(clock)
-    d.datagram_received(encode_announcement("c1", "n2", "old", {}), None)
-    d.datagram_received(encode_announcement("c1", "n2", "new", {}), None)
+    d.datagram_received(encode_announcement("c1", "n2", "tcp:host=10.0.0.1:port=7001", {}), None)
+    d.datagram_received(encode_announcement("c1", "n2", "tcp:host=10.0.0.2:port=7001", {}), None)
     clock.advance(3600)
-    assert d.nodes()["n2"] == "new"
+    assert d.nodes()["n2"] == "tcp:host=10.0.0.2:port=7001"
 
 
 def test_multicast_ignores_other_clusters_garbage_and_own_id() -> None:
@@ -167,9 +169,9 @@ def test_multicast_ignores_other_clusters_garbage_and_own_id() -> None:
     d = _discovery(task.Clock())
     calls: list[object] = []
     d.subscribe(calls.append)
-    d.datagram_received(encode_announcement("other", "n3", "e", {}), None)
+    d.datagram_received(encode_announcement("other", "n3", "tcp:host=127.0.0.1:port=3", {}), None)
     d.datagram_received(b"\x00garbage", None)
-    d.datagram_received(encode_announcement("c1", "n1", "impostor", {}), None)
+    d.datagram_received(encode_announcement("c1", "n1", "tcp:host=10.9.9.9:port=1", {}), None)
     d.datagram_received(encode_announcement("c1", "n1", "tcp:host=127.0.0.1:port=1", {}), None)
     assert set(d.nodes()) == {"n1"}
     assert calls == []
@@ -206,9 +208,9 @@ def test_multicast_subscriber_failure_does_not_break_discovery() -> None:
 
     d.subscribe(broken)
     unsubscribe = d.subscribe(seen.append)
-    d.datagram_received(encode_announcement("c1", "n2", "e2", {}), None)
+    d.datagram_received(encode_announcement("c1", "n2", "tcp:host=127.0.0.1:port=2", {}), None)
     unsubscribe()
-    d.datagram_received(encode_announcement("c1", "n3", "e3", {}), None)
+    d.datagram_received(encode_announcement("c1", "n3", "tcp:host=127.0.0.1:port=3", {}), None)
     assert len(seen) == 1
     assert set(d.nodes()) == {"n1", "n2", "n3"}
 
@@ -308,8 +310,8 @@ def test_multicast_answers_a_newcomer_at_once() -> None:
     d = _discovery(reactor)
     d.start()
     before = len(port.written)
-    d.datagram_received(encode_announcement("c1", "n2", "e2", {}), None)
-    d.datagram_received(encode_announcement("c1", "n2", "e2", {}), None)
+    d.datagram_received(encode_announcement("c1", "n2", "tcp:host=127.0.0.1:port=2", {}), None)
+    d.datagram_received(encode_announcement("c1", "n2", "tcp:host=127.0.0.1:port=2", {}), None)
     assert len(port.written) == before + 1
 
 
@@ -367,3 +369,29 @@ def test_multicast_nodes_find_each_other_over_loopback() -> None:
     assert sum(result["ignored"]["n0"].values()) == result["garbage_sent"]
     assert result["ignored"]["n0"]["other-cluster"] == 1
     assert all(count == 2 for count in result["changes"].values())
+
+
+# ----------------------------------------------------------------------------- hostile announcements
+
+
+@pytest.mark.parametrize("endpoint", ["unix:/tmp/kommander.sock", "ssl:host=10.0.0.9:port=7001", "tcp:host=x y:port=1"])
+def test_an_announcement_never_supplies_a_scheme_or_odd_endpoint(endpoint: str) -> None:
+    """A datagram naming a unix:, ssl: or malformed endpoint never reaches the view: discovery
+    hands out only tcp:host=H:port=P descriptions it builds itself."""
+    d = _discovery(task.Clock())
+    try:
+        datagram = encode_announcement("c1", "n2", endpoint, {})
+    except MalformedAnnouncement:
+        # Our encoder refuses it; a hostile sender would not use our encoder.
+        body = {"cluster": "c1", "node": "n2", "host": endpoint, "port": 7001, "metadata": {}}
+        datagram = MAGIC + bytes([VERSION]) + cbor2.dumps(body, canonical=True)
+    d.datagram_received(datagram, None)
+    assert set(d.nodes()) == {"n1"}
+
+
+def test_a_flood_of_made_up_node_ids_is_capped() -> None:
+    """Thousands of announcements with distinct ids grow the view by a bounded number only."""
+    d = _discovery(task.Clock())
+    for i in range(1000):
+        d.datagram_received(encode_announcement("c1", f"x{i}", f"tcp:host=127.0.0.1:port={1000 + i}", {}), None)
+    assert len(d.nodes()) <= 1 + 64

@@ -227,8 +227,17 @@ class Options(usage.Options):
         ["checkpoint-every", None, None, "Snapshot and compact each partition every N applied entries; 0: never [default: 50000]."],
         ["log-format", None, None, "text or json (one JSON event per line on standard output) [default: text]."],
         ["log-level", None, None, "Lowest level logged: debug, info, warn, error or critical [default: info]."],
+        ["tls-ca", None, None, "PEM file of the cluster CA: peers must present a certificate it signed (mutual TLS)."],
+        ["tls-cert", None, None, "PEM certificate of this node, naming its id (with --tls-ca and --tls-key)."],
+        ["tls-key", None, None, "PEM private key of --tls-cert. The three files are re-read on SIGHUP."],
+        ["secret-file", None, None, "File of the cluster's shared secret (two lines during a rotation): peers "
+         "authenticate with HMAC; integrity only, no encryption."],
         ["expect", None, None, "Cluster size, this node included: wait until discovery finds that many nodes "
          "before starting (required with --discovery multicast unless --peers lists the others)."],
+    ]
+
+    optFlags = [
+        ["insecure", None, "Peer traffic is unauthenticated on purpose (no --tls-* nor --secret-file)."],
     ]
 
     def __init__(self) -> None:
@@ -273,6 +282,7 @@ class Options(usage.Options):
         if self["durability"] not in ("sync", "nosync"):
             raise usage.UsageError(f"--durability {self['durability']!r}: use sync or nosync")
         self.plugin_options["durability"] = self["durability"]
+        self._peer_security_options()
         advertise = advertised_peer_endpoint(self["listen"])
         if advertise is not None:
             self.plugin_options.setdefault("advertise", advertise)
@@ -314,6 +324,10 @@ class Options(usage.Options):
                 text = ",".join(f"{k}={_text(where, v)}" for k, v in value.items())
                 if self["peers"] is None:
                     self["peers"] = text
+            elif key == "insecure":
+                if not isinstance(value, bool):
+                    raise usage.UsageError(f"{where}: use true or false")
+                self["insecure"] = self["insecure"] or value
             elif key in known:
                 text = _text(where, value)
                 if self[key] is None:
@@ -321,6 +335,20 @@ class Options(usage.Options):
             else:
                 raise usage.UsageError(f"{where} is not an option; use long option names such as node-id")
         return plugin_options
+
+    def _peer_security_options(self) -> None:
+        files = {name: self[name] for name in ("tls-ca", "tls-cert", "tls-key", "secret-file")}
+        given = [name for name in ("tls-ca", "tls-cert", "tls-key") if files[name]]
+        if given and len(given) != 3:
+            raise usage.UsageError("mutual TLS needs all of --tls-ca, --tls-cert and --tls-key")
+        if self["insecure"] and any(files.values()):
+            raise usage.UsageError("--insecure contradicts --tls-*/--secret-file: choose one")
+        for name, path in files.items():
+            if path:
+                # Absolute: twistd may change directory before the transport reads the files.
+                self.plugin_options[name.replace("-", "_")] = os.path.abspath(path)
+        if self["insecure"]:
+            self.plugin_options["insecure"] = "1"
 
     def _int(self, name: str, low: int, high: int) -> int:
         raw = str(self[name]).strip()
@@ -495,5 +523,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         # Added first: a taken HTTP port fails twistd at start-up, before the node joins Raft.
         http.setServiceParent(top)
     RaftService(manager, reactor).setServiceParent(top)
+    if getattr(getattr(built["transport"], "security", None), "tls", None) is not None:
+        from kommander.entry.reload import CredentialReloader
+
+        CredentialReloader(built["transport"], reactor).setServiceParent(top)
     top.manager = manager  # type: ignore[attr-defined]  # for tests and embedding
     return top

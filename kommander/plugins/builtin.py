@@ -13,12 +13,19 @@ Options read from :attr:`PluginContext.options <kommander.hookspecs.PluginContex
 ``max_frame_bytes``
     ``tcp``: the largest frame accepted; default twice ``config.max_batch_bytes`` plus 1 MiB, at
     least 16 MiB, so a full AppendEntries batch or snapshot chunk always fits.
+``tls_ca``, ``tls_cert``, ``tls_key``
+    ``tcp``: mutual TLS with these PEM files (all three or none; see ``docs/security.rst``).
+``secret_file``
+    ``tcp``: shared-secret authentication with the secrets in this file (one or two lines);
+    ``multicast``: announcements signed with it. Required by ``multicast`` when TLS is on.
+``insecure``
+    ``1``: peer traffic is unauthenticated on purpose; logged quietly instead of warned about.
 ``memory_network``
     ``memory`` transport: name of the in-process network to join (default ``default``); nodes on
     the same reactor and network name reach each other.
 ``durability``
     ``bdb``: ``sync`` (default) or ``nosync``.
-``multicast_group``, ``multicast_port``, ``multicast_interface``, ``multicast_ttl``, ``multicast_interval``
+``multicast_group``, ``multicast_port``, ``multicast_interface``, ``multicast_ttl``, ``multicast_interval``, ``multicast_max_unknown``
     ``multicast`` discovery settings; see :class:`~kommander.plugins.multicast.MulticastDiscovery`.
 ``hlc_max_drift_ms``
     ``hlc``: how far ahead of the local wall clock a remote reading may be and still be trusted.
@@ -108,9 +115,35 @@ def _memory_transport(ctx: PluginContext) -> Any:
     return MemoryTransport(network, ctx.config.node_id)
 
 
+def peer_security(ctx: PluginContext) -> Any:
+    """The :class:`~kommander.plugins.tcp_security.PeerSecurity` the options ask for.
+
+    :raises ConfigurationError: only some of the TLS files are given, or a file is unusable.
+    """
+    from kommander.plugins.peer_secret import SharedSecrets
+    from kommander.plugins.peer_tls import TLSCredentials
+    from kommander.plugins.tcp_security import PeerSecurity
+
+    files = [ctx.options.get(key) for key in ("tls_ca", "tls_cert", "tls_key")]
+    if any(files) and not all(files):
+        raise ConfigurationError("mutual TLS needs all of --tls-ca, --tls-cert and --tls-key")
+    tls = TLSCredentials(*files, ctx.config.node_id, ctx.config.cluster_id) if all(files) else None  # type: ignore[arg-type]
+    secret_file = ctx.options.get("secret_file")
+    secrets = SharedSecrets.from_file(secret_file) if secret_file else None
+    return PeerSecurity(tls, secrets, insecure=ctx.options.get("insecure") == "1")
+
+
 def _tcp_transport(ctx: PluginContext) -> Any:
     from kommander.plugins.tcp import TCPTransport
 
+    security = peer_security(ctx)
+    if security.tls is not None:
+        for what, description in (("listen", listen_endpoint(ctx)), *(("peer " + n, e) for n, e in ctx.peers.items())):
+            if not description.lower().startswith(("tcp:", "tcp6:")):
+                raise ConfigurationError(
+                    f"with mutual TLS the {what} endpoint {description!r} must be a tcp: endpoint; "
+                    "the transport adds TLS itself"
+                )
     default = max(16 * _MIB, 2 * ctx.config.max_batch_bytes + _MIB)
     return TCPTransport(
         ctx.reactor,
@@ -118,6 +151,7 @@ def _tcp_transport(ctx: PluginContext) -> Any:
         ctx.config.cluster_id,
         listen_endpoint(ctx),
         max_frame_bytes=int_option(ctx, "max_frame_bytes", default, low=64 * 1024),
+        security=security,
     )
 
 
@@ -167,7 +201,14 @@ def _static_discovery(ctx: PluginContext) -> Any:
 
 def _multicast_discovery(ctx: PluginContext) -> Any:
     from kommander.plugins import multicast
+    from kommander.plugins.peer_secret import SharedSecrets
 
+    secret_file = ctx.options.get("secret_file")
+    if ctx.options.get("tls_ca") and not secret_file:
+        raise ConfigurationError(
+            "multicast discovery with mutual TLS needs --secret-file: announcements are authenticated "
+            "with the cluster secret, and unauthenticated ones could point peers anywhere"
+        )
     return multicast.MulticastDiscovery(
         ctx.reactor,
         ctx.config.node_id,
@@ -180,6 +221,8 @@ def _multicast_discovery(ctx: PluginContext) -> Any:
         ttl=int_option(ctx, "multicast_ttl", 1, low=0, high=255),
         interval=float_option(ctx, "multicast_interval", multicast.DEFAULT_INTERVAL),
         seeds=ctx.peers,
+        secrets=SharedSecrets.from_file(secret_file) if secret_file else None,
+        max_unknown=int_option(ctx, "multicast_max_unknown", multicast.DEFAULT_MAX_UNKNOWN, low=0),
     )
 
 

@@ -2,8 +2,20 @@
 
 Every node periodically sends one datagram to a multicast group::
 
-    b"KMDR" | version (1 byte) | CBOR map {"cluster": str, "node": str, "endpoint": str,
-                                           "metadata": {str: str}}
+    b"KMDR" | version (1 byte) | CBOR map {"cluster": str, "node": str, "host": str, "port": int,
+                                           "metadata": {str: str}}  [| HMAC-SHA256 tag]
+
+Version 2 is unsigned; version 3 (sent and required when the node has a cluster secret,
+``--secret-file``) ends with ``HMAC-SHA256(key, everything before the tag)``, the key derived from
+the secret (:func:`~kommander.plugins.peer_secret.announcement_key`); during a rotation either
+secret's key is accepted. A node with a secret ignores unsigned announcements, and one without
+ignores signed ones.
+
+Discovery supplies only a host (an IP address or a DNS name) and a port: the endpoint description
+``tcp:host=H:port=P`` is built here, so an announcement can never choose the scheme (it cannot
+downgrade TLS, which the transport adds, nor point a peer at a ``unix:`` socket). At most
+``max_unknown`` node ids beyond the seeds enter the view; more are ignored, and every kind of
+ignored datagram, and nodes moving, are logged at most once per :data:`LOG_INTERVAL`.
 
 The CBOR part must be in canonical form (RFC 8949 section 4.2.1, as ``cbor2.dumps(...,
 canonical=True)`` writes it) with exactly those keys: a datagram is accepted only if re-encoding
@@ -19,14 +31,18 @@ leader. A silent node is Raft's business: it keeps being contacted and catches u
 A node that announces a new endpoint for its id (a restart on another port) replaces its old
 endpoint. :meth:`MulticastDiscovery.last_seen` tells operators which nodes have gone quiet.
 
-There is no authentication: use it on trusted networks, and keep ``ttl`` at 1 (one subnet) or 0
-(this host). The socket is bound to the group address, and the group is joined and sent to on the
+Without a secret there is no authentication: use it on trusted networks only, and keep ``ttl``
+at 1 (one subnet) or 0 (this host). Signed announcements can still be replayed, but only to repeat
+an address a node once announced, and connections there must still authenticate. The socket is bound to the group address, and the group is joined and sent to on the
 pinned ``interface`` only (``127.0.0.1`` by default, so nothing leaves the host unless you choose
 an interface). Binding to the group address works on Linux and the BSDs, not on Windows.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -41,9 +57,14 @@ from zope.interface import implementer
 
 from kommander.core.errors import ConfigurationError
 from kommander.interfaces import IDiscovery
+from kommander.plugins.peer_secret import MAC_BYTES, SharedSecrets, announcement_key
+from kommander.runtime.ratelimit import RateLimitedLog
 
 MAGIC = b"KMDR"
-VERSION = 1
+VERSION = 2
+SIGNED_VERSION = 3
+#: Node ids beyond the seeds that may enter the view (a flood of made-up ids cannot grow it).
+DEFAULT_MAX_UNKNOWN = 64
 DEFAULT_GROUP = "239.255.42.99"
 #: Unassigned by IANA and below Linux's ephemeral range, so it does not collide with client sockets.
 DEFAULT_PORT = 24816
@@ -60,11 +81,17 @@ LOG_INTERVAL = 10.0
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _HEADER = MAGIC + bytes([VERSION])
-_KEYS = frozenset({"cluster", "node", "endpoint", "metadata"})
+_SIGNED_HEADER = MAGIC + bytes([SIGNED_VERSION])
+_KEYS = frozenset({"cluster", "node", "host", "port", "metadata"})
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
 
 class MalformedAnnouncement(ValueError):
     """A datagram is not a well-formed announcement; the message says why."""
+
+
+class UnauthenticatedAnnouncement(MalformedAnnouncement):
+    """An announcement without the signature this node requires, or with a wrong one."""
 
 
 def _check_text(what: str, value: Any, high: int) -> str:
@@ -73,11 +100,43 @@ def _check_text(what: str, value: Any, high: int) -> str:
     return value
 
 
-def _check_fields(cluster: Any, node: Any, endpoint: Any, metadata: Any) -> None:
+def _check_host(host: Any) -> str:
+    if type(host) is not str:
+        raise MalformedAnnouncement("host must be a string")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _DNS_NAME.match(host):
+            raise MalformedAnnouncement("host must be an IP address or a DNS name") from None
+    return host
+
+
+def endpoint_for(host: str, port: int) -> str:
+    """The client endpoint description discovery hands out for ``host`` and ``port``."""
+    return f"tcp:host={host.replace(':', chr(92) + ':')}:port={port}"
+
+
+def host_and_port(endpoint: str) -> tuple[str, int]:
+    """``(host, port)`` of a ``tcp:host=H:port=P`` description, the only kind announced.
+
+    :raises MalformedAnnouncement: any other description.
+    """
+    fields = re.split(r"(?<!\\):", endpoint)
+    if len(fields) != 3 or fields[0] != "tcp" or not fields[1].startswith("host=") or not fields[2].startswith("port="):
+        raise MalformedAnnouncement(f"announce a tcp:host=H:port=P endpoint, not {endpoint!r}")
+    host, port = fields[1][5:].replace("\\:", ":"), fields[2][5:]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise MalformedAnnouncement(f"bad port in {endpoint!r}")
+    return _check_host(host), int(port)
+
+
+def _check_fields(cluster: Any, node: Any, host: Any, port: Any, metadata: Any) -> None:
     _check_text("cluster", cluster, 128)
     if type(node) is not str or not _NODE_ID.match(node):
         raise MalformedAnnouncement("node must be a valid node id")
-    _check_text("endpoint", endpoint, MAX_ENDPOINT_CHARS)
+    _check_host(host)
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise MalformedAnnouncement("port must be an integer 1-65535")
     if type(metadata) is not dict or len(metadata) > MAX_METADATA_ITEMS:
         raise MalformedAnnouncement(f"metadata must be a map of at most {MAX_METADATA_ITEMS} items")
     for key, value in metadata.items():
@@ -86,27 +145,46 @@ def _check_fields(cluster: Any, node: Any, endpoint: Any, metadata: Any) -> None
             raise MalformedAnnouncement(f"metadata value must be a string of at most {MAX_METADATA_CHARS} characters")
 
 
-def encode_announcement(cluster: str, node: str, endpoint: str, metadata: Mapping[str, str]) -> bytes:
-    """The datagram announcing ``node`` of ``cluster`` at ``endpoint``.
+def encode_announcement(
+    cluster: str, node: str, endpoint: str, metadata: Mapping[str, str], key: bytes | None = None
+) -> bytes:
+    """The datagram announcing ``node`` of ``cluster`` at ``endpoint`` (``tcp:host=H:port=P``).
 
+    :param key: sign with this :func:`~kommander.plugins.peer_secret.announcement_key`.
     :raises MalformedAnnouncement: a field breaks the limits peers enforce.
     """
     metadata = dict(metadata)
-    _check_fields(cluster, node, endpoint, metadata)
-    body = {"cluster": cluster, "node": node, "endpoint": endpoint, "metadata": metadata}
-    return _HEADER + cbor2.dumps(body, canonical=True)
+    host, port = host_and_port(endpoint)
+    _check_fields(cluster, node, host, port, metadata)
+    body = {"cluster": cluster, "node": node, "host": host, "port": port, "metadata": metadata}
+    if key is None:
+        return _HEADER + cbor2.dumps(body, canonical=True)
+    signed = _SIGNED_HEADER + cbor2.dumps(body, canonical=True)
+    return signed + hmac.new(key, signed, hashlib.sha256).digest()
 
 
-def decode_announcement(data: bytes) -> tuple[str, str, str, dict[str, str]]:
-    """Parse a datagram into ``(cluster, node, endpoint, metadata)``.
+def decode_announcement(data: bytes, keys: tuple[bytes, ...] = ()) -> tuple[str, str, str, dict[str, str]]:
+    """Parse a datagram into ``(cluster, node, endpoint, metadata)``; the endpoint is built here.
 
-    :raises MalformedAnnouncement: for anything but a well-formed announcement of this version.
+    :param keys: when given, only announcements signed with one of them are accepted; when
+        empty, only unsigned ones.
+    :raises MalformedAnnouncement: for anything but a well-formed announcement as required.
     """
     if len(data) > MAX_DATAGRAM_BYTES:
         raise MalformedAnnouncement(f"{len(data)} bytes, more than {MAX_DATAGRAM_BYTES}")
     if not data.startswith(MAGIC):
         raise MalformedAnnouncement("bad magic")
-    if data[: len(_HEADER)] != _HEADER:
+    header = data[: len(_HEADER)]
+    if keys and header == _SIGNED_HEADER:
+        data, tag = data[:-MAC_BYTES], data[-MAC_BYTES:]
+        expected = [hmac.new(key, data, hashlib.sha256).digest() for key in keys]
+        if len(tag) != MAC_BYTES or not any([hmac.compare_digest(e, tag) for e in expected]):
+            raise UnauthenticatedAnnouncement("signature does not verify (wrong secret?)")
+    elif header == _SIGNED_HEADER:
+        raise UnauthenticatedAnnouncement("signed announcement, and this node has no secret to check it")
+    elif keys and header == _HEADER:
+        raise UnauthenticatedAnnouncement("unsigned announcement refused: this node requires the cluster secret")
+    elif header != _HEADER:
         raise MalformedAnnouncement(f"unsupported version {data[len(MAGIC):len(MAGIC) + 1]!r}")
     payload = data[len(_HEADER) :]
     try:
@@ -115,10 +193,10 @@ def decode_announcement(data: bytes) -> tuple[str, str, str, dict[str, str]]:
         raise MalformedAnnouncement(f"not CBOR: {exc}") from None
     if type(body) is not dict or set(body) != _KEYS:
         raise MalformedAnnouncement(f"expected a map with keys {sorted(_KEYS)}")
-    _check_fields(body["cluster"], body["node"], body["endpoint"], body["metadata"])
+    _check_fields(body["cluster"], body["node"], body["host"], body["port"], body["metadata"])
     if cbor2.dumps(body, canonical=True) != payload:
         raise MalformedAnnouncement("not canonical CBOR (duplicate keys, tags or trailing bytes)")
-    return body["cluster"], body["node"], body["endpoint"], body["metadata"]
+    return body["cluster"], body["node"], endpoint_for(body["host"], body["port"]), body["metadata"]
 
 
 class _AnnouncementProtocol(DatagramProtocol):
@@ -144,6 +222,8 @@ class MulticastDiscovery:
     :param ttl: multicast TTL: 0 keeps datagrams on this host, 1 on this subnet.
     :param interval: seconds between announcements.
     :param seeds: nodes known in advance (node id -> endpoint), in the view from the start.
+    :param secrets: the cluster secret(s): announcements are signed, and unsigned ones refused.
+    :param max_unknown: node ids beyond the seeds that may enter the view.
     :raises ConfigurationError: a setting is out of range or the announcement would be refused.
     """
 
@@ -163,6 +243,8 @@ class MulticastDiscovery:
         ttl: int = 1,
         interval: float = DEFAULT_INTERVAL,
         seeds: Mapping[str, str] | None = None,
+        secrets: SharedSecrets | None = None,
+        max_unknown: int = DEFAULT_MAX_UNKNOWN,
     ) -> None:
         if not 1 <= port <= 65535:
             raise ConfigurationError(f"multicast port {port}: use 1-65535")
@@ -170,8 +252,11 @@ class MulticastDiscovery:
             raise ConfigurationError(f"multicast ttl {ttl}: use 0-255 (0: this host, 1: this subnet)")
         if not interval > 0:
             raise ConfigurationError(f"multicast interval {interval}: use a positive number of seconds")
+        self._keys = tuple(announcement_key(s) for s in secrets.secrets) if secrets is not None else ()
         try:
-            self._announcement = encode_announcement(cluster_id, node_id, endpoint, metadata or {})
+            self._announcement = encode_announcement(
+                cluster_id, node_id, endpoint, metadata or {}, key=self._keys[0] if self._keys else None
+            )
         except MalformedAnnouncement as exc:
             raise ConfigurationError(f"multicast discovery cannot announce this node: {exc}") from None
         if len(self._announcement) > MAX_DATAGRAM_BYTES:
@@ -198,6 +283,9 @@ class MulticastDiscovery:
         #: Ignored datagrams by reason, for tests and metrics.
         self.ignored: Counter[str] = Counter()
         self._logged_at: dict[str, float] = {}
+        self._seeds = frozenset(self._view)
+        self.max_unknown = max_unknown
+        self._log_moved = RateLimitedLog(lambda *a, **k: self._log.info(*a, **k), reactor.seconds, LOG_INTERVAL)
 
     # ------------------------------------------------------------------ IDiscovery
 
@@ -291,7 +379,10 @@ class MulticastDiscovery:
     def datagram_received(self, datagram: bytes, addr: Any) -> None:
         """Handle one datagram from the group. Never raises for bad input."""
         try:
-            cluster, node, endpoint, metadata = decode_announcement(datagram)
+            cluster, node, endpoint, metadata = decode_announcement(datagram, self._keys)
+        except UnauthenticatedAnnouncement as exc:
+            self._ignore("unauthenticated", "ignored an announcement from {addr}: {why}", addr=addr, why=exc)
+            return
         except MalformedAnnouncement as exc:
             self._ignore("malformed", "ignored a malformed discovery datagram from {addr}: {why}", addr=addr, why=exc)
             return
@@ -312,9 +403,18 @@ class MulticastDiscovery:
                     endpoint=endpoint,
                 )
             return
+        previous = self._view.get(node)
+        if previous is None and len(self._view) - len(self._seeds) >= self.max_unknown:
+            self._ignore(
+                "too-many-nodes",
+                "ignored node {node!r} from {addr}: already {limit} nodes beyond the seeds",
+                node=node,
+                addr=addr,
+                limit=self.max_unknown,
+            )
+            return
         self._last_seen[node] = self._reactor.seconds()
         self._metadata[node] = MappingProxyType(metadata)
-        previous = self._view.get(node)
         if previous == endpoint:
             return
         if previous is None:
@@ -322,7 +422,12 @@ class MulticastDiscovery:
             # Answer a newcomer at once instead of making it wait up to one interval for us.
             self.announce()
         else:
-            self._log.info("node {node} moved from {old} to {new}", node=node, old=previous, new=endpoint)
+            self._log_moved(
+                "node {node} moved from {old} to {new} ({suppressed} such lines held back)",
+                node=node,
+                old=previous,
+                new=endpoint,
+            )
         self._view[node] = endpoint
         self._notify()
 

@@ -6,9 +6,10 @@ code changes. ``docs/wire.rst`` states the connection policy this module impleme
 
 * Of two nodes that know each other, the one with the lower node id dials and the other waits,
   so a pair normally has exactly one connection. Should two exist, one is kept deterministically.
-* Each side sends its handshake first; peers of another cluster, claiming our id, unknown to us,
-  speaking another version or misbehaving in any way are logged (with their address and the
-  reason) and disconnected, and never reach the receiver.
+* Each side sends its handshake first (after the shared-secret challenge-response, if any);
+  peers of another cluster, claiming our id or an id their certificate or secret does not prove,
+  unknown to us, speaking another version or misbehaving in any way are logged (with their
+  address and the reason) and disconnected, and never reach the receiver (:mod:`.tcp_security`).
 * A lost or failed dial is retried after a capped, jittered exponential backoff.
 * Each peer has its own bounded queue of encoded frames: a slow or dead peer stalls nobody else,
   and beyond the bound messages are dropped and counted (Raft retransmits). A message over
@@ -31,6 +32,7 @@ from kommander.core.errors import ConfigurationError, ProtocolError
 from kommander.interfaces import ITransport
 from kommander.plugins.tcp_peers import PeerRecord, backoff_delay, encode_frames, handshake_refusal
 from kommander.plugins.tcp_protocol import PeerConnection, PeerFactory, describe_address
+from kommander.plugins.tcp_security import PeerSecurity
 from kommander.runtime.ratelimit import RateLimitedLog
 from kommander.wire.codec import PROTOCOL_VERSION, Handshake, encode_handshake
 
@@ -78,6 +80,7 @@ class TCPTransport:
         its far end gone without a FIN); otherwise the duplicate is refused.
     :param close_timeout: on :meth:`stop`, connections not closed cleanly by then are aborted.
     :param incarnation: fixed incarnation number (tests); random per :meth:`start` by default.
+    :param security: how peers authenticate (:class:`PeerSecurity`); none by default.
     :raises ConfigurationError: a limit or delay is not positive.
     """
 
@@ -100,17 +103,12 @@ class TCPTransport:
         stale_after: float = 5.0,
         close_timeout: float = 2.0,
         incarnation: int | None = None,
+        security: PeerSecurity | None = None,
     ) -> None:
-        for name, value in (
-            ("max_frame_bytes", max_frame_bytes),
-            ("max_queue_bytes", max_queue_bytes),
-            ("backoff_initial", backoff_initial),
-            ("backoff_max", backoff_max),
-            ("connect_timeout", connect_timeout),
-            ("handshake_timeout", handshake_timeout),
-            ("stale_after", stale_after),
-            ("close_timeout", close_timeout),
-        ):
+        limits = dict(max_frame_bytes=max_frame_bytes, max_queue_bytes=max_queue_bytes, stale_after=stale_after)
+        limits.update(backoff_initial=backoff_initial, backoff_max=backoff_max, close_timeout=close_timeout)
+        limits.update(connect_timeout=connect_timeout, handshake_timeout=handshake_timeout)
+        for name, value in limits.items():
             if not value > 0:
                 raise ConfigurationError(f"TCPTransport {name}={value!r}: use a positive number")
         if backoff_max < backoff_initial:
@@ -129,6 +127,7 @@ class TCPTransport:
         self.close_timeout = close_timeout
         self.rng = rng if rng is not None else random.Random()
         self.fixed_incarnation = incarnation
+        self.security = security if security is not None else PeerSecurity()
         self.incarnation = 0
         #: Counters for observability; see :data:`STAT_NAMES`.
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
@@ -165,7 +164,8 @@ class TCPTransport:
             return defer.fail(exc)
         self._receiver = receiver
         self._running = True
-        d = serverFromString(self.reactor, self.listen).listen(PeerFactory(self))
+        self.security.log_startup(self.log, self.node_id)
+        d = serverFromString(self.reactor, self.listen).listen(self.security.server_factory(PeerFactory(self)))
 
         def bound(port: IListeningPort) -> None:
             self.listening_port = port
@@ -250,6 +250,10 @@ class TCPTransport:
         self.stats["dropped"] += record.offer(bodies, limit)
         if record.connection is not None:
             self.schedule_flush()
+
+    def reload_credentials(self) -> None:
+        """Re-read the TLS files (SIGHUP) for new connections; :raises ConfigurationError: unusable."""
+        self.security.reload()
 
     def is_connected(self, peer: str) -> bool:
         """Whether a verified connection to ``peer`` is up."""
@@ -429,7 +433,7 @@ class TCPTransport:
 
     def _dial(self, peer: PeerRecord) -> None:
         try:
-            endpoint = clientFromString(self.reactor, peer.endpoint)
+            endpoint = self.security.client_endpoint(clientFromString(self.reactor, peer.endpoint))
         except Exception as exc:  # any parse error of a configured string: log it, keep retrying
             self.log.error(
                 "cannot dial node {peer}: bad endpoint {endpoint!r}: {error}",

@@ -156,6 +156,8 @@ def handshake_refusal(
     existing = peer.connection
     if existing is None or existing.handshake is None:
         return None
+    if existing.authenticated and not conn.authenticated:
+        return f"an unauthenticated connection may not replace node {node!r}'s authenticated one"
     if existing.handshake.incarnation != handshake.incarnation:
         return None  # the peer restarted: the new connection replaces the stale one
     if existing.outgoing != conn.outgoing:

@@ -4,8 +4,14 @@
 then one CBOR item). :class:`PeerConnection` runs the handshake and checks every message before
 the owning transport sees it; the transport decides which connections to keep. The transport is
 known here only as a :class:`ConnectionOwner` (``kommander.plugins.tcp.TCPTransport`` is the one
-we ship), so imports point one way: ``tcp`` uses this module, never the reverse. Any violation closes the connection with a log line naming the peer address
-and the reason, and nothing reaches the receiver.
+we ship), so imports point one way: ``tcp`` uses this module, never the reverse. Any violation
+closes the connection with a log line naming the peer address and the reason, and nothing reaches
+the receiver.
+
+With a shared secret (the owner's ``security``), a :class:`~kommander.plugins.peer_secret.SecretSession`
+runs its challenge-response before the handshake, and every later frame is sealed on write and
+opened (its MAC checked) before anything decodes it. With TLS, the connection sits on Twisted's
+TLS transport, and the handshake's node id must be one its peer certificate names.
 """
 
 from __future__ import annotations
@@ -17,13 +23,16 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from kommander.wire.codec import Handshake, decode_handshake, decode_message
 from kommander.core.errors import FrameTooLarge, ProtocolError
+from kommander.plugins.peer_secret import MAC_BYTES, MAX_AUTH_FRAME_BYTES, AuthenticationError
+from kommander.wire.codec import Handshake, decode_handshake, decode_message
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IDelayedCall
     from twisted.logger import Logger
     from twisted.python.failure import Failure
+
+    from kommander.plugins.peer_secret import SecretSession
 
 PREFIX_BYTES = 4
 #: Until a peer's handshake is accepted its frames may be at most this large: a handshake with
@@ -40,6 +49,10 @@ class ConnectionOwner(TypingProtocol):
 
     reactor: Any
     node_id: str
+    cluster_id: str
+    incarnation: int
+    #: A ``kommander.plugins.tcp_security.PeerSecurity`` (not imported: see the module docstring).
+    security: Any
     max_frame_bytes: int
     handshake_timeout: float
     #: Our encoded handshake, sent first on every connection.
@@ -189,6 +202,12 @@ class PeerConnection(FrameReceiver):
         self.closed = False
         #: Set by the transport when another connection to the same peer took this one's place.
         self.superseded = False
+        #: Whether the peer proved its identity (TLS certificate or shared secret); set before the
+        #: transport sees the handshake.
+        self.authenticated = False
+        #: The shared-secret session, when the node has a secret.
+        self.session: SecretSession | None = None
+        self._tls_record: Any = None
         self._handshake_timer: IDelayedCall | None = None
 
     @property
@@ -215,8 +234,15 @@ class PeerConnection(FrameReceiver):
             except OSError:  # not a TCP socket (e.g. a UNIX endpoint)
                 pass
         # Both sides speak first; neither waits for the other's handshake before sending its own.
-        body = self.owner.handshake_frame
-        self._write_batch([length_prefix(body), body], 1, len(body) + PREFIX_BYTES)
+        # With a secret, the challenge-response comes first and the handshake once it succeeded.
+        owner = self.owner
+        self._tls_record = owner.security.verify_record(self.transport)
+        self.session = owner.security.new_session(owner.cluster_id, owner.node_id, owner.incarnation, self.outgoing)
+        if self.session is not None:
+            self.MAX_LENGTH = MAX_AUTH_FRAME_BYTES
+            self._write_body(self.session.hello())
+        else:
+            self._write_body(owner.handshake_frame)
         self._handshake_timer = self.owner.reactor.callLater(
             self.owner.handshake_timeout, self.refuse, "no handshake in time"
         )
@@ -224,6 +250,16 @@ class PeerConnection(FrameReceiver):
     def frame_received(self, body: bytes) -> None:
         self.last_received = self.owner.reactor.seconds()
         self.owner.count_in(len(body) + PREFIX_BYTES)
+        session = self.session
+        if session is not None:
+            try:
+                if not session.authenticated:
+                    self._authenticate(session, body)
+                    return
+                body = session.open(body)  # before any decoding
+            except AuthenticationError as exc:
+                self.refuse(str(exc))
+                return
         if self.handshake is None:
             self._handshake_received(body)
             return
@@ -245,19 +281,34 @@ class PeerConnection(FrameReceiver):
                 # connection only. Anything else is the receiver's to handle, not the peer's fault.
                 self.refuse(str(exc))
 
+    def _authenticate(self, session: SecretSession, body: bytes) -> None:
+        if session.peer_id is None:
+            proof = session.receive_hello(body)
+            if self.outgoing and session.peer_id != self.expected:
+                raise AuthenticationError(f"dialed node {self.expected!r} but {session.peer_id!r} answered")
+            self._write_body(proof, seal=False)
+            return
+        session.receive_proof(body)
+        self.MAX_LENGTH = min(HANDSHAKE_MAX_BYTES, self.owner.max_frame_bytes) + MAC_BYTES
+        self._write_body(self.owner.handshake_frame)
+
     def _handshake_received(self, body: bytes) -> None:
         try:
             handshake = decode_handshake(body)
         except ProtocolError as exc:
             self.refuse(f"bad handshake: {exc}")
             return
-        reason = self.owner.check_handshake(self, handshake)
+        security = self.owner.security
+        reason = security.identity_refusal(self.transport, self.session, handshake, self.owner.cluster_id)
+        if reason is None:
+            self.authenticated = security.enabled
+            reason = self.owner.check_handshake(self, handshake)
         if reason is not None:
             self.refuse(reason)
             return
         self._cancel_handshake_timer()
         self.handshake = handshake
-        self.MAX_LENGTH = self.owner.max_frame_bytes
+        self.MAX_LENGTH = self.owner.max_frame_bytes + (MAC_BYTES if self.session is not None else 0)
         self.verified_at = self.owner.reactor.seconds()
         self.owner.connection_verified(self)
 
@@ -266,6 +317,10 @@ class PeerConnection(FrameReceiver):
         self.refuse(str(FrameTooLarge(f"frame of {length} bytes exceeds {limit} ({self.MAX_LENGTH} bytes)")))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self.closed and self.handshake is None:
+            why = self.owner.security.failure_text(self._tls_record, reason)
+            if why is not None:
+                self._log_refusal(why)  # the connection is gone already: nothing to close
         self.closed = True
         self.stop_receiving()
         self._cancel_handshake_timer()
@@ -287,6 +342,10 @@ class PeerConnection(FrameReceiver):
         """Log ``reason`` with the peer address, count a protocol error and abort the connection."""
         if self.closed:
             return
+        self._log_refusal(reason)
+        self.close(abort=True)
+
+    def _log_refusal(self, reason: str) -> None:
         self.owner.log.warn(
             "closing connection {direction} {address} (node {peer}): {reason}",
             direction="to" if self.outgoing else "from",
@@ -295,7 +354,6 @@ class PeerConnection(FrameReceiver):
             reason=reason,
         )
         self.owner.stats["protocol_errors"] += 1
-        self.close(abort=True)
 
     def close(self, abort: bool = False) -> None:
         """Close without logging: on stop, on replacement, or after :meth:`refuse` logged why."""
@@ -319,17 +377,26 @@ class PeerConnection(FrameReceiver):
         while queue and not self.paused and not self.closed:
             batch: list[bytes] = []
             size = 0
+            written = 0
             while queue and size < WRITE_CHUNK_BYTES:
                 body = queue.popleft()
+                size += len(body) + PREFIX_BYTES
+                if self.session is not None:
+                    body = self.session.seal(body)
                 batch.append(length_prefix(body))
                 batch.append(body)
-                size += len(body) + PREFIX_BYTES
+                written += len(body) + PREFIX_BYTES
             taken += size
             # One writeSequence per batch: the frames of one reactor turn leave together when
             # they fit in a batch, which is the common case. Twisted calls pauseProducing from
             # inside writeSequence once its buffer is full, which ends this loop.
-            self._write_batch(batch, len(batch) // 2, size)
+            self._write_batch(batch, len(batch) // 2, written)
         return taken
+
+    def _write_body(self, body: bytes, seal: bool = True) -> None:
+        if seal and self.session is not None and self.session.authenticated:
+            body = self.session.seal(body)
+        self._write_batch([length_prefix(body), body], 1, len(body) + PREFIX_BYTES)
 
     def _write_batch(self, pieces: list[bytes], frames: int, size: int) -> None:
         self.owner.count_out(frames, size)
