@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -112,6 +113,10 @@ def split_frames(body: bytes, max_frame_bytes: int) -> list[bytes]:
     return frames
 
 
+#: A request starts with a method token of at most 8 capital letters and a space.
+_METHOD_PREFIX = re.compile(rb"^[A-Z]{0,8}$|^[A-Z]{1,8} ")
+
+
 class _Discard:
     """Stands in for a refused request's content: bytes written to it are dropped."""
 
@@ -169,9 +174,24 @@ class PeerChannel(http.HTTPChannel):
     """An HTTP channel that logs the garbage it refuses (twisted.web answers 400 silently) and
     that the site can close on stop."""
 
+    #: The first bytes of a connection, until they prove to be an HTTP method and a space.
+    _head: bytes | None = b""
+
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channels[self] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._head is not None:
+            # Refuse garbage at once instead of buffering it while waiting for a line end.
+            self._head += data[: 9 - len(self._head)]
+            if not _METHOD_PREFIX.match(self._head):
+                self._head = None
+                self._respondToBadRequestAndDisconnect()
+                return
+            if b" " in self._head or len(self._head) >= 9:
+                self._head = None
+        super().dataReceived(data)
 
     def connectionLost(self, reason: Any) -> None:
         waiter = self.site.channels.pop(self, None)
