@@ -180,6 +180,13 @@ class PeerChannel(http.HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channels[self] = None
+        # Answers are small and latency-bound: do not let Nagle's algorithm hold them back.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:  # not a TCP socket
+                pass
 
     def dataReceived(self, data: bytes) -> None:
         if self._head is not None:
@@ -216,6 +223,9 @@ class PeerSite(server.Site):
         self.max_body_bytes = max_body_bytes
         #: Accepted connections -> the Deferred :meth:`close_channels` waits on (or ``None``).
         self.channels: dict[PeerChannel, defer.Deferred[None] | None] = {}
+
+    def log(self, request: Any) -> None:
+        """No access log: a busy node makes hundreds of peer requests a second."""
 
     def close_channels(self) -> defer.Deferred[None]:
         """Abort every accepted connection; fires once all of them are gone."""
