@@ -7,6 +7,7 @@ with the reason, so that they turn into failures the day they pass and the mark 
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import pytest
@@ -58,7 +59,12 @@ class TestMemoryTransportConformance(TransportConformanceTests):
 
     def make_transport(self, node_id, cluster_id, listen):
         if not hasattr(self, "network"):
-            self.network = MemoryNetwork(reactor, codec=True)
+            options = {}
+            # The frame limit arrives with the oversize work; pass it once MemoryNetwork takes it,
+            # so that removing the xfail mark below is all that is left to do then.
+            if "max_frame_bytes" in inspect.signature(MemoryNetwork).parameters:
+                options["max_frame_bytes"] = self.frame_limit
+            self.network = MemoryNetwork(reactor, codec=True, **options)
         return MemoryTransport(self.network, node_id)
 
     def listen_description(self, node_id):
