@@ -3,6 +3,7 @@ handshake and batch refusals over real HTTP on 127.0.0.1, batching, the plugin r
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
@@ -16,7 +17,7 @@ from kommander.config import RaftConfiguration
 from kommander.core.errors import ConfigurationError, ProtocolError
 from kommander.hookspecs import PluginContext
 from kommander.plugins import http_server as srv
-from kommander.plugins.http_transport import HTTPTransport
+from kommander.plugins.http_transport import HTTPTransport, _read
 from kommander.plugins.tcp_protocol import length_prefix
 from kommander.registry import HTTP_PLUGIN_NAME, PluginRegistry
 from kommander.testing.transport_conformance import TransportConformanceTests, heartbeat
@@ -34,9 +35,9 @@ async def post(address: str, path: bytes, body: bytes, headers: dict[bytes, byte
         b"POST",
         b"http://127.0.0.1:%d%s" % (port, path),
         Headers({k: [v] for k, v in (headers or {}).items()}),
-        client.FileBodyProducer(__import__("io").BytesIO(body)),
+        client.FileBodyProducer(io.BytesIO(body)),
     )
-    return response.code, await client.readBody(response)
+    return await _read(response)
 
 
 def handshake_body(node: str, to: str, cluster: str = "conformance", incarnation: int = 5) -> bytes:
@@ -118,7 +119,9 @@ class TestHTTPTransportConformance(TransportConformanceTests):
         a, b = await self.start("a"), await self.start("b")
         await self.mesh(a, b)
         port = int(a.address.rsplit("=", 1)[1])
-        body = await client.readBody(await client.Agent(reactor).request(b"GET", b"http://127.0.0.1:%d%s" % (port, srv.STATUS_PATH)))
+        response = await client.Agent(reactor).request(b"GET", b"http://127.0.0.1:%d%s" % (port, srv.STATUS_PATH))
+        code, body = await _read(response)
+        assert code == 200
         document = json.loads(body)
         assert document["node_id"] == "a" and document["cluster_id"] == "conformance"
         assert document["peers"]["b"]["connected"] is True
