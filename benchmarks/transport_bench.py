@@ -52,7 +52,7 @@ class Receiver:
 
 async def pair(reactor: Any, kind: str) -> tuple[Any, Any, Receiver, Receiver]:
     cls = TRANSPORTS[kind]
-    a, b = cls(reactor, "a", "bench", "tcp:0:interface=127.0.0.1"), cls(reactor, "b", "bench", "tcp:0:interface=127.0.0.1")
+    a, b = (cls(reactor, node, "bench", "tcp:0:interface=127.0.0.1") for node in ("a", "b"))
     ra, rb = Receiver("a"), Receiver("b")
     await a.start(ra)
     await b.start(rb)

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.web import client
 from twisted.web.http_headers import Headers
 
@@ -17,11 +17,12 @@ from kommander.config import RaftConfiguration
 from kommander.core.errors import ConfigurationError, ProtocolError
 from kommander.hookspecs import PluginContext
 from kommander.plugins import http_server as srv
-from kommander.plugins.http_transport import HTTPTransport, _read
+from kommander.plugins.http_client import read_response
+from kommander.plugins.http_transport import HTTPTransport
 from kommander.plugins.tcp_protocol import length_prefix
 from kommander.registry import HTTP_PLUGIN_NAME, PluginRegistry
 from kommander.testing.transport_conformance import TransportConformanceTests, heartbeat
-from kommander.testing.transport_harness import wait_until
+from kommander.testing.transport_harness import RecordingReceiver, turns, wait_until
 from kommander.wire.codec import PROTOCOL_VERSION, Handshake, encode_message
 
 _MIB = 1024 * 1024
@@ -37,7 +38,7 @@ async def post(address: str, path: bytes, body: bytes, headers: dict[bytes, byte
         Headers({k: [v] for k, v in (headers or {}).items()}),
         client.FileBodyProducer(io.BytesIO(body)),
     )
-    return await _read(response)
+    return await read_response(response)
 
 
 def handshake_body(node: str, to: str, cluster: str = "conformance", incarnation: int = 5) -> bytes:
@@ -74,7 +75,8 @@ class TestHTTPTransportConformance(TransportConformanceTests):
         code, _ = await post(target.address, srv.HANDSHAKE_PATH, handshake_body(claimed, target.node_id))
         assert code == 200
         frame = encode_message(partition, message)
-        await post(target.address, srv.MESSAGES_PATH, length_prefix(frame) + frame, batch_headers(claimed, target.node_id))
+        body = length_prefix(frame) + frame
+        await post(target.address, srv.MESSAGES_PATH, body, batch_headers(claimed, target.node_id))
 
     # ------------------------------------------------------------------ HTTP specifics
 
@@ -120,7 +122,7 @@ class TestHTTPTransportConformance(TransportConformanceTests):
         await self.mesh(a, b)
         port = int(a.address.rsplit("=", 1)[1])
         response = await client.Agent(reactor).request(b"GET", b"http://127.0.0.1:%d%s" % (port, srv.STATUS_PATH))
-        code, body = await _read(response)
+        code, body = await read_response(response)
         assert code == 200
         document = json.loads(body)
         assert document["node_id"] == "a" and document["cluster_id"] == "conformance"
@@ -136,6 +138,30 @@ class TestHTTPTransportConformance(TransportConformanceTests):
             a.transport.send("b", [(n % self.partitions, heartbeat("a", "b", n))])
         await wait_until(reactor, lambda: len(b.receiver.messages) == 500, "every message arrives")
         assert a.transport.stats["requests"] - before <= 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_leaves_no_timers_or_connections():
+    """After stop() no timer of the transports, their pools or sites is left on the reactor."""
+    nodes = [HTTPTransport(reactor, n, "c", "tcp:0:interface=127.0.0.1") for n in ("a", "b")]
+    receivers = [RecordingReceiver(n, "c", 2) for n in ("a", "b")]
+    for transport, receiver in zip(nodes, receivers):
+        await transport.start(receiver)
+    addresses = {t.node_id: f"tcp:host=127.0.0.1:port={t.listening_port.getHost().port}" for t in nodes}
+    for transport in nodes:
+        transport.update_peers(addresses)
+    await wait_until(reactor, lambda: all(t.is_connected(p) for t in nodes for p in addresses if p != t.node_id), "up")
+    nodes[0].send("b", [(0, heartbeat("a", "b", 1))])
+    await wait_until(reactor, lambda: receivers[1].messages, "delivered")
+    sites = [t.site for t in nodes]
+    live = [c for c in reactor.getDelayedCalls() if c.active() and "http" in repr(c.func).lower()]
+    assert live, "the filter below must see the pools' and channels' timers while running"
+    for transport in nodes:
+        await transport.stop()
+    await turns(reactor, 3)
+    assert all(not site.channels for site in sites)
+    ours = [c for c in reactor.getDelayedCalls() if c.active() and "http" in repr(c.func).lower()]
+    assert ours == [], ours
 
 
 def test_send_raises_for_local_bugs():

@@ -117,6 +117,93 @@ def split_frames(body: bytes, max_frame_bytes: int) -> list[bytes]:
 _METHOD_PREFIX = re.compile(rb"^[A-Z]{0,8}$|^[A-Z]{1,8} ")
 
 
+class Inbound:
+    """The receiving half of an :class:`HTTPTransport`: who may send to this node, and where
+    their messages go. The site's resources and requests talk to it, never to the transport's
+    client side.
+
+    :ivar sessions: node id -> incarnation of each peer whose handshake was accepted.
+    """
+
+    def __init__(self, transport: HTTPTransport) -> None:
+        self.transport = transport
+        self.sessions: dict[str, int] = {}
+
+    @property
+    def node_id(self) -> str:
+        return self.transport.node_id
+
+    @property
+    def cluster_id(self) -> str:
+        return self.transport.cluster_id
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self.transport.max_frame_bytes
+
+    @property
+    def partitions(self) -> int:
+        return self.transport.partitions
+
+    @property
+    def handshake(self) -> Handshake:
+        return self.transport.handshake
+
+    def status_document(self) -> dict[str, Any]:
+        return self.transport.status_document()
+
+    def check_incoming_handshake(self, theirs: Handshake, to: str) -> str | None:
+        """Why a peer's handshake is refused, or ``None`` to accept it."""
+        if not self.transport.running:
+            return "this node is stopping"
+        if theirs.cluster_id != self.cluster_id:
+            return f"cluster id {theirs.cluster_id!r} is not ours ({self.cluster_id!r})"
+        if theirs.node_id == self.node_id:
+            return f"peer claims our own node id {theirs.node_id!r}"
+        if not self.transport.knows(theirs.node_id):
+            return f"node id {theirs.node_id!r} is not a known peer"
+        if to != self.node_id:
+            return f"handshake addressed to {to!r}, not this node ({self.node_id!r})"
+        return None
+
+    def session_opened(self, theirs: Handshake, address: str) -> None:
+        previous = self.sessions.get(theirs.node_id)
+        self.sessions[theirs.node_id] = theirs.incarnation
+        if previous != theirs.incarnation:
+            self.transport.log.info("node {peer} at {address} shook hands", peer=theirs.node_id, address=address)
+
+    def is_peer(self, node: str) -> bool:
+        return node != self.node_id and self.transport.knows(node)
+
+    def has_session(self, node: str, incarnation: str | None) -> bool:
+        expected = self.sessions.get(node)
+        return expected is not None and incarnation is not None and incarnation == str(expected)
+
+    def count_in(self, frames: int, size: int) -> None:
+        self.transport.stats["frames_in"] += frames
+        self.transport.stats["bytes_in"] += size
+
+    def deliver(self, sender: str, messages: list[tuple[int, Any]]) -> None:
+        receiver = self.transport.receiver
+        if not self.transport.running or receiver is None:
+            return
+        for partition, message in messages:
+            receiver.message_received(sender, partition, message)
+
+    def refused(self, address: str, node: str | None, reason: str) -> None:
+        """Log a refused request or connection with the peer's address and why; the sender's
+        session ends, so it must shake hands again."""
+        self.transport.log.warn(
+            "refusing HTTP request from {address} (node {peer}): {reason}",
+            address=address,
+            peer=node or "unknown",
+            reason=reason,
+        )
+        self.transport.stats["protocol_errors"] += 1
+        if node is not None:
+            self.sessions.pop(node, None)
+
+
 class _Discard:
     """Stands in for a refused request's content: bytes written to it are dropped."""
 
@@ -212,13 +299,15 @@ class PeerChannel(http.HTTPChannel):
 
 
 class PeerSite(server.Site):
-    """The site peers talk to; ``owner`` is the :class:`HTTPTransport`."""
+    """The site peers talk to; ``owner`` is the transport's :class:`Inbound`."""
 
     noisy = False
     protocol = PeerChannel  # HTTP/1.1 only: peers are our own client
 
-    def __init__(self, owner: HTTPTransport, max_body_bytes: int, timeout: float) -> None:
-        super().__init__(PeerResource(owner), requestFactory=PeerRequest, timeout=timeout, reactor=owner.reactor)
+    def __init__(self, owner: Inbound, max_body_bytes: int, timeout: float) -> None:
+        super().__init__(
+            PeerResource(owner), requestFactory=PeerRequest, timeout=timeout, reactor=owner.transport.reactor
+        )
         self.owner = owner
         self.max_body_bytes = max_body_bytes
         #: Accepted connections -> the Deferred :meth:`close_channels` waits on (or ``None``).
@@ -243,7 +332,7 @@ class PeerResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, owner: HTTPTransport) -> None:
+    def __init__(self, owner: Inbound) -> None:
         super().__init__()
         self.owner = owner
 
@@ -280,9 +369,11 @@ class PeerResource(resource.Resource):
         to = _header(request, H_TO)
         incarnation = _header(request, H_INCARNATION)
         if cluster != owner.cluster_id:
-            return self._refuse(request, address, sender, 403, f"cluster id {cluster!r} is not ours ({owner.cluster_id!r})")
+            reason = f"cluster id {cluster!r} is not ours ({owner.cluster_id!r})"
+            return self._refuse(request, address, sender, 403, reason)
         if to != owner.node_id:
-            return self._refuse(request, address, sender, 403, f"batch addressed to {to!r}, not this node ({owner.node_id!r})")
+            reason = f"batch addressed to {to!r}, not this node ({owner.node_id!r})"
+            return self._refuse(request, address, sender, 403, reason)
         if sender is None or not owner.is_peer(sender):
             return self._refuse(request, address, sender, 403, f"node id {sender!r} is not a known peer")
         if not owner.has_session(sender, incarnation):
@@ -295,7 +386,8 @@ class PeerResource(resource.Resource):
             return self._refuse(request, address, sender, 400, str(exc))
         for _partition, message in messages:
             if message.src != sender:
-                return self._refuse(request, address, sender, 400, f"message src {message.src!r} is not the sender {sender!r}")
+                reason = f"message src {message.src!r} is not the sender {sender!r}"
+                return self._refuse(request, address, sender, 400, reason)
             if message.dst != owner.node_id:
                 return self._refuse(
                     request, address, sender, 400, f"message dst {message.dst!r} is not this node ({owner.node_id!r})"

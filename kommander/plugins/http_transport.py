@@ -27,23 +27,20 @@ from __future__ import annotations
 import json
 import random
 import secrets
-from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer, protocol
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.web import client
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from kommander.core.errors import ConfigurationError, ProtocolError
 from kommander.hookspecs import PluginContext, TransportFactory, hookimpl
 from kommander.interfaces import ITransport
-from kommander.plugins import http_server as srv
+from kommander.plugins import http_client, http_server as srv
+from kommander.plugins.http_client import PeerState as _Peer
 from kommander.plugins.tcp import backoff_delay
 from kommander.plugins.tcp_protocol import PREFIX_BYTES, describe_address
 from kommander.wire.codec import PROTOCOL_VERSION, Handshake, encode_handshake, encode_message
@@ -73,126 +70,6 @@ STAT_NAMES = (
     "protocol_errors",
     "reconnects",
 )
-
-
-class _Quiet(client._HTTP11ClientFactory):  # type: ignore[misc]
-    # Without this every new pooled connection logs "Starting factory" at info level.
-    noisy = False
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """A request body already in memory, written in one go (no cooperator, no global reactor)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
-        consumer.write(self.data)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class _BoundedReader(protocol.Protocol):
-    """Collects a response body of at most ``_MAX_RESPONSE_BYTES``; a larger one fails."""
-
-    def __init__(self, finished: defer.Deferred[bytes]) -> None:
-        self.finished = finished
-        self.chunks: list[bytes] = []
-        self.size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > _MAX_RESPONSE_BYTES:
-            self.transport.stopProducing()
-            if not self.finished.called:
-                self.finished.errback(ProtocolError("response body too large", remote=True))
-            return
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.finished.called:
-            return
-        if reason is not None and reason.check(client.ResponseDone, client.PotentialDataLoss):
-            self.finished.callback(b"".join(self.chunks))
-        else:
-            self.finished.errback(reason)
-
-
-def _read(response: Any) -> defer.Deferred[tuple[int, bytes]]:
-    """``(status code, body)`` of a response, the body bounded by ``_MAX_RESPONSE_BYTES``."""
-
-    def cancel(_d: defer.Deferred[bytes]) -> None:
-        if reader.transport is not None:
-            reader.transport.stopProducing()  # a timeout while the body trickles in: give up on it
-
-    finished: defer.Deferred[bytes] = defer.Deferred(cancel)
-    reader = _BoundedReader(finished)
-    response.deliverBody(reader)
-    return finished.addCallback(lambda body: (response.code, body))
-
-
-class _Endpoint:
-    """The ``IAgentEndpointFactory`` of one peer: always its configured endpoint description."""
-
-    def __init__(self, reactor: Any, peer: "_Peer") -> None:
-        self.reactor = reactor
-        self.peer = peer
-
-    def endpointForURI(self, uri: Any) -> Any:
-        return _NoDelay(clientFromString(self.reactor, self.peer.endpoint))
-
-
-class _NoDelay:
-    """Wraps a client endpoint so that its connections send small writes at once.
-
-    Without TCP_NODELAY, a request's body written after its headers waits for the peer's delayed
-    ACK (Nagle's algorithm), which adds milliseconds to every Raft round trip.
-    """
-
-    def __init__(self, endpoint: Any) -> None:
-        self.endpoint = endpoint
-
-    def connect(self, factory: Any) -> defer.Deferred[Any]:
-        return self.endpoint.connect(factory).addCallback(_set_no_delay)
-
-
-def _set_no_delay(proto: Any) -> Any:
-    set_no_delay = getattr(proto.transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except OSError:  # not a TCP socket (a UNIX endpoint)
-            pass
-    return proto
-
-
-@dataclass(eq=False)
-class _Peer:
-    node_id: str
-    endpoint: str
-    agent: Any = None
-    pool: Any = None
-    queue: deque[bytes] = field(default_factory=deque)
-    queued_bytes: int = 0
-    #: The peer's handshake once ours was accepted; ``None`` while unverified.
-    handshake: Handshake | None = None
-    #: Whether ``peer_status_changed(..., True, ...)`` was the last thing reported.
-    reported_up: bool = False
-    #: The handshake that last reported the peer up (its metadata go with the "down" report).
-    reported_handshake: Handshake | None = None
-    in_flight: defer.Deferred[Any] | None = None
-    retry: IDelayedCall | None = None
-    failures: int = 0
 
 
 @implementer(ITransport)
@@ -263,8 +140,8 @@ class HTTPTransport:
         self.site: srv.PeerSite | None = None
         self._receiver: IMessageReceiver | None = None
         self._peers: dict[str, _Peer] = {}
-        #: Node id -> incarnation of the peers whose handshake our site accepted.
-        self._sessions: dict[str, int] = {}
+        #: The receiving half: sessions of the peers whose handshake our site accepted.
+        self.inbound = srv.Inbound(self)
         self._running = False
         self._flush_call: IDelayedCall | None = None
         self._too_large_logged_at: float | None = None
@@ -288,9 +165,9 @@ class HTTPTransport:
             return defer.fail(exc)
         self._receiver = receiver
         self._running = True
-        self._sessions.clear()
+        self.inbound.sessions.clear()
         limit = self.batch_bytes + self.max_frame_bytes + PREFIX_BYTES
-        self.site = srv.PeerSite(self, max_body_bytes=limit, timeout=300.0)
+        self.site = srv.PeerSite(self.inbound, max_body_bytes=limit, timeout=300.0)
         d = serverFromString(self.reactor, self.listen).listen(self.site)
 
         def bound(port: IListeningPort) -> None:
@@ -321,7 +198,7 @@ class HTTPTransport:
         waits = []
         for peer in self._peers.values():
             waits.append(self._disconnect(peer))
-        self._sessions.clear()
+        self.inbound.sessions.clear()
         if self.site is not None:
             waits.append(self.site.close_channels())
         if self.listening_port is not None:
@@ -338,7 +215,7 @@ class HTTPTransport:
         wanted = {node: endpoint for node, endpoint in peers.items() if node != self.node_id}
         for node in [node for node in self._peers if node not in wanted]:
             peer = self._peers.pop(node)
-            self._sessions.pop(node, None)
+            self.inbound.sessions.pop(node, None)
             self._disconnect(peer)
         for node, endpoint in wanted.items():
             peer = self._peers.get(node)
@@ -369,7 +246,9 @@ class HTTPTransport:
         if record is None:
             self.stats["dropped"] += len(bodies)
             return
-        limit = self.max_queue_bytes if record.handshake is not None else min(self.max_queue_bytes, _UNREACHABLE_QUEUE_BYTES)
+        limit = self.max_queue_bytes
+        if record.handshake is None:
+            limit = min(limit, _UNREACHABLE_QUEUE_BYTES)
         for body in bodies:
             if len(body) > self.max_frame_bytes:
                 self._drop_too_large(peer, len(body))
@@ -393,60 +272,22 @@ class HTTPTransport:
         record = self._peers.get(peer)
         return record.queued_bytes if record is not None else 0
 
-    # ------------------------------------------------------------------ called by the site
+    # ------------------------------------------------------------------ used by the site
     @property
     def partitions(self) -> int:
         return self._receiver.partitions if self._receiver is not None else 0
 
-    def check_incoming_handshake(self, theirs: Handshake, to: str) -> str | None:
-        """Why a peer's handshake is refused, or ``None`` to accept it."""
-        if not self._running:
-            return "this node is stopping"
-        if theirs.cluster_id != self.cluster_id:
-            return f"cluster id {theirs.cluster_id!r} is not ours ({self.cluster_id!r})"
-        if theirs.node_id == self.node_id:
-            return f"peer claims our own node id {theirs.node_id!r}"
-        if theirs.node_id not in self._peers:
-            return f"node id {theirs.node_id!r} is not a known peer"
-        if to != self.node_id:
-            return f"handshake addressed to {to!r}, not this node ({self.node_id!r})"
-        return None
+    @property
+    def running(self) -> bool:
+        return self._running
 
-    def session_opened(self, theirs: Handshake, address: str) -> None:
-        previous = self._sessions.get(theirs.node_id)
-        self._sessions[theirs.node_id] = theirs.incarnation
-        if previous != theirs.incarnation:
-            self.log.info("node {peer} at {address} shook hands", peer=theirs.node_id, address=address)
+    @property
+    def receiver(self) -> IMessageReceiver | None:
+        return self._receiver
 
-    def is_peer(self, node: str) -> bool:
-        return node != self.node_id and node in self._peers
-
-    def has_session(self, node: str, incarnation: str | None) -> bool:
-        expected = self._sessions.get(node)
-        return expected is not None and incarnation is not None and incarnation == str(expected)
-
-    def count_in(self, frames: int, size: int) -> None:
-        self.stats["frames_in"] += frames
-        self.stats["bytes_in"] += size
-
-    def deliver(self, sender: str, messages: list[tuple[int, Any]]) -> None:
-        if not self._running or self._receiver is None:
-            return
-        for partition, message in messages:
-            self._receiver.message_received(sender, partition, message)
-
-    def refused(self, address: str, node: str | None, reason: str) -> None:
-        """Log a refused request or connection with the peer's address and why; the sender's
-        session ends, so it must shake hands again."""
-        self.log.warn(
-            "refusing HTTP request from {address} (node {peer}): {reason}",
-            address=address,
-            peer=node or "unknown",
-            reason=reason,
-        )
-        self.stats["protocol_errors"] += 1
-        if node is not None:
-            self._sessions.pop(node, None)
+    def knows(self, node: str) -> bool:
+        """Whether ``node`` is one of the current peers."""
+        return node in self._peers
 
     def status_document(self) -> dict[str, Any]:
         return {
@@ -462,13 +303,7 @@ class HTTPTransport:
     # ------------------------------------------------------------------ the client side
     def _agent(self, peer: _Peer) -> Any:
         if peer.agent is None:
-            pool = client.HTTPConnectionPool(self.reactor, persistent=True)
-            pool.maxPersistentPerHost = 1
-            pool.cachedConnectionTimeout = 120
-            pool.retryAutomatically = False
-            pool._factory = _Quiet
-            peer.pool = pool
-            peer.agent = client.Agent.usingEndpointFactory(self.reactor, _Endpoint(self.reactor, peer), pool=pool)
+            peer.agent, peer.pool = http_client.new_agent(self.reactor, peer)
         return peer.agent
 
     def _request(self, peer: _Peer, path: bytes, headers: dict[bytes, bytes], body: bytes) -> defer.Deferred[Any]:
@@ -476,8 +311,10 @@ class HTTPTransport:
         self.stats["bytes_out"] += len(body)
         agent = self._agent(peer)
         headers = {name: [value] for name, value in headers.items()}
-        d = defer.maybeDeferred(agent.request, b"POST", b"http://kommander" + path, Headers(headers), _Body(body))
-        d.addCallback(_read)
+        # The host part is only the Host header: the agent's endpoint factory decides where to go.
+        uri = b"http://kommander" + path
+        d = defer.maybeDeferred(agent.request, b"POST", uri, Headers(headers), http_client.Body(body))
+        d.addCallback(http_client.read_response)
         d.addTimeout(self.request_timeout, self.reactor)
         peer.in_flight = d
         return d
@@ -497,7 +334,7 @@ class HTTPTransport:
         peer.in_flight = None
         code, body = answer
         if code != 200:
-            self._failed(peer, f"handshake refused with {code}: {_error(body)}")
+            self._failed(peer, f"handshake refused with {code}: {http_client.error_text(body)}")
             return
         try:
             theirs, to = srv.parse_handshake(body)
@@ -576,7 +413,7 @@ class HTTPTransport:
             self._drop_queue(peer)
             self._schedule_retry(peer, at_once=peer.failures <= 1)
         else:
-            self._failed(peer, f"batch refused with {code}: {_error(body)}")
+            self._failed(peer, f"batch refused with {code}: {http_client.error_text(body)}")
 
     def _request_failed(self, failure: Failure, peer: _Peer, d: defer.Deferred[Any]) -> None:
         if peer.in_flight is not d:
@@ -597,7 +434,12 @@ class HTTPTransport:
         self._schedule_retry(peer)
         # A refusal is news; so is the first failure of a streak, but not the retries of a down peer.
         emit = self.log.warn if hostile else self.log.info if peer.failures == 1 or was_up else self.log.debug
-        emit("HTTP request to node {peer} at {endpoint} failed: {reason}", peer=peer.node_id, endpoint=peer.endpoint, reason=reason)
+        emit(
+            "HTTP request to node {peer} at {endpoint} failed: {reason}",
+            peer=peer.node_id,
+            endpoint=peer.endpoint,
+            reason=reason,
+        )
         if was_up:
             peer.reported_up = False
             self._receiver.peer_status_changed(peer.node_id, False, dict(peer.reported_handshake.metadata))
@@ -662,16 +504,6 @@ class HTTPTransport:
         self.stats["dropped"] += len(peer.queue)
         peer.queue.clear()
         peer.queued_bytes = 0
-
-
-def _error(body: bytes) -> str:
-    try:
-        document = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return repr(body[:80])
-    if isinstance(document, dict) and isinstance(document.get("error"), str):
-        return document["error"][:200]
-    return repr(body[:80])
 
 
 # --------------------------------------------------------------------------- the plugin hook
