@@ -3,8 +3,8 @@ only HTTP passes (proxies, service meshes, firewalls that inspect the protocol).
 
 Each node serves a twisted.web site on its ``--listen`` endpoint (:mod:`.http_server`) and talks
 to every peer through its own :class:`twisted.web.client.Agent` with a persistent
-:class:`~twisted.web.client.HTTPConnectionPool`, dialing the peer's endpoint description (so
-``ssl:`` and other client endpoints work unchanged). Per peer:
+:class:`~twisted.web.client.HTTPConnectionPool`, dialing the peer's client endpoint description
+(other endpoint types than ``tcp:`` pass through, untested). Per peer:
 
 * first a JSON handshake (``POST /kommander/v1/handshake``) with the same checks as TCP: cluster
   id, node id (a known peer, not our own id, the node we meant to reach), protocol version; its
