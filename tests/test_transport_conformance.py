@@ -22,10 +22,14 @@ from kommander.wire.codec import PROTOCOL_VERSION, Handshake, encode_handshake, 
 
 _MIB = 1024 * 1024
 
+#: The oversize work (per-message drops, a declared frame limit in tcp.py and memory_transport.py)
+#: came in one branch; MemoryNetwork taking a frame limit shows it is there.
+OVERSIZE_LANDED = "max_frame_bytes" in inspect.signature(MemoryNetwork).parameters
 OVERSIZE_PENDING = pytest.mark.xfail(
+    not OVERSIZE_LANDED,
     strict=True,
-    reason="send() refuses the whole call with FrameTooLarge today; per-message drop and a declared "
-    "max_frame_bytes are being added to tcp.py/memory_transport.py (the oversize branch)",
+    reason="send() refuses the whole call with FrameTooLarge; per-message drop and a declared "
+    "max_frame_bytes come with the oversize branch (delete this mark once it is merged)",
 )
 
 
