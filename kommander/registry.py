@@ -32,6 +32,8 @@ BUILTIN_PLUGIN_NAME = "kommander.builtin"
 KV_PLUGIN_NAME = "kommander.kv"
 #: The SQLite write-ahead log, a plugin module of its own.
 SQLITE_PLUGIN_NAME = "kommander.sqlite"
+#: The HTTP transport, a plugin module of its own.
+HTTP_PLUGIN_NAME = "kommander.http"
 
 _FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -113,8 +115,9 @@ class PluginRegistry:
     :param plugins: extra plugin objects to register after the built-ins, e.g. a test's fakes.
     :param autoload: load installed plugins (entry-point group ``kommander``); ``None`` (the
         default) means "unless :data:`DISABLE_AUTOLOAD_ENV` is set to a true value".
-    :param builtins: register :mod:`kommander.plugins.builtin`, :mod:`kommander.plugins.sqlite_wal`
-        and :mod:`kommander.kv.plugin`; turn off only to test plugins alone.
+    :param builtins: register :mod:`kommander.plugins.builtin`, :mod:`kommander.plugins.sqlite_wal`,
+        :mod:`kommander.plugins.http_transport` and :mod:`kommander.kv.plugin`; turn off only to
+        test plugins alone.
     :raises PluginError: an installed plugin fails to load, or a plugin implements a hook that does
         not exist (a misspelt ``kommander_*`` name).
     """
@@ -124,10 +127,11 @@ class PluginRegistry:
         self._pm.add_hookspecs(hookspecs)
         if builtins:
             from kommander.kv import plugin as kv_plugin
-            from kommander.plugins import builtin, sqlite_wal
+            from kommander.plugins import builtin, http_transport, sqlite_wal
 
             self._pm.register(builtin, name=BUILTIN_PLUGIN_NAME)
             self._pm.register(sqlite_wal, name=SQLITE_PLUGIN_NAME)
+            self._pm.register(http_transport, name=HTTP_PLUGIN_NAME)
             self._pm.register(kv_plugin, name=KV_PLUGIN_NAME)
         for plugin in plugins:
             self.register(plugin)

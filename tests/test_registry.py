@@ -28,6 +28,7 @@ from kommander.interfaces import IClock, IDiscovery, IStateMachine, ITransport, 
 from kommander.plugins import builtin
 from kommander.registry import (
     BUILTIN_PLUGIN_NAME,
+    HTTP_PLUGIN_NAME,
     KV_PLUGIN_NAME,
     SQLITE_PLUGIN_NAME,
     PluginError,
@@ -113,9 +114,9 @@ def test_plugin_context_checks_types(kwargs: dict) -> None:
 def test_builtins_are_registered_as_an_ordinary_plugin() -> None:
     """The built-in module is registered under its plugin name and offers every built-in name."""
     registry = PluginRegistry(autoload=False)
-    assert registry.plugins() == (BUILTIN_PLUGIN_NAME, SQLITE_PLUGIN_NAME, KV_PLUGIN_NAME)
+    assert registry.plugins() == (BUILTIN_PLUGIN_NAME, SQLITE_PLUGIN_NAME, HTTP_PLUGIN_NAME, KV_PLUGIN_NAME)
     assert registry.plugin_manager.get_plugin(BUILTIN_PLUGIN_NAME) is builtin
-    assert registry.names("transport") == ("memory", "tcp")
+    assert registry.names("transport") == ("http", "memory", "tcp")
     assert registry.names(PluginKind.WAL) == ("bdb", "memory", "sqlite")
     assert registry.names("discovery") == ("multicast", "static")
     assert registry.names("clock") == ("hlc",)
