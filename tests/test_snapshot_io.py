@@ -211,3 +211,26 @@ def test_kv_stepped_restore_of_a_bad_stream_fails_and_leaves_the_state() -> None
     d.addErrback(failures.append)
     assert failures and failures[0].check(MalformedCommand)
     assert target.keys(0) == ["old"]
+
+
+def test_kv_restore_over_a_large_state_frees_the_old_one_in_bounded_steps() -> None:
+    """Restoring over a partition holding more than RELEASE_STEP_ITEMS keys installs the new state at once
+    and frees the old one a bounded number of items per reactor turn, not in one long call."""
+    from kommander.kv.machine import RELEASE_STEP_ITEMS
+
+    reactor = TurnByTurn()
+    target = kv(reactor)
+    old_keys = 3 * RELEASE_STEP_ITEMS + 5
+    for i in range(old_keys):
+        target.apply(0, Entry(index=i + 1, term=1, log_type=LOG_TYPE, data=encode_put(f"old-{i}", b"v")))
+    old = target._data[0]
+    assert target.restore(0, [b"KVS1"]) is None
+    assert target.keys(0) == [] and len(old) == old_keys
+    sizes = []
+    for _ in range(10):
+        if not reactor.calls:
+            break
+        reactor.turn()
+        sizes.append(len(old))
+    assert sizes[-1] == 0 and len(sizes) == 4
+    assert all(a - b <= RELEASE_STEP_ITEMS for a, b in zip([old_keys, *sizes], sizes))

@@ -58,6 +58,8 @@ _SNAPSHOT_VALUE = struct.Struct(">I")
 SNAPSHOT_CHUNK_BYTES = 64 * 1024
 #: A restore decodes about this many bytes of snapshot per reactor turn.
 RESTORE_STEP_BYTES = 1024 * 1024
+#: A replaced partition state is freed this many items per reactor turn.
+RELEASE_STEP_ITEMS = 20_000
 
 
 class MalformedCommand(ValueError):
@@ -333,9 +335,21 @@ class KVStateMachine:
         return done
 
     def _install(self, partition: int, items: dict[str, bytes]) -> None:
-        store = self._store(partition)
-        store.clear()
-        store.update(items)
+        # The decoded dictionary becomes the partition's state as it is: copying 200,000 items
+        # into the old one, or freeing the old one at once, would hold the reactor for tens of ms.
+        old = self._store(partition)
+        self._data[partition] = items
+        if self._reactor is not None and len(old) > RELEASE_STEP_ITEMS:
+            self._reactor.callLater(0, _release, self._reactor, old)
+
+
+def _release(reactor: Any, old: dict[str, bytes]) -> None:
+    """Free a replaced partition state a bounded number of items per reactor turn."""
+    popitem = old.popitem
+    for _ in range(min(RELEASE_STEP_ITEMS, len(old))):
+        popitem()
+    if old:
+        reactor.callLater(0, _release, reactor, old)
 
 
 def _restore_step(decoder: "_SnapshotDecoder", source: Iterator[bytes], budget: int | None) -> bool:
