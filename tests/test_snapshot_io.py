@@ -100,8 +100,8 @@ def test_snapshot_store_writes_and_fsyncs_off_the_calling_thread(tmp_path: Any) 
 
 
 def test_a_store_on_task_clock_stays_synchronous(tmp_path: Any) -> None:
-    """Without a thread pool on the reactor (task.Clock) the store runs its disk work at the call, so
-    deterministic tests see every Deferred already fired."""
+    """On a reactor that takes no calls from threads (task.Clock) the store runs its disk work at the
+    call, so deterministic tests see every Deferred already fired; on one that does, a thread."""
     store = SnapshotStore(str(tmp_path), task.Clock())
     assert isinstance(store.io, SyncIO)
     writer = store.writer(0, META)
@@ -110,6 +110,9 @@ def test_a_store_on_task_clock_stays_synchronous(tmp_path: Any) -> None:
     writer.write_trailer()
     d = writer.finish()
     assert d.called and store.list(0) == [META]
+    threaded = SnapshotStore(str(tmp_path / "threaded"), ThreadedClock())
+    assert isinstance(threaded.io, ThreadIO)
+    threaded.close()
 
 
 def test_restoring_from_a_stored_snapshot_opens_the_file_once(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

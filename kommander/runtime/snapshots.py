@@ -203,9 +203,9 @@ class SnapshotStore:
     otherwise synchronously, at the call, so ``task.Clock`` tests stay deterministic.
 
     :param directory: where files live; ``None`` keeps everything in memory (tests, memory WAL).
-    :param reactor: the reactor IO results are delivered on.
+    :param reactor: the reactor IO results are delivered on (through ``callFromThread``).
     :param io: ``"thread"`` or ``"sync"`` to choose the executor; by default a thread when there
-        is a directory and the reactor can take calls from threads (it has a thread pool).
+        is a directory and the reactor takes calls from threads (``callFromThread``).
     """
 
     def __init__(self, directory: str | None = None, reactor: Any = None, io: str | None = None) -> None:
@@ -214,7 +214,9 @@ class SnapshotStore:
         self._memory: dict[tuple[int, int, int], bytes] = {}
         self._sinks = 0
         if io is None:
-            io = "thread" if directory is not None and hasattr(reactor, "getThreadPool") else "sync"
+            # ThreadIO needs only callFromThread (IReactorThreads); task.Clock and
+            # MemoryReactorClock lack it, so tests built on them stay synchronous.
+            io = "thread" if directory is not None and hasattr(reactor, "callFromThread") else "sync"
         if io not in ("thread", "sync"):
             raise ValueError(f"io must be 'thread' or 'sync', not {io!r}")
         self.io: SyncIO | ThreadIO = ThreadIO(reactor, f"kommander-snapshots:{directory}") if io == "thread" else SyncIO()
