@@ -44,14 +44,18 @@ def wal_state(node: Node, partition: int = 0) -> WalState:
     return Cluster.result(node.wal.load(partition))
 
 
-def assert_compacted_at(node: Node, meta: SnapshotMeta, partition: int = 0) -> None:
-    """The WAL records ``meta`` as its checkpoint and holds nothing at or below it; the store holds
-    the snapshot; the core's log starts after it."""
+def assert_compacted_at(
+    node: Node, meta: SnapshotMeta, partition: int = 0, wal_at: SnapshotMeta | None = None
+) -> None:
+    """The store's newest snapshot is ``meta`` and the core's log starts after it; the WAL records
+    ``wal_at`` (the snapshot before it, or none) as its checkpoint and holds every entry after it,
+    so the older snapshot and the WAL still rebuild the state should ``meta`` be damaged."""
     state = wal_state(node, partition)
-    assert state.checkpoint == meta, node.node_id
-    assert all(e.index > meta.index for e in state.entries), node.node_id
+    assert state.checkpoint == wal_at, node.node_id
+    floor = wal_at.index if wal_at is not None else 0
+    assert all(e.index > floor for e in state.entries), node.node_id
     if state.entries:
-        assert state.entries[0].index == meta.index + 1
+        assert state.entries[0].index == floor + 1
     assert node.m.snapshot_store.latest(partition) == meta
     assert node.m.runtimes[partition].core.log.snapshot == meta
 
@@ -75,7 +79,8 @@ def other_followers(cluster: Cluster, *not_these: Node) -> list[Node]:
 
 
 def test_replicate_checkpoint_snapshots_and_compacts_every_node() -> None:
-    """replicate_checkpoint: every node calls checkpoint(), snapshots at the marker and compacts its WAL up to it."""
+    """replicate_checkpoint: every node calls checkpoint(), snapshots at the marker and compacts its core log
+    up to it (the WAL keeps its entries: there is no older snapshot to fall back on)."""
     cluster = Cluster(3, partitions=2, seed=1, state_machine=ListStateMachine)
     cluster.start_all()
     leaders = cluster.wait_for_leaders()
@@ -90,7 +95,7 @@ def test_replicate_checkpoint_snapshots_and_compacts_every_node() -> None:
         assert node.state_machine.checkpoints == [(1, result.log_index)]
         assert node.state_machine.snapshots == [(1, result.log_index - 1)]
         assert_compacted_at(node, meta, partition=1)
-        assert [e.data for e in wal_state(node, 1).entries] == values(3, 12)
+        assert [e.data for e in wal_state(node, 1).entries if e.index > meta.index] == values(3, 12)
         # The other partition was not touched.
         assert wal_state(node, 0).checkpoint is None and node.m.snapshot_store.list(0) == []
         assert node.m.checkpointer.snapshots_taken == 1
@@ -98,7 +103,8 @@ def test_replicate_checkpoint_snapshots_and_compacts_every_node() -> None:
 
 
 def test_checkpoint_every_n_entries() -> None:
-    """checkpoint_every=10 snapshots every 10 applied entries on every node; WAL and store keep only the newest."""
+    """checkpoint_every=10 snapshots every 10 applied entries on every node; the store keeps the newest two,
+    the WAL everything after the older of them."""
     cluster = Cluster(3, partitions=1, seed=2, state_machine=ListStateMachine, checkpoint_every=10)
     cluster.start_all()
     leader = cluster.wait_for_leaders()[0]
@@ -110,8 +116,8 @@ def test_checkpoint_every_n_entries() -> None:
         assert [index for _, index in node.state_machine.snapshots] == [10, 20, 30, 40]
         assert node.m.checkpointer.snapshots_taken == 4
         assert node.m.snapshot_store.list(0) == [SnapshotMeta(30, term), SnapshotMeta(40, term)]
-        assert_compacted_at(node, SnapshotMeta(40, term))
-        assert [e.index for e in wal_state(node).entries] == list(range(41, 47))
+        assert_compacted_at(node, SnapshotMeta(40, term), wal_at=SnapshotMeta(30, term))
+        assert [e.index for e in wal_state(node).entries] == list(range(31, 47))
         assert node.state_machine.data(0) == values(45)
     cluster.close()
 
@@ -129,7 +135,7 @@ def test_checkpoint_every_n_bytes() -> None:
     for node in cluster.running():
         assert node.m.checkpointer.snapshots_taken == 4
         assert node.m.snapshot_store.list(0) == [SnapshotMeta(13, term), SnapshotMeta(17, term)]
-        assert_compacted_at(node, SnapshotMeta(17, term))
+        assert_compacted_at(node, SnapshotMeta(17, term), wal_at=SnapshotMeta(13, term))
         assert node.state_machine.data(0) == payloads
     cluster.close()
 
@@ -306,7 +312,7 @@ def test_lost_snapshot_store_is_a_clear_error_at_start() -> None:
     cluster = Cluster(3, partitions=1, seed=12, state_machine=ListStateMachine, checkpoint_every=10)
     cluster.start_all()
     cluster.wait_for_leaders()
-    write_all(cluster, values(15))
+    write_all(cluster, values(25))  # snapshots at 10 and 20; the WAL compacted to 10
     cluster.wait_caught_up()
     cluster.advance(0.5)
     cluster.stop("n3")
@@ -317,8 +323,9 @@ def test_lost_snapshot_store_is_a_clear_error_at_start() -> None:
     cluster.close()
 
 
-def test_corrupt_newest_snapshot_is_a_clear_error_at_start() -> None:
-    """A node whose newest snapshot was damaged on disk refuses to start rather than run without it."""
+def test_corrupt_only_snapshot_replays_the_whole_log() -> None:
+    """A node whose only snapshot was damaged sets it aside and rebuilds from the WAL, which was never
+    compacted below it: nothing is lost."""
     cluster = Cluster(3, partitions=1, seed=13, state_machine=ListStateMachine, checkpoint_every=10)
     cluster.start_all()
     cluster.wait_for_leaders()
@@ -331,9 +338,10 @@ def test_corrupt_newest_snapshot_is_a_clear_error_at_start() -> None:
     assert meta is not None
     key = (0, meta.index, meta.term)
     store._memory[key] = store._memory[key][:-1] + b"\x00"
-    with pytest.raises(SnapshotError, match="checksum"):
-        cluster.start("n3")
-    cluster.nodes["n3"].manager = None
+    cluster.start("n3")
+    cluster.run_until(lambda: cluster.nodes["n3"].state_machine.data(0) == values(15), what="n3 rebuilt")
+    assert cluster.nodes["n3"].state_machine.restores == []
+    assert meta not in store.list(0)  # set aside, never used again
     cluster.close()
 
 
@@ -438,13 +446,14 @@ def test_restore_snapshot_at_the_checkpoint() -> None:
 
 
 def test_restore_snapshot_newer_than_the_checkpoint_with_a_matching_log() -> None:
-    """A snapshot newer than the WAL checkpoint wins; the WAL is compacted to it and keeps the entries continuing it."""
+    """A snapshot newer than the WAL checkpoint wins; the WAL is left as it is (it still rebuilds the state from
+    the older checkpoint) and the entries continuing the snapshot are handed back."""
     entries = [entry(i, 2) for i in range(6, 16)]
     (meta, after, _), wal, machine = reconcile(entries, SnapshotMeta(5, 1), [(SnapshotMeta(12, 2), records(12))])
     assert meta == SnapshotMeta(12, 2)
     assert [e.index for e in after] == [13, 14, 15]
     stored = Cluster.result(wal.load(0))
-    assert stored.checkpoint == SnapshotMeta(12, 2) and [e.index for e in stored.entries] == [13, 14, 15]
+    assert stored.checkpoint == SnapshotMeta(5, 1) and [e.index for e in stored.entries] == list(range(6, 16))
     assert machine.restores == [(0, 12)]
 
 

@@ -78,6 +78,7 @@ def replace_raw(store: SnapshotStore, partition: int, meta: SnapshotMeta, data: 
     else:
         with open(store._path(partition, meta), "wb") as f:
             f.write(data)
+    store._index.setdefault(partition, set()).add(meta)  # as a restart would list it
 
 
 def state_of(store: SnapshotStore, partition: int, meta: SnapshotMeta) -> bytes:

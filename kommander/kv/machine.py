@@ -31,6 +31,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -55,6 +56,10 @@ _SNAPSHOT_KEY = struct.Struct(">H")
 _SNAPSHOT_VALUE = struct.Struct(">I")
 #: A snapshot chunk holds about this many bytes (more when one value alone is larger).
 SNAPSHOT_CHUNK_BYTES = 64 * 1024
+#: A restore decodes about this many bytes of snapshot per reactor turn.
+RESTORE_STEP_BYTES = 1024 * 1024
+#: A replaced partition state is freed this many items per reactor turn.
+RELEASE_STEP_ITEMS = 20_000
 
 
 class MalformedCommand(ValueError):
@@ -200,6 +205,8 @@ class KVStateMachine:
 
     def __init__(self, ctx: PluginContext) -> None:
         self.partitions = ctx.config.max_partitions
+        #: Restores run in steps on it (``None``: at once, in one call).
+        self._reactor = getattr(ctx, "reactor", None)
         self._data: list[dict[str, bytes]] = [{} for _ in range(self.partitions)]
         #: Index of the last entry applied per partition (of any log type), for snapshots.
         self.applied_index: list[int] = [0] * self.partitions
@@ -289,21 +296,74 @@ class KVStateMachine:
         items = dict(self._store(partition))
         return _snapshot_chunks(items)
 
-    def restore(self, partition: int, chunks: Iterable[bytes]) -> None:
+    def restore(self, partition: int, chunks: Iterable[bytes]) -> defer.Deferred[None] | None:
         """Replace the state of ``partition`` with the snapshot the ``chunks`` make up (cut anywhere).
 
         Decodes as the chunks arrive, so the snapshot is never held whole in memory beside the
-        state built from it.
+        state built from it. With a reactor (the node's), decoding runs in steps of about
+        :data:`RESTORE_STEP_BYTES`, handing the reactor a turn between steps so the heartbeats
+        of every partition keep flowing; it then returns a Deferred firing when done.
 
-        :raises MalformedCommand: the stream is not a valid snapshot; the state is left unchanged.
+        :raises MalformedCommand: the stream is not a valid snapshot (raised, or as the Deferred's
+            failure); the state is left unchanged.
         """
         decoder = _SnapshotDecoder()
-        for chunk in chunks:
-            decoder.feed(chunk)
-        items = decoder.finish()
-        store = self._store(partition)
-        store.clear()
-        store.update(items)
+        source = iter(chunks)
+        reactor = self._reactor
+        if reactor is None:
+            while _restore_step(decoder, source, None):
+                pass
+            self._install(partition, decoder.finish())
+            return None
+        if not _restore_step(decoder, source, RESTORE_STEP_BYTES):
+            self._install(partition, decoder.finish())
+            return None
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def step() -> None:
+            try:
+                if _restore_step(decoder, source, RESTORE_STEP_BYTES):
+                    reactor.callLater(0, step)
+                    return
+                self._install(partition, decoder.finish())
+            except Exception:  # noqa: BLE001 - handed to the caller, which fail-stops the node
+                done.errback()
+            else:
+                done.callback(None)
+
+        reactor.callLater(0, step)
+        return done
+
+    def _install(self, partition: int, items: dict[str, bytes]) -> None:
+        # The decoded dictionary becomes the partition's state as it is: copying 200,000 items
+        # into the old one, or freeing the old one at once, would hold the reactor for tens of ms.
+        old = self._store(partition)
+        self._data[partition] = items
+        if self._reactor is not None and len(old) > RELEASE_STEP_ITEMS:
+            self._reactor.callLater(0, _release, self._reactor, old)
+
+
+def _release(reactor: Any, old: dict[str, bytes]) -> None:
+    """Free a replaced partition state a bounded number of items per reactor turn."""
+    popitem = old.popitem
+    for _ in range(min(RELEASE_STEP_ITEMS, len(old))):
+        popitem()
+    if old:
+        reactor.callLater(0, _release, reactor, old)
+
+
+def _restore_step(decoder: "_SnapshotDecoder", source: Iterator[bytes], budget: int | None) -> bool:
+    """Feed ``decoder`` chunks of ``source`` until about ``budget`` bytes went in (``None``: all).
+
+    :returns: whether chunks may remain.
+    """
+    fed = 0
+    for chunk in source:
+        decoder.feed(chunk)
+        fed += len(chunk)
+        if budget is not None and fed >= budget:
+            return True
+    return False
 
 
 def _snapshot_chunks(items: dict[str, bytes]) -> Iterator[bytes]:

@@ -6,13 +6,16 @@ automatically every ``checkpoint_every`` entries / ``checkpoint_every_bytes`` by
 of the steps is what makes a crash at any point recoverable:
 
 1. the state machine captures a consistent view (synchronously, between two applies);
-2. the view is streamed into a snapshot file, which is fsynced and renamed into place;
-3. the WAL records the checkpoint and drops the entries at or below it;
-4. the core forgets those entries; older snapshot files are removed.
+2. the view is streamed into a snapshot file (on the store's IO thread), which is fsynced and
+   renamed into place;
+3. the WAL records the *previous* snapshot as its checkpoint and drops the entries at or below
+   it, so the WAL always holds what rebuilds the state from the older of the two kept snapshots;
+4. the core forgets the entries the new snapshot covers; older snapshot files are removed.
 
-At start-up the newest intact snapshot is restored and only the log after it is replayed. A
-snapshot newer than the WAL's checkpoint (a crash between steps 2 and 3, or a snapshot received
-from the leader) wins: WAL entries that do not continue it are dropped.
+At start-up the snapshots are verified newest first and the newest intact one the WAL can
+continue is restored; only the log after it is replayed, and the WAL is compacted only after that
+verification. A snapshot newer than the WAL's checkpoint wins: WAL entries that do not continue it
+are dropped.
 """
 
 from __future__ import annotations
@@ -62,30 +65,53 @@ class Checkpointer:
     @defer.inlineCallbacks
     def restore(self, number: int, state: WalState) -> Any:
         """Reconcile the WAL with the snapshot store for one partition and restore the state
-        machine. Returns ``(snapshot meta or None, entries after it, held tickets)``."""
+        machine. Returns ``(snapshot meta or None, entries after it, held tickets)``.
+
+        Snapshots are verified newest first, before anything is compacted: a damaged one is
+        skipped (and logged) in favour of the newest intact one the WAL can continue, so one
+        bit-rotted file never costs the entries that rebuild the state from an older one.
+        """
         host = self.host
         store = host.snapshot_store
-        latest = store.latest(number)
         checkpoint = state.checkpoint
-        if checkpoint is not None and checkpoint.index > 0 and (latest is None or latest.index < checkpoint.index):
-            raise SnapshotError(
-                f"partition {number}: the WAL is compacted up to {checkpoint.index} but the newest "
-                f"snapshot is {latest}; the snapshot directory does not belong to this WAL"
-            )
-        if latest is None:
+        floor = checkpoint.index if checkpoint is not None else 0
+        problems: list[str] = []
+        chosen = None
+        for meta in reversed(store.list(number)):
+            if meta.index < floor:
+                break  # the WAL lacks the entries between it and its checkpoint
+            try:
+                yield store.verify(number, meta)
+            except SnapshotError as e:
+                problems.append(str(e))
+                _log.error("partition {p}: setting damaged snapshot {meta} aside: {e}", p=number, meta=meta, e=e)
+                store.discard(number, meta)
+                continue
+            chosen = meta
+            break
+        if chosen is None:
+            if floor > 0:
+                found = "; ".join(problems) or f"the newest snapshot is {store.latest(number)}"
+                raise SnapshotError(
+                    f"partition {number}: the WAL is compacted up to {floor} but no intact snapshot "
+                    f"covers it ({found}); the snapshot directory does not belong to this WAL or is damaged"
+                )
+            if problems:
+                _log.warn("partition {p}: no intact snapshot; replaying the whole log, which starts at 1", p=number)
             return None, state.entries, {}
-        entries = entries_after(latest, state)
-        if checkpoint != latest:
-            yield host.wal.compact(number, latest)
-        tickets, chunks = store.open(number, latest)
+        entries = entries_after(chosen, state)
+        # Compact only once the snapshot is known to be intact, and never past it.
+        if not entries and checkpoint != chosen:
+            yield host.wal.compact(number, chosen)
+        tickets, chunks = store.open(number, chosen, verify=False)
         yield self._restore_state_machine(number, chunks)
         _log.info(
             "partition {p}: restored snapshot at {index}; {n} log entries follow it",
             p=number,
-            index=latest.index,
+            index=chosen.index,
             n=len(entries),
         )
-        return latest, entries, tickets
+        return chosen, entries, tickets
 
     def _restore_state_machine(self, number: int, chunks: Any) -> Any:
         restore = getattr(self.host.state_machine, "restore", None)
@@ -128,19 +154,29 @@ class Checkpointer:
             self.take(runtime)
 
     def take(self, runtime: "PartitionRuntime") -> defer.Deferred[SnapshotMeta | None]:
-        """Snapshot the partition at its applied index, then compact the log behind it."""
+        """Snapshot the partition at its applied index, then compact the log behind the snapshot
+        before it (see :meth:`_compacted`)."""
         runtime.snapshot_requested = False
         host = self.host
         index = runtime.applied
         if index <= runtime.snapshot_index or not self.can_snapshot():
             return defer.succeed(None)
-        term = runtime.core.log.term(index)
-        meta = SnapshotMeta(index, term or 0)
+        log = runtime.core.log
+        if index < log.snapshot.index:
+            # The core already holds a newer snapshot (a leader's, queued behind the entry just
+            # applied by an asynchronous state machine): installing it supersedes this one, and
+            # the core could not even name the term at ``index`` any more.
+            return defer.succeed(None)
+        meta = SnapshotMeta(index, log.term(index) or 0)
+        store = host.snapshot_store
+        # The WAL may drop only what an older snapshot, already durable and checked when it
+        # was written, covers: a newest file damaged later can then be rebuilt from that one.
+        previous = store.latest(runtime.number)
         runtime.snapshotting = True
         runtime.since_snapshot_entries = runtime.since_snapshot_bytes = 0
         try:
             chunks = iter(host.state_machine.snapshot(runtime.number))
-            writer = host.snapshot_store.writer(runtime.number, meta)
+            writer = store.writer(runtime.number, meta)
             writer.write_header(encode_runtime(runtime.tickets))
         except Exception as e:  # noqa: BLE001 - a state machine bug must not stop the node
             runtime.snapshotting = False
@@ -149,16 +185,36 @@ class Checkpointer:
 
         def produce() -> Any:
             for chunk in chunks:
-                writer.write_state(bytes(chunk))
-                yield None
+                # The write runs on the store's IO thread; waiting for it paces the state
+                # machine's producer to the disk instead of queueing the whole state in memory.
+                yield writer.write_state(bytes(chunk))
 
         d = self.cooperator.cooperate(produce()).whenDone()
         d.addCallback(lambda _: writer.write_trailer())
         d.addCallback(lambda _: writer.finish())
-        d.addCallback(lambda _: host.wal.compact(runtime.number, meta))
-        d.addCallback(lambda _: self._compacted(runtime, meta))
-        d.addErrback(self._failed, runtime, writer)
+        d.addCallbacks(lambda _: self._written(runtime, meta, previous), self._failed, errbackArgs=(runtime, writer))
         return d
+
+    def _written(self, runtime: "PartitionRuntime", meta: SnapshotMeta, previous: SnapshotMeta | None) -> Any:
+        """The snapshot is durable: compact the WAL up to the one before it. A compaction that
+        fails is a storage failure the node cannot run past: it stops."""
+        host = self.host
+        if not host.running:
+            runtime.snapshotting = False
+            return None
+        target = previous if previous is not None and previous.index < meta.index else None
+        d = host.wal.compact(runtime.number, target) if target is not None else defer.succeed(None)
+
+        def failed(failure: Any) -> None:
+            runtime.snapshotting = False
+            host.fail_stop(
+                f"partition {runtime.number}: compacting the WAL to {target} after the checkpoint at "
+                f"{meta.index} failed: {failure.getErrorMessage()}",
+                failure,
+            )
+            return None
+
+        return d.addCallbacks(lambda _: host.guard("completing a checkpoint", self._compacted, runtime, meta), failed)
 
     def _compacted(self, runtime: "PartitionRuntime", meta: SnapshotMeta) -> SnapshotMeta:
         runtime.snapshotting = False
@@ -171,6 +227,8 @@ class Checkpointer:
         return meta
 
     def _failed(self, failure: Any, runtime: "PartitionRuntime", writer: Any) -> None:
+        """Writing the snapshot failed (the state machine's producer, the disk): the node runs
+        on without this checkpoint and takes the next one when due."""
         runtime.snapshotting = False
         writer.abort()
         _log.failure("partition {p}: taking a snapshot failed", failure, p=runtime.number)

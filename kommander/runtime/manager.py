@@ -23,7 +23,7 @@ from kommander.runtime.drive import DriveLoop
 from kommander.runtime.framing import FrameBudget
 from kommander.runtime.ratelimit import RateLimitedLog
 from kommander.config import RaftConfiguration
-from kommander.core.errors import KommanderError, NotLeader, QueueFull
+from kommander.core.errors import ConfigurationError, KommanderError, NotLeader, QueueFull
 from kommander.core.raft import CoreConfig, RaftNode
 from kommander.core.types import EntryKind, Proposal, Role
 from kommander.interfaces import (
@@ -61,8 +61,9 @@ class RaftManager(DriveLoop):
     :param rng: randomness for election timeouts; seed it for reproducible tests.
     :param metadata: advertised to peers in the transport handshake (e.g. this node's HTTP URL).
     :param snapshot_store: where checkpoints are kept; in memory if omitted (then they do not
-        survive the process: use a directory with a durable WAL, since checkpoints are on by
-        default and compact the WAL; the node warns at start-up).
+        survive the process). Required with a WAL that keeps its log on disk (one with a
+        ``path``) and a state machine that can snapshot: checkpoints are on by default and
+        compact the WAL, so that pairing raises :class:`ConfigurationError`.
     """
 
     log = Logger()
@@ -104,6 +105,14 @@ class RaftManager(DriveLoop):
         self.snapshot_store = snapshot_store or SnapshotStore(None, reactor)
         self._default_store = snapshot_store is None
         self.checkpointer = Checkpointer(self)
+        if self._default_store and getattr(wal, "path", None) is not None and self.checkpointer.can_snapshot():
+            # A checkpoint compacts the durable WAL; its snapshot would die with the process and
+            # the next start could not rebuild what the WAL dropped.
+            raise ConfigurationError(
+                f"the WAL keeps its log on disk ({wal.path}) but no snapshot_store was given, so "
+                "checkpoints would be kept in memory only and lost at exit: pass "
+                "snapshot_store=SnapshotStore(directory) (for instance beside the WAL)"
+            )
         low, high = config.election_ticks()
         self.transfers = TransferTracker(
             self,

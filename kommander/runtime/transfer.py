@@ -59,31 +59,73 @@ class SnapshotSender:
         self.rewound_to: int | None = None
         self.last_progress = host.reactor.seconds()
         self.bytes_sent = 0
+        self.reading = False
+        self.closed = False
+        #: Called with this sender when reading the snapshot fails (the tracker abandons it).
+        self.on_error: Any = None
 
     def close(self) -> None:
-        self.reader.close()
+        if not self.closed:
+            self.closed = True
+            self.reader.close()
 
     def finished(self) -> bool:
         """Every byte is acknowledged (the follower may still be installing)."""
         return self.acked >= self.size
 
     def pump(self) -> None:
-        """Send chunks until the window is full or the file is out."""
+        """Send chunks until the window is full or the file is out. The bytes are read on the
+        snapshot store's IO executor; one read is outstanding at a time, and its completion
+        pumps again."""
+        if self.reading or self.closed:
+            return
+        limit = min(self.size, self.acked + self.window * self.chunk_size)
+        if self.sent >= limit:
+            return
+        offset = self.sent
+        self.reading = True
+        d = self.reader.read_later(offset, limit - offset)
+        d.addCallback(self._read, offset, limit - offset)
+        d.addErrback(self._read_failed)
+
+    def _read(self, data: bytes, offset: int, length: int) -> None:
+        self.reading = False
+        if self.closed or not self.host.running:
+            return
+        if offset != self.sent:
+            self.pump()  # rewound while reading: these bytes are not the ones to send next
+            return
         number = self.runtime.number
-        limit = self.acked + self.window * self.chunk_size
+        if len(data) < length:
+            raise SnapshotError(f"snapshot {self.meta} of partition {number} shrank while sending")
         out = []
-        while self.sent < self.size and self.sent < limit:
-            data = self.reader.read(self.sent, self.chunk_size)
-            if not data:
-                raise SnapshotError(f"snapshot {self.meta} of partition {number} shrank while sending")
-            done = self.sent + len(data) >= self.size
-            out.append(
-                (number, SnapshotChunk(self.term, self.host.node_id, self.peer, self.meta, self.sent, data, done))
-            )
-            self.sent += len(data)
-            self.bytes_sent += len(data)
+        step = self.chunk_size
+        for at in range(0, len(data), step):
+            piece = data[at : at + step]
+            start = offset + at
+            done = start + len(piece) >= self.size
+            out.append((number, SnapshotChunk(self.term, self.host.node_id, self.peer, self.meta, start, piece, done)))
+        self.sent += len(data)
+        self.bytes_sent += len(data)
         if out:
             self.host.send_now(self.peer, out)
+        self.pump()
+
+    def _read_failed(self, failure: Any) -> None:
+        self.reading = False
+        if self.closed or not self.host.running:
+            return
+        if not failure.check(SnapshotError, OSError):
+            self.host.fail_stop(f"partition {self.runtime.number}: internal error sending a snapshot", failure)
+            return
+        _log.error(
+            "partition {p}: snapshot transfer to {peer} failed: {e}",
+            p=self.runtime.number,
+            peer=self.peer,
+            e=failure.value,
+        )
+        if self.on_error is not None:
+            self.on_error(self)
 
     def acknowledged(self, ack: SnapshotChunkAck) -> None:
         if ack.meta != self.meta:
@@ -144,14 +186,25 @@ class SnapshotReceiver:
         if m.offset != incoming.offset:
             self._ack(m, incoming.offset, success=m.offset < incoming.offset)
             return
-        incoming.writer.write_raw(m.data)
+        # The bytes are hashed and written on the snapshot store's IO executor; the ack leaves
+        # once they are on disk, so the leader's window also bounds what waits in memory here.
+        written = incoming.writer.write_raw(m.data)
         incoming.offset += len(m.data)
-        self._ack(m, incoming.offset, success=True)
+        written.addCallbacks(self._written, self._write_failed, callbackArgs=(m, incoming.offset))
         if m.done:
             self.incoming = None
             incoming.writer.finish().addCallbacks(
                 self._installed, self._failed, callbackArgs=(m,), errbackArgs=(m,)
             )
+
+    def _written(self, _: Any, m: SnapshotChunk, offset: int) -> None:
+        if self.host.running:
+            self._ack(m, offset, success=True)
+
+    def _write_failed(self, failure: Any) -> None:
+        # The disk refused bytes the node had accepted: the same storage failure as a WAL write.
+        if self.host.running:
+            self.host.fail_stop(f"partition {self.runtime.number}: writing a received snapshot failed", failure)
 
     def reset(self) -> None:
         if self.incoming is not None:
@@ -203,6 +256,7 @@ class TransferTracker:
             current.close()
         try:
             sender = SnapshotSender(self.host, runtime, message, self.chunk_size, self.window)
+            sender.on_error = lambda failed: self._abandon_sender(failed)
             self.senders[key] = sender
             _log.info(
                 "partition {p}: sending snapshot at {index} ({size} bytes) to {peer}",
@@ -239,6 +293,11 @@ class TransferTracker:
                 # Also when every byte was acknowledged: the follower may have failed to install.
                 _log.warn("partition {p}: snapshot transfer to {peer} stalled; restarting", p=number, peer=peer)
                 self._abandon(number, peer)
+
+    def _abandon_sender(self, sender: SnapshotSender) -> None:
+        key = (sender.runtime.number, sender.peer)
+        if self.senders.get(key) is sender:
+            self._abandon(*key)
 
     def _abandon(self, number: int, peer: str) -> None:
         sender = self.senders.pop((number, peer), None)
