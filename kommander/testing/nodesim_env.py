@@ -262,6 +262,9 @@ class SimSnapshotStore(SnapshotStore):
         super().__init__(None, reactor)
         self.disk = disk
         self._memory = disk.snapshots
+        # What a restarted process finds on its disk (a real store lists its directory).
+        for partition, index, term in disk.snapshots:
+            self._index.setdefault(partition, set()).add(SnapshotMeta(index, term))
         self.dead = False
 
     def _open_sink(self, partition: int, meta: SnapshotMeta) -> Any:
