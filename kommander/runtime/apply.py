@@ -1,7 +1,7 @@
 """Applying committed application entries: the state machine first, then the events.
 
 The manager owns one :class:`Applier`; each partition's apply loop
-(:meth:`kommander.runtime.partition.PartitionRuntime._drain_apply`) calls it for every entry it
+(:meth:`kommander.runtime.apply_loop.ApplyLoop._drain_apply`) calls it for every entry it
 applies, in log order. The contract it enforces (see :class:`kommander.interfaces.IStateMachine`):
 
 * whatever ``apply`` returns, or its Deferred fires with, ``False`` included, is the entry's
@@ -22,8 +22,7 @@ from twisted.python.failure import Failure
 from kommander.core.types import Entry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.runtime.host import RuntimeHost
-    from kommander.runtime.partition import PartitionRuntime
+    from kommander.runtime.host import PartitionView, RuntimeHost
 
 #: Steps (entries, markers, installs) a partition's apply loop takes before it lets the reactor
 #: run other work; it continues on the next reactor turn.
@@ -65,7 +64,7 @@ class Applier:
         #: Application entries applied (a plain attribute: it moves once per entry).
         self.entries_applied = 0
 
-    def apply(self, runtime: "PartitionRuntime", entry: Entry) -> Any:
+    def apply(self, runtime: "PartitionView", entry: Entry) -> Any:
         """Call the state machine's ``apply`` for one application entry.
 
         :returns: what it returned (possibly a Deferred, fired or not), or a :class:`Failure`
@@ -80,7 +79,7 @@ class Applier:
         except Exception:  # noqa: BLE001 - handed to the apply loop, which fail-stops the node
             return Failure()
 
-    def applied(self, runtime: "PartitionRuntime", entry: Entry, outcome: Any, restoring: bool) -> None:
+    def applied(self, runtime: "PartitionView", entry: Entry, outcome: Any, restoring: bool) -> None:
         """``entry`` was applied with ``outcome``: fire the events. ``False`` is a result like any
         other (and every node reaches it), reported through ``on_replication_error`` too."""
         self.entries_applied += 1
@@ -96,7 +95,7 @@ class Applier:
             elif isinstance(verdict, Exception):
                 self.report_error(runtime, entry, f"an {event.name} handler raised {verdict!r}")
 
-    def failed(self, runtime: "PartitionRuntime", entry: Entry, failure: Failure, hook: str) -> str:
+    def failed(self, runtime: "PartitionView", entry: Entry, failure: Failure, hook: str) -> str:
         """The state machine's ``hook`` (``apply`` or ``checkpoint``) failed on ``entry``: log it with
         its traceback and fire ``on_replication_error``. The caller fail-stops the node.
 
@@ -117,7 +116,7 @@ class Applier:
         self.host.on_replication_error.fire(runtime.number, entry, reason)
         return reason
 
-    def report_error(self, runtime: "PartitionRuntime", entry: Entry, reason: str) -> None:
+    def report_error(self, runtime: "PartitionView", entry: Entry, reason: str) -> None:
         """Log an application-level error and fire ``on_replication_error``; the log moves on."""
         self.host.log.error(
             "partition {p}: applying entry {index} ({log_type}) failed: {reason}",
@@ -128,7 +127,7 @@ class Applier:
         )
         self.host.on_replication_error.fire(runtime.number, entry, reason)
 
-    def checkpoint(self, runtime: "PartitionRuntime", entry: Entry) -> Any:
+    def checkpoint(self, runtime: "PartitionView", entry: Entry) -> Any:
         """A checkpoint marker is being applied: request a snapshot and call the state machine's
         ``checkpoint`` hook if it has one.
 

@@ -30,8 +30,7 @@ from kommander.interfaces import WalState
 from kommander.runtime.snapshots import SnapshotError, encode_runtime
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.runtime.host import RuntimeHost
-    from kommander.runtime.partition import PartitionRuntime
+    from kommander.runtime.host import PartitionView, RuntimeHost
 
 _log = Logger()
 
@@ -123,7 +122,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ installing from a leader
 
-    def install(self, runtime: "PartitionRuntime", meta: SnapshotMeta) -> Any:
+    def install(self, runtime: "PartitionView", meta: SnapshotMeta) -> Any:
         """Replace the partition's state by the snapshot a leader sent (already stored)."""
         # The receiver checked the digest as the bytes arrived; no second pass.
         tickets, chunks = self.host.snapshot_store.open(runtime.number, meta, verify=False)
@@ -142,7 +141,7 @@ class Checkpointer:
     def can_snapshot(self) -> bool:
         return callable(getattr(self.host.state_machine, "snapshot", None))
 
-    def after_apply(self, runtime: "PartitionRuntime", entry: Entry) -> None:
+    def after_apply(self, runtime: "PartitionView", entry: Entry) -> None:
         """Called right after ``entry`` was applied; takes a snapshot when one is due."""
         config = self.host.config
         runtime.since_snapshot_entries += 1
@@ -153,7 +152,7 @@ class Checkpointer:
         if due and not runtime.snapshotting and not runtime.restoring:
             self.take(runtime)
 
-    def take(self, runtime: "PartitionRuntime") -> defer.Deferred[SnapshotMeta | None]:
+    def take(self, runtime: "PartitionView") -> defer.Deferred[SnapshotMeta | None]:
         """Snapshot the partition at its applied index, then compact the log behind the snapshot
         before it (see :meth:`_compacted`)."""
         runtime.snapshot_requested = False
@@ -195,7 +194,7 @@ class Checkpointer:
         d.addCallbacks(lambda _: self._written(runtime, meta, previous), self._failed, errbackArgs=(runtime, writer))
         return d
 
-    def _written(self, runtime: "PartitionRuntime", meta: SnapshotMeta, previous: SnapshotMeta | None) -> Any:
+    def _written(self, runtime: "PartitionView", meta: SnapshotMeta, previous: SnapshotMeta | None) -> Any:
         """The snapshot is durable: compact the WAL up to the one before it. A compaction that
         fails is a storage failure the node cannot run past: it stops."""
         host = self.host
@@ -216,7 +215,7 @@ class Checkpointer:
 
         return d.addCallbacks(lambda _: host.guard("completing a checkpoint", self._compacted, runtime, meta), failed)
 
-    def _compacted(self, runtime: "PartitionRuntime", meta: SnapshotMeta) -> SnapshotMeta:
+    def _compacted(self, runtime: "PartitionView", meta: SnapshotMeta) -> SnapshotMeta:
         runtime.snapshotting = False
         if meta.index > runtime.snapshot_index:
             runtime.snapshot_index = meta.index
@@ -226,7 +225,7 @@ class Checkpointer:
         _log.info("partition {p}: checkpoint at {index}, log compacted", p=runtime.number, index=meta.index)
         return meta
 
-    def _failed(self, failure: Any, runtime: "PartitionRuntime", writer: Any) -> None:
+    def _failed(self, failure: Any, runtime: "PartitionView", writer: Any) -> None:
         """Writing the snapshot failed (the state machine's producer, the disk): the node runs
         on without this checkpoint and takes the next one when due."""
         runtime.snapshotting = False

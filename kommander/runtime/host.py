@@ -5,6 +5,10 @@ given a :class:`RuntimeHost` (in production the :class:`~kommander.runtime.manag
 and use nothing else of it. They never import the manager: the manager is the only IO loop and the
 only place that decides to fail-stop; the parts report what they need (messages to send now, a
 partition with work to drive, a fatal error) through this narrow surface.
+
+The parts see one another only through the protocols below, never by importing each other's
+modules for their types, so the runtime's imports point one way: the partition uses the parts,
+the parts use this module.
 """
 
 from __future__ import annotations
@@ -20,10 +24,45 @@ if TYPE_CHECKING:  # pragma: no cover
     from kommander.core.types import Message
     from kommander.interfaces import IStateMachine, IWAL
     from kommander.results import Event
-    from kommander.runtime.apply import Applier
-    from kommander.runtime.checkpoints import Checkpointer
-    from kommander.runtime.partition import PartitionRuntime
+    from kommander.core.raft import RaftNode
+    from kommander.core.types import Entry, SnapshotMeta
     from kommander.runtime.snapshots import SnapshotStore
+
+
+class PartitionView(Protocol):
+    """One partition as the apply, checkpoint and transfer parts see it
+    (:class:`kommander.runtime.partition.PartitionRuntime`)."""
+
+    number: int
+    core: "RaftNode"
+    applied: int
+    restoring: bool
+    snapshot_index: int
+    snapshotting: bool
+    snapshot_requested: bool
+    since_snapshot_entries: int
+    since_snapshot_bytes: int
+    tickets: Any
+
+
+class ApplyStage(Protocol):
+    """Hands entries to the state machine (:class:`kommander.runtime.apply.Applier`)."""
+
+    def apply(self, runtime: PartitionView, entry: "Entry") -> Any: ...
+
+    def applied(self, runtime: PartitionView, entry: "Entry", outcome: Any, restoring: bool) -> None: ...
+
+    def failed(self, runtime: PartitionView, entry: "Entry", failure: "Failure", hook: str) -> str: ...
+
+    def checkpoint(self, runtime: PartitionView, entry: "Entry") -> Any: ...
+
+
+class CheckpointStage(Protocol):
+    """Takes and installs snapshots (:class:`kommander.runtime.checkpoints.Checkpointer`)."""
+
+    def install(self, runtime: PartitionView, meta: "SnapshotMeta") -> Any: ...
+
+    def after_apply(self, runtime: PartitionView, entry: "Entry") -> None: ...
 
 
 class RuntimeHost(Protocol):
@@ -35,8 +74,8 @@ class RuntimeHost(Protocol):
     wal: "IWAL"
     state_machine: "IStateMachine | None"
     snapshot_store: "SnapshotStore"
-    applier: "Applier"
-    checkpointer: "Checkpointer"
+    applier: ApplyStage
+    checkpointer: CheckpointStage
     log: Any
     on_replication_received: "Event"
     on_replication_error: "Event"
@@ -59,11 +98,11 @@ class RuntimeHost(Protocol):
         it and ``where``. For a part's callbacks that run outside the drive loop (a Deferred
         firing later); returns the function's result, or ``None`` after a fail-stop."""
 
-    def mark_dirty(self, runtime: "PartitionRuntime") -> None:
+    def mark_dirty(self, runtime: PartitionView) -> None:
         """Ask the drive loop to collect this partition's work on its next turn."""
 
     def send_now(self, peer: str, messages: "list[tuple[int, Message]]") -> None:
         """Hand messages to the transport outside the drive loop's batching."""
 
-    def restore_finished(self, runtime: "PartitionRuntime") -> None:
+    def restore_finished(self, runtime: PartitionView) -> None:
         """A partition finished replaying or installing its state."""

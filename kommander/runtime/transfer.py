@@ -25,8 +25,7 @@ from kommander.core.types import InstallSnapshot, Role, SnapshotChunk, SnapshotC
 from kommander.runtime.snapshots import SnapshotError, SnapshotWriter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kommander.runtime.host import RuntimeHost
-    from kommander.runtime.partition import PartitionRuntime
+    from kommander.runtime.host import PartitionView, RuntimeHost
 
 _log = Logger()
 
@@ -37,7 +36,7 @@ class SnapshotSender:
     def __init__(
         self,
         host: "RuntimeHost",
-        runtime: "PartitionRuntime",
+        runtime: "PartitionView",
         message: InstallSnapshot,
         chunk_size: int,
         window: int,
@@ -161,7 +160,7 @@ class _Incoming:
 class SnapshotReceiver:
     """Follower side: assembles one partition's incoming snapshot and installs it."""
 
-    def __init__(self, host: "RuntimeHost", runtime: "PartitionRuntime") -> None:
+    def __init__(self, host: "RuntimeHost", runtime: "PartitionView") -> None:
         self.host = host
         self.runtime = runtime
         self.incoming: _Incoming | None = None
@@ -247,7 +246,7 @@ class TransferTracker:
         self.timeout = timeout
         self.senders: dict[tuple[int, str], SnapshotSender] = {}
 
-    def start(self, runtime: "PartitionRuntime", message: InstallSnapshot) -> None:
+    def start(self, runtime: "PartitionView", message: InstallSnapshot) -> None:
         key = (runtime.number, message.dst)
         current = self.senders.get(key)
         if current is not None and current.meta == message.meta and current.term == message.term:
