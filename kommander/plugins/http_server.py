@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.web import http, resource, server
@@ -32,9 +32,6 @@ from twisted.web import http, resource, server
 from kommander.core.errors import ProtocolError
 from kommander.plugins.tcp_protocol import PREFIX_BYTES, describe_address
 from kommander.wire.codec import PROTOCOL_VERSION, Handshake, decode_message, encode_handshake
-
-if TYPE_CHECKING:
-    from kommander.plugins.http_transport import HTTPTransport
 
 CONTENT_TYPE = b"application/vnd.kommander.frames"
 JSON_TYPE = b"application/json"
@@ -117,15 +114,35 @@ def split_frames(body: bytes, max_frame_bytes: int) -> list[bytes]:
 _METHOD_PREFIX = re.compile(rb"^[A-Z]{0,8}$|^[A-Z]{1,8} ")
 
 
+class InboundOwner(Protocol):
+    """What :class:`Inbound` uses of the transport it serves
+    (:class:`kommander.plugins.http_transport.HTTPTransport`); typed here so that this module
+    does not import the transport, which imports it."""
+
+    node_id: str
+    cluster_id: str
+    max_frame_bytes: int
+    partitions: int
+    handshake: Handshake
+    running: bool
+    receiver: Any
+    stats: dict[str, int]
+    log: Any
+
+    def status_document(self) -> dict[str, Any]: ...
+
+    def knows(self, node: str) -> bool: ...
+
+
 class Inbound:
-    """The receiving half of an :class:`HTTPTransport`: who may send to this node, and where
+    """The receiving half of an HTTP transport: who may send to this node, and where
     their messages go. The site's resources and requests talk to it, never to the transport's
     client side.
 
     :ivar sessions: node id -> incarnation of each peer whose handshake was accepted.
     """
 
-    def __init__(self, transport: HTTPTransport) -> None:
+    def __init__(self, transport: InboundOwner) -> None:
         self.transport = transport
         self.sessions: dict[str, int] = {}
 
