@@ -135,9 +135,18 @@ class SimDisk:
         self.generation += 1
 
     def corrupt_newest(self, partition: int) -> bool:
-        """Flip a byte inside the newest snapshot of ``partition``. :returns: whether one existed."""
+        """Flip a byte inside the newest snapshot of ``partition`` when an older one still covers
+        the WAL's checkpoint (the damage a node must survive alone). :returns: whether it did.
+
+        Right after a node installs a leader's snapshot, that snapshot is the only copy of the
+        entries before it; damage to it cannot be repaired from this disk and the node refuses to
+        start, naming the snapshot (tests/test_checkpoints.py), so the simulator does not inject it.
+        """
         keys = sorted(k for k in self.snapshots if k[0] == partition)
-        if not keys:
+        log = self.durable._logs.get(partition)
+        checkpoint = log.bounds.checkpoint if log is not None else None
+        floor = checkpoint.index if checkpoint is not None else 0
+        if not keys or (floor > 0 and (len(keys) < 2 or keys[-2][1] < floor)):
             return False
         key = keys[-1]
         data = bytearray(self.snapshots[key])
