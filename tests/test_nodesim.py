@@ -145,6 +145,7 @@ ISSUE9_FIXED = [
     ("diskfull", range(72, 75)),  # fault 4, seed 73: a failed snapshot-chunk write escaped into the reactor
     ("smfault", range(6, 9)),  # fault 5, seed 7: a state-machine exception was swallowed, nodes diverged
     ("stall", range(0, 3)),  # fault 7, seed 1: a leader whose fsync stalled kept leading
+    ("corrupt", range(72, 75)),  # fault 6, seed 72: restart compacted the WAL before verifying the newest snapshot
 ]
 
 
@@ -163,7 +164,6 @@ def test_fixed_issue9_fault_class_stays_fixed(profile, seeds):
 # seeds that includes the seed that first found it; flip the mark once the fault is fixed.
 ISSUE9 = [
     ("wipe", (57, 73, 91), "issue 9 fault 2, what the storage-identity rule leaves: seed 57 committed state diverges, 73/76/77/92/93 a partition never elects after an early wipe, 91 the core's 'progress points past our log' assertion"),
-    ("corrupt", range(72, 73), "issue 9 fault 6: restart compacts the WAL before verifying the newest snapshot (seed 72; 22 before the rejoin merge changed the timings)"),
 ]
 
 
