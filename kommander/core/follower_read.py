@@ -65,6 +65,12 @@ class FollowerRead(NodeState):
         waiting.clear()
         self._msgs.append(ReadIndexRequest(self.term, self.id, leader, request_id))
 
+    def awaits_read_index(self, m: ReadIndexResponse) -> bool:
+        """Whether ``m`` answers a request this node has out (else stepping it changes nothing;
+        the runtime logs such answers: late ones, or forged)."""
+        found = self._fr_inflight.get(m.request_id)
+        return found is not None and found[3] == m.src and found[2] == m.term
+
     def _handle_read_index_response(self, m: ReadIndexResponse) -> None:
         """The leader's answer (``step`` checked the term is ours). Anything that does not match a
         request we sent to that leader in this term changes nothing."""
