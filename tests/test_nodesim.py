@@ -163,7 +163,9 @@ def test_fixed_issue9_fault_class_stays_fixed(profile, seeds):
 # Fault classes that expose a fault of issue 9 still present on this branch. Each runs a range of
 # seeds that includes the seed that first found it; flip the mark once the fault is fixed.
 ISSUE9 = [
-    ("wipe", (57, 73, 91), "issue 9 fault 2, what the storage-identity rule leaves: seed 57 committed state diverges, 73/76/77/92/93 a partition never elects after an early wipe, 91 the core's 'progress points past our log' assertion"),
+    # Seeds re-measured after the workload began sending half its reads to followers (which moved
+    # every schedule): 0, 39 and 44 are the "never elects after an early wipe" kind.
+    ("wipe", (0, 39, 44), "issue 9 fault 2, what the storage-identity rule leaves: committed state diverges (seed 57 before follower reads), a partition never elects after an early wipe (seeds 0/39/44), the core's 'progress points past our log' assertion (seed 91 before)"),
 ]
 
 
