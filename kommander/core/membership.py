@@ -171,12 +171,22 @@ class Reconfig(NodeState):
             self._sync_progress()
 
     def _sync_progress(self) -> None:
+        """Leader: track every member. A node the latest configuration removed keeps receiving
+        entries until that configuration commits (so it learns it is out and does not campaign);
+        its replies are ignored like any non-member's, and it counts for nothing."""
         members = self._members
         progress = self.progress
+        committed = self._config_last <= self.log.committed
+        lingering = False
         for peer in [p for p in progress if p not in members]:
-            del progress[peer]
-            if self.lead_transferee == peer:
-                self.lead_transferee = None
+            if committed:
+                del progress[peer]
+                if self.lead_transferee == peer:
+                    self.lead_transferee = None
+            else:
+                lingering = True
+        if lingering:
+            self._simple = False
         next_index = self.log.last_index() + 1
         for peer in sorted(members):
             if peer != self.id and peer not in progress:
@@ -264,6 +274,7 @@ class Reconfig(NodeState):
         """The leader's latest configuration committed: leave a joint one, or hand leadership
         away if this node is no longer a voter."""
         self._config_watch = False
+        self._use_membership()  # drops the removed nodes' progress
         m = self.membership
         if m.joint:
             self._append_config(Membership(m.voters, m.learners))

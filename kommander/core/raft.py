@@ -145,7 +145,8 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin, Reconfig):
         if m.dst != self.id or m.src == self.id:
             return
         if m.src not in self._members:
-            if not isinstance(m, _FROM_LEADER):
+            # (A removed leader's hand-off, TimeoutNow, is taken from the leader we follow only.)
+            if not isinstance(m, _FROM_LEADER) and not (type(m) is TimeoutNow and m.src == self.leader):
                 return
         elif m.src not in self.voters and (type(m) is VoteRequest or type(m) is VoteResponse):
             return
