@@ -153,7 +153,7 @@ class Reconfig(NodeState):
                 found = True
         return found
 
-    def _use_membership(self) -> None:
+    def _use_membership(self, prune: bool = False) -> None:
         """Derive the fields every part reads from the latest configuration."""
         m = self._configs[-1][1]
         self._config_last = self._configs[-1][0]
@@ -167,30 +167,43 @@ class Reconfig(NodeState):
         # is a voter of a single configuration that includes this node.
         self._simple = not m.joint and not m.learners and self.id in m.voters
         self._solo = not m.joint and m.voters == {self.id}
+        self._lingering = False
         if self.role is Role.LEADER:
-            self._sync_progress()
+            self._sync_progress(prune)
 
-    def _sync_progress(self) -> None:
+    def _sync_progress(self, prune: bool) -> None:
         """Leader: track every member. A node the latest configuration removed keeps receiving
-        entries until that configuration commits (so it learns it is out and does not campaign);
-        its replies are ignored like any non-member's, and it counts for nothing."""
+        entries and commit indexes until the CheckQuorum round after that configuration commits
+        (``prune``), so it learns it is out and does not campaign; it counts for nothing."""
         members = self._members
         progress = self.progress
         committed = self._config_last <= self.log.committed
         lingering = False
         for peer in [p for p in progress if p not in members]:
-            if committed:
+            if committed and prune:
                 del progress[peer]
                 if self.lead_transferee == peer:
                     self.lead_transferee = None
             else:
                 lingering = True
+                self._members = self._members | {peer}  # its replies are heard meanwhile
         if lingering:
             self._simple = False
+            self._lingering = True
         next_index = self.log.last_index() + 1
         for peer in sorted(members):
             if peer != self.id and peer not in progress:
                 progress[peer] = Progress(next_index)
+
+    def _removal_pending(self) -> bool:
+        """Whether the latest configuration removes this voter but is not committed yet: it may
+        still be needed to elect a leader that commits it, so it keeps campaigning (thesis
+        4.2.2), without counting its own vote."""
+        configs = self._configs
+        if len(configs) < 2 or configs[-1][0] <= self.log.committed:
+            return False
+        prev = configs[-2][1]
+        return self.id in prev.voters or self.id in prev.outgoing
 
     # ------------------------------------------------------------------ follower: log changes
 
@@ -274,7 +287,6 @@ class Reconfig(NodeState):
         """The leader's latest configuration committed: leave a joint one, or hand leadership
         away if this node is no longer a voter."""
         self._config_watch = False
-        self._use_membership()  # drops the removed nodes' progress
         m = self.membership
         if m.joint:
             self._append_config(Membership(m.voters, m.learners))
