@@ -19,6 +19,7 @@ Mixed into :class:`kommander.core.raft.RaftNode`; the fields it shares are decla
 from __future__ import annotations
 
 import json
+from operator import itemgetter
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
@@ -28,6 +29,7 @@ from kommander.core.state import NodeState
 from kommander.core.types import Entry, EntryKind, Membership, Role, SnapshotMeta, TimeoutNow
 
 CONFIG = EntryKind.CONFIG
+_KIND = itemgetter(2)  # Entry.kind
 
 
 class ChangeInProgress(ProposalDropped):
@@ -211,7 +213,7 @@ class Reconfig(NodeState):
         """After ``entries`` were merged after ``prev_index``: forget configurations of entries
         replaced or re-sent, and record the ones the message carries."""
         configs = self._configs
-        if configs[-1][0] > prev_index:
+        if self._config_last > prev_index:
             high = prev_index + len(entries)
             last = self.log.last_index()
             # Entries past the message's end survive only when nothing conflicted.
@@ -220,7 +222,8 @@ class Reconfig(NodeState):
             self._scan_configs(entries)
             configs.extend(later)
             self._use_membership()
-        elif self._scan_configs(entries):
+        elif CONFIG in map(_KIND, entries):  # the hot path: a C-level scan of the kinds
+            self._scan_configs(entries)
             self._use_membership()
 
     def _restore_membership(self, meta: SnapshotMeta) -> None:
