@@ -3,7 +3,7 @@ and on_membership_changed, on the deterministic memory cluster."""
 
 from __future__ import annotations
 
-from kommander.core.types import Membership
+from kommander.core.types import EntryKind, Membership
 from kommander.results import RaftOperationStatus as Status
 
 from runtime_harness import Cluster
@@ -155,5 +155,53 @@ def test_restart_rebuilds_membership_from_log():
         other = next(n for n in cluster.running() if n is not leader)
         cluster.restart(other.node_id)
         assert other.m.membership(P) == Membership(voters("n1", "n2", "n3"), voters("n4"))
+    finally:
+        cluster.close()
+
+
+def snapshotting(n: int = 3) -> Cluster:
+    from runtime_harness import ListStateMachine
+
+    cluster = Cluster(n=n, partitions=1, seed=7, state_machine=ListStateMachine, checkpoint_every=5).start_all()
+    cluster.wait_for_leaders()
+    return cluster
+
+
+def test_restart_after_compaction_rebuilds_membership_from_snapshot():
+    """A node whose log was compacted past every configuration entry restarts with the changed
+    configuration, read from its snapshot file."""
+    cluster = snapshotting()
+    try:
+        leader = cluster.leader(P)
+        assert cluster.wait(leader.m.change_membership(P, ["n1", "n2", "n3"], ["n4"])).success
+        for i in range(20):
+            assert cluster.write(P, b"w%d" % i).success
+        cluster.wait_caught_up()
+        other = next(n for n in cluster.running() if n is not leader)
+        core = other.m.runtimes[P].core
+        assert not any(e.kind is EntryKind.CONFIG for e in core.log.entries)  # all compacted away
+        assert core.log.snapshot.membership is not None
+        cluster.restart(other.node_id)
+        assert other.m.membership(P) == Membership(voters("n1", "n2", "n3"), voters("n4"))
+    finally:
+        cluster.close()
+
+
+def test_learner_catches_up_from_snapshot_with_configuration():
+    """A node added after the log was compacted gets the snapshot, with the configuration in it."""
+    cluster = snapshotting()
+    try:
+        for i in range(20):
+            assert cluster.write(P, b"w%d" % i).success
+        cluster.add_node("n4", ["n9"])  # a wrong idea of the voters: the snapshot corrects it
+        leader = cluster.leader(P)
+        assert cluster.wait(leader.m.change_membership(P, ["n1", "n2", "n3"], ["n4"])).success
+        target = Membership(voters("n1", "n2", "n3"), voters("n4"))
+        cluster.run_until(lambda: cluster.nodes["n4"].m.membership(P) == target, 10, "n4 has the configuration")
+        cluster.run_until(
+            lambda: cluster.nodes["n4"].m.runtimes[P].applied >= leader.m.runtimes[P].core.log.committed, 10, "caught up"
+        )
+        assert cluster.nodes["n4"].m.runtimes[P].core.log.snapshot.index > 0
+        assert cluster.nodes["n4"].state_machine.data(P)[:20] == [b"w%d" % i for i in range(20)]
     finally:
         cluster.close()

@@ -143,6 +143,15 @@ class Reconfig(NodeState):
         """The index of the entry holding :attr:`membership` (the snapshot's index when none does)."""
         return self._configs[-1][0]
 
+    def membership_at(self, index: int) -> Membership:
+        """The configuration in force at ``index`` (at or after the snapshot's index)."""
+        found = self._configs[0][1]
+        for at, m in self._configs:
+            if at > index:
+                break
+            found = m
+        return found
+
     def membership_committed(self) -> bool:
         """Whether :attr:`membership` is committed (no change under way, as far as this node knows)."""
         return self._configs[-1][0] <= self.log.committed and not self.membership.joint
