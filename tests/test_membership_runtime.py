@@ -205,3 +205,37 @@ def test_learner_catches_up_from_snapshot_with_configuration():
         assert cluster.nodes["n4"].state_machine.data(P)[:20] == [b"w%d" % i for i in range(20)]
     finally:
         cluster.close()
+
+
+def test_install_snapshot_carries_configuration_on_the_wire():
+    """InstallSnapshot's meta keeps its configuration through the codec; the old form still decodes."""
+    import cbor2
+    import pytest
+
+    from kommander.core.errors import ProtocolError
+    from kommander.core.types import InstallSnapshot, SnapshotMeta
+    from kommander.wire.codec import decode_message, encode_message
+
+    m = Membership(voters("n1", "n2"), voters("n3"), voters("n1", "n2", "n4"))
+    sent = InstallSnapshot(3, "n1", "n2", SnapshotMeta(10, 2, m))
+    _, got = decode_message(encode_message(0, sent), 1)
+    assert got.meta.membership == m and got == sent
+    _, old = decode_message(encode_message(0, InstallSnapshot(3, "n1", "n2", SnapshotMeta(10, 2))), 1)
+    assert old.meta == SnapshotMeta(10, 2) and old.meta.membership is None
+    raw = cbor2.loads(encode_message(0, sent))
+    raw[-1] = [10, 2, [], [], []]  # no voters: refused
+    with pytest.raises(ProtocolError):
+        decode_message(cbor2.dumps(raw), 1)
+
+
+def test_snapshot_runtime_section_round_trips_configuration():
+    """The snapshot file's runtime section keeps tickets and configuration; the old array form reads."""
+    import cbor2
+
+    from kommander.runtime.snapshots import decode_runtime, encode_runtime
+
+    m = Membership(voters("n1"), voters("n2"))
+    section = decode_runtime(encode_runtime({}, m))
+    assert section.membership == m and dict(section) == {}
+    old = decode_runtime(cbor2.dumps([]))
+    assert old.membership is None and dict(old) == {}

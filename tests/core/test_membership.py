@@ -217,6 +217,17 @@ def test_joint_election_needs_both_majorities():
     assert core.role is Role.LEADER
 
 
+def test_joint_election_needs_the_old_majority_too():
+    """While joint, a majority of the new voters alone does not elect (n3 and n4 of n3, n4, n5)."""
+    core = joint_core(["n1", "n2", "n3"], ["n3", "n4", "n5"], node="n3")
+    core.campaign()
+    term = core.term
+    core.step(VoteResponse(term, "n4", "n3", True))
+    assert core.role is Role.CANDIDATE  # new majority {n3, n4}, old: n3 alone
+    core.step(VoteResponse(term, "n1", "n3", True))
+    assert core.role is Role.LEADER
+
+
 def test_joint_election_lost_when_either_majority_refuses():
     """While joint, a refusal by a majority of the new voters alone ends the candidacy."""
     core = joint_core(["n1", "n2", "n3"], ["n3", "n4", "n5"])
@@ -244,6 +255,18 @@ def test_joint_commit_needs_both_majorities():
     net.heartbeat("n1")
     assert net["n1"].membership == Membership(fs("n1", "n4", "n5"))
     assert net["n1"].membership_committed()
+
+
+def test_joint_commit_needs_the_old_majority_too():
+    """While joint, a majority of the new voters alone commits nothing."""
+    net = Network(5)
+    net.elect("n1")
+    for cut in ("n2", "n3", "n5"):
+        net.drop(dst=cut)
+    # Shrink 5 -> {n1, n4}: both new voters hold the joint entry, but only two of the old five.
+    change(net, "n1", ["n1", "n4"])
+    assert net["n1"].membership.joint
+    assert net["n1"].log.committed < net["n1"].membership_index
 
 
 def test_disjoint_majorities_prevented():
@@ -320,7 +343,7 @@ def test_removed_server_does_not_campaign():
 
 def test_removed_server_disruption_ignored():
     """A removed node that missed its removal campaigns with higher terms: nobody changes term."""
-    net = Network(3, pre_vote=False)
+    net = Network(3, pre_vote=False, check_quorum=False)  # no leader lease: only the filter protects
     net.elect("n1")
     net.drop(dst="n3")
     change(net, "n1", ["n1", "n2"])
@@ -336,7 +359,7 @@ def test_removed_server_disruption_ignored():
 
 def test_votes_from_learners_are_ignored():
     """A learner's vote request with a higher term changes nothing at a voter."""
-    net = Network(3)
+    net = Network(3, check_quorum=False)  # no leader lease: only the filter protects
     net.elect("n1")
     net.add("n4")
     change(net, "n1", ["n1", "n2", "n3"], ["n4"])
