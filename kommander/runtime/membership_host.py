@@ -133,6 +133,10 @@ class MembershipHost:
                 node=self.node_id,
                 v=record.version,
             )
+        if record.version and hasattr(self.discovery, "update"):
+            # A fixed view (static discovery) follows the record; one that discovers by itself
+            # (multicast) is left alone, and the transport follows the record either way.
+            self.discovery.update({m.id: m.peer for m in record.members if m.peer})
         if getattr(self, "_running", False):
             self.transport.update_peers(self._peers_from({}))
         self.cluster.record_changed(record)
