@@ -34,11 +34,18 @@ class Election(NodeState):
                 return
             if self.lead_transferee is not None:
                 self.lead_transferee = None  # the transfer did not finish in time: give up
+            if self.id not in self.voters and self._config_last <= self.log.committed:
+                # Removed by a committed change and the hand-off did not finish: step down,
+                # and the remaining voters elect a leader among themselves.
+                self._become_follower(self.term, None)
+                return
         if self.heartbeat_elapsed >= self.config.heartbeat_tick:
             self.heartbeat_elapsed = 0
             self._bcast_heartbeat(self._next_read_round())
 
     def _quorum_active(self) -> bool:
+        if not self._simple:
+            return self._active_general()
         active = 1  # ourselves
         for pr in self.progress.values():
             if pr.recent_active:
@@ -49,6 +56,8 @@ class Election(NodeState):
     # ------------------------------------------------------------------ campaigning
 
     def _campaign(self, transfer: bool) -> None:
+        if self.id not in self.voters:
+            return  # a learner, or removed: never campaigns
         if self.catching_up:
             self._rejoin_timeout()  # new storage: no campaign until caught up (rejoin.py)
             return
@@ -97,7 +106,10 @@ class Election(NodeState):
             )
 
     def _tally(self) -> bool | None:
-        """``True`` once a quorum granted, ``False`` once a quorum refused, else ``None``."""
+        """``True`` once a quorum granted, ``False`` once a quorum refused, else ``None``; while
+        joint, of both the incoming and the outgoing voters."""
+        if not self._simple:
+            return self._tally_general()
         granted = sum(1 for v in self.votes.values() if v)
         if granted >= self.quorum:
             return True
@@ -171,7 +183,7 @@ class Election(NodeState):
         """
         if self.role is not Role.LEADER:
             raise NotLeader(self.leader)
-        if target not in self.progress:
+        if target not in self.progress or target not in self.voters:
             raise ValueError(f"cannot transfer leadership to {target!r}: not another voter")
         if self.lead_transferee == target:
             return

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from kommander.core.election import Election
 from kommander.core.errors import NotLeader, ProposalDropped
 from kommander.core.log import RaftLog
+from kommander.core.membership import Reconfig
 from kommander.core.progress import Progress
 from kommander.core.readindex import ReadIndex
 from kommander.core.rejoin import Rejoin, Standing
@@ -29,6 +30,7 @@ from kommander.core.types import (
     Heartbeat,
     HeartbeatResponse,
     InstallSnapshot,
+    Membership,
     Message,
     Proposal,
     Ready,
@@ -44,7 +46,7 @@ from kommander.core.types import (
 _FROM_LEADER = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
-class RaftNode(Election, Replication, ReadIndex, Rejoin):
+class RaftNode(Election, Replication, ReadIndex, Rejoin, Reconfig):
     """One partition's Raft state machine.
 
     :param config: see :class:`CoreConfig`.
@@ -68,9 +70,6 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
         hard_state = hard_state or HardState()
         self.config = config
         self.id = config.node_id
-        self.voters = frozenset(config.voters)
-        self.peers = tuple(v for v in config.voters if v != self.id)
-        self.quorum = len(config.voters) // 2 + 1
         self.rng = rng
         self.log = RaftLog(snapshot, entries, hard_state.commit)
         self.term = hard_state.term
@@ -83,6 +82,9 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
         self.heartbeat_elapsed = 0
         self.randomized_timeout = config.election_tick
         self.lead_transferee: str | None = None
+        # The configuration: the snapshot's, else the one given at first start, then the log's.
+        self._config_watch = False
+        self._init_membership(Membership(frozenset(config.voters), frozenset(config.learners)), entries)
         # Leader: (last index, running total of proposed bytes) per proposal batch, for
         # the uncommitted-bytes limit.
         self._uncommitted: deque[tuple[int, int]] = deque()
@@ -134,9 +136,18 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
             self._become_follower(self.term, None)
 
     def step(self, m: Message) -> None:
-        """Process one message addressed to this node. Messages from unknown nodes, for other
-        nodes, or of a stale term are ignored (stale ones may get an answer revealing our term)."""
-        if m.dst != self.id or m.src not in self.voters or m.src == self.id:
+        """Process one message addressed to this node. Messages for other nodes, of a stale
+        term (they may get an answer revealing our term), and from nodes outside our latest
+        configuration are ignored, and so are votes from non-voters: a removed node must not
+        disrupt the partition with its terms. A leader's messages are the exception: only an
+        elected leader sends them, and our configuration may lag behind the one that elected it
+        (a new voter leading before our log holds the entry that added it)."""
+        if m.dst != self.id or m.src == self.id:
+            return
+        if m.src not in self._members:
+            if not isinstance(m, _FROM_LEADER):
+                return
+        elif m.src not in self.voters and (type(m) is VoteRequest or type(m) is VoteResponse):
             return
         if self.standing is not Standing.MEMBER:
             self._observe_rejoin(m)
@@ -234,8 +245,10 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
                 self._commit_dirty = True
 
     def compact(self, meta: SnapshotMeta) -> None:
-        """Forget entries up to ``meta.index``: the state machine's snapshot now covers them."""
-        self.log.compact(meta)
+        """Forget entries up to ``meta.index``: the state machine's snapshot now covers them.
+        The core's snapshot meta then carries the configuration at that index."""
+        if meta.index > self.log.snapshot.index:
+            self.log.compact(self._compact_membership(meta))
 
     def limit_apply(self, index: int) -> None:
         """Hand out committed entries only up to ``index`` until called again: the runtime's
@@ -349,7 +362,9 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
         self.heartbeat_elapsed = 0
         self.election_elapsed = 0
         next_index = self.log.last_index() + 1
-        self.progress = {peer: Progress(next_index) for peer in self.peers}
+        self.progress = {peer: Progress(next_index) for peer in sorted(self._members) if peer != self.id}
+        # A configuration change left unfinished by an earlier leader is finished by this one.
+        self._config_watch = True
         # A no-op of our term: committing it commits every earlier entry (Raft paper, section 8)
         # and lets ReadIndex know the latest commit index.
         noop = Entry(next_index, self.term, EntryKind.NOOP)
@@ -369,3 +384,5 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
             self._committed_bytes = uncommitted.popleft()[1]
         if self._reads_waiting_commit and self.log.term(committed) == self.term:
             self._release_reads_waiting_commit()
+        if self._config_watch and self._config_last <= committed:
+            self._config_committed()

@@ -37,7 +37,7 @@ class ReadIndex(NodeState):
         self._register_read(context)
 
     def _register_read(self, context: int) -> None:
-        if not self.progress:
+        if self._solo:
             self._read_states.append(ReadState(context, self.log.committed))
             return
         self._pending_reads.append((self._read_seq + 1, context, self.log.committed))
@@ -54,11 +54,14 @@ class ReadIndex(NodeState):
         pending = self._pending_reads
         if not pending:
             return
-        acks = [self._read_seq]
-        # A follower catching up on new storage may have voted for a newer leader before it
-        # lost its disk: its acknowledgement proves nothing about our leadership.
-        acks.extend(0 if pr.catching_up else pr.read_ack for pr in self.progress.values())
-        confirmed = quorum_index(acks)
+        if self._simple:
+            acks = [self._read_seq]
+            # A follower catching up on new storage may have voted for a newer leader before it
+            # lost its disk: its acknowledgement proves nothing about our leadership.
+            acks.extend(0 if pr.catching_up else pr.read_ack for pr in self.progress.values())
+            confirmed = quorum_index(acks)
+        else:
+            confirmed = self._read_index_general()
         while pending and pending[0][0] <= confirmed:
             _, context, index = pending.popleft()
             self._read_states.append(ReadState(context, index))

@@ -25,7 +25,7 @@ from kommander.runtime.ratelimit import RateLimitedLog
 from kommander.config import RaftConfiguration
 from kommander.core.errors import ConfigurationError, KommanderError, NotLeader, QueueFull
 from kommander.core.raft import CoreConfig, RaftNode
-from kommander.core.types import EntryKind, Proposal, Role
+from kommander.core.types import EntryKind, Membership, Proposal, Role
 from kommander.interfaces import (
     IClock,
     IDiscovery,
@@ -36,6 +36,7 @@ from kommander.interfaces import (
     IWAL,
     IWALMetadata,
 )
+from kommander.runtime.membership import MembershipApi
 from kommander.runtime.membership_host import MembershipHost
 from kommander.runtime.members import RECORD_LOG_TYPE
 from kommander.runtime.partition import PartitionRuntime, Request
@@ -48,7 +49,7 @@ Status = RaftOperationStatus
 
 
 @implementer(IRaft, IMessageReceiver)
-class RaftManager(MembershipHost, DriveLoop):
+class RaftManager(MembershipHost, DriveLoop, MembershipApi):
     """A Kommander node: ``max_partitions`` Raft groups sharing one transport, WAL and clock.
 
     :param config: the node's settings; validated here.
@@ -123,6 +124,10 @@ class RaftManager(MembershipHost, DriveLoop):
             timeout=max(5.0, 4 * high * config.heartbeat_interval),
         )
         self.voters: tuple[str, ...] = ()
+        #: Set before :meth:`join_cluster` on a node joining running partitions: the configuration
+        #: its cores start from (the current voters, this node a learner) until the leader's log
+        #: or snapshot gives them theirs. ``None``: the discovered nodes are the voters.
+        self.initial_membership: Membership | None = None
         self.runtimes: list[PartitionRuntime] = []
         self.peer_metadata: dict[str, dict[str, str]] = {}
         self.stats: dict[str, int] = {
@@ -138,6 +143,8 @@ class RaftManager(MembershipHost, DriveLoop):
         self.on_log_restored = Event("on_log_restored")
         self.on_restore_started = Event("on_restore_started")
         self.on_restore_finished = Event("on_restore_finished")
+        #: Fired with ``(partition, Membership)`` when a configuration entry is applied here.
+        self.on_membership_changed = Event("on_membership_changed")
         #: Fired with the reason when the node stops itself (a failed WAL write, a broken
         #: invariant): a process running it should exit so a supervisor restarts it.
         self.on_fail_stop = Event("on_fail_stop")
@@ -176,9 +183,11 @@ class RaftManager(MembershipHost, DriveLoop):
             yield self.record.adopt(self.join_record)
         self._check_configured_peers(nodes)
         low, high = self.config.election_ticks()
+        start = self.initial_membership
         core_config = CoreConfig(
             self.node_id,
-            self.voters,
+            tuple(sorted(start.voters)) if start else self.voters,
+            learners=tuple(sorted(start.learners)) if start else (),
             election_tick=low,
             election_tick_max=high,
             pre_vote=self.config.pre_vote,
@@ -265,6 +274,7 @@ class RaftManager(MembershipHost, DriveLoop):
             for context in list(runtime.reads):
                 runtime.reads.pop(context)[0].errback(Failure(KommanderError(reason)))
             runtime.abandoned_reads.clear()
+            runtime.changes.fail_all(status, f"{reason}; the membership change may still finish")
             for _, d in runtime.confirmed_reads:
                 d.errback(Failure(KommanderError(reason)))
             runtime.confirmed_reads.clear()
