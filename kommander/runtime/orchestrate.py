@@ -327,7 +327,11 @@ class ClusterMembers:
                 return MembershipResult(status, f"writing the membership record failed: {result.error or result.status.value}", result.leader)
             return self._wait(done, what)
 
-        return d.addCallback(written)
+        # A Deferred of its own, which fires only once the whole operation is done (one that
+        # chains on another reads as called while it waits).
+        out: defer.Deferred[MembershipResult] = defer.Deferred()
+        d.addCallback(written).addBoth(out.callback)
+        return out
 
     def _wait(self, done: Callable[[MemberRecord], bool], what: str) -> defer.Deferred[MembershipResult]:
         if done(self.current()):
