@@ -3,7 +3,7 @@ and on_membership_changed, on the deterministic memory cluster."""
 
 from __future__ import annotations
 
-from kommander.core.types import Membership
+from kommander.core.types import EntryKind, Membership
 from kommander.results import RaftOperationStatus as Status
 
 from runtime_harness import Cluster
@@ -157,3 +157,85 @@ def test_restart_rebuilds_membership_from_log():
         assert other.m.membership(P) == Membership(voters("n1", "n2", "n3"), voters("n4"))
     finally:
         cluster.close()
+
+
+def snapshotting(n: int = 3) -> Cluster:
+    from runtime_harness import ListStateMachine
+
+    cluster = Cluster(n=n, partitions=1, seed=7, state_machine=ListStateMachine, checkpoint_every=5).start_all()
+    cluster.wait_for_leaders()
+    return cluster
+
+
+def test_restart_after_compaction_rebuilds_membership_from_snapshot():
+    """A node whose log was compacted past every configuration entry restarts with the changed
+    configuration, read from its snapshot file."""
+    cluster = snapshotting()
+    try:
+        leader = cluster.leader(P)
+        assert cluster.wait(leader.m.change_membership(P, ["n1", "n2", "n3"], ["n4"])).success
+        for i in range(20):
+            assert cluster.write(P, b"w%d" % i).success
+        cluster.wait_caught_up()
+        other = next(n for n in cluster.running() if n is not leader)
+        core = other.m.runtimes[P].core
+        assert not any(e.kind is EntryKind.CONFIG for e in core.log.entries)  # all compacted away
+        assert core.log.snapshot.membership is not None
+        cluster.restart(other.node_id)
+        assert other.m.membership(P) == Membership(voters("n1", "n2", "n3"), voters("n4"))
+    finally:
+        cluster.close()
+
+
+def test_learner_catches_up_from_snapshot_with_configuration():
+    """A node added after the log was compacted gets the snapshot, with the configuration in it."""
+    cluster = snapshotting()
+    try:
+        for i in range(20):
+            assert cluster.write(P, b"w%d" % i).success
+        cluster.add_node("n4", ["n9"])  # a wrong idea of the voters: the snapshot corrects it
+        leader = cluster.leader(P)
+        assert cluster.wait(leader.m.change_membership(P, ["n1", "n2", "n3"], ["n4"])).success
+        target = Membership(voters("n1", "n2", "n3"), voters("n4"))
+        cluster.run_until(lambda: cluster.nodes["n4"].m.membership(P) == target, 10, "n4 has the configuration")
+        cluster.run_until(
+            lambda: cluster.nodes["n4"].m.runtimes[P].applied >= leader.m.runtimes[P].core.log.committed, 10, "caught up"
+        )
+        assert cluster.nodes["n4"].m.runtimes[P].core.log.snapshot.index > 0
+        assert cluster.nodes["n4"].state_machine.data(P)[:20] == [b"w%d" % i for i in range(20)]
+    finally:
+        cluster.close()
+
+
+def test_install_snapshot_carries_configuration_on_the_wire():
+    """InstallSnapshot's meta keeps its configuration through the codec; the old form still decodes."""
+    import cbor2
+    import pytest
+
+    from kommander.core.errors import ProtocolError
+    from kommander.core.types import InstallSnapshot, SnapshotMeta
+    from kommander.wire.codec import decode_message, encode_message
+
+    m = Membership(voters("n1", "n2"), voters("n3"), voters("n1", "n2", "n4"))
+    sent = InstallSnapshot(3, "n1", "n2", SnapshotMeta(10, 2, m))
+    _, got = decode_message(encode_message(0, sent), 1)
+    assert got.meta.membership == m and got == sent
+    _, old = decode_message(encode_message(0, InstallSnapshot(3, "n1", "n2", SnapshotMeta(10, 2))), 1)
+    assert old.meta == SnapshotMeta(10, 2) and old.meta.membership is None
+    raw = cbor2.loads(encode_message(0, sent))
+    raw[-1] = [10, 2, [], [], []]  # no voters: refused
+    with pytest.raises(ProtocolError):
+        decode_message(cbor2.dumps(raw), 1)
+
+
+def test_snapshot_runtime_section_round_trips_configuration():
+    """The snapshot file's runtime section keeps tickets and configuration; the old array form reads."""
+    import cbor2
+
+    from kommander.runtime.snapshots import decode_runtime, encode_runtime
+
+    m = Membership(voters("n1"), voters("n2"))
+    section = decode_runtime(encode_runtime({}, m))
+    assert section.membership == m and dict(section) == {}
+    old = decode_runtime(cbor2.dumps([]))
+    assert old.membership is None and dict(old) == {}

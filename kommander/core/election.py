@@ -18,7 +18,7 @@ class Election(NodeState):
 
     def _tick_election(self) -> None:
         self.election_elapsed += 1
-        if self.election_elapsed >= self.randomized_timeout and self.id in self.voters:
+        if self.election_elapsed >= self.randomized_timeout and (self.id in self.voters or self._removal_pending()):
             self.election_elapsed = 0
             self._campaign(transfer=False)
 
@@ -34,6 +34,8 @@ class Election(NodeState):
                 return
             if self.lead_transferee is not None:
                 self.lead_transferee = None  # the transfer did not finish in time: give up
+            if self._lingering and self._config_last <= self.log.committed:
+                self._use_membership(prune=True)  # the removed nodes had a round to learn it
             if self.id not in self.voters and self._config_last <= self.log.committed:
                 # Removed by a committed change and the hand-off did not finish: step down,
                 # and the remaining voters elect a leader among themselves.
@@ -56,8 +58,8 @@ class Election(NodeState):
     # ------------------------------------------------------------------ campaigning
 
     def _campaign(self, transfer: bool) -> None:
-        if self.id not in self.voters:
-            return  # a learner, or removed: never campaigns
+        if self.id not in self.voters and not self._removal_pending():
+            return  # a learner, or removed by a committed change: never campaigns
         if self.catching_up:
             self._rejoin_timeout()  # new storage: no campaign until caught up (rejoin.py)
             return

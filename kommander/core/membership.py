@@ -19,6 +19,7 @@ Mixed into :class:`kommander.core.raft.RaftNode`; the fields it shares are decla
 from __future__ import annotations
 
 import json
+from operator import itemgetter
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
@@ -28,6 +29,7 @@ from kommander.core.state import NodeState
 from kommander.core.types import Entry, EntryKind, Membership, Role, SnapshotMeta, TimeoutNow
 
 CONFIG = EntryKind.CONFIG
+_KIND = itemgetter(2)  # Entry.kind
 
 
 class ChangeInProgress(ProposalDropped):
@@ -141,6 +143,15 @@ class Reconfig(NodeState):
         """The index of the entry holding :attr:`membership` (the snapshot's index when none does)."""
         return self._configs[-1][0]
 
+    def membership_at(self, index: int) -> Membership:
+        """The configuration in force at ``index`` (at or after the snapshot's index)."""
+        found = self._configs[0][1]
+        for at, m in self._configs:
+            if at > index:
+                break
+            found = m
+        return found
+
     def membership_committed(self) -> bool:
         """Whether :attr:`membership` is committed (no change under way, as far as this node knows)."""
         return self._configs[-1][0] <= self.log.committed and not self.membership.joint
@@ -153,7 +164,7 @@ class Reconfig(NodeState):
                 found = True
         return found
 
-    def _use_membership(self) -> None:
+    def _use_membership(self, prune: bool = False) -> None:
         """Derive the fields every part reads from the latest configuration."""
         m = self._configs[-1][1]
         self._config_last = self._configs[-1][0]
@@ -167,20 +178,43 @@ class Reconfig(NodeState):
         # is a voter of a single configuration that includes this node.
         self._simple = not m.joint and not m.learners and self.id in m.voters
         self._solo = not m.joint and m.voters == {self.id}
+        self._lingering = False
         if self.role is Role.LEADER:
-            self._sync_progress()
+            self._sync_progress(prune)
 
-    def _sync_progress(self) -> None:
+    def _sync_progress(self, prune: bool) -> None:
+        """Leader: track every member. A node the latest configuration removed keeps receiving
+        entries and commit indexes until the CheckQuorum round after that configuration commits
+        (``prune``), so it learns it is out and does not campaign; it counts for nothing."""
         members = self._members
         progress = self.progress
+        committed = self._config_last <= self.log.committed
+        lingering = False
         for peer in [p for p in progress if p not in members]:
-            del progress[peer]
-            if self.lead_transferee == peer:
-                self.lead_transferee = None
+            if committed and prune:
+                del progress[peer]
+                if self.lead_transferee == peer:
+                    self.lead_transferee = None
+            else:
+                lingering = True
+                self._members = self._members | {peer}  # its replies are heard meanwhile
+        if lingering:
+            self._simple = False
+            self._lingering = True
         next_index = self.log.last_index() + 1
         for peer in sorted(members):
             if peer != self.id and peer not in progress:
                 progress[peer] = Progress(next_index)
+
+    def _removal_pending(self) -> bool:
+        """Whether the latest configuration removes this voter but is not committed yet: it may
+        still be needed to elect a leader that commits it, so it keeps campaigning (thesis
+        4.2.2), without counting its own vote."""
+        configs = self._configs
+        if len(configs) < 2 or configs[-1][0] <= self.log.committed:
+            return False
+        prev = configs[-2][1]
+        return self.id in prev.voters or self.id in prev.outgoing
 
     # ------------------------------------------------------------------ follower: log changes
 
@@ -188,7 +222,7 @@ class Reconfig(NodeState):
         """After ``entries`` were merged after ``prev_index``: forget configurations of entries
         replaced or re-sent, and record the ones the message carries."""
         configs = self._configs
-        if configs[-1][0] > prev_index:
+        if self._config_last > prev_index:
             high = prev_index + len(entries)
             last = self.log.last_index()
             # Entries past the message's end survive only when nothing conflicted.
@@ -197,7 +231,8 @@ class Reconfig(NodeState):
             self._scan_configs(entries)
             configs.extend(later)
             self._use_membership()
-        elif self._scan_configs(entries):
+        elif CONFIG in map(_KIND, entries):  # the hot path: a C-level scan of the kinds
+            self._scan_configs(entries)
             self._use_membership()
 
     def _restore_membership(self, meta: SnapshotMeta) -> None:

@@ -126,8 +126,8 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin, Reconfig):
 
     def campaign(self) -> None:
         """Start an election now (as if the election timeout had elapsed)."""
-        if self.role is not Role.LEADER and self.id in self.voters:
-            self._campaign(transfer=False)
+        if self.role is not Role.LEADER:
+            self._campaign(transfer=False)  # refused there for a learner or a removed node
 
     def step_down(self) -> None:
         """Leader: become a follower of nobody in the same term, as CheckQuorum would (the
@@ -138,17 +138,22 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin, Reconfig):
     def step(self, m: Message) -> None:
         """Process one message addressed to this node. Messages for other nodes, of a stale
         term (they may get an answer revealing our term), and from nodes outside our latest
-        configuration are ignored, and so are votes from non-voters: a removed node must not
-        disrupt the partition with its terms. A leader's messages are the exception: only an
-        elected leader sends them, and our configuration may lag behind the one that elected it
-        (a new voter leading before our log holds the entry that added it)."""
+        configuration are ignored, and so are a voter's votes from non-voters: a removed node
+        must not disrupt the partition with its terms. The exceptions keep a node whose
+        configuration lags the one that elected a leader (a new voter before its log holds the
+        entry adding it) live: a leader's messages are followed from anyone, and a node that is
+        not a voter of its own configuration answers any vote request (voting is always safe;
+        the leader lease still shields it)."""
         if m.dst != self.id or m.src == self.id:
             return
-        if m.src not in self._members:
-            if not isinstance(m, _FROM_LEADER):
-                return
-        elif m.src not in self.voters and (type(m) is VoteRequest or type(m) is VoteResponse):
-            return
+        if m.src not in self.voters:
+            kind = type(m)
+            if kind is VoteRequest or kind is VoteResponse:
+                if self.id in self.voters:
+                    return
+            elif m.src not in self._members and not isinstance(m, _FROM_LEADER):
+                if kind is not TimeoutNow or m.src != self.leader:
+                    return  # (a removed leader's hand-off is taken from the leader we follow)
         if self.standing is not Standing.MEMBER:
             self._observe_rejoin(m)
         if m.term > self.term:

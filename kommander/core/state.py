@@ -82,6 +82,7 @@ class NodeState:
     _configs: list[tuple[int, Any]]  # [(index, Membership)], oldest first
     _config_last: int
     _config_watch: bool
+    _lingering: bool
     _joint: bool
     _simple: bool
     _solo: bool
@@ -176,6 +177,12 @@ class NodeState:
         raise NotImplementedError
 
     def _restore_membership(self, meta: SnapshotMeta) -> None:  # membership.py
+        raise NotImplementedError
+
+    def _use_membership(self, prune: bool = False) -> None:  # membership.py
+        raise NotImplementedError
+
+    def _removal_pending(self) -> bool:  # membership.py
         raise NotImplementedError
 
     @property

@@ -39,6 +39,7 @@ from kommander.core.types import (
     Heartbeat,
     HeartbeatResponse,
     InstallSnapshot,
+    Membership,
     Message,
     SnapshotChunk,
     SnapshotChunkAck,
@@ -326,16 +327,36 @@ def _entries_in(raw: Any) -> tuple[Entry, ...]:
     return tuple(out)
 
 
+#: Node ids in one snapshot configuration (voters, learners, outgoing together) at most.
+MAX_MEMBERS = 1024
+
+
 def _meta_in(raw: Any, remote: bool) -> SnapshotMeta:
-    if type(raw) is not list or len(raw) != 2:
-        raise _fail(f"meta: expected an array of 2, got {_show(raw)}", remote)
-    return SnapshotMeta(_n63(raw[0], "meta.index", remote), _n63(raw[1], "meta.term", remote))
+    # [index, term], or [index, term, voters, learners, outgoing] when the snapshot records its
+    # configuration (older senders never do).
+    if type(raw) is not list or len(raw) not in (2, 5):
+        raise _fail(f"meta: expected an array of 2 or 5, got {_show(raw)}", remote)
+    index, term = _n63(raw[0], "meta.index", remote), _n63(raw[1], "meta.term", remote)
+    if len(raw) == 2:
+        return SnapshotMeta(index, term)
+    sets = []
+    for value, what in zip(raw[2:], ("voters", "learners", "outgoing")):
+        if type(value) is not list or len(value) > MAX_MEMBERS:
+            raise _fail(f"meta.{what}: expected an array of at most {MAX_MEMBERS} node ids, got {_show(value)}", remote)
+        sets.append(frozenset(_text(v, f"meta.{what}", 1, MAX_NODE_ID_CHARS, remote) for v in value))
+    if not sets[0] or sets[0] & sets[1]:
+        raise _fail(f"meta: not a configuration (voters {sorted(sets[0])}, learners {sorted(sets[1])})", remote)
+    return SnapshotMeta(index, term, Membership(*sets))
 
 
-def _meta_out(meta: Any) -> list[int]:
+def _meta_out(meta: Any) -> list[Any]:
     if type(meta) is not SnapshotMeta:
         raise _fail(f"meta: expected SnapshotMeta, got {_show(meta)}", False)
-    return [_n63(meta.index, "meta.index", False), _n63(meta.term, "meta.term", False)]
+    out: list[Any] = [_n63(meta.index, "meta.index", False), _n63(meta.term, "meta.term", False)]
+    m = meta.membership
+    if m is not None:
+        out.extend(sorted(group) for group in (m.voters, m.learners, m.outgoing))
+    return out
 
 
 # --------------------------------------------------------------------------- messages
