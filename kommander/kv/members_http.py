@@ -1,4 +1,4 @@
-"""The membership admin API (``docs/membership.rst`` is the reference).
+"""The membership admin API (``docs/membership-ops.rst`` is the reference).
 
 =========================================  =====================================================
 ``GET /v1/members``                        the record: members, per-partition configurations

@@ -11,7 +11,7 @@ wrote it; a restart reads that copy first and then replays what the log still ho
 The per-partition configuration (voters, learners) is the core's and lives in each partition's
 own log and snapshots; the record holds what the operator asked for (:class:`Target`), so that a
 new leader of partition 0 can finish an operation its predecessor started
-(:mod:`kommander.runtime.orchestrate`). See ``docs/membership.rst``.
+(:mod:`kommander.runtime.orchestrate`). See ``docs/membership-ops.rst``.
 """
 
 from __future__ import annotations
