@@ -140,16 +140,21 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin, Reconfig):
         term (they may get an answer revealing our term), and from nodes outside our latest
         configuration are ignored, and so are a voter's votes from non-voters: a removed node
         must not disrupt the partition with its terms. The exceptions keep a node whose
-        configuration lags the one that elected a leader (a new voter before its log holds the
-        entry adding it) live: a leader's messages are followed from anyone, and a node that is
-        not a voter of its own configuration answers any vote request (voting is always safe;
-        the leader lease still shields it)."""
+        configuration lags the one that elected a leader live (a new voter before its log holds
+        the entry adding it; a node restarted on an empty log): a leader's messages are followed
+        from anyone; a vote request from a non-voter is heard when the candidate's log is at
+        least as up to date as ours -- a removed node that missed its removal never is, since
+        our log holds the entry removing it -- and by a node that is not a voter of its own
+        configuration. Voting is always safe; the leader lease still shields a live leader."""
         if m.dst != self.id or m.src == self.id:
             return
         if m.src not in self.voters:
             kind = type(m)
-            if kind is VoteRequest or kind is VoteResponse:
+            if kind is VoteResponse:
                 if self.id in self.voters:
+                    return
+            elif kind is VoteRequest:
+                if self.id in self.voters and not self.log.is_up_to_date(m.last_index, m.last_term):
                     return
             elif m.src not in self._members and not isinstance(m, _FROM_LEADER):
                 if kind is not TimeoutNow or m.src != self.leader:

@@ -516,11 +516,11 @@ def run_seed(seed: int, nodes: int, steps: int) -> SimResult:
     return Simulation(seed, SimConfig(nodes=nodes, steps=steps)).run()
 
 
-def _run_range(args: tuple[int, int, int, int]) -> list[tuple[int, int, str | None]]:
-    start, stop, nodes, steps = args
+def _run_range(args: tuple[int, int, int, int, dict]) -> list[tuple[int, int, str | None]]:
+    start, stop, nodes, steps, extra = args
     out = []
     for seed in range(start, stop):
-        result = Simulation(seed, SimConfig(nodes=nodes, steps=steps), trace_limit=0).run()
+        result = Simulation(seed, SimConfig(nodes=nodes, steps=steps, **extra), trace_limit=0).run()
         out.append((seed, result.steps_run if hasattr(result, "steps_run") else steps, str(result.violation) if result.violation else None))
     return out
 
@@ -541,10 +541,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000, help="steps with faults per seed")
     parser.add_argument("--trace", action="store_true", help="print the whole trace of --seed")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument("--reconfig-rate", type=float, default=0.0, help="chance of a membership change per chaos event")
+    parser.add_argument("--spares", type=int, default=0, help="nodes outside the first configuration")
     args = parser.parse_args(argv)
+    extra = {"reconfig_rate": args.reconfig_rate, "spares": args.spares}
 
     if args.seed is not None:
-        sim = Simulation(args.seed, SimConfig(nodes=args.nodes, steps=args.steps), trace_limit=None if args.trace else 60)
+        sim = Simulation(
+            args.seed, SimConfig(nodes=args.nodes, steps=args.steps, **extra), trace_limit=None if args.trace else 60
+        )
         result = sim.run()
         for line in result.trace:
             print(line)
@@ -560,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     chunks = []
     step = max(1, min(250, args.seeds // max(1, args.jobs * 4)))
     for start in range(args.first, args.first + args.seeds, step):
-        chunks.append((start, min(start + step, args.first + args.seeds), args.nodes, args.steps))
+        chunks.append((start, min(start + step, args.first + args.seeds), args.nodes, args.steps, extra))
     failures: list[tuple[int, str]] = []
     done = 0
     if args.jobs > 1:
@@ -581,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed, violation in sorted(failures):
         print(f"  seed {seed}: {violation}")
         print(f"    replay: python -m kommander.testing.sim --seed {seed} --nodes {args.nodes} "
-              f"--steps {args.steps} --trace")
+              f"--steps {args.steps} --reconfig-rate {args.reconfig_rate} --spares {args.spares} --trace")
     return 1 if failures else 0
 
 

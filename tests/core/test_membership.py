@@ -358,14 +358,22 @@ def test_removed_server_disruption_ignored():
 
 
 def test_votes_from_learners_are_ignored():
-    """A learner's vote request with a higher term changes nothing at a voter."""
+    """A vote request with a higher term from a learner whose log is behind changes nothing at a voter."""
     net = Network(3, check_quorum=False)  # no leader lease: only the filter protects
     net.elect("n1")
     net.add("n4")
     change(net, "n1", ["n1", "n2", "n3"], ["n4"])
     term = net["n2"].term
-    net.step(VoteRequest(term + 5, "n4", "n2", 100, term + 4))
+    net.step(VoteRequest(term + 5, "n4", "n2", 1, term))
     assert net["n2"].term == term and net["n2"].vote != "n4"
+
+
+def test_voter_with_a_lagging_configuration_votes_for_an_up_to_date_stranger():
+    """A voter restarted on an empty log (the first configuration) still grants its vote to a
+    candidate its configuration does not list whose log is ahead: it may be the one needed."""
+    core = RaftNode(CoreConfig("n3", ("n1", "n2", "n3"), pre_vote=False), random.Random(1))
+    core.step(VoteRequest(7, "n4", "n3", 21, 7))
+    assert (core.term, core.vote) == (7, "n4")
 
 
 # ---------------------------------------------------------------------- logs and snapshots
