@@ -138,23 +138,22 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin, Reconfig):
     def step(self, m: Message) -> None:
         """Process one message addressed to this node. Messages for other nodes, of a stale
         term (they may get an answer revealing our term), and from nodes outside our latest
-        configuration are ignored, and so are a voter's votes from non-voters: a removed node
+        configuration are ignored, and so are votes from non-voters: a removed node
         must not disrupt the partition with its terms. The exceptions keep a node whose
         configuration lags the one that elected a leader live (a new voter before its log holds
         the entry adding it; a node restarted on an empty log): a leader's messages are followed
-        from anyone; a vote request from a non-voter is heard when the candidate's log is at
-        least as up to date as ours -- a removed node that missed its removal never is, since
-        our log holds the entry removing it -- and by a node that is not a voter of its own
-        configuration. Voting is always safe; the leader lease still shields a live leader."""
+        from anyone, and a vote request from a non-voter is heard when the candidate's log is at
+        least as up to date as ours. Ignoring the others changes no vote (we would refuse it)
+        but spares us their terms; a removed node that missed its removal is never that up to
+        date, since our log holds the entry that removed it."""
         if m.dst != self.id or m.src == self.id:
             return
         if m.src not in self.voters:
             kind = type(m)
             if kind is VoteResponse:
-                if self.id in self.voters:
-                    return
-            elif kind is VoteRequest:
-                if self.id in self.voters and not self.log.is_up_to_date(m.last_index, m.last_term):
+                return  # we asked voters only
+            if kind is VoteRequest:
+                if not self.log.is_up_to_date(m.last_index, m.last_term):
                     return
             elif m.src not in self._members and not isinstance(m, _FROM_LEADER):
                 if kind is not TimeoutNow or m.src != self.leader:

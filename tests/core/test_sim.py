@@ -161,10 +161,10 @@ def test_simulator_catches_mutation(name):
     [
         (3, {}),
         (5, {}),
-        (3, {"pre_vote": False, "transfer_rate": 0.3}),
+        (3, {"transfer_rate": 0.3}),
         (5, {"check_quorum": False}),
     ],
-    ids=["reconfig-3", "reconfig-5", "reconfig-no-prevote-transfers-3", "reconfig-no-checkquorum-5"],
+    ids=["reconfig-3", "reconfig-5", "reconfig-transfers-3", "reconfig-no-checkquorum-5"],
 )
 def test_seeds_without_violation_with_membership_changes(nodes, overrides):
     """Learners added, promoted, voters removed and replaced, mixed with every fault: no violation
