@@ -232,6 +232,10 @@ class Options(usage.Options):
         ["tls-key", None, None, "PEM private key of --tls-cert. The three files are re-read on SIGHUP."],
         ["secret-file", None, None, "File of the cluster's shared secret (two lines during a rotation): peers "
          "authenticate with HMAC; integrity only, no encryption."],
+        ["join", None, None, "Join a running cluster through a member's HTTP URL (a new node, empty --data): "
+         "it is added as a learner and promoted once caught up. Ignored once --data holds state."],
+        ["join-token-file", None, None, "File holding an admin bearer token for --join, when the cluster's "
+         "HTTP API has tokens."],
         ["expect", None, None, "Cluster size, this node included: wait until discovery finds that many nodes "
          "before starting (required with --discovery multicast unless --peers lists the others)."],
     ]
@@ -287,6 +291,10 @@ class Options(usage.Options):
         if advertise is not None:
             self.plugin_options.setdefault("advertise", advertise)
         self.metadata = self._metadata()
+        if self["join"]:
+            from kommander.entry.join import check_join_options
+
+            check_join_options(self)
         self["max-body-bytes"] = self._int("max-body-bytes", 1, 1 << 30)
         if self["http-token-file"]:
             try:
@@ -466,6 +474,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     assert options.config is not None and options.registry is not None, "parse the options first"
     registry = options.registry
     data_dir = options["data"]
+    joined = None
+    if options["join"]:
+        from kommander.entry.join import join_before_start
+
+        joined = join_before_start(options)
     try:
         if data_dir:
             os.makedirs(data_dir, exist_ok=True)
@@ -492,6 +505,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             metadata=options.metadata,
             snapshot_store=snapshots,
         )
+        if joined is not None:
+            joined.prepare(manager)
     except (KommanderError, OSError, ValueError) as e:
         notes = "; ".join(getattr(e, "__notes__", ()))
         raise SystemExit(f"twistd kommander: {e}" + (f" ({notes})" if notes else "")) from None

@@ -37,6 +37,8 @@ from kommander.interfaces import (
     IWALMetadata,
 )
 from kommander.runtime.membership import MembershipApi
+from kommander.runtime.membership_host import MembershipHost
+from kommander.runtime.members import RECORD_LOG_TYPE
 from kommander.runtime.partition import PartitionRuntime, Request
 from kommander.results import Event, RaftOperationStatus, ReplicationResult, partition_for_key
 from kommander.runtime.snapshots import SnapshotStore
@@ -47,7 +49,7 @@ Status = RaftOperationStatus
 
 
 @implementer(IRaft, IMessageReceiver)
-class RaftManager(DriveLoop, MembershipApi):
+class RaftManager(MembershipHost, DriveLoop, MembershipApi):
     """A Kommander node: ``max_partitions`` Raft groups sharing one transport, WAL and clock.
 
     :param config: the node's settings; validated here.
@@ -157,6 +159,7 @@ class RaftManager(DriveLoop, MembershipApi):
         #: This node's storage identity, and the partitions still rejoining on new storage.
         self.storage_id = 0
         self.rejoining: set[int] = set()
+        self._init_membership()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,6 +178,10 @@ class RaftManager(DriveLoop, MembershipApi):
         nodes = yield initial_view(self.discovery, self.node_id, self.config.expected_nodes, self.reactor)
         self.voters = tuple(sorted(set(nodes) | {self.node_id}))
         yield self.wal.open(self.partitions)
+        yield self.record.load()
+        if self.join_record is not None:
+            yield self.record.adopt(self.join_record)
+        self._check_configured_peers(nodes)
         low, high = self.config.election_ticks()
         start = self.initial_membership
         core_config = CoreConfig(
@@ -215,8 +222,9 @@ class RaftManager(DriveLoop, MembershipApi):
                 self._restoring.add(number)
                 self.on_restore_started.fire(number)
         self._running = True
-        self.transport.update_peers({k: v for k, v in nodes.items() if k != self.node_id})
+        self.transport.update_peers(self._peers_from(nodes))
         yield self.transport.start(self)
+        self.cluster.start()
         self._unsubscribe = self.discovery.subscribe(self._nodes_changed)
         self._ticker = task.LoopingCall(self._tick)
         self._ticker.clock = self.reactor
@@ -251,6 +259,7 @@ class RaftManager(DriveLoop, MembershipApi):
             self._flush_call.cancel()
         self._flush_call = None
         self._fail_everything(Status.ERRORED, "the node is leaving the cluster")
+        self.cluster.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
         yield self.transport.stop()
@@ -363,6 +372,8 @@ class RaftManager(DriveLoop, MembershipApi):
         runtime = self._runtime(partition)
         if type(log_type) is not str:
             raise TypeError("log_type must be a str")
+        if log_type == RECORD_LOG_TYPE:
+            raise ValueError("that log_type is reserved for the membership record; use add_node/remove_node")
         limit = self.frame_budget.max_entry_bytes(log_type)
         kind = EntryKind.NORMAL if auto_commit else EntryKind.PROPOSED
         if type(data) is bytes:  # the common case, without building and checking a list
@@ -551,10 +562,10 @@ class RaftManager(DriveLoop, MembershipApi):
         self.log.info("peer {peer} {state}", peer=peer, state="connected" if connected else "disconnected")
 
     def _nodes_changed(self, nodes: Mapping[str, str]) -> None:
-        unknown = set(nodes) - set(self.voters)
+        unknown = set(nodes) - self.member_ids()
         if unknown:
             self.log.warn(
-                "discovery reports nodes {nodes} that are not voters; membership is fixed at start-up",
+                "discovery reports nodes {nodes} that are not members; add them with `kommander members add`",
                 nodes=",".join(sorted(unknown)),
             )
-        self.transport.update_peers({k: v for k, v in nodes.items() if k != self.node_id and k in self.voters})
+        self.transport.update_peers(self._peers_from(nodes))
