@@ -59,7 +59,7 @@ def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from kommander.entry.demo import Demo
 
-    return Demo(partitions=args.partitions, keep=args.keep, out=out, time_limit=args.time_limit).run()
+    return Demo(partitions=args.partitions, keep=args.keep, out=out, time_limit=args.time_limit, tls=args.tls).run()
 
 
 def _certs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     demo.add_argument(
         "--time-limit", type=_positive_float, default=60.0, help="give up after this many seconds (default 60)"
+    )
+    demo.add_argument(
+        "--tls", action="store_true", help="mutual TLS between the nodes, with a CA and certificates made for the run"
     )
     demo.set_defaults(run=_demo)
     return parser
