@@ -60,7 +60,7 @@ docs: $(STAMP)
 # A wheel and an sdist in dist/ (the wheel built from the sdist, so the sdist is complete enough
 # to build from), then tests/distcheck.py: their contents, and the wheel installed (not editable)
 # into a fresh virtualenv, dist/check-venv, with the example plugin of docs/examples beside it.
-DIST_PLUGIN ?= tests/plugin_dist
+DIST_PLUGIN ?= docs/examples/kommander-acme
 dist: $(STAMP)
 	$(PY) -m pip install -q -e '.[dist]' --config-settings editable_mode=compat
 	rm -rf dist
