@@ -7,9 +7,10 @@
 ``kommander certs --out DIR --cluster NAME ID [ID...]``
     Write a CA (``ca.pem``, ``ca.key``) and a certificate per node (``ID.pem``, ``ID.key``) for
     mutual TLS between nodes (:mod:`kommander.entry.certs`).
-``kommander demo``
+``kommander demo [--tls]``
     Start a local 3-node cluster of ``twistd kommander`` processes and show writes, a leader
     killed with SIGKILL, failover and catch-up (:mod:`kommander.entry.demo`; ``make demo`` runs it).
+    With ``--tls`` the nodes use mutual TLS, with a CA and certificates made for the run.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Every node is a real ``twistd -n kommander`` process with the TCP transport and 
 WAL (``sync`` durability), on free loopback ports, with its data and log in a temporary directory.
 The demo only ever signals processes it started, by PID, and stops all of them on the way out
 (SIGTERM, then SIGKILL), also on Ctrl-C. Every wait is bounded by the overall time limit.
+Peers are ``--insecure`` unless ``tls`` is set: then the ``kommander certs`` code writes a CA and a
+certificate per node into the temporary directory and the nodes use mutual TLS.
 """
 
 from __future__ import annotations
