@@ -10,9 +10,10 @@
 ``kommander members URL``, ``kommander members add URL ID PEER [HTTP]``, ``kommander members remove URL ID``
     List, add and remove cluster members (:mod:`kommander.entry.members_cli`, which documents the
     exit statuses).
-``kommander demo``
+``kommander demo [--tls]``
     Start a local 3-node cluster of ``twistd kommander`` processes and show writes, a leader
     killed with SIGKILL, failover and catch-up (:mod:`kommander.entry.demo`; ``make demo`` runs it).
+    With ``--tls`` the nodes use mutual TLS, with a CA and certificates made for the run.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from kommander.entry.demo import Demo
 
-    return Demo(partitions=args.partitions, keep=args.keep, out=out, time_limit=args.time_limit).run()
+    return Demo(partitions=args.partitions, keep=args.keep, out=out, time_limit=args.time_limit, tls=args.tls).run()
 
 
 def _certs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     demo.add_argument(
         "--time-limit", type=_positive_float, default=60.0, help="give up after this many seconds (default 60)"
+    )
+    demo.add_argument(
+        "--tls", action="store_true", help="mutual TLS between the nodes, with a CA and certificates made for the run"
     )
     demo.set_defaults(run=_demo)
     return parser

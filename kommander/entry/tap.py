@@ -35,6 +35,7 @@ from kommander.entry import logs
 # Re-exported: tests and embedders know them as tap.RaftService, tap.GC_THRESHOLDS, ...
 from kommander.entry.node import GC_THRESHOLDS, RaftService, check_body_limit, tune_garbage_collector  # noqa: F401
 from kommander.entry.hangup import HangupService
+from kommander.entry.reload import add_credential_reloads
 from kommander.hookspecs import PluginContext
 from kommander.kv.auth import TokenTable
 from kommander.registry import PluginError, PluginKind, PluginRegistry
@@ -513,6 +514,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     # twistd's own logging unless a format or level was asked for (see kommander.entry.logs).
     custom = options["log-format"] != "text" or options["log-level"] != "info"
     top = logs.NodeServices(logs.make_observer(options["log-format"], options["log-level"]) if custom else None)
+    # One SIGHUP handler for every file that can be re-read (a second handler would replace the first).
+    hangup = HangupService(reactor)
     if options["http"]:
         machine = built["state-machine"]
         if isinstance(machine, KVStateMachine):
@@ -530,17 +533,14 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
                 http=options["http"],
             )
         else:
-            hangup = HangupService(reactor)
             hangup.add("the HTTP token file", options.tokens.reload)
-            hangup.setServiceParent(top)
         http = strports.service(options["http"], site, reactor=reactor)
         http.setName("kommander-http")
         # Added first: a taken HTTP port fails twistd at start-up, before the node joins Raft.
         http.setServiceParent(top)
     RaftService(manager, reactor).setServiceParent(top)
-    if getattr(getattr(built["transport"], "security", None), "tls", None) is not None:
-        from kommander.entry.reload import CredentialReloader
-
-        CredentialReloader(built["transport"], reactor).setServiceParent(top)
+    add_credential_reloads(hangup, built["transport"])
+    if hangup.reloaders:
+        hangup.setServiceParent(top)
     top.manager = manager  # type: ignore[attr-defined]  # for tests and embedding
     return top
