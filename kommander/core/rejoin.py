@@ -8,10 +8,11 @@ So a node whose storage is new starts each partition in a *standing* other than
 
 * :attr:`Standing.UNDECIDED` while its log is empty and it cannot tell a fresh cluster's first
   start from a rejoin. On each election timeout it sends PreVote requests marked ``pristine``
-  (changing nothing anywhere) instead of campaigning. Seeing ``pristine`` requests from enough
-  peers that they and it make a majority proves a fresh cluster (at most a minority of voters may
-  be without the data at a time, see ``docs/operations.rst``): it becomes a member. Any sign of
-  history first (a leader's message, a vote request not marked pristine) makes it catch up.
+  (changing nothing anywhere) instead of campaigning. Seeing ``pristine`` requests from every
+  other voter proves a fresh cluster: it becomes a member. (A majority proves nothing: a node
+  that never received anything is pristine too, and with one wiped node it can outnumber the
+  only holder of the data.) Any sign of history first (a leader's message, a vote request not
+  marked pristine) makes it catch up.
 * :attr:`Standing.CATCHING_UP`: it follows a leader but neither votes, nor campaigns, nor counts
   towards commit or ReadIndex (its replies say ``catching_up``), until it holds the commit index
   the leader announced in the first AppendEntries it received (raised when a leader of a newer
@@ -91,8 +92,11 @@ class Rejoin(NodeState):
         if kind is VoteRequest and m.pristine:
             if self.standing is Standing.UNDECIDED:
                 self._pristine_seen.add(m.src)
-                if len(self._pristine_seen) >= self.quorum:
-                    # A majority never had a history: this is the cluster's first start.
+                if self._pristine_seen >= self.voters:
+                    # Every voter is without a history: this is the cluster's first start. A
+                    # majority would not do: a wiped node and a node that has been cut off since
+                    # the first start are a pristine majority of three while the third holds
+                    # everything committed (node simulator, wipe seeds 42 and 57).
                     self.standing = Standing.MEMBER
         elif kind is VoteRequest or kind in _FROM_LEADER:
             if self.standing is Standing.UNDECIDED:

@@ -229,3 +229,61 @@ def test_rejoined_node_catches_up_through_snapshot_or_log(compacted: bool) -> No
         # The test network installs the snapshot through the core only; the runtime streams it.
     assert core.log.committed == net["n1"].log.committed
     assert core.standing is Standing.MEMBER
+
+
+def _fresh_members(net: RejoinNetwork) -> None:
+    """Every node of a fresh cluster announces that it is pristine to every other: all decide."""
+    for src in net.ids:
+        for dst in net.ids:
+            if src != dst:
+                net[dst].step(VoteRequest(1, src, dst, 0, 0, pre_vote=True, pristine=True))
+    assert all(net[i].standing is Standing.MEMBER for i in net.ids)
+    for i in net.ids:
+        net[i].ready()
+
+
+def test_wiped_node_and_a_node_without_history_are_no_fresh_cluster() -> None:
+    """Node simulator, wipe seeds 42 and 57: n3 is cut off from the first start on (a member,
+    term 0, empty log), n1 and n2 commit x, n2 loses its disk. n3's announcements are pristine
+    and so are n2's: with a majority rule they made a "fresh cluster" of two and elected n3,
+    without x, in the term n1 had led. Only every voter's announcement proves a fresh cluster."""
+    net = RejoinNetwork(3, rejoining=True)
+    _fresh_members(net)
+    net.isolate("n3")
+    net.elect("n1")
+    net.propose("n1", b"x")
+    net.heartbeat("n1")
+    assert net["n1"].log.committed == 2 and net["n3"].log.last_index() == 0
+    net.wipe("n2")
+    net.heal()
+    net.isolate("n1")
+    for _ in range(300):
+        net.tick("n2", "n3")
+    assert [i for i in net.leaders() if i != "n1"] == []
+    assert net["n2"].standing is not Standing.MEMBER
+    net.heal()
+    for _ in range(300):
+        net.tick()
+        if net.leader() is not None and net["n2"].standing is Standing.MEMBER:
+            break
+    leader = net.leader()
+    assert leader == "n1"
+    assert net[leader].log.slice(2, 3)[0].data == b"x"
+
+
+def test_fresh_cluster_waits_for_every_voter() -> None:
+    """A fresh cluster's first election needs every voter's pristine announcement: with one
+    voter silent nobody decides (it could be the only holder of a history); once it speaks, a
+    leader is elected."""
+    net = RejoinNetwork(3, rejoining=True)
+    net.isolate("n3")
+    for _ in range(200):
+        net.tick()
+    assert net.leaders() == []
+    assert all(net[i].standing is Standing.UNDECIDED for i in net.ids)
+    net.heal()
+    for _ in range(200):
+        net.tick()
+        if net.leader() is not None:
+            break
+    assert net.leader() is not None
