@@ -13,10 +13,17 @@ So a node whose storage is new starts each partition in a *standing* other than
   that never received anything is pristine too, and with one wiped node it can outnumber the
   only holder of the data.) Any sign of history first (a leader's message, a vote request not
   marked pristine) makes it catch up.
-* :attr:`Standing.CATCHING_UP`: it follows a leader but neither votes, nor campaigns, nor counts
-  towards commit or ReadIndex (its replies say ``catching_up``), until it holds the commit index
-  the leader announced in the first AppendEntries it received (raised when a leader of a newer
-  term speaks). Then it is a member again.
+* :attr:`Standing.CATCHING_UP`: it follows a leader but counts towards no majority: neither its
+  acknowledgements (commit, ReadIndex) nor its votes (its replies say ``catching_up``), until it
+  holds the commit index the leader announced in the first AppendEntries it received (raised
+  when a leader of a newer term speaks). Then it is a member again.
+
+Unanimity: a node that is not a member still answers vote requests, its grant marked
+``catching_up``, and may campaign itself. Such grants count only when *every* voter granted:
+then every member checked the candidate's log (so it holds whatever a member holds), and no
+member can have voted for another in the term. Without this, a partition whose members are too
+few for a quorum waited for ever once a node was wiped early (node simulator, wipe seeds 76,
+211): there was nobody left to catch up from. A node on new storage that wins becomes a member.
 
 The leader side: every reply to the leader carries the sender's ``storage_id``. A leader that sees
 a new id for a follower resets that follower's progress and probes it from scratch, since nothing
@@ -78,11 +85,16 @@ class Rejoin(NodeState):
     def _is_pristine(self, pre_vote: bool) -> bool:
         """Whether a vote request about to be sent proves this node had no history (no entry and,
         before this campaign, term 0 — or new storage that has made no promise yet)."""
-        if self.log.last_index() != 0:
+        if self.log.last_index() != 0 or self.standing is Standing.CATCHING_UP:
             return False
         if self.standing is Standing.UNDECIDED:
             return True
         return self.term == (0 if pre_vote else 1)
+
+    def _own_grant(self) -> bool | None:
+        """A candidate's vote for itself, as :meth:`_tally` counts it: ``None`` (counts only in a
+        unanimous election) on new storage."""
+        return None if self.catching_up else True
 
     # ------------------------------------------------------------------ follower side
 
@@ -111,12 +123,10 @@ class Rejoin(NodeState):
             self.standing = Standing.MEMBER
 
     def _rejoin_timeout(self) -> None:
-        """The election timeout of a node that may not campaign: an undecided one announces that
-        it is pristine (a PreVote request, which changes nothing at the receivers)."""
+        """The election timeout of an undecided node: it announces that it is pristine (a PreVote
+        request, which changes nothing at the receivers) instead of campaigning."""
         self.election_elapsed = 0
         self._reset_randomized_timeout()
-        if self.standing is not Standing.UNDECIDED:
-            return
         for peer in self.peers:
             self._msgs.append(VoteRequest(self.term + 1, self.id, peer, 0, 0, pre_vote=True, pristine=True))
 
