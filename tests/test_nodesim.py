@@ -146,6 +146,12 @@ ISSUE9_FIXED = [
     ("smfault", range(6, 9)),  # fault 5, seed 7: a state-machine exception was swallowed, nodes diverged
     ("stall", range(0, 3)),  # fault 7, seed 1: a leader whose fsync stalled kept leading
     ("corrupt", range(72, 75)),  # fault 6, seed 72: restart compacted the WAL before verifying the newest snapshot
+    # fault 2, what the storage-identity rule left: 12 the simulated WAL kept no metadata (a restart
+    # mid catch-up voted), 42/57/91 a wiped node and a node without history made a "fresh cluster"
+    # (committed state diverged; the core's "progress points past our log"), 73/76/211 a partition
+    # whose members were too few for a quorum never elected again
+    ("wipe", (12, 42, 57, 73, 76, 91, 211)),
+    ("bounds", range(7, 10)),  # seed 8: the same liveness class as wipe 76
 ]
 
 
@@ -158,13 +164,10 @@ def test_fixed_issue9_fault_class_stays_fixed(profile, seeds):
 
 # The "later" class (an asynchronous state machine after a snapshot install, fault 6) found its
 # fault in about 1 seed of 100 before the rejoin merge and in none of 150 after it; it runs in the
-# soak, not here, until the fix lands. So does "bounds": its fault-6 seed stopped failing when the
-# core's timings changed, before any fix.
+# soak, not here, until the fix lands.
 # Fault classes that expose a fault of issue 9 still present on this branch. Each runs a range of
 # seeds that includes the seed that first found it; flip the mark once the fault is fixed.
-ISSUE9 = [
-    ("wipe", (57, 73, 91), "issue 9 fault 2, what the storage-identity rule leaves: seed 57 committed state diverges, 73/76/77/92/93 a partition never elects after an early wipe, 91 the core's 'progress points past our log' assertion"),
-]
+ISSUE9: list[tuple[str, tuple[int, ...], str]] = []
 
 
 @pytest.mark.parametrize(
