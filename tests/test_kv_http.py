@@ -253,13 +253,13 @@ def test_status(cluster: Cluster) -> None:
     "method, path, body",
     [
         ("PUT", "/v1/kv/r?x=1", b"v"),
-        ("GET", "/v1/kv/r", b""),
         ("DELETE", "/v1/kv/r", b""),
         ("POST", "/v1/kv/r/cas", b'{"expected": null, "value": "v"}'),
     ],
 )
 def test_follower_redirects_to_leader(cluster: Cluster, method: str, path: str, body: bytes) -> None:
-    """A follower answers 307 with Location = the leader's URL, same path and query, and writes nothing."""
+    """A follower answers a write with 307 to the leader's URL, same path and query, and writes
+    nothing (linearizable GETs it serves itself: tests/test_follower_read_http.py)."""
     leader = cluster.leader_of("r")
     follower = cluster.follower_of("r")
     before = cluster.last_indexes()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from kommander.core.election import Election
 from kommander.core.errors import NotLeader, ProposalDropped
+from kommander.core.follower_read import FollowerRead
 from kommander.core.log import RaftLog
 from kommander.core.progress import Progress
 from kommander.core.readindex import ReadIndex
@@ -32,6 +33,8 @@ from kommander.core.types import (
     Message,
     Proposal,
     Ready,
+    ReadIndexRequest,
+    ReadIndexResponse,
     ReadState,
     Role,
     SnapshotMeta,
@@ -44,7 +47,7 @@ from kommander.core.types import (
 _FROM_LEADER = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
-class RaftNode(Election, Replication, ReadIndex, Rejoin):
+class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin):
     """One partition's Raft state machine.
 
     :param config: see :class:`CoreConfig`.
@@ -99,7 +102,9 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
         self._read_seq = 0
         self._read_round_needed = False
         self._pending_reads: deque[tuple[int, int, int]] = deque()
-        self._reads_waiting_commit: list[int] = []
+        self._reads_waiting_commit: list[int | tuple[str, int]] = []
+        self._remote_reads = 0
+        self._init_follower_reads()
         # What the last Ready reported, to hand out only changes.
         self._last_hard = HardState(self.term, self.vote, self.log.committed)
         self._last_soft = SoftState(self.role, self.leader, self.term)
@@ -117,6 +122,9 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
 
     def tick(self) -> None:
         """Advance logical time by one tick."""
+        self._ticks += 1
+        if self._fr_inflight:
+            self._expire_follower_reads()
         if self.role is Role.LEADER:
             self._tick_leader()
         else:
@@ -164,6 +172,8 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
                 )
             elif type(m) is VoteRequest and m.pre_vote:
                 self._msgs.append(VoteResponse(self.term, self.id, m.src, False, True))
+            elif type(m) is ReadIndexRequest:
+                self._handle_read_index_request(m)  # refused: tells the follower our term
             return
         kind = type(m)
         if kind is VoteRequest:
@@ -175,6 +185,8 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
                 self._handle_append_response(m)
             elif kind is HeartbeatResponse:
                 self._handle_heartbeat_response(m)
+            elif kind is ReadIndexRequest:
+                self._handle_read_index_request(m)
         elif isinstance(m, _FROM_LEADER):
             if self.role is not Role.FOLLOWER:
                 self._become_follower(self.term, m.src)
@@ -190,6 +202,10 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
                 self._catch_up(m)
         elif kind is TimeoutNow and self.role is Role.FOLLOWER:
             self._handle_timeout_now(m)
+        elif kind is ReadIndexResponse:
+            self._handle_read_index_response(m)
+        elif kind is ReadIndexRequest:
+            self._handle_read_index_request(m)  # not the leader: refused
 
     def propose(self, proposals: Sequence[Proposal]) -> tuple[int, int]:
         """Append entries to the leader's log.
@@ -252,6 +268,7 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
             or self._read_states
             or self._dropped_reads
             or self._read_round_needed
+            or self._fr_waiting
             or self._commit_dirty
             or self._pending_snapshot is not None
             or self.log.has_unstable()
@@ -264,6 +281,8 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
 
     def ready(self) -> Ready:
         """Hand out everything new since the last call; see :class:`Ready` for the contract."""
+        if self._fr_waiting:
+            self._send_read_request()
         if self._read_round_needed:
             self._bcast_heartbeat(self._next_read_round())
         if self._commit_dirty:
@@ -327,6 +346,7 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
     def _drop_leader_state(self) -> None:
         if self.role is Role.LEADER:
             self._drop_reads()
+        self._drop_follower_reads()
         self.progress = {}
         self.lead_transferee = None
         self._uncommitted.clear()

@@ -19,6 +19,9 @@ from kommander.core.log import RaftLog
 from kommander.core.progress import Progress
 from kommander.core.types import Message, ReadState, Role, SnapshotMeta
 
+#: A read the leader confirms: a local one's context, or ``(follower, request_id)``.
+ReadContext = int | tuple[str, int]
+
 
 @dataclass(frozen=True, slots=True)
 class CoreConfig:
@@ -87,8 +90,13 @@ class NodeState:
     _commit_dirty: bool
     _read_seq: int
     _read_round_needed: bool
-    _pending_reads: deque[tuple[int, int, int]]
-    _reads_waiting_commit: list[int]
+    _pending_reads: deque[tuple[int, ReadContext, int]]
+    _reads_waiting_commit: list[ReadContext]
+    _remote_reads: int
+    _ticks: int
+    _fr_waiting: list[int]
+    _fr_inflight: dict[int, tuple[tuple[int, ...], int, int, str]]
+    _fr_next_id: int
     storage_id: int
     standing: Any  # rejoin.Standing
     _pristine_seen: set[str]
@@ -131,6 +139,12 @@ class NodeState:
         raise NotImplementedError
 
     def _maybe_commit(self) -> bool:  # replication.py
+        raise NotImplementedError
+
+    def _follower_read(self, context: int) -> None:  # follower_read.py
+        raise NotImplementedError
+
+    def _drop_follower_reads(self) -> None:  # follower_read.py
         raise NotImplementedError
 
     @property

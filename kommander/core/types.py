@@ -244,6 +244,33 @@ class InstallSnapshot:
     meta: SnapshotMeta
 
 
+@dataclass(frozen=True, slots=True)
+class ReadIndexRequest:
+    """Follower read (as etcd's forwarded ``MsgReadIndex``): the follower asks its leader for a
+    read index for every read that waited on it since its last request. ``request_id`` is the
+    follower's, unique per core instance (its first one is drawn at random, so a restarted
+    follower cannot mistake an answer meant for its previous life for one of its own)."""
+
+    term: int
+    src: NodeId
+    dst: NodeId
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadIndexResponse:
+    """The leader's answer to :class:`ReadIndexRequest`: with ``success``, ``index`` is its commit
+    index when the request arrived, confirmed by a heartbeat round a quorum acknowledged after
+    that; without, the sender cannot confirm (it does not lead, or lost leadership first)."""
+
+    term: int
+    src: NodeId
+    dst: NodeId
+    request_id: int
+    index: int
+    success: bool
+
+
 # --------------------------------------------------------------------------- runtime messages
 # Snapshot bytes are streamed by the runtime, not the core; these travel over the same transport.
 
@@ -286,6 +313,8 @@ Message = (
     | InstallSnapshot
     | SnapshotChunk
     | SnapshotChunkAck
+    | ReadIndexRequest
+    | ReadIndexResponse
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -299,6 +328,8 @@ MESSAGE_TYPES: tuple[type, ...] = (
     InstallSnapshot,
     SnapshotChunk,
     SnapshotChunkAck,
+    ReadIndexRequest,
+    ReadIndexResponse,
 )
 
 

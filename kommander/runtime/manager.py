@@ -483,9 +483,12 @@ class RaftManager(DriveLoop):
 
     def read_index(self, partition: int) -> defer.Deferred[int]:
         """Linearizable read barrier: fires with an index once it is applied locally; reading the
-        state machine then observes every write that completed before this call. Fails with
-        :class:`NotLeader` when this node does not lead the partition, with :class:`QueueFull`
-        when ``max_pending_reads`` reads are pending on it."""
+        state machine then observes every write that completed before this call. A follower asks
+        its leader for the index (``kommander.core.follower_read``) and fires once it applied it.
+        Fails with :class:`NotLeader` when this node knows no leader to ask, is catching up on new
+        storage, or the leader changed (or did not answer) before confirming; with
+        :class:`QueueFull` when ``max_pending_reads`` reads are pending on it; with
+        ``defer.TimeoutError`` after ``operation_timeout``."""
         runtime = self._runtime(partition)
         if not self._running:
             return defer.fail(KommanderError(self._failed or "the node is not running"))

@@ -209,6 +209,25 @@ def heartbeat_commit_past_match() -> Any:
     return patched(RaftNode, "_bcast_heartbeat", make_bcast)
 
 
+def follower_read_before_apply() -> Any:
+    """A follower serves a read as soon as its leader answers with the read index, without
+    waiting to apply up to it: it may miss writes acknowledged before the read began."""
+
+    def make(original: Any) -> Any:
+        def read_confirmed(self: PartitionRuntime, context: int, index: int) -> None:
+            from kommander.core.types import Role
+
+            if self.core.role is not Role.LEADER and self.applied < index and context in self.reads:
+                d = self.reads.pop(context)[0]
+                d.callback(index)
+                return
+            original(self, context, index)
+
+        return read_confirmed
+
+    return patched(PartitionRuntime, "read_confirmed", make)
+
+
 #: name -> mutation
 MUTATIONS: dict[str, Callable[[], Any]] = {
     "deferred_recursion": deferred_recursion,
@@ -219,6 +238,7 @@ MUTATIONS: dict[str, Callable[[], Any]] = {
     "figure8_commit_old_term": figure8_commit_old_term,
     "readindex_before_noop": readindex_before_noop,
     "heartbeat_commit_past_match": heartbeat_commit_past_match,
+    "follower_read_before_apply": follower_read_before_apply,
 }
 
 #: name -> the profile that exercises it
@@ -231,6 +251,7 @@ MUTATION_PROFILES = {
     "figure8_commit_old_term": "base",
     "readindex_before_noop": "base",
     "heartbeat_commit_past_match": "base",
+    "follower_read_before_apply": "base",
 }
 
 __all__ = ["MUTATIONS", "MUTATION_PROFILES", "ProgressState"]

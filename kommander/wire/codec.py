@@ -40,6 +40,8 @@ from kommander.core.types import (
     HeartbeatResponse,
     InstallSnapshot,
     Message,
+    ReadIndexRequest,
+    ReadIndexResponse,
     SnapshotChunk,
     SnapshotChunkAck,
     SnapshotMeta,
@@ -98,6 +100,8 @@ class TypeCode(enum.IntEnum):
     INSTALL_SNAPSHOT = 8
     SNAPSHOT_CHUNK = 9
     SNAPSHOT_CHUNK_ACK = 10
+    READ_INDEX_REQUEST = 11
+    READ_INDEX_RESPONSE = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +159,11 @@ _SCHEMA: dict[type, tuple[TypeCode, tuple[tuple[str, str], ...]]] = {
     SnapshotChunkAck: (
         TypeCode.SNAPSHOT_CHUNK_ACK,
         (("meta", _META), ("offset", _N), ("success", _B)),
+    ),
+    ReadIndexRequest: (TypeCode.READ_INDEX_REQUEST, (("request_id", _N),)),
+    ReadIndexResponse: (
+        TypeCode.READ_INDEX_RESPONSE,
+        (("request_id", _N), ("index", _N), ("success", _B)),
     ),
 }
 #: Fields added later, after the original ones: a frame may end before them (the dataclass
