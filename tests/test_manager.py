@@ -315,6 +315,7 @@ def test_follower_restart_restores_its_log_replays_and_catches_up() -> None:
     term, vote, last = core.term, core.vote, core.log.last_index()
     applied_before = list(follower.data(0))
     cluster.stop(follower.node_id)
+    cluster.wait_for_leaders([i for i in cluster.ids if i != follower.node_id])  # it may have led one
     for i in range(3):
         for p in (0, 1):
             assert cluster.write(p, b"b%d" % i).success

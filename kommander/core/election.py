@@ -7,6 +7,7 @@ Builds on :class:`kommander.core.state.NodeState` (the fields and the other part
 from __future__ import annotations
 
 from kommander.core.errors import NotLeader
+from kommander.core.rejoin import Standing
 from kommander.core.state import NodeState
 from kommander.core.types import Role, TimeoutNow, VoteRequest, VoteResponse
 
@@ -60,8 +61,8 @@ class Election(NodeState):
     def _campaign(self, transfer: bool) -> None:
         if self.id not in self.voters and not self._removal_pending():
             return  # a learner, or removed by a committed change: never campaigns
-        if self.catching_up:
-            self._rejoin_timeout()  # new storage: no campaign until caught up (rejoin.py)
+        if self.standing is Standing.UNDECIDED:
+            self._rejoin_timeout()  # new storage, no history seen: announce it (rejoin.py)
             return
         if self.config.pre_vote and not transfer:
             self._become_pre_candidate()
@@ -74,7 +75,7 @@ class Election(NodeState):
         self._drop_leader_state()
         self.role = Role.PRE_CANDIDATE
         self.leader = None
-        self.votes = {self.id: True}
+        self.votes = {self.id: self._own_grant()}
         self.election_elapsed = 0
         self._reset_randomized_timeout()
         if self._tally() is True:
@@ -93,9 +94,9 @@ class Election(NodeState):
         self._reset(self.term + 1)
         self.role = Role.CANDIDATE
         self.vote = self.id
-        self.votes = {self.id: True}
+        self.votes = {self.id: self._own_grant()}
         if self._tally() is True:
-            self._become_leader()
+            self._won()
             return
         last_index, last_term = self.log.last_index(), self.log.last_term()
         pristine = self._is_pristine(pre_vote=False)
@@ -108,14 +109,20 @@ class Election(NodeState):
             )
 
     def _tally(self) -> bool | None:
-        """``True`` once a quorum granted, ``False`` once a quorum refused, else ``None``; while
-        joint, of both the incoming and the outgoing voters."""
+        """``True`` once a quorum of members granted, or every voter did (grants of nodes on new
+        storage, ``None`` in :attr:`votes`, count only then: see rejoin.py); ``False`` once a
+        quorum refused; else ``None``. While joint, of both the incoming and the outgoing voters
+        (there a grant of a node on new storage counts as no grant)."""
         if not self._simple:
             return self._tally_general()
-        granted = sum(1 for v in self.votes.values() if v)
+        votes = self.votes.values()
+        granted = sum(1 for v in votes if v is True)
         if granted >= self.quorum:
             return True
-        if len(self.votes) - granted >= self.quorum:
+        refused = sum(1 for v in votes if v is False)
+        if refused == 0 and len(self.votes) == len(self.voters):
+            return True
+        if refused >= self.quorum:
             return False
         return None
 
@@ -127,19 +134,28 @@ class Election(NodeState):
             or (self.vote is None and self.leader is None)
             or (m.pre_vote and m.term > self.term)
         )
-        # A node on new storage has forgotten its votes and acknowledgements: it abstains.
-        if can_vote and not self.catching_up and self.log.is_up_to_date(m.last_index, m.last_term):
+        # A node on new storage has forgotten its votes and acknowledgements: its grant says so,
+        # and counts only towards a unanimous election (rejoin.py).
+        if can_vote and self.log.is_up_to_date(m.last_index, m.last_term):
+            new = self.catching_up
             if m.pre_vote:
                 # A pre-vote changes nothing here, so the answer needs no persistence.
-                self._msgs.append(VoteResponse(m.term, self.id, m.src, True, True))
+                self._msgs.append(VoteResponse(m.term, self.id, m.src, True, True, new))
             else:
                 self.vote = m.src
                 self.election_elapsed = 0
                 # Must not leave before the vote is durable: a vote forgotten in a crash could be
                 # given twice in one term.
-                self._persisted_msgs.append(VoteResponse(self.term, self.id, m.src, True, False))
+                self._persisted_msgs.append(VoteResponse(self.term, self.id, m.src, True, False, new))
         else:
             self._msgs.append(VoteResponse(self.term, self.id, m.src, False, m.pre_vote))
+
+    def _won(self) -> None:
+        # Every member that voted checked our log, and when the win needed the votes of nodes on
+        # new storage, every voter did: our log holds whatever any of them holds, so a node on
+        # new storage that wins has caught up (rejoin.py).
+        self.standing = Standing.MEMBER
+        self._become_leader()
 
     def _handle_vote_response(self, m: VoteResponse) -> None:
         if self.role is Role.PRE_CANDIDATE:
@@ -154,13 +170,13 @@ class Election(NodeState):
                 return
         else:
             return
-        self.votes.setdefault(m.src, m.granted)
+        self.votes.setdefault(m.src, (None if m.catching_up else True) if m.granted else False)
         outcome = self._tally()
         if outcome is True:
             if self.role is Role.PRE_CANDIDATE:
                 self._become_candidate(transfer=False)
             else:
-                self._become_leader()
+                self._won()
         elif outcome is False:
             self._become_follower(self.term, None)
 

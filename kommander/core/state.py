@@ -209,5 +209,8 @@ class NodeState:
     def _rejoin_timeout(self) -> None:  # rejoin.py
         raise NotImplementedError
 
+    def _own_grant(self) -> bool | None:  # rejoin.py
+        raise NotImplementedError
+
     def _note_storage(self, peer: str, pr: Progress, storage_id: int, catching_up: bool) -> None:  # rejoin.py
         raise NotImplementedError

@@ -191,6 +191,9 @@ class VoteResponse:
     dst: NodeId
     granted: bool
     pre_vote: bool = False
+    #: A grant of a node on new storage (see kommander/core/rejoin.py): it counts only towards a
+    #: unanimous election, never towards a majority.
+    catching_up: bool = False
 
 
 @dataclass(frozen=True, slots=True)

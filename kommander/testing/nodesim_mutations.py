@@ -58,9 +58,12 @@ def deferred_recursion() -> Any:
     return patched(PartitionRuntime, "_drain_apply", make)
 
 
-def stale_progress_after_wipe() -> Any:
-    """The leader ignores every rejection at or below the match index it remembers, so a follower
-    that lost its storage is never repaired."""
+@contextlib.contextmanager
+def stale_progress_after_wipe() -> Iterator[None]:
+    """The leader ignores every rejection at or below the match index it remembers, and takes a
+    follower's new storage id for the old one (its progress is never restarted), so a follower
+    that lost its storage is never repaired. (Without the second half, heartbeat replies carrying
+    the new id restart the progress and repair the follower anyway.)"""
 
     def make(original: Any) -> Any:
         def handle(self: RaftNode, m: Any) -> None:
@@ -72,7 +75,18 @@ def stale_progress_after_wipe() -> Any:
 
         return handle
 
-    return patched(RaftNode, "_handle_append_response", make)
+    def make_note(original: Any) -> Any:
+        def note(self: RaftNode, peer: str, pr: Any, storage_id: int, catching_up: bool) -> None:
+            if storage_id and pr.storage_id and storage_id != pr.storage_id:
+                pr.storage_id = storage_id  # the new disk, taken for the old one
+                pr.catching_up = catching_up
+                return
+            original(self, peer, pr, storage_id, catching_up)
+
+        return note
+
+    with patched(RaftNode, "_handle_append_response", make), patched(RaftNode, "_note_storage", make_note):
+        yield
 
 
 def swallow_sm_errors() -> Any:

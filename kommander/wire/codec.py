@@ -172,6 +172,7 @@ _SCHEMA: dict[type, tuple[TypeCode, tuple[tuple[str, str], ...]]] = {
 #: one of them differs from its default.
 _OPTIONAL: dict[type, tuple[tuple[str, str], ...]] = {
     VoteRequest: (("pristine", _B),),
+    VoteResponse: (("catching_up", _B),),
     AppendEntriesResponse: (("storage_id", _U), ("catching_up", _B)),
     HeartbeatResponse: (("storage_id", _U), ("catching_up", _B)),
 }
