@@ -21,7 +21,7 @@ from kommander.testing.nodesim_mutations import MUTATION_PROFILES, MUTATIONS
 #: the core, and the seed that catches a mutation moves with them.
 MUTATION_RUNS = {
     "deferred_recursion": (range(0, 40), 0),
-    "stale_progress_after_wipe": (range(80, 200), 92),
+    "stale_progress_after_wipe": (range(80, 200), 133),
     "swallow_sm_errors": (range(0, 40), 5),
     "batch_drop_oversized": (range(0, 40), 1),
     "compact_before_verify": (range(0, 120), 35),
