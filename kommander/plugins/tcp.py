@@ -28,9 +28,9 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from kommander.core.errors import ConfigurationError, ProtocolError
+from kommander.core.errors import ProtocolError
 from kommander.interfaces import ITransport
-from kommander.plugins.tcp_peers import PeerRecord, backoff_delay, encode_frames, handshake_refusal
+from kommander.plugins.tcp_peers import PeerRecord, backoff_delay, check_limits, encode_frames, handshake_refusal
 from kommander.plugins.tcp_protocol import PeerConnection, PeerFactory, describe_address
 from kommander.plugins.tcp_security import PeerSecurity
 from kommander.runtime.ratelimit import RateLimitedLog
@@ -108,11 +108,7 @@ class TCPTransport:
         limits = dict(max_frame_bytes=max_frame_bytes, max_queue_bytes=max_queue_bytes, stale_after=stale_after)
         limits.update(backoff_initial=backoff_initial, backoff_max=backoff_max, close_timeout=close_timeout)
         limits.update(connect_timeout=connect_timeout, handshake_timeout=handshake_timeout)
-        for name, value in limits.items():
-            if not value > 0:
-                raise ConfigurationError(f"TCPTransport {name}={value!r}: use a positive number")
-        if backoff_max < backoff_initial:
-            raise ConfigurationError("TCPTransport backoff_max: make it at least backoff_initial")
+        check_limits("TCPTransport", limits)
         self.reactor = reactor
         self.node_id = node_id
         self.cluster_id = cluster_id
