@@ -165,3 +165,48 @@ def test_one_sighup_rereads_the_token_file_the_tls_files_and_the_secret_file(tmp
 def _tls(tmp_path: Path) -> tuple[str, str, str]:
     ca = make_ca()
     return write_files(str(tmp_path), ca, issue(ca, "n1", "kommander"))
+
+
+def test_multicast_discovery_reloads_its_secret_file(tmp_path: Path) -> None:
+    """A rotation reaches multicast discovery too: after the reload it signs with the new first
+    secret and accepts the new key, and a bad file leaves the old keys in use (this used to keep
+    the start-up secret forever, so a rotated cluster stopped finding each other)."""
+    from kommander.plugins.multicast import MulticastDiscovery, decode_announcement, encode_announcement
+    from kommander.plugins.peer_secret import announcement_key
+
+    path = secret_file(tmp_path, OLD)
+    here = "tcp:host=127.0.0.1:port=1"
+    d = MulticastDiscovery(MemoryReactorClock(), "n1", "c1", here, secrets=SharedSecrets.from_file(str(path)))
+    signed_new = encode_announcement("c1", "n2", "tcp:host=127.0.0.1:port=2", {}, key=announcement_key(NEW))
+    d.datagram_received(signed_new, None)
+    assert "n2" not in d.nodes()
+    secret_file(tmp_path, NEW, OLD)
+    assert d.reload_secrets() is True
+    d.datagram_received(signed_new, None)
+    assert "n2" in d.nodes()
+    assert decode_announcement(d._announcement, (announcement_key(NEW),))[1] == "n1"
+    path.write_bytes(b"")
+    with capturedLogs() as events:
+        assert d.reload_secrets() is False
+    assert "multicast discovery kept its previous secrets" in messages(events)
+    assert decode_announcement(d._announcement, (announcement_key(NEW),))[1] == "n1"
+
+
+def test_twistd_with_multicast_registers_the_discovery_secret_reload(tmp_path: Path) -> None:
+    """``--discovery multicast --secret-file F``: SIGHUP re-reads F for discovery as well as the transport."""
+    secret = secret_file(tmp_path, OLD)
+    options = parse(
+        *BASE,
+        "--wal", "memory",
+        "--discovery", "multicast",
+        "--option", "multicast_interface=127.0.0.1",
+        "--secret-file", str(secret),
+    )  # fmt: skip
+    top = tap.makeService(options, reactor=HangupReactor())
+    hangup = next(s for s in top if s.name == "kommander-hangup")
+    names = [what for what, _ in hangup.reloaders]
+    assert "the secret file (multicast discovery)" in names and "the secret file" in names
+    secret_file(tmp_path, NEW, OLD)
+    hangup.reload()
+    assert top.manager.discovery.secrets.secrets == (NEW, OLD)
+    assert top.manager.transport.security.secrets.secrets == (NEW, OLD)

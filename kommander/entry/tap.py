@@ -540,6 +540,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         http.setServiceParent(top)
     RaftService(manager, reactor).setServiceParent(top)
     add_credential_reloads(hangup, built["transport"])
+    discovery_reload = getattr(built["discovery"], "reload_secrets", None)
+    if discovery_reload is not None and getattr(built["discovery"], "secrets", None) is not None:
+        # Discovery holds its own copy of the secret file (multicast signs its announcements).
+        hangup.add("the secret file (multicast discovery)", discovery_reload)
     if hangup.reloaders:
         hangup.setServiceParent(top)
     top.manager = manager  # type: ignore[attr-defined]  # for tests and embedding
