@@ -114,8 +114,9 @@ class Cluster:
     def request(
         self, node: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
     ) -> Reply:
-        lines = [f"{method} {path} HTTP/1.1", "Host: test", "Connection: close"]
         headers = dict(headers or {})
+        host = headers.pop("Host", "test")  # None: send no Host header
+        lines = [f"{method} {path} HTTP/1.1", *([f"Host: {host}"] if host is not None else []), "Connection: close"]
         if body or method in ("PUT", "POST"):
             headers.setdefault("Content-Length", str(len(body)))
         lines += [f"{k}: {v}" for k, v in headers.items()]

@@ -38,6 +38,7 @@ from kommander.entry.hangup import HangupService
 from kommander.entry.reload import add_credential_reloads
 from kommander.hookspecs import PluginContext
 from kommander.kv.auth import TokenTable
+from kommander.kv.hosts import HostAllowlist, default_hosts
 from kommander.registry import PluginError, PluginKind, PluginRegistry
 
 #: Defaults of the options that have one; the others default to "not given".
@@ -222,6 +223,8 @@ class Options(usage.Options):
         ["election-timeout-max", None, None, "Longest election timeout, seconds [default: 1.0]."],
         ["durability", None, None, "WAL durability: sync (fsync every write) or nosync [default: sync]."],
         ["advertise-http", None, None, "Base URL clients are redirected to [default: derived from --http]."],
+        ["http-host", None, None, "Host names the HTTP API answers to, comma-separated; * for any "
+         "[default: the advertised URL's host, the --http interface, localhost, 127.0.0.1, ::1]."],
         ["max-body-bytes", None, None, "Largest HTTP request body accepted [default: 1048576]."],
         ["http-token-file", None, None, "File of 'TOKEN ROLE' lines (roles read, write, admin): the HTTP API then "
          "requires 'Authorization: Bearer TOKEN'; re-read on SIGHUP [default: none, the API is open]."],
@@ -243,6 +246,7 @@ class Options(usage.Options):
 
     optFlags = [
         ["insecure", None, "Peer traffic is unauthenticated on purpose (no --tls-* nor --secret-file)."],
+        ["listen-all", None, "Allow --listen and --http endpoints without interface= (every address of the host)."],
     ]
 
     def __init__(self) -> None:
@@ -254,6 +258,7 @@ class Options(usage.Options):
         self.config: RaftConfiguration | None = None
         self.registry: PluginRegistry | None = None
         self.tokens: TokenTable | None = None
+        self.hosts: HostAllowlist | None = None
 
     def opt_option(self, value: str) -> None:
         """KEY=VALUE plugin option, e.g. durability=nosync or multicast_ttl=0; repeatable."""
@@ -281,6 +286,7 @@ class Options(usage.Options):
         check_endpoint("--listen", self["listen"], server=True)
         if self["http"]:
             check_endpoint("--http", self["http"], server=True)
+        self._check_interfaces()
         self.peers = parse_peers(self["peers"] or "")
         # The same --peers list may be given to every node: this node's own entry is not a peer.
         self.peers.pop(self["node-id"], None)
@@ -292,6 +298,7 @@ class Options(usage.Options):
         if advertise is not None:
             self.plugin_options.setdefault("advertise", advertise)
         self.metadata = self._metadata()
+        self.hosts = self._http_hosts()
         if self["join"]:
             from kommander.entry.join import check_join_options
 
@@ -333,10 +340,10 @@ class Options(usage.Options):
                 text = ",".join(f"{k}={_text(where, v)}" for k, v in value.items())
                 if self["peers"] is None:
                     self["peers"] = text
-            elif key == "insecure":
+            elif key in ("insecure", "listen-all"):
                 if not isinstance(value, bool):
                     raise usage.UsageError(f"{where}: use true or false")
-                self["insecure"] = self["insecure"] or value
+                self[key] = self[key] or value
             elif key in known:
                 text = _text(where, value)
                 if self[key] is None:
@@ -385,6 +392,38 @@ class Options(usage.Options):
         if not math.isfinite(value) or value <= 0:
             raise usage.UsageError(f"--{name} {self[name]!r}: use a positive number of seconds")
         return value
+
+    def _check_interfaces(self) -> None:
+        """Refuse a TCP or TLS listener on every address unless ``--listen-all`` asks for it."""
+        if self["listen-all"]:
+            return
+        for option in ("listen", "http"):
+            description = self[option]
+            if not description:
+                continue
+            positional, keywords = split_description(description)
+            kind = positional[0].lower() if positional else ""
+            if kind in ("tcp", "tcp6", "ssl") and keywords.get("interface", "") in _WILDCARDS:
+                raise usage.UsageError(
+                    f"--{option} {description!r} listens on every address of this host: add "
+                    f"interface=ADDRESS (e.g. interface=127.0.0.1, or the address peers and clients use), "
+                    f"or pass --listen-all if that is what you want"
+                )
+
+    def _http_hosts(self) -> HostAllowlist | None:
+        if not self["http"]:
+            return None
+        given = self["http-host"]
+        if given:
+            names = given.split(",")
+        else:
+            found = _listen_address(self["http"])
+            _, interface = split_description(self["http"])
+            names = default_hosts(self.metadata.get("http"), interface.get("interface") if found else None)
+        try:
+            return HostAllowlist(names)
+        except ValueError as e:
+            raise usage.UsageError(f"--http-host {given!r}: {e}") from None
 
     def _metadata(self) -> dict[str, str]:
         url = self["advertise-http"]
@@ -526,6 +565,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             max_body_bytes=options["max-body-bytes"],
             reactor=reactor,
             tokens=options.tokens,
+            hosts=options.hosts,
         )
         if options.tokens is None:
             _log.warn(

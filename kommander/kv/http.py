@@ -45,6 +45,7 @@ from twisted.web import resource, server
 
 from kommander.core.errors import KommanderError, NotLeader
 from kommander.kv.auth import Outcome, Role, TokenTable
+from kommander.kv.hosts import HostAllowlist
 from kommander.kv.machine import (
     LOG_TYPE,
     MAX_KEY_BYTES,
@@ -180,6 +181,7 @@ class KVResource(resource.Resource):
     :param max_body_bytes: largest request body accepted.
     :param process_metrics: include the ``process_*`` metrics (CPU, memory) in ``GET /metrics``.
     :param tokens: the bearer tokens requests must carry; ``None`` serves everyone.
+    :param hosts: the ``Host`` names served (:mod:`kommander.kv.hosts`); ``None`` serves any.
     :param seconds: the current time, for rate-limiting the log lines of refused requests.
     """
 
@@ -193,6 +195,7 @@ class KVResource(resource.Resource):
         *,
         process_metrics: bool = True,
         tokens: TokenTable | None = None,
+        hosts: HostAllowlist | None = None,
         seconds: Callable[[], float] = time.monotonic,
     ):
         super().__init__()
@@ -202,7 +205,9 @@ class KVResource(resource.Resource):
         self.machine = machine
         self.max_body_bytes = max_body_bytes
         self.tokens = tokens
+        self.hosts = hosts
         self._log_refused = RateLimitedLog(_log.warn, seconds)
+        self._log_misdirected = RateLimitedLog(_log.warn, seconds)
         #: ``GET /metrics``; built here so the leader-change counter starts with the site.
         self.metrics = NodeMetrics(manager, process=process_metrics)
 
@@ -271,7 +276,30 @@ class KVResource(resource.Resource):
         response = error_response(code, message)
         raise _BadRequest(Response(code, response.body, _JSON, ((b"WWW-Authenticate", challenge),)))
 
+    def _check_host(self, request: server.Request) -> None:
+        """Refuse a request for a host name this node is not known by (DNS rebinding).
+
+        :raises _BadRequest: 421, with a rate-limited log line.
+        """
+        if self.hosts is None or request.postpath == [b"v1", b"health"]:
+            return  # health stays open for probes that address the node by whatever name
+        header = request.requestHeaders.getRawHeaders(b"host")
+        if header is None or (len(header) == 1 and self.hosts.allows(header[0])):
+            return
+        shown = b", ".join(header).decode("latin-1")[:100]
+        client = request.getClientAddress()
+        self._log_misdirected(
+            "HTTP 421 for {method} {path} from {client}: Host {host!r} is not served"
+            " ({suppressed} more refused since the last such line)",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1")[:200],
+            client=getattr(client, "host", client),
+            host=shown,
+        )
+        raise _BadRequest(error_response(421, f"Host {shown!r} is not a name this node serves; see --http-host"))
+
     def _dispatch(self, request: server.Request) -> Response | defer.Deferred[Response]:
+        self._check_host(request)
         self._authorize(request)
         path = request.postpath
         method = request.method
@@ -526,14 +554,16 @@ def make_site(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     reactor: Any = None,
     tokens: TokenTable | None = None,
+    hosts: HostAllowlist | None = None,
 ) -> server.Site:
     """A :class:`~twisted.web.server.Site` serving the API of ``manager`` and ``machine``.
 
     :param reactor: for the site's connection timeouts; the global reactor when ``None``.
     :param tokens: require these bearer tokens (see :mod:`kommander.kv.auth`); ``None``: open.
+    :param hosts: serve only these ``Host`` names (see :mod:`kommander.kv.hosts`); ``None``: any.
     """
     extra: dict[str, Any] = {"seconds": reactor.seconds} if reactor is not None else {}
-    root = KVResource(manager, machine, max_body_bytes, tokens=tokens, **extra)
+    root = KVResource(manager, machine, max_body_bytes, tokens=tokens, hosts=hosts, **extra)
     kwargs: dict[str, Any] = {"requestFactory": KVRequest}
     if reactor is not None:
         kwargs["reactor"] = reactor
