@@ -502,3 +502,11 @@ def test_default_logging_is_left_to_twistd() -> None:
 def test_bad_log_options_are_usage_errors(argv) -> None:
     with pytest.raises(usage.UsageError, match="--log-"):
         tap.Options().parseOptions(["--node-id", "n1", "--listen", "tcp:0:interface=127.0.0.1", *argv])
+
+
+def test_max_snapshot_bytes_option() -> None:
+    """--option max_snapshot_bytes=N reaches the node's configuration; a bad value is a usage error."""
+    assert parse(*BASE, *MEMORY, "--option", "max_snapshot_bytes=1000000").config.max_snapshot_bytes == 1_000_000
+    for bad in ("lots", "0"):
+        with pytest.raises(usage.UsageError, match="max_snapshot_bytes"):
+            parse(*BASE, *MEMORY, "--option", f"max_snapshot_bytes={bad}")

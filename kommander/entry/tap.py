@@ -435,6 +435,19 @@ class Options(usage.Options):
         derived = advertised_http_url(self["http"]) if self["http"] else None
         return {"http": derived} if derived else {}
 
+    def _size_options(self) -> dict[str, int]:
+        """Node limits given as ``--option``: ``max_snapshot_bytes``."""
+        found = {}
+        for name in ("max_snapshot_bytes",):
+            text = self.plugin_options.get(name)
+            if text is None:
+                continue
+            try:
+                found[name] = int(text)
+            except ValueError:
+                raise usage.UsageError(f"--option {name}={text!r}: use a whole number of bytes") from None
+        return found
+
     def _raft_configuration(self) -> RaftConfiguration:
         found = _listen_address(self["listen"])
         checkpoint_every = self._int("checkpoint-every", 0, 1 << 40)
@@ -449,6 +462,7 @@ class Options(usage.Options):
             **({"checkpoint_every_bytes": 0} if checkpoint_every == 0 else {}),
             expected_nodes=self._expected_nodes(),
             **{name.replace("-", "_"): self._seconds(name) for name in _TIMINGS},
+            **self._size_options(),
         )
         try:
             return config.validate()
