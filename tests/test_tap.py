@@ -18,6 +18,7 @@ from twisted.python import usage
 from kommander.entry import tap
 from kommander.results import Event
 from kommander.kv.http import KVResource
+from kommander.kv.limits import ConnectionLimits
 from kommander.kv.machine import KVStateMachine
 
 BASE = [
@@ -287,7 +288,8 @@ def test_make_service_builds_http_and_raft_services(tmp_path: Path) -> None:
     raft = top.getServiceNamed("kommander-raft")
     assert isinstance(http, StreamServerEndpointService)
     assert http.endpoint._port == 8001 and http.endpoint._interface == "127.0.0.1"
-    root = http.factory.resource
+    assert isinstance(http.factory, ConnectionLimits)
+    root = http.factory.wrappedFactory.resource
     assert isinstance(root, KVResource) and isinstance(root.machine, KVStateMachine)
     manager = raft.manager
     assert manager is top.manager and manager.partitions == 8
