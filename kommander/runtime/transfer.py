@@ -217,7 +217,10 @@ class SnapshotReceiver:
     def _write_failed(self, failure: Any) -> None:
         # The disk refused bytes the node had accepted: the same storage failure as a WAL write.
         if self.host.running:
-            self.host.fail_stop(f"partition {self.runtime.number}: writing a received snapshot failed", failure)
+            self.host.fail_stop(
+                f"partition {self.runtime.number}: writing a received snapshot failed: {failure.getErrorMessage()}",
+                failure,
+            )
 
     def reset(self) -> None:
         if self.incoming is not None:
