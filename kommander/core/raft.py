@@ -109,6 +109,8 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig)
         self._init_follower_reads()
         # What the last Ready reported, to hand out only changes.
         self._last_hard = HardState(self.term, self.vote, self.log.committed)
+        #: The term and vote known durable (restored from storage, or written by an advanced Ready).
+        self._durable_vote = (self.term, self.vote)
         self._last_soft = SoftState(self.role, self.leader, self.term)
         self._reset_randomized_timeout()
         self.storage_id = storage_id
@@ -263,6 +265,8 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig)
 
     def advance(self, ready: Ready) -> None:
         """The writes of ``ready`` (and of every earlier ``Ready``) are durable."""
+        if ready.hard_state is not None:
+            self._durable_vote = (ready.hard_state.term, ready.hard_state.vote)
         if ready.entries:
             last = ready.entries[-1]
             self.log.stable_to(last.index, last.term)
@@ -329,11 +333,18 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig)
         ):
             soft = self._last_soft = SoftState(self.role, self.leader, self.term)
         snapshot, self._pending_snapshot = self._pending_snapshot, None
+        messages, persisted = tuple(self._msgs), tuple(self._persisted_msgs)
+        if self.vote == self.id and self._durable_vote != (self.term, self.vote) and messages:
+            # Our vote for ourselves in this term is not durable yet (a sole voter wins at once,
+            # in the step that started the term). Nothing may speak for this term before it is:
+            # a crash would forget it, and the node could be elected again in the same term
+            # with another log, two leaders of one term.
+            messages, persisted = (), messages + persisted
         ready = Ready(
             hard,
             entries,
-            tuple(self._msgs),
-            tuple(self._persisted_msgs),
+            messages,
+            persisted,
             log.take_applicable(self.config.max_apply_entries),
             tuple(self._read_states),
             soft,

@@ -300,3 +300,35 @@ def test_vote_response_to_pre_candidate_keeps_term():
     ready = voter.ready()
     assert voter.term == 2 and ready.hard_state is None
     assert isinstance(ready.messages[0], VoteResponse)
+
+
+# ---------------------------------------------------------------------- a sole voter's own term
+
+
+def sole_voter_with_a_learner() -> RaftNode:
+    config = CoreConfig("n1", ("n1",), learners=("n2",), pre_vote=False)
+    return RaftNode(config, random.Random(5), HardState(5, None, 0), None, entries_of([1, 5]))
+
+
+def test_a_sole_voter_says_nothing_for_its_new_term_before_it_is_durable():
+    """A sole voter wins in the step that starts its term: its first AppendEntries to a learner
+    wait for the write of that term and vote. (The core simulator, seed 6309 with spares=2 and
+    reconfig_rate 0.2, found the alternative: the leader crashed before the write, came back in
+    the old term, was elected again in the same term and sent other entries under it.)"""
+    node = sole_voter_with_a_learner()
+    node.campaign()
+    ready = node.ready()
+    assert node.role is Role.LEADER and ready.hard_state == HardState(6, "n1", 0)
+    assert ready.messages == ()
+    assert {type(m) for m in ready.persisted_messages} == {AppendEntries}
+    assert all(m.term == 6 and m.dst == "n2" for m in ready.persisted_messages)
+    # A proposal before that write is durable waits as well.
+    node.propose([Proposal("t", b"x")])
+    second = node.ready()
+    assert all(m.term < 6 for m in second.messages)
+    node.advance(ready)
+    node.advance(second)
+    for _ in range(5):
+        node.tick()
+    third = node.ready()
+    assert any(isinstance(m, (AppendEntries, Heartbeat)) for m in third.messages)  # durable: at once again

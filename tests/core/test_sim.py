@@ -176,12 +176,17 @@ def test_seeds_without_violation_with_membership_changes(nodes, overrides):
 
 
 def test_membership_changes_happen_in_the_simulation():
-    """The reconfiguration chaos does change configurations, and runs still commit after them."""
-    sim = Simulation(1, SimConfig(nodes=3, **RECONFIG), trace_limit=None)
-    result = sim.run()
-    assert result.violation is None
-    assert sim.result_stats.get("changes", 0) >= 3
-    assert any("reconfig" in line for line in result.trace)
+    """The reconfiguration chaos does change configurations, and runs still commit after them
+    (over a few seeds: how many changes one seed makes moves with any change to the schedule)."""
+    changes = 0
+    for seed in range(1, 5):
+        sim = Simulation(seed, SimConfig(nodes=3, **RECONFIG), trace_limit=None)
+        result = sim.run()
+        assert result.violation is None
+        assert sim.result_stats["commits"] > 0
+        changes += sim.result_stats.get("changes", 0)
+        assert seed > 1 or any("reconfig" in line for line in result.trace)
+    assert changes >= 8
 
 
 #: mutation -> (SimConfig overrides, seeds, violations wanted, kinds that count, kinds allowed)
@@ -224,3 +229,12 @@ def test_mutations_are_undone():
     with mutation():
         assert Simulation(0, SimConfig(nodes=3), trace_limit=0).run().violation is not None
     assert Simulation(0, SimConfig(nodes=3), trace_limit=0).run().violation is None
+
+
+def test_seeds_that_found_a_sole_voter_leading_before_its_term_was_durable():
+    """Seeds 6309 and 10979 of a 20,000-seed reconfiguration soak (spares=2, reconfig_rate 0.2):
+    a node left sole voter won at once, replicated under its new term before writing it, crashed,
+    and was elected again in the same term with other entries (log-matching)."""
+    for seed in (6309, 10979):
+        result = Simulation(seed, SimConfig(nodes=3, spares=2, reconfig_rate=0.2), trace_limit=0).run()
+        assert result.violation is None, (seed, str(result.violation))
