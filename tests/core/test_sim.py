@@ -238,3 +238,12 @@ def test_seeds_that_found_a_sole_voter_leading_before_its_term_was_durable():
     for seed in (6309, 10979):
         result = Simulation(seed, SimConfig(nodes=3, spares=2, reconfig_rate=0.2), trace_limit=0).run()
         assert result.violation is None, (seed, str(result.violation))
+
+
+def test_prevote_off_reconfiguration_seeds_that_stalled():
+    """Seeds 9 and 268 (spares=2, reconfig_rate 0.5, PreVote off) never committed again after
+    healing; the same fix (a sole voter waits for its vote to be durable) cleared them."""
+    for seed in (9, 268):
+        config = SimConfig(nodes=3, spares=2, reconfig_rate=0.5, pre_vote=False)
+        result = Simulation(seed, config, trace_limit=0).run()
+        assert result.violation is None, (seed, str(result.violation))
