@@ -9,7 +9,7 @@ NODESEEDS ?= 10000
 MINUTES ?= 10
 FUZZ_SECONDS ?= 60
 
-.PHONY: test demo soak jepsen bench fuzz docs deps clean
+.PHONY: test demo soak jepsen bench fuzz docs dist deps clean
 
 # Debian's Berkeley DB headers are needed to build the berkeleydb binding.
 deps:
@@ -57,5 +57,15 @@ docs: $(STAMP)
 	$(PY) -m pip install -q -e '.[docs]' --config-settings editable_mode=compat
 	$(VENV)/bin/sphinx-build -q -W -b html docs docs/_build/html
 
+# A wheel and an sdist in dist/ (the wheel built from the sdist, so the sdist is complete enough
+# to build from), then tests/distcheck.py: their contents, and the wheel installed (not editable)
+# into a fresh virtualenv, dist/check-venv, with the example plugin of docs/examples beside it.
+DIST_PLUGIN ?= docs/examples/kommander-acme
+dist: $(STAMP)
+	$(PY) -m pip install -q -e '.[dist]' --config-settings editable_mode=compat
+	rm -rf dist
+	$(PY) -m build -q --outdir dist .
+	$(PY) tests/distcheck.py dist --plugin $(DIST_PLUGIN)
+
 clean:
-	rm -rf $(VENV) build *.egg-info docs/_build
+	rm -rf $(VENV) build dist *.egg-info docs/_build

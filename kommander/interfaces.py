@@ -325,5 +325,7 @@ class IRaft(Interface):
     def read_index(partition: int) -> "Deferred[int]":
         """Linearizable read barrier: fires with a commit index once it is applied locally.
 
-        Fails with :class:`kommander.errors.NotLeader` when this node does not lead.
+        A follower asks its leader for the index and fires once it applied it. Fails with
+        :class:`kommander.errors.NotLeader` when this node knows no leader to ask (or is catching
+        up on new storage, or the leader changed before confirming).
         """

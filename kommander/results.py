@@ -43,6 +43,9 @@ class RaftOperationStatus(enum.Enum):
     #: Something failed before anything was written (the node is not running or is shutting
     #: down); see ``error``. Nothing was written.
     ERRORED = "errored"
+    #: A configuration change of the partition is already under way (one at a time); nothing
+    #: was written. Retry once it finished (``RaftManager.membership`` shows it).
+    CHANGE_IN_PROGRESS = "change_in_progress"
 
 
 class ReplicationResult(NamedTuple):

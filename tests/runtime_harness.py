@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kommander.config import RaftConfiguration
-from kommander.core.types import AppendEntries, Entry
+from kommander.core.types import AppendEntries, Entry, Membership
 from kommander.interfaces import ISnapshotStateMachine, IStateMachine, WalWrite
 from kommander.runtime.manager import RaftManager
 from kommander.plugins.hlc import HybridLogicalClock
@@ -86,6 +86,8 @@ class Node:
         self.leaders: list[tuple[int, str | None]] = []
         self.errors: list[tuple[int, int, str]] = []
         self.restore_events: list[tuple[str, int]] = []
+        #: ``(partition, Membership)`` from ``on_membership_changed``, every lifetime.
+        self.memberships: list[tuple[int, Membership]] = []
         self.starts = 0
 
     @property
@@ -150,6 +152,8 @@ class Cluster:
         if snapshots is not None:
             for node_id, node in self.nodes.items():
                 node.snapshots = snapshots(node_id)
+        #: Nodes added by :meth:`add_node`: the configuration each starts from.
+        self.joining: dict[str, Membership] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -185,6 +189,8 @@ class Cluster:
             node.history[partition].append(entry)
             return True
 
+        manager.initial_membership = self.joining.get(node_id)
+        manager.on_membership_changed += lambda p, m: node.memberships.append((p, m))
         manager.on_replication_received += received
         manager.on_log_restored += restored
         manager.on_leader_changed += lambda p, leader: node.leaders.append((p, leader))
@@ -228,6 +234,20 @@ class Cluster:
         lost = lose() if lose is not None else 0
         self.stop(node_id)
         return lost
+
+    def add_node(self, node_id: str, voters: Iterable[str], start: bool = True) -> RaftManager | None:
+        """Add ``node_id`` at run time as a node joining running partitions: its cores start as
+        learners of ``voters`` (``RaftManager.initial_membership``) until the leader's log or
+        snapshot gives them their configuration. The memory network reaches it at once."""
+        assert node_id not in self.nodes, f"node {node_id} exists"
+        node = Node(node_id, self.partitions)
+        self.ids.append(node_id)
+        self.nodes[node_id] = node
+        self.joining[node_id] = Membership(frozenset(voters), frozenset({node_id}))
+        # The cluster layer registers a new node's address before changing the membership.
+        for other in self.running():
+            other.transport.update_peers({i: "memory" for i in self.ids})
+        return self.start(node_id) if start else None
 
     def restart(self, node_id: str) -> RaftManager:
         """Stop ``node_id`` if it runs, then start a fresh manager on the same WAL."""

@@ -30,6 +30,8 @@ from kommander.core.types import (
     Heartbeat,
     HeartbeatResponse,
     InstallSnapshot,
+    ReadIndexRequest,
+    ReadIndexResponse,
     SnapshotChunk,
     SnapshotChunkAck,
     SnapshotMeta,
@@ -83,6 +85,8 @@ messages = st.one_of(
     st.builds(InstallSnapshot, **header, meta=metas),
     st.builds(SnapshotChunk, **header, meta=metas, offset=n63, data=st.binary(max_size=64), done=st.booleans()),
     st.builds(SnapshotChunkAck, **header, meta=metas, offset=n63, success=st.booleans()),
+    st.builds(ReadIndexRequest, **header, request_id=n63),
+    st.builds(ReadIndexResponse, **header, request_id=n63, index=n63, success=st.booleans()),
 )
 short_text = st.text(max_size=1024)
 handshakes = st.builds(
@@ -110,6 +114,8 @@ def sample(cls: type) -> object:
         InstallSnapshot: InstallSnapshot(3, "a", "b", meta),
         SnapshotChunk: SnapshotChunk(3, "a", "b", meta, 0, b"chunk", True),
         SnapshotChunkAck: SnapshotChunkAck(3, "b", "a", meta, 5, True),
+        ReadIndexRequest: ReadIndexRequest(3, "b", "a", 1 << 40),
+        ReadIndexResponse: ReadIndexResponse(3, "a", "b", 1 << 40, 17, True),
     }[cls]
 
 
@@ -171,6 +177,8 @@ def test_type_codes_are_stable():
         InstallSnapshot: 8,
         SnapshotChunk: 9,
         SnapshotChunkAck: 10,
+        ReadIndexRequest: 11,
+        ReadIndexResponse: 12,
     }
     assert {cls: int(code) for cls, (code, _) in codec._SCHEMA.items()} == expected
     assert TypeCode.HANDSHAKE == 0
@@ -365,9 +373,9 @@ def test_refuses_invalid_utf8_text():
     refused(frame.replace(b"\x61\x61", b"\x61\xff", 1))
 
 
-@pytest.mark.parametrize("code", [11, 99, 0, -1, True, "3"])
+@pytest.mark.parametrize("code", [13, 99, 0, -1, True, "3"])
 def test_refuses_unknown_type_code(code):
-    """Codes outside 1-10 (the handshake's 0 included) are not messages."""
+    """Codes outside 1-12 (the handshake's 0 included) are not messages."""
     item = as_list(Heartbeat)
     item[0] = code
     assert "type code" in str(refused(cbor2.dumps(item)))

@@ -431,15 +431,19 @@ def test_node_catches_up_from_a_snapshot(wipe):
     several checkpoints, is rebuilt from the leader's snapshot plus the log and ends up with
     exactly the others' data."""
     with LocalCluster(nodes=3, partitions=1, checkpoint_every=20, autostart=False) as cluster:
-        # Elect the leader among n1 and n2 before n3 starts. The lower id dials, so the leader
-        # dials n3 and drops what it queued for n3 whenever a dial fails. A leader that does not
-        # dial a dead peer keeps queueing AppendEntries for it and delivers them all when it is
-        # back, so the peer may catch up from those instead of from a snapshot (valid Raft, but
-        # then this test would not exercise the snapshot).
-        cluster.start(["n1", "n2"])
-        leader = cluster.wait_for_leaders(30, ["n1", "n2"])[0]
-        cluster.start(["n3"])
-        cluster.wait_for_leaders(30)
+        # The leader must be n1 or n2. The lower id dials, so the leader dials n3 and drops what
+        # it queued for n3 whenever a dial fails. A leader that does not dial a dead peer keeps
+        # queueing AppendEntries for it and delivers them all when it is back, so the peer may
+        # catch up from those instead of from a snapshot (valid Raft, but then this test would
+        # not exercise the snapshot). A fresh cluster's first election needs every voter
+        # (docs/operations.rst), so all three start; should n3 win, it is restarted (disk kept)
+        # once n1 and n2 have elected one of them.
+        cluster.start()
+        if cluster.wait_for_leaders(30)[0] == "n3":
+            cluster.kill("n3")
+            cluster.wait_for_leaders(30, ["n1", "n2"])
+            cluster.start(["n3"])
+        leader = cluster.wait_for_leaders(30)[0]
         victim = "n3"
         written = write_keys(cluster, "early", 30)
         cluster.wait_caught_up(20)

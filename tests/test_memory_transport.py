@@ -194,7 +194,8 @@ def test_stop_takes_links_down_for_the_peers() -> None:
 
 
 def test_peers_must_be_listed_and_of_the_same_cluster() -> None:
-    """A node not among the peers, or of another cluster, is not connected."""
+    """A channel is up only when both ends list each other and share the cluster id: a node
+    not among the receiver's peers, or of another cluster, is refused with a warning."""
     clock = task.Clock()
     network = MemoryNetwork(clock)
     a, b, x = MemoryTransport(network, "a"), MemoryTransport(network, "b"), MemoryTransport(network, "x")
@@ -202,10 +203,17 @@ def test_peers_must_be_listed_and_of_the_same_cluster() -> None:
     b.start(Receiver("b"))
     x.start(Receiver("x", cluster_id="other"))
     a.update_peers({"x": "mem:x"})
+    x.update_peers({"a": "mem:a"})
     b.update_peers({"a": "mem:a"})
     assert not a.is_connected("b")
     assert not a.is_connected("x")
-    assert b.is_connected("a")
+    assert not b.is_connected("a")  # a does not list b: a's transport would refuse b
+    b.send("a", [(0, hb("b", "a", 1))])
+    x.send("a", [(0, hb("x", "a", 1))])
+    assert network.stats["dropped.unreachable"] == 2
+    a.update_peers({"x": "mem:x", "b": "mem:b"})
+    assert a.is_connected("b") and b.is_connected("a")
+    assert not a.is_connected("x")
 
 
 def test_removing_a_peer_reports_it_down() -> None:
@@ -227,6 +235,7 @@ def test_partition_range_is_checked() -> None:
     a.start(ra)
     b.start(rb)
     a.update_peers({"b": "mem:b"})
+    b.update_peers({"a": "mem:a"})
     with pytest.raises(ValueError):
         a.send("b", [(8, hb("a", "b", 1))])
     a.send("b", [(5, hb("a", "b", 1)), (1, hb("a", "b", 2))])
@@ -294,6 +303,7 @@ def test_codec_refuses_out_of_range_partitions() -> None:
     rb = Receiver("b", partitions=1)
     b.start(rb)
     a.update_peers({"b": "mem:b"})
+    b.update_peers({"a": "mem:a"})
     a.send("b", [(3, hb("a", "b", 1))])
     clock.advance(0)
     assert rb.messages == []

@@ -13,7 +13,7 @@ from kommander.testing.nodesim import NodeSimulation, main, run_seed
 from kommander.testing.nodesim_env import NodeReactor, SimDisk, SimWAL
 from kommander.testing.nodesim_model import FAULT_CLASSES, PROFILES, NodeSimConfig
 from kommander.core.types import Entry, HardState
-from kommander.interfaces import IWAL, WalWrite
+from kommander.interfaces import IWAL, IWALMetadata, WalWrite
 
 import random
 
@@ -81,11 +81,11 @@ def test_seed_replays_across_processes():
 
 def test_failure_report_names_seed_schedule_and_replay():
     """A violation is reported with its seed, the fault schedule, a trace tail and the replay command."""
-    result = run_seed(5, 3, "smfault", mutation="swallow_sm_errors")
+    result = run_seed(4, 3, "smfault", mutation="swallow_sm_errors")
     assert result.violation is not None
     report = result.report()
-    assert "seed 5" in report and "fault schedule:" in report and "trace tail:" in report
-    assert "python -m kommander.testing.nodesim --seed 5 --nodes 3 --profile smfault --mutation swallow_sm_errors" in report
+    assert "seed 4" in report and "fault schedule:" in report and "trace tail:" in report
+    assert "python -m kommander.testing.nodesim --seed 4 --nodes 3 --profile smfault --mutation swallow_sm_errors" in report
 
 
 def test_command_line_runs_seeds(capsys):
@@ -106,6 +106,30 @@ def test_sim_wal_is_an_iwal():
     clock = task.Clock()
     disk = SimDisk(random.Random(0), clock)
     assert verifyObject(IWAL, disk.session(NodeReactor(clock)))
+
+
+def test_sim_wal_keeps_metadata_like_a_disk():
+    """The simulated WAL provides IWALMetadata (wipe seed 12: without it a node restarted mid
+    catch-up forgot it and voted): a value is durable once synced, lost in a crash before, and
+    gone with a wipe."""
+    clock = task.Clock()
+    disk = SimDisk(random.Random(0), clock)
+    wal = disk.session(NodeReactor(clock))
+    assert verifyObject(IWALMetadata, wal)
+    wal.open(1)
+    wal.write_metadata("storage_id", b"1")
+    clock.advance(1.0)
+    wal.write_metadata("rejoining", b"0")
+    disk.crash(torn=False)
+    after = disk.session(NodeReactor(clock))
+    after.open(1)
+    assert after.read_metadata("storage_id").result == b"1"
+    assert after.read_metadata("rejoining").result is None
+    disk.crash(torn=False)
+    disk.wipe()
+    wiped = disk.session(NodeReactor(clock))
+    wiped.open(1)
+    assert wiped.read_metadata("storage_id").result is None
 
 
 def test_sim_wal_loses_unsynced_writes_and_tears_group_commits():
@@ -146,6 +170,13 @@ ISSUE9_FIXED = [
     ("smfault", range(6, 9)),  # fault 5, seed 7: a state-machine exception was swallowed, nodes diverged
     ("stall", range(0, 3)),  # fault 7, seed 1: a leader whose fsync stalled kept leading
     ("corrupt", range(72, 75)),  # fault 6, seed 72: restart compacted the WAL before verifying the newest snapshot
+    # fault 2, what the storage-identity rule left: 12 the simulated WAL kept no metadata (a restart
+    # mid catch-up voted), 42/57/91 a wiped node and a node without history made a "fresh cluster"
+    # (committed state diverged; the core's "progress points past our log"), 73/76/211 a partition
+    # whose members were too few for a quorum never elected again (seeds measured before the
+    # workload sent half its reads to followers; 0/39/44 are the liveness kind measured after)
+    ("wipe", (0, 12, 39, 42, 44, 57, 73, 76, 91, 211)),
+    ("bounds", range(7, 10)),  # seed 8: the same liveness class as wipe 76
 ]
 
 
@@ -158,13 +189,10 @@ def test_fixed_issue9_fault_class_stays_fixed(profile, seeds):
 
 # The "later" class (an asynchronous state machine after a snapshot install, fault 6) found its
 # fault in about 1 seed of 100 before the rejoin merge and in none of 150 after it; it runs in the
-# soak, not here, until the fix lands. So does "bounds": its fault-6 seed stopped failing when the
-# core's timings changed, before any fix.
+# soak, not here, until the fix lands.
 # Fault classes that expose a fault of issue 9 still present on this branch. Each runs a range of
 # seeds that includes the seed that first found it; flip the mark once the fault is fixed.
-ISSUE9 = [
-    ("wipe", (57, 73, 91), "issue 9 fault 2, what the storage-identity rule leaves: seed 57 committed state diverges, 73/76/77/92/93 a partition never elects after an early wipe, 91 the core's 'progress points past our log' assertion"),
-]
+ISSUE9: list[tuple[str, tuple[int, ...], str]] = []
 
 
 @pytest.mark.parametrize(

@@ -128,7 +128,7 @@ def test_sighup_reload_logs_a_bad_file_and_keeps_the_old_one(tmp_path: Path) -> 
     ca, cert, key = tls_files(tmp_path)
     security = peer_security(context(tls_ca=ca, tls_cert=cert, tls_key=key))
     transport = TCPTransport(MemoryReactorClock(), "n1", "kommander", "tcp:0", security=security)
-    reloader = CredentialReloader(transport, MemoryReactorClock())
+    reloader = CredentialReloader(transport)
     good = Path(cert).read_bytes()
     Path(cert).write_bytes(b"garbage")
     assert reloader.reload() is False
@@ -137,11 +137,11 @@ def test_sighup_reload_logs_a_bad_file_and_keeps_the_old_one(tmp_path: Path) -> 
 
 
 def test_make_service_adds_the_sighup_reloader_with_tls(tmp_path: Path) -> None:
-    """A node with --tls-* gets the SIGHUP reloader service; one without does not."""
+    """A node with --tls-* re-reads its TLS files on SIGHUP; one without any file to re-read has no SIGHUP service."""
     ca, cert, key = tls_files(tmp_path)
     memory_wal = ["--wal", "memory"]
     top = tap.makeService(parse(*BASE, *memory_wal, "--tls-ca", ca, "--tls-cert", cert, "--tls-key", key), reactor=MemoryReactorClock())
-    assert top.getServiceNamed("kommander-tls-reload") is not None
+    assert [what for what, _ in top.getServiceNamed("kommander-hangup").reloaders] == ["the TLS files"]
     plain = tap.makeService(parse(*BASE, *memory_wal, "--insecure"), reactor=MemoryReactorClock())
     with pytest.raises(KeyError):
-        plain.getServiceNamed("kommander-tls-reload")
+        plain.getServiceNamed("kommander-hangup")

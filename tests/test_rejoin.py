@@ -226,6 +226,7 @@ async def test_bdb_wal_metadata_survives_reopen(tmp_path: Any) -> None:
         AppendEntriesResponse(3, "a", "b", True, 9, 0, 0, 0xFFFF_FFFF_FFFF_FFFF, True),
         HeartbeatResponse(3, "a", "b", 5, 12345, False),
         VoteRequest(1, "a", "b", 0, 0, True, False, True),
+        VoteResponse(2, "a", "b", True, True, True),
     ],
 )
 def test_codec_carries_the_rejoin_fields(message: Any) -> None:
@@ -247,8 +248,8 @@ def test_codec_reads_frames_without_the_rejoin_fields() -> None:
         codec.decode_message(cbor2.dumps([codec.TypeCode.HEARTBEAT_RESPONSE.value, 0, 3, "a", "b", 5, 7]), 1)
 
 
-def test_vote_response_unchanged() -> None:
-    """VoteResponse carries no new field (a catching-up node simply refuses)."""
+def test_vote_response_without_catching_up_keeps_the_old_shape() -> None:
+    """A VoteResponse of a member is sent in the old shape (the catching_up mark is optional)."""
     assert codec.decode_message(codec.encode_message(0, VoteResponse(2, "a", "b", False)), 1)[1] == VoteResponse(
         2, "a", "b", False
     )

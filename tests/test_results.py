@@ -124,6 +124,7 @@ def test_statuses_are_the_documented_set() -> None:
         "EXPIRED",
         "ABORTED",
         "ERRORED",
+        "CHANGE_IN_PROGRESS",
     }
 
 

@@ -787,3 +787,58 @@ def test_queue_for_a_disconnected_peer_stays_small():
     node.transport.send("a", [(0, message)] * 100)
     assert 0 < node.transport.queued_bytes("a") <= 1024 * 1024
     assert node.transport.stats["dropped"] >= 100 - (1024 * 1024) // 60_000
+
+
+# --------------------------------------------------------------------------- connection limits
+
+
+def accept_from(node: Node, host: str, port: int) -> tuple[PeerConnection, StringTransport]:
+    conn = PeerFactory(node.transport).buildProtocol(None)
+    wire = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+    conn.makeConnection(wire)
+    return conn, wire
+
+
+def test_connections_per_address_are_capped_and_freed_on_close():
+    """Over max_connections_per_address from one host, a new connection is closed at once,
+    counted and logged; another host is unaffected; a closed one frees its place."""
+    node = make_node(max_connections_per_address=2)
+    open_ = [accept_from(node, "10.0.0.7", 40000 + i) for i in range(2)]
+    conn, wire = accept_from(node, "10.0.0.7", 40002)
+    assert conn.closed and wire.disconnecting
+    assert node.transport.stats["refused_connections"] == 1
+    assert "refused a connection from 10.0.0.7:40002" in node.log_text()
+    assert "max_connections_per_address=2" in node.log_text()
+    other, other_wire = accept_from(node, "10.0.0.8", 40003)
+    assert not other_wire.disconnecting
+    open_[0][0].connectionLost(Failure(ConnectionRefusedError()))
+    again, again_wire = accept_from(node, "10.0.0.7", 40004)
+    assert not again.closed and not again_wire.disconnecting
+    assert node.transport.stats["refused_connections"] == 1
+
+
+def test_accepted_connections_are_capped_in_total():
+    """max_inbound_connections bounds accepted connections from every host together; dials are not counted."""
+    node = make_node(max_inbound_connections=3)
+    for i in range(3):
+        assert not accept_from(node, f"10.0.1.{i}", 40000)[1].disconnecting
+    conn, wire = accept_from(node, "10.0.1.9", 40000)
+    assert wire.disconnecting and "max_inbound_connections=3" in node.log_text()
+    node.reactor.advance(1)
+    dialed, dial_wire = complete_dial(node)
+    assert not dialed.closed and not dial_wire.disconnecting
+
+
+def test_refusals_are_logged_at_most_every_ten_seconds():
+    node = make_node(max_connections_per_address=1)
+    accept_from(node, "10.0.0.7", 40000)
+    for i in range(50):
+        accept_from(node, "10.0.0.7", 40001 + i)
+    lines = [e for e in node.events if "refused a connection" in e.get("log_format", "")]
+    assert len(lines) == 1 and node.transport.stats["refused_connections"] == 50
+
+
+@pytest.mark.parametrize("option", ["max_inbound_connections", "max_connections_per_address"])
+def test_connection_limits_must_be_positive(option):
+    with pytest.raises(ConfigurationError, match=option):
+        TCPTransport(MemoryReactorClock(), ME, CLUSTER, "tcp:0:interface=127.0.0.1", **{option: 0})

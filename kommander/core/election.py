@@ -7,6 +7,7 @@ Builds on :class:`kommander.core.state.NodeState` (the fields and the other part
 from __future__ import annotations
 
 from kommander.core.errors import NotLeader
+from kommander.core.rejoin import Standing
 from kommander.core.state import NodeState
 from kommander.core.types import Role, TimeoutNow, VoteRequest, VoteResponse
 
@@ -18,7 +19,7 @@ class Election(NodeState):
 
     def _tick_election(self) -> None:
         self.election_elapsed += 1
-        if self.election_elapsed >= self.randomized_timeout and self.id in self.voters:
+        if self.election_elapsed >= self.randomized_timeout and (self.id in self.voters or self._removal_pending()):
             self.election_elapsed = 0
             self._campaign(transfer=False)
 
@@ -34,11 +35,20 @@ class Election(NodeState):
                 return
             if self.lead_transferee is not None:
                 self.lead_transferee = None  # the transfer did not finish in time: give up
+            if self._lingering and self._config_last <= self.log.committed:
+                self._use_membership(prune=True)  # the removed nodes had a round to learn it
+            if self.id not in self.voters and self._config_last <= self.log.committed:
+                # Removed by a committed change and the hand-off did not finish: step down,
+                # and the remaining voters elect a leader among themselves.
+                self._become_follower(self.term, None)
+                return
         if self.heartbeat_elapsed >= self.config.heartbeat_tick:
             self.heartbeat_elapsed = 0
             self._bcast_heartbeat(self._next_read_round())
 
     def _quorum_active(self) -> bool:
+        if not self._simple:
+            return self._active_general()
         active = 1  # ourselves
         for pr in self.progress.values():
             if pr.recent_active:
@@ -49,8 +59,10 @@ class Election(NodeState):
     # ------------------------------------------------------------------ campaigning
 
     def _campaign(self, transfer: bool) -> None:
-        if self.catching_up:
-            self._rejoin_timeout()  # new storage: no campaign until caught up (rejoin.py)
+        if self.id not in self.voters and not self._removal_pending():
+            return  # a learner, or removed by a committed change: never campaigns
+        if self.standing is Standing.UNDECIDED:
+            self._rejoin_timeout()  # new storage, no history seen: announce it (rejoin.py)
             return
         if self.config.pre_vote and not transfer:
             self._become_pre_candidate()
@@ -63,7 +75,7 @@ class Election(NodeState):
         self._drop_leader_state()
         self.role = Role.PRE_CANDIDATE
         self.leader = None
-        self.votes = {self.id: True}
+        self.votes = {self.id: self._own_grant()}
         self.election_elapsed = 0
         self._reset_randomized_timeout()
         if self._tally() is True:
@@ -82,9 +94,9 @@ class Election(NodeState):
         self._reset(self.term + 1)
         self.role = Role.CANDIDATE
         self.vote = self.id
-        self.votes = {self.id: True}
+        self.votes = {self.id: self._own_grant()}
         if self._tally() is True:
-            self._become_leader()
+            self._won()
             return
         last_index, last_term = self.log.last_index(), self.log.last_term()
         pristine = self._is_pristine(pre_vote=False)
@@ -97,11 +109,20 @@ class Election(NodeState):
             )
 
     def _tally(self) -> bool | None:
-        """``True`` once a quorum granted, ``False`` once a quorum refused, else ``None``."""
-        granted = sum(1 for v in self.votes.values() if v)
+        """``True`` once a quorum of members granted, or every voter did (grants of nodes on new
+        storage, ``None`` in :attr:`votes`, count only then: see rejoin.py); ``False`` once a
+        quorum refused; else ``None``. While joint, of both the incoming and the outgoing voters
+        (there a grant of a node on new storage counts as no grant)."""
+        if not self._simple:
+            return self._tally_general()
+        votes = self.votes.values()
+        granted = sum(1 for v in votes if v is True)
         if granted >= self.quorum:
             return True
-        if len(self.votes) - granted >= self.quorum:
+        refused = sum(1 for v in votes if v is False)
+        if refused == 0 and len(self.votes) == len(self.voters):
+            return True
+        if refused >= self.quorum:
             return False
         return None
 
@@ -113,19 +134,28 @@ class Election(NodeState):
             or (self.vote is None and self.leader is None)
             or (m.pre_vote and m.term > self.term)
         )
-        # A node on new storage has forgotten its votes and acknowledgements: it abstains.
-        if can_vote and not self.catching_up and self.log.is_up_to_date(m.last_index, m.last_term):
+        # A node on new storage has forgotten its votes and acknowledgements: its grant says so,
+        # and counts only towards a unanimous election (rejoin.py).
+        if can_vote and self.log.is_up_to_date(m.last_index, m.last_term):
+            new = self.catching_up
             if m.pre_vote:
                 # A pre-vote changes nothing here, so the answer needs no persistence.
-                self._msgs.append(VoteResponse(m.term, self.id, m.src, True, True))
+                self._msgs.append(VoteResponse(m.term, self.id, m.src, True, True, new))
             else:
                 self.vote = m.src
                 self.election_elapsed = 0
                 # Must not leave before the vote is durable: a vote forgotten in a crash could be
                 # given twice in one term.
-                self._persisted_msgs.append(VoteResponse(self.term, self.id, m.src, True, False))
+                self._persisted_msgs.append(VoteResponse(self.term, self.id, m.src, True, False, new))
         else:
             self._msgs.append(VoteResponse(self.term, self.id, m.src, False, m.pre_vote))
+
+    def _won(self) -> None:
+        # Every member that voted checked our log, and when the win needed the votes of nodes on
+        # new storage, every voter did: our log holds whatever any of them holds, so a node on
+        # new storage that wins has caught up (rejoin.py).
+        self.standing = Standing.MEMBER
+        self._become_leader()
 
     def _handle_vote_response(self, m: VoteResponse) -> None:
         if self.role is Role.PRE_CANDIDATE:
@@ -140,13 +170,13 @@ class Election(NodeState):
                 return
         else:
             return
-        self.votes.setdefault(m.src, m.granted)
+        self.votes.setdefault(m.src, (None if m.catching_up else True) if m.granted else False)
         outcome = self._tally()
         if outcome is True:
             if self.role is Role.PRE_CANDIDATE:
                 self._become_candidate(transfer=False)
             else:
-                self._become_leader()
+                self._won()
         elif outcome is False:
             self._become_follower(self.term, None)
 
@@ -171,7 +201,7 @@ class Election(NodeState):
         """
         if self.role is not Role.LEADER:
             raise NotLeader(self.leader)
-        if target not in self.progress:
+        if target not in self.progress or target not in self.voters:
             raise ValueError(f"cannot transfer leadership to {target!r}: not another voter")
         if self.lead_transferee == target:
             return

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 from kommander.core.election import Election
 from kommander.core.errors import NotLeader, ProposalDropped
+from kommander.core.follower_read import FollowerRead
 from kommander.core.log import RaftLog
+from kommander.core.membership import Reconfig
 from kommander.core.progress import Progress
 from kommander.core.readindex import ReadIndex
 from kommander.core.rejoin import Rejoin, Standing
@@ -29,9 +31,12 @@ from kommander.core.types import (
     Heartbeat,
     HeartbeatResponse,
     InstallSnapshot,
+    Membership,
     Message,
     Proposal,
     Ready,
+    ReadIndexRequest,
+    ReadIndexResponse,
     ReadState,
     Role,
     SnapshotMeta,
@@ -44,7 +49,7 @@ from kommander.core.types import (
 _FROM_LEADER = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
-class RaftNode(Election, Replication, ReadIndex, Rejoin):
+class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig):
     """One partition's Raft state machine.
 
     :param config: see :class:`CoreConfig`.
@@ -68,9 +73,6 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
         hard_state = hard_state or HardState()
         self.config = config
         self.id = config.node_id
-        self.voters = frozenset(config.voters)
-        self.peers = tuple(v for v in config.voters if v != self.id)
-        self.quorum = len(config.voters) // 2 + 1
         self.rng = rng
         self.log = RaftLog(snapshot, entries, hard_state.commit)
         self.term = hard_state.term
@@ -83,6 +85,9 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
         self.heartbeat_elapsed = 0
         self.randomized_timeout = config.election_tick
         self.lead_transferee: str | None = None
+        # The configuration: the snapshot's, else the one given at first start, then the log's.
+        self._config_watch = False
+        self._init_membership(Membership(frozenset(config.voters), frozenset(config.learners)), entries)
         # Leader: (last index, running total of proposed bytes) per proposal batch, for
         # the uncommitted-bytes limit.
         self._uncommitted: deque[tuple[int, int]] = deque()
@@ -99,7 +104,9 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
         self._read_seq = 0
         self._read_round_needed = False
         self._pending_reads: deque[tuple[int, int, int]] = deque()
-        self._reads_waiting_commit: list[int] = []
+        self._reads_waiting_commit: list[int | tuple[str, int]] = []
+        self._remote_reads = 0
+        self._init_follower_reads()
         # What the last Ready reported, to hand out only changes.
         self._last_hard = HardState(self.term, self.vote, self.log.committed)
         self._last_soft = SoftState(self.role, self.leader, self.term)
@@ -117,6 +124,9 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
 
     def tick(self) -> None:
         """Advance logical time by one tick."""
+        self._ticks += 1
+        if self._fr_inflight:
+            self._expire_follower_reads()
         if self.role is Role.LEADER:
             self._tick_leader()
         else:
@@ -124,8 +134,8 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
 
     def campaign(self) -> None:
         """Start an election now (as if the election timeout had elapsed)."""
-        if self.role is not Role.LEADER and self.id in self.voters:
-            self._campaign(transfer=False)
+        if self.role is not Role.LEADER:
+            self._campaign(transfer=False)  # refused there for a learner or a removed node
 
     def step_down(self) -> None:
         """Leader: become a follower of nobody in the same term, as CheckQuorum would (the
@@ -134,10 +144,28 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
             self._become_follower(self.term, None)
 
     def step(self, m: Message) -> None:
-        """Process one message addressed to this node. Messages from unknown nodes, for other
-        nodes, or of a stale term are ignored (stale ones may get an answer revealing our term)."""
-        if m.dst != self.id or m.src not in self.voters or m.src == self.id:
+        """Process one message addressed to this node. Messages for other nodes, of a stale
+        term (they may get an answer revealing our term), and from nodes outside our latest
+        configuration are ignored, and so are votes from non-voters: a removed node
+        must not disrupt the partition with its terms. The exceptions keep a node whose
+        configuration lags the one that elected a leader live (a new voter before its log holds
+        the entry adding it; a node restarted on an empty log): a leader's messages are followed
+        from anyone, and a vote request from a non-voter is heard when the candidate's log is at
+        least as up to date as ours. Ignoring the others changes no vote (we would refuse it)
+        but spares us their terms; a removed node that missed its removal is never that up to
+        date, since our log holds the entry that removed it."""
+        if m.dst != self.id or m.src == self.id:
             return
+        if m.src not in self.voters:
+            kind = type(m)
+            if kind is VoteResponse:
+                return  # we asked voters only
+            if kind is VoteRequest:
+                if not self.log.is_up_to_date(m.last_index, m.last_term):
+                    return
+            elif m.src not in self._members and not isinstance(m, _FROM_LEADER):
+                if kind is not TimeoutNow or m.src != self.leader:
+                    return  # (a removed leader's hand-off is taken from the leader we follow)
         if self.standing is not Standing.MEMBER:
             self._observe_rejoin(m)
         if m.term > self.term:
@@ -164,6 +192,8 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
                 )
             elif type(m) is VoteRequest and m.pre_vote:
                 self._msgs.append(VoteResponse(self.term, self.id, m.src, False, True))
+            elif type(m) is ReadIndexRequest:
+                self._handle_read_index_request(m)  # refused: tells the follower our term
             return
         kind = type(m)
         if kind is VoteRequest:
@@ -175,6 +205,8 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
                 self._handle_append_response(m)
             elif kind is HeartbeatResponse:
                 self._handle_heartbeat_response(m)
+            elif kind is ReadIndexRequest:
+                self._handle_read_index_request(m)
         elif isinstance(m, _FROM_LEADER):
             if self.role is not Role.FOLLOWER:
                 self._become_follower(self.term, m.src)
@@ -190,6 +222,10 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
                 self._catch_up(m)
         elif kind is TimeoutNow and self.role is Role.FOLLOWER:
             self._handle_timeout_now(m)
+        elif kind is ReadIndexResponse:
+            self._handle_read_index_response(m)
+        elif kind is ReadIndexRequest:
+            self._handle_read_index_request(m)  # not the leader: refused
 
     def propose(self, proposals: Sequence[Proposal]) -> tuple[int, int]:
         """Append entries to the leader's log.
@@ -234,8 +270,10 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
                 self._commit_dirty = True
 
     def compact(self, meta: SnapshotMeta) -> None:
-        """Forget entries up to ``meta.index``: the state machine's snapshot now covers them."""
-        self.log.compact(meta)
+        """Forget entries up to ``meta.index``: the state machine's snapshot now covers them.
+        The core's snapshot meta then carries the configuration at that index."""
+        if meta.index > self.log.snapshot.index:
+            self.log.compact(self._compact_membership(meta))
 
     def limit_apply(self, index: int) -> None:
         """Hand out committed entries only up to ``index`` until called again: the runtime's
@@ -252,6 +290,7 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
             or self._read_states
             or self._dropped_reads
             or self._read_round_needed
+            or self._fr_waiting
             or self._commit_dirty
             or self._pending_snapshot is not None
             or self.log.has_unstable()
@@ -264,6 +303,8 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
 
     def ready(self) -> Ready:
         """Hand out everything new since the last call; see :class:`Ready` for the contract."""
+        if self._fr_waiting:
+            self._send_read_request()
         if self._read_round_needed:
             self._bcast_heartbeat(self._next_read_round())
         if self._commit_dirty:
@@ -327,6 +368,7 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
     def _drop_leader_state(self) -> None:
         if self.role is Role.LEADER:
             self._drop_reads()
+        self._drop_follower_reads()
         self.progress = {}
         self.lead_transferee = None
         self._uncommitted.clear()
@@ -349,7 +391,9 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
         self.heartbeat_elapsed = 0
         self.election_elapsed = 0
         next_index = self.log.last_index() + 1
-        self.progress = {peer: Progress(next_index) for peer in self.peers}
+        self.progress = {peer: Progress(next_index) for peer in sorted(self._members) if peer != self.id}
+        # A configuration change left unfinished by an earlier leader is finished by this one.
+        self._config_watch = True
         # A no-op of our term: committing it commits every earlier entry (Raft paper, section 8)
         # and lets ReadIndex know the latest commit index.
         noop = Entry(next_index, self.term, EntryKind.NOOP)
@@ -369,3 +413,5 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
             self._committed_bytes = uncommitted.popleft()[1]
         if self._reads_waiting_commit and self.log.term(committed) == self.term:
             self._release_reads_waiting_commit()
+        if self._config_watch and self._config_last <= committed:
+            self._config_committed()

@@ -5,6 +5,11 @@ heartbeats acknowledged by a quorum, and hands back the index; the runtime serve
 that index is applied. Reads arriving together share one heartbeat round: each read waits for the
 first round numbered after it was registered.
 
+A follower's reads take the same path on the leader (see :mod:`kommander.core.follower_read`):
+its :class:`~kommander.core.types.ReadIndexRequest` is registered like a local read, with the
+context ``(follower, request_id)``, and confirmed by the same rounds; the leader answers it with
+a :class:`~kommander.core.types.ReadIndexResponse` instead of a ``ReadState``.
+
 Builds on :class:`kommander.core.state.NodeState` (the fields and the other parts' operations);
 :class:`kommander.core.raft.RaftNode` combines the parts.
 """
@@ -13,8 +18,12 @@ from __future__ import annotations
 
 from kommander.core.errors import NotLeader
 from kommander.core.progress import quorum_index
-from kommander.core.state import NodeState
-from kommander.core.types import ReadState, Role
+from kommander.core.state import NodeState, ReadContext
+from kommander.core.types import ReadIndexRequest, ReadIndexResponse, ReadState, Role
+
+#: Follower requests a leader holds at once; beyond it, it refuses them (a follower sends at most
+#: one per IO turn and each heartbeat round answers all of them, so only a flood gets here).
+MAX_REMOTE_READS = 4096
 
 
 class ReadIndex(NodeState):
@@ -23,12 +32,18 @@ class ReadIndex(NodeState):
     def read_index(self, context: int) -> None:
         """Ask for a linearizable read barrier; ``ready().read_states`` later carries
         ``ReadState(context, index)``, or ``ready().dropped_reads`` carries ``context`` if
-        leadership is lost first.
+        leadership is lost first. On a follower the leader is asked for the index (see
+        :mod:`kommander.core.follower_read`).
 
-        :raises NotLeader: when this node does not lead.
+        :raises NotLeader: when this node neither leads nor can ask a leader (no leader known,
+            a candidate, or catching up on new storage).
         """
         if self.role is not Role.LEADER:
-            raise NotLeader(self.leader)
+            self._follower_read(context)
+            return
+        self._leader_read(context)
+
+    def _leader_read(self, context: ReadContext) -> None:
         if self.log.term(self.log.committed) != self.term:
             # Until an entry of our term commits we do not know the latest commit index
             # (Raft thesis 6.4, step 1): wait for the no-op to commit.
@@ -36,9 +51,9 @@ class ReadIndex(NodeState):
             return
         self._register_read(context)
 
-    def _register_read(self, context: int) -> None:
-        if not self.progress:
-            self._read_states.append(ReadState(context, self.log.committed))
+    def _register_read(self, context: ReadContext) -> None:
+        if self._solo:
+            self._read_states.append(ReadState(context, self.log.committed))  # type: ignore[arg-type]
             return
         self._pending_reads.append((self._read_seq + 1, context, self.log.committed))
         self._read_round_needed = True
@@ -54,14 +69,21 @@ class ReadIndex(NodeState):
         pending = self._pending_reads
         if not pending:
             return
-        acks = [self._read_seq]
-        # A follower catching up on new storage may have voted for a newer leader before it
-        # lost its disk: its acknowledgement proves nothing about our leadership.
-        acks.extend(0 if pr.catching_up else pr.read_ack for pr in self.progress.values())
-        confirmed = quorum_index(acks)
+        if self._simple:
+            acks = [self._read_seq]
+            # A follower catching up on new storage may have voted for a newer leader before it
+            # lost its disk: its acknowledgement proves nothing about our leadership.
+            acks.extend(0 if pr.catching_up else pr.read_ack for pr in self.progress.values())
+            confirmed = quorum_index(acks)
+        else:
+            confirmed = self._read_index_general()
         while pending and pending[0][0] <= confirmed:
             _, context, index = pending.popleft()
-            self._read_states.append(ReadState(context, index))
+            if type(context) is int:
+                self._read_states.append(ReadState(context, index))
+            else:
+                self._remote_reads -= 1
+                self._answer_remote(context, index, True)  # type: ignore[arg-type]
 
     def _release_reads_waiting_commit(self) -> None:
         waiting, self._reads_waiting_commit = self._reads_waiting_commit, []
@@ -69,9 +91,32 @@ class ReadIndex(NodeState):
             self._register_read(context)
 
     def _drop_reads(self) -> None:
-        dropped = [context for _, context, _ in self._pending_reads]
-        dropped.extend(self._reads_waiting_commit)
+        contexts = [context for _, context, _ in self._pending_reads]
+        contexts.extend(self._reads_waiting_commit)
         self._pending_reads.clear()
         self._reads_waiting_commit = []
         self._read_round_needed = False
-        self._dropped_reads.extend(dropped)
+        self._remote_reads = 0
+        for context in contexts:
+            if type(context) is int:
+                self._dropped_reads.append(context)
+            else:
+                self._answer_remote(context, 0, False)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ follower reads, leader side
+
+    def _handle_read_index_request(self, m: ReadIndexRequest) -> None:
+        """A follower asks for a read index (same term as ours; ``step`` saw to that)."""
+        context = (m.src, m.request_id)
+        if self.role is not Role.LEADER:
+            self._answer_remote(context, 0, False)
+            return
+        if self._remote_reads >= MAX_REMOTE_READS:
+            self._answer_remote(context, 0, False)
+            return
+        self._remote_reads += 1
+        self._leader_read(context)
+
+    def _answer_remote(self, context: tuple[str, int], index: int, success: bool) -> None:
+        peer, request_id = context
+        self._msgs.append(ReadIndexResponse(self.term, self.id, peer, request_id, index, success))

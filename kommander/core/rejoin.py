@@ -8,14 +8,22 @@ So a node whose storage is new starts each partition in a *standing* other than
 
 * :attr:`Standing.UNDECIDED` while its log is empty and it cannot tell a fresh cluster's first
   start from a rejoin. On each election timeout it sends PreVote requests marked ``pristine``
-  (changing nothing anywhere) instead of campaigning. Seeing ``pristine`` requests from enough
-  peers that they and it make a majority proves a fresh cluster (at most a minority of voters may
-  be without the data at a time, see ``docs/operations.rst``): it becomes a member. Any sign of
-  history first (a leader's message, a vote request not marked pristine) makes it catch up.
-* :attr:`Standing.CATCHING_UP`: it follows a leader but neither votes, nor campaigns, nor counts
-  towards commit or ReadIndex (its replies say ``catching_up``), until it holds the commit index
-  the leader announced in the first AppendEntries it received (raised when a leader of a newer
-  term speaks). Then it is a member again.
+  (changing nothing anywhere) instead of campaigning. Seeing ``pristine`` requests from every
+  other voter proves a fresh cluster: it becomes a member. (A majority proves nothing: a node
+  that never received anything is pristine too, and with one wiped node it can outnumber the
+  only holder of the data.) Any sign of history first (a leader's message, a vote request not
+  marked pristine) makes it catch up.
+* :attr:`Standing.CATCHING_UP`: it follows a leader but counts towards no majority: neither its
+  acknowledgements (commit, ReadIndex) nor its votes (its replies say ``catching_up``), until it
+  holds the commit index the leader announced in the first AppendEntries it received (raised
+  when a leader of a newer term speaks). Then it is a member again.
+
+Unanimity: a node that is not a member still answers vote requests, its grant marked
+``catching_up``, and may campaign itself. Such grants count only when *every* voter granted:
+then every member checked the candidate's log (so it holds whatever a member holds), and no
+member can have voted for another in the term. Without this, a partition whose members are too
+few for a quorum waited for ever once a node was wiped early (node simulator, wipe seeds 76,
+211): there was nobody left to catch up from. A node on new storage that wins becomes a member.
 
 The leader side: every reply to the leader carries the sender's ``storage_id``. A leader that sees
 a new id for a follower resets that follower's progress and probes it from scratch, since nothing
@@ -77,11 +85,16 @@ class Rejoin(NodeState):
     def _is_pristine(self, pre_vote: bool) -> bool:
         """Whether a vote request about to be sent proves this node had no history (no entry and,
         before this campaign, term 0 — or new storage that has made no promise yet)."""
-        if self.log.last_index() != 0:
+        if self.log.last_index() != 0 or self.standing is Standing.CATCHING_UP:
             return False
         if self.standing is Standing.UNDECIDED:
             return True
         return self.term == (0 if pre_vote else 1)
+
+    def _own_grant(self) -> bool | None:
+        """A candidate's vote for itself, as :meth:`_tally` counts it: ``None`` (counts only in a
+        unanimous election) on new storage."""
+        return None if self.catching_up else True
 
     # ------------------------------------------------------------------ follower side
 
@@ -91,8 +104,11 @@ class Rejoin(NodeState):
         if kind is VoteRequest and m.pristine:
             if self.standing is Standing.UNDECIDED:
                 self._pristine_seen.add(m.src)
-                if len(self._pristine_seen) >= self.quorum:
-                    # A majority never had a history: this is the cluster's first start.
+                if self._pristine_seen >= self.voters:
+                    # Every voter is without a history: this is the cluster's first start. A
+                    # majority would not do: a wiped node and a node that has been cut off since
+                    # the first start are a pristine majority of three while the third holds
+                    # everything committed (node simulator, wipe seeds 42 and 57).
                     self.standing = Standing.MEMBER
         elif kind is VoteRequest or kind in _FROM_LEADER:
             if self.standing is Standing.UNDECIDED:
@@ -107,12 +123,10 @@ class Rejoin(NodeState):
             self.standing = Standing.MEMBER
 
     def _rejoin_timeout(self) -> None:
-        """The election timeout of a node that may not campaign: an undecided one announces that
-        it is pristine (a PreVote request, which changes nothing at the receivers)."""
+        """The election timeout of an undecided node: it announces that it is pristine (a PreVote
+        request, which changes nothing at the receivers) instead of campaigning."""
         self.election_elapsed = 0
         self._reset_randomized_timeout()
-        if self.standing is not Standing.UNDECIDED:
-            return
         for peer in self.peers:
             self._msgs.append(VoteRequest(self.term + 1, self.id, peer, 0, 0, pre_vote=True, pristine=True))
 

@@ -204,11 +204,14 @@ class Replication(NodeState):
 
     def _maybe_commit(self) -> bool:
         log = self.log
-        matches = [log.stable]
-        # A follower catching up on new storage does not count: its lost acknowledgements may
-        # have helped commit entries under another leader.
-        matches.extend(0 if pr.catching_up else pr.match for pr in self.progress.values())
-        index = quorum_index(matches)
+        if self._simple:
+            matches = [log.stable]
+            # A follower catching up on new storage does not count: its lost acknowledgements may
+            # have helped commit entries under another leader.
+            matches.extend(0 if pr.catching_up else pr.match for pr in self.progress.values())
+            index = quorum_index(matches)
+        else:
+            index = self._commit_index_general()  # learners, joint, or this leader being removed
         # Figure 8 of the Raft paper: only entries of the current term commit by counting
         # replicas; earlier ones commit with them.
         if index > log.committed and log.term(index) == self.term:
@@ -227,6 +230,8 @@ class Replication(NodeState):
             return
         last_new = log.maybe_append(m.prev_index, m.prev_term, m.entries)
         if last_new is not None:
+            if m.entries:
+                self._configs_after_append(m.prev_index, m.entries)
             log.commit_to(min(m.commit, last_new))
             # "I hold these entries" must be true on disk before the leader counts it.
             self._persisted_msgs.append(self._append_response(m.src, True, last_new))
@@ -253,6 +258,7 @@ class Replication(NodeState):
             reply = meta.index
         else:
             log.restore(meta)
+            self._restore_membership(meta)
             self._pending_snapshot = meta
             reply = meta.index
         self._persisted_msgs.append(self._append_response(m.src, True, reply))

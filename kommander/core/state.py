@@ -19,13 +19,19 @@ from kommander.core.log import RaftLog
 from kommander.core.progress import Progress
 from kommander.core.types import Message, ReadState, Role, SnapshotMeta
 
+#: A read the leader confirms: a local one's context, or ``(follower, request_id)``.
+ReadContext = int | tuple[str, int]
+
 
 @dataclass(frozen=True, slots=True)
 class CoreConfig:
     """Settings of one core. Times are in ticks.
 
     :ivar node_id: this node.
-    :ivar voters: every voting node of the partition, this one included.
+    :ivar voters: every voting node of the partition at its first start (afterwards the
+        configuration in the log and snapshot wins, see :mod:`kommander.core.membership`).
+    :ivar learners: nodes that receive the log but do not vote, at first start. A node joining a
+        running partition starts as one of its own learners, with the current voters.
     :ivar election_tick: minimum election timeout; a follower's timeout is drawn from
         ``[election_tick, election_tick_max)``. Also the CheckQuorum period and leader lease.
     :ivar heartbeat_tick: a leader sends heartbeats this often.
@@ -48,12 +54,17 @@ class CoreConfig:
     max_inflight_bytes: int = 32 << 20
     max_uncommitted_bytes: int = 64 << 20
     max_apply_entries: int = 4096
+    learners: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.node_id not in self.voters:
-            raise ValueError(f"node {self.node_id!r} is not among the voters {self.voters!r}")
+        if self.node_id not in self.voters and self.node_id not in self.learners:
+            raise ValueError(f"node {self.node_id!r} is not among the voters {self.voters!r} or learners")
+        if not self.voters:
+            raise ValueError("a partition needs at least one voter")
         if len(set(self.voters)) != len(self.voters):
             raise ValueError(f"duplicate voters in {self.voters!r}")
+        if set(self.voters) & set(self.learners):
+            raise ValueError(f"nodes both voter and learner: {sorted(set(self.voters) & set(self.learners))}")
         if not 0 < self.heartbeat_tick < self.election_tick < self.election_tick_max:
             raise ValueError("need 0 < heartbeat_tick < election_tick < election_tick_max")
 
@@ -64,9 +75,20 @@ class NodeState:
     # Fields, assigned by RaftNode.__init__.
     config: CoreConfig
     id: str
+    #: Derived from the latest configuration (membership.py): the voters of the incoming and
+    #: outgoing configurations, the other voters (vote requests go to them), a majority of the
+    #: incoming voters, every member, and the flags of the fast paths.
     voters: frozenset[str]
     peers: tuple[str, ...]
     quorum: int
+    _members: frozenset[str]
+    _configs: list[tuple[int, Any]]  # [(index, Membership)], oldest first
+    _config_last: int
+    _config_watch: bool
+    _lingering: bool
+    _joint: bool
+    _simple: bool
+    _solo: bool
     rng: Random
     log: RaftLog
     term: int
@@ -87,8 +109,13 @@ class NodeState:
     _commit_dirty: bool
     _read_seq: int
     _read_round_needed: bool
-    _pending_reads: deque[tuple[int, int, int]]
-    _reads_waiting_commit: list[int]
+    _pending_reads: deque[tuple[int, ReadContext, int]]
+    _reads_waiting_commit: list[ReadContext]
+    _remote_reads: int
+    _ticks: int
+    _fr_waiting: list[int]
+    _fr_inflight: dict[int, tuple[tuple[int, ...], int, int, str]]
+    _fr_next_id: int
     storage_id: int
     standing: Any  # rejoin.Standing
     _pristine_seen: set[str]
@@ -133,6 +160,45 @@ class NodeState:
     def _maybe_commit(self) -> bool:  # replication.py
         raise NotImplementedError
 
+    def _follower_read(self, context: int) -> None:  # follower_read.py
+        raise NotImplementedError
+
+    def _drop_follower_reads(self) -> None:  # follower_read.py
+        raise NotImplementedError
+
+    def _append_own(self, entries: list[Any], size: int) -> None:  # raft.py
+        raise NotImplementedError
+
+    def _bcast_append(self) -> None:  # replication.py
+        raise NotImplementedError
+
+    def _commit_index_general(self) -> int:  # membership.py
+        raise NotImplementedError
+
+    def _read_index_general(self) -> int:  # membership.py
+        raise NotImplementedError
+
+    def _tally_general(self) -> bool | None:  # membership.py
+        raise NotImplementedError
+
+    def _active_general(self) -> bool:  # membership.py
+        raise NotImplementedError
+
+    def _config_committed(self) -> None:  # membership.py
+        raise NotImplementedError
+
+    def _configs_after_append(self, prev_index: int, entries: Any) -> None:  # membership.py
+        raise NotImplementedError
+
+    def _restore_membership(self, meta: SnapshotMeta) -> None:  # membership.py
+        raise NotImplementedError
+
+    def _use_membership(self, prune: bool = False) -> None:  # membership.py
+        raise NotImplementedError
+
+    def _removal_pending(self) -> bool:  # membership.py
+        raise NotImplementedError
+
     @property
     def catching_up(self) -> bool:  # rejoin.py
         raise NotImplementedError
@@ -141,6 +207,9 @@ class NodeState:
         raise NotImplementedError
 
     def _rejoin_timeout(self) -> None:  # rejoin.py
+        raise NotImplementedError
+
+    def _own_grant(self) -> bool | None:  # rejoin.py
         raise NotImplementedError
 
     def _note_storage(self, peer: str, pr: Progress, storage_id: int, catching_up: bool) -> None:  # rejoin.py

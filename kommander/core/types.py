@@ -31,6 +31,10 @@ class EntryKind(enum.IntEnum):
     ROLLBACK = 4
     #: A checkpoint marker written by ``replicate_checkpoint``.
     CHECKPOINT = 5
+    #: A configuration change: ``data`` encodes the partition's new :class:`Membership`
+    #: (:func:`kommander.core.membership.encode_membership`). It takes effect as soon as it is in
+    #: the log, committed or not (Raft thesis, section 4.1).
+    CONFIG = 6
 
 
 class Entry(NamedTuple):
@@ -111,11 +115,51 @@ class ReadState:
 
 
 @dataclass(frozen=True, slots=True)
+class Membership:
+    """A partition's configuration: who votes and who only receives the log.
+
+    While a change is under way the configuration is *joint* (Raft thesis, chapter 4):
+    ``voters`` are the incoming voters, ``outgoing`` the voters before the change, and every
+    decision needs a majority of each. Outside a change ``outgoing`` is empty.
+
+    :ivar voters: the (incoming) voters.
+    :ivar learners: receive the log and snapshots; never vote or count towards any quorum.
+    :ivar outgoing: the old voters while joint, else empty.
+    """
+
+    voters: frozenset[str]
+    learners: frozenset[str] = frozenset()
+    outgoing: frozenset[str] = frozenset()
+
+    @property
+    def joint(self) -> bool:
+        return bool(self.outgoing)
+
+    @property
+    def members(self) -> frozenset[str]:
+        return self.voters | self.learners | self.outgoing
+
+    def __repr__(self) -> str:
+        text = f"voters={sorted(self.voters)}"
+        if self.learners:
+            text += f", learners={sorted(self.learners)}"
+        if self.outgoing:
+            text += f", outgoing={sorted(self.outgoing)}"
+        return f"Membership({text})"
+
+
+@dataclass(frozen=True, slots=True)
 class SnapshotMeta:
-    """Describes a state-machine snapshot: it holds the effect of every entry up to ``index``."""
+    """Describes a state-machine snapshot: it holds the effect of every entry up to ``index``.
+
+    ``membership`` is the configuration at ``index`` (``None``: not recorded, as in snapshots
+    taken before configurations were replicated); it does not take part in comparisons, so a
+    snapshot is identified by ``(index, term)`` alone.
+    """
 
     index: int
     term: int
+    membership: Membership | None = field(default=None, compare=False)
 
 
 # --------------------------------------------------------------------------- messages
@@ -147,6 +191,9 @@ class VoteResponse:
     dst: NodeId
     granted: bool
     pre_vote: bool = False
+    #: A grant of a node on new storage (see kommander/core/rejoin.py): it counts only towards a
+    #: unanimous election, never towards a majority.
+    catching_up: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +288,33 @@ class InstallSnapshot:
     meta: SnapshotMeta
 
 
+@dataclass(frozen=True, slots=True)
+class ReadIndexRequest:
+    """Follower read (as etcd's forwarded ``MsgReadIndex``): the follower asks its leader for a
+    read index for every read that waited on it since its last request. ``request_id`` is the
+    follower's, unique per core instance (its first one is drawn at random, so a restarted
+    follower cannot mistake an answer meant for its previous life for one of its own)."""
+
+    term: int
+    src: NodeId
+    dst: NodeId
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadIndexResponse:
+    """The leader's answer to :class:`ReadIndexRequest`: with ``success``, ``index`` is its commit
+    index when the request arrived, confirmed by a heartbeat round a quorum acknowledged after
+    that; without, the sender cannot confirm (it does not lead, or lost leadership first)."""
+
+    term: int
+    src: NodeId
+    dst: NodeId
+    request_id: int
+    index: int
+    success: bool
+
+
 # --------------------------------------------------------------------------- runtime messages
 # Snapshot bytes are streamed by the runtime, not the core; these travel over the same transport.
 
@@ -283,6 +357,8 @@ Message = (
     | InstallSnapshot
     | SnapshotChunk
     | SnapshotChunkAck
+    | ReadIndexRequest
+    | ReadIndexResponse
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -296,6 +372,8 @@ MESSAGE_TYPES: tuple[type, ...] = (
     InstallSnapshot,
     SnapshotChunk,
     SnapshotChunkAck,
+    ReadIndexRequest,
+    ReadIndexResponse,
 )
 
 

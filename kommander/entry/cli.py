@@ -7,9 +7,13 @@
 ``kommander certs --out DIR --cluster NAME ID [ID...]``
     Write a CA (``ca.pem``, ``ca.key``) and a certificate per node (``ID.pem``, ``ID.key``) for
     mutual TLS between nodes (:mod:`kommander.entry.certs`).
-``kommander demo``
+``kommander members URL``, ``kommander members add URL ID PEER [HTTP]``, ``kommander members remove URL ID``
+    List, add and remove cluster members (:mod:`kommander.entry.members_cli`, which documents the
+    exit statuses).
+``kommander demo [--tls]``
     Start a local 3-node cluster of ``twistd kommander`` processes and show writes, a leader
     killed with SIGKILL, failover and catch-up (:mod:`kommander.entry.demo`; ``make demo`` runs it).
+    With ``--tls`` the nodes use mutual TLS, with a CA and certificates made for the run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from kommander.entry import members_cli
 from kommander.entry.status import StatusError, degraded, fetch_status, format_status, read_token, status_url
 
 __all__ = ["StatusError", "build_parser", "fetch_status", "format_status", "main", "status_url"]
@@ -59,7 +64,7 @@ def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from kommander.entry.demo import Demo
 
-    return Demo(partitions=args.partitions, keep=args.keep, out=out, time_limit=args.time_limit).run()
+    return Demo(partitions=args.partitions, keep=args.keep, out=out, time_limit=args.time_limit, tls=args.tls).run()
 
 
 def _certs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -120,11 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--days", type=_positive_count, default=825, help="validity of node certificates (default 825)")
     certs.add_argument("ids", nargs="+", metavar="ID", help="node ids, one certificate each")
     certs.set_defaults(run=_certs)
+    members = commands.add_parser("members", help="list, add or remove cluster members")
+    members_cli.add_arguments(members)
+    members.set_defaults(run=members_cli.run)
     demo = commands.add_parser("demo", help="run a local 3-node cluster and show failover")
     demo.add_argument("--partitions", type=_positive_int, default=3, help="partitions per node (default 3)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     demo.add_argument(
         "--time-limit", type=_positive_float, default=60.0, help="give up after this many seconds (default 60)"
+    )
+    demo.add_argument(
+        "--tls", action="store_true", help="mutual TLS between the nodes, with a CA and certificates made for the run"
     )
     demo.set_defaults(run=_demo)
     return parser

@@ -4,6 +4,8 @@ Every node is a real ``twistd -n kommander`` process with the TCP transport and 
 WAL (``sync`` durability), on free loopback ports, with its data and log in a temporary directory.
 The demo only ever signals processes it started, by PID, and stops all of them on the way out
 (SIGTERM, then SIGKILL), also on Ctrl-C. Every wait is bounded by the overall time limit.
+Peers are ``--insecure`` unless ``tls`` is set: then the ``kommander certs`` code writes a CA and a
+certificate per node into the temporary directory and the nodes use mutual TLS.
 """
 
 from __future__ import annotations
@@ -94,8 +96,12 @@ class Demo:
     :param time_limit: the whole demo gives up after this many seconds.
     """
 
-    def __init__(self, partitions: int = 3, keep: bool = False, out: TextIO | None = None, time_limit: float = 60.0):
+    def __init__(
+        self, partitions: int = 3, keep: bool = False, out: TextIO | None = None, time_limit: float = 60.0, tls: bool = False
+    ):
         self.partitions = partitions
+        #: Mutual TLS between the nodes, with certificates from ``kommander certs`` code.
+        self.tls = tls
         self.keep = keep
         self.out = out or sys.stdout
         self.time_limit = time_limit
@@ -164,7 +170,7 @@ class Demo:
             "--wal=bdb",
             "--transport=tcp",
             "--durability=sync",
-        ]
+        ] + self.security_options(node)
         with open(node.out_path, "ab") as out:
             # A session of its own: a Ctrl-C in the terminal reaches the demo, which then stops
             # the nodes itself, instead of reaching every node at once.
@@ -172,6 +178,23 @@ class Demo:
                 command, cwd=node.directory, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         node.killed = False
+
+    def security_options(self, node: Node) -> list[str]:
+        """``--tls-*`` with the files :meth:`make_certificates` wrote, or ``--insecure``."""
+        if not self.tls:
+            return ["--insecure"]
+        certs = os.path.join(self.directory, "certs")
+        return [
+            f"--tls-ca={os.path.join(certs, 'ca.pem')}",
+            f"--tls-cert={os.path.join(certs, node.node_id + '.pem')}",
+            f"--tls-key={os.path.join(certs, node.node_id + '.key')}",
+        ]
+
+    def make_certificates(self) -> None:
+        """A CA and a certificate per node under the demo's directory, as ``kommander certs`` writes them."""
+        from kommander.entry.certs import write_certificates
+
+        write_certificates(os.path.join(self.directory, "certs"), "kommander", [n.node_id for n in self.nodes])
 
     def stop_all(self) -> None:
         """SIGTERM every node still running, wait a little, then SIGKILL; only our own PIDs."""
@@ -303,7 +326,13 @@ class Demo:
             directory = os.path.join(self.directory, node_id)
             os.makedirs(directory)
             self.nodes.append(Node(node_id, ports[2 * i], ports[2 * i + 1], directory))
-        self.say(f"Kommander demo: {len(self.nodes)} twistd nodes, {self.partitions} partitions, TCP + Berkeley DB")
+        security = "mutual TLS" if self.tls else "unauthenticated (--insecure)"
+        self.say(
+            f"Kommander demo: {len(self.nodes)} twistd nodes, {self.partitions} partitions, TCP + Berkeley DB, "
+            f"peers {security}"
+        )
+        if self.tls:
+            self.make_certificates()
         for node in self.nodes:
             self.say(f"  {node.node_id}: raft 127.0.0.1:{node.raft_port}  http {node.url}")
         self.say()

@@ -1,5 +1,5 @@
-"""SIGHUP re-reads a node's files (the HTTP token file today; certificates can join the list)
-without a restart.
+"""SIGHUP re-reads a node's files (the HTTP token file, the TLS files, the secret file) without
+a restart.
 
 One service owns the signal, so that every file that can be reloaded registers a callback here
 instead of each installing its own handler and replacing the others'. The handler only schedules

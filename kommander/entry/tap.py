@@ -35,8 +35,10 @@ from kommander.entry import logs
 # Re-exported: tests and embedders know them as tap.RaftService, tap.GC_THRESHOLDS, ...
 from kommander.entry.node import GC_THRESHOLDS, RaftService, check_body_limit, tune_garbage_collector  # noqa: F401
 from kommander.entry.hangup import HangupService
+from kommander.entry.reload import add_credential_reloads
 from kommander.hookspecs import PluginContext
 from kommander.kv.auth import TokenTable
+from kommander.kv.hosts import HostAllowlist, default_hosts
 from kommander.registry import PluginError, PluginKind, PluginRegistry
 
 #: Defaults of the options that have one; the others default to "not given".
@@ -221,6 +223,8 @@ class Options(usage.Options):
         ["election-timeout-max", None, None, "Longest election timeout, seconds [default: 1.0]."],
         ["durability", None, None, "WAL durability: sync (fsync every write) or nosync [default: sync]."],
         ["advertise-http", None, None, "Base URL clients are redirected to [default: derived from --http]."],
+        ["http-host", None, None, "Host names the HTTP API answers to, comma-separated; * for any "
+         "[default: the advertised URL's host, the --http interface, localhost, 127.0.0.1, ::1]."],
         ["max-body-bytes", None, None, "Largest HTTP request body accepted [default: 1048576]."],
         ["http-token-file", None, None, "File of 'TOKEN ROLE' lines (roles read, write, admin): the HTTP API then "
          "requires 'Authorization: Bearer TOKEN'; re-read on SIGHUP [default: none, the API is open]."],
@@ -232,12 +236,17 @@ class Options(usage.Options):
         ["tls-key", None, None, "PEM private key of --tls-cert. The three files are re-read on SIGHUP."],
         ["secret-file", None, None, "File of the cluster's shared secret (two lines during a rotation): peers "
          "authenticate with HMAC; integrity only, no encryption."],
+        ["join", None, None, "Join a running cluster through a member's HTTP URL (a new node, empty --data): "
+         "it is added as a learner and promoted once caught up. Ignored once --data holds state."],
+        ["join-token-file", None, None, "File holding an admin bearer token for --join, when the cluster's "
+         "HTTP API has tokens."],
         ["expect", None, None, "Cluster size, this node included: wait until discovery finds that many nodes "
          "before starting (required with --discovery multicast unless --peers lists the others)."],
     ]
 
     optFlags = [
         ["insecure", None, "Peer traffic is unauthenticated on purpose (no --tls-* nor --secret-file)."],
+        ["listen-all", None, "Allow --listen and --http endpoints without interface= (every address of the host)."],
     ]
 
     def __init__(self) -> None:
@@ -249,6 +258,7 @@ class Options(usage.Options):
         self.config: RaftConfiguration | None = None
         self.registry: PluginRegistry | None = None
         self.tokens: TokenTable | None = None
+        self.hosts: HostAllowlist | None = None
 
     def opt_option(self, value: str) -> None:
         """KEY=VALUE plugin option, e.g. durability=nosync or multicast_ttl=0; repeatable."""
@@ -276,6 +286,7 @@ class Options(usage.Options):
         check_endpoint("--listen", self["listen"], server=True)
         if self["http"]:
             check_endpoint("--http", self["http"], server=True)
+        self._check_interfaces()
         self.peers = parse_peers(self["peers"] or "")
         # The same --peers list may be given to every node: this node's own entry is not a peer.
         self.peers.pop(self["node-id"], None)
@@ -287,6 +298,11 @@ class Options(usage.Options):
         if advertise is not None:
             self.plugin_options.setdefault("advertise", advertise)
         self.metadata = self._metadata()
+        self.hosts = self._http_hosts()
+        if self["join"]:
+            from kommander.entry.join import check_join_options
+
+            check_join_options(self)
         self["max-body-bytes"] = self._int("max-body-bytes", 1, 1 << 30)
         if self["http-token-file"]:
             try:
@@ -324,10 +340,10 @@ class Options(usage.Options):
                 text = ",".join(f"{k}={_text(where, v)}" for k, v in value.items())
                 if self["peers"] is None:
                     self["peers"] = text
-            elif key == "insecure":
+            elif key in ("insecure", "listen-all"):
                 if not isinstance(value, bool):
                     raise usage.UsageError(f"{where}: use true or false")
-                self["insecure"] = self["insecure"] or value
+                self[key] = self[key] or value
             elif key in known:
                 text = _text(where, value)
                 if self[key] is None:
@@ -376,6 +392,38 @@ class Options(usage.Options):
         if not math.isfinite(value) or value <= 0:
             raise usage.UsageError(f"--{name} {self[name]!r}: use a positive number of seconds")
         return value
+
+    def _check_interfaces(self) -> None:
+        """Refuse a TCP or TLS listener on every address unless ``--listen-all`` asks for it."""
+        if self["listen-all"]:
+            return
+        for option in ("listen", "http"):
+            description = self[option]
+            if not description:
+                continue
+            positional, keywords = split_description(description)
+            kind = positional[0].lower() if positional else ""
+            if kind in ("tcp", "tcp6", "ssl") and keywords.get("interface", "") in _WILDCARDS:
+                raise usage.UsageError(
+                    f"--{option} {description!r} listens on every address of this host: add "
+                    f"interface=ADDRESS (e.g. interface=127.0.0.1, or the address peers and clients use), "
+                    f"or pass --listen-all if that is what you want"
+                )
+
+    def _http_hosts(self) -> HostAllowlist | None:
+        if not self["http"]:
+            return None
+        given = self["http-host"]
+        if given:
+            names = given.split(",")
+        else:
+            found = _listen_address(self["http"])
+            _, interface = split_description(self["http"])
+            names = default_hosts(self.metadata.get("http"), interface.get("interface") if found else None)
+        try:
+            return HostAllowlist(names)
+        except ValueError as e:
+            raise usage.UsageError(f"--http-host {given!r}: {e}") from None
 
     def _metadata(self) -> dict[str, str]:
         url = self["advertise-http"]
@@ -466,6 +514,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     assert options.config is not None and options.registry is not None, "parse the options first"
     registry = options.registry
     data_dir = options["data"]
+    joined = None
+    if options["join"]:
+        from kommander.entry.join import join_before_start
+
+        joined = join_before_start(options)
     try:
         if data_dir:
             os.makedirs(data_dir, exist_ok=True)
@@ -492,12 +545,16 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             metadata=options.metadata,
             snapshot_store=snapshots,
         )
+        if joined is not None:
+            joined.prepare(manager)
     except (KommanderError, OSError, ValueError) as e:
         notes = "; ".join(getattr(e, "__notes__", ()))
         raise SystemExit(f"twistd kommander: {e}" + (f" ({notes})" if notes else "")) from None
     # twistd's own logging unless a format or level was asked for (see kommander.entry.logs).
     custom = options["log-format"] != "text" or options["log-level"] != "info"
     top = logs.NodeServices(logs.make_observer(options["log-format"], options["log-level"]) if custom else None)
+    # One SIGHUP handler for every file that can be re-read (a second handler would replace the first).
+    hangup = HangupService(reactor)
     if options["http"]:
         machine = built["state-machine"]
         if isinstance(machine, KVStateMachine):
@@ -508,6 +565,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             max_body_bytes=options["max-body-bytes"],
             reactor=reactor,
             tokens=options.tokens,
+            hosts=options.hosts,
         )
         if options.tokens is None:
             _log.warn(
@@ -515,17 +573,18 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
                 http=options["http"],
             )
         else:
-            hangup = HangupService(reactor)
             hangup.add("the HTTP token file", options.tokens.reload)
-            hangup.setServiceParent(top)
         http = strports.service(options["http"], site, reactor=reactor)
         http.setName("kommander-http")
         # Added first: a taken HTTP port fails twistd at start-up, before the node joins Raft.
         http.setServiceParent(top)
     RaftService(manager, reactor).setServiceParent(top)
-    if getattr(getattr(built["transport"], "security", None), "tls", None) is not None:
-        from kommander.entry.reload import CredentialReloader
-
-        CredentialReloader(built["transport"], reactor).setServiceParent(top)
+    add_credential_reloads(hangup, built["transport"])
+    discovery_reload = getattr(built["discovery"], "reload_secrets", None)
+    if discovery_reload is not None and getattr(built["discovery"], "secrets", None) is not None:
+        # Discovery holds its own copy of the secret file (multicast signs its announcements).
+        hangup.add("the secret file (multicast discovery)", discovery_reload)
+    if hangup.reloaders:
+        hangup.setServiceParent(top)
     top.manager = manager  # type: ignore[attr-defined]  # for tests and embedding
     return top

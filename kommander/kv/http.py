@@ -8,6 +8,7 @@
 ``GET /v1/status``                         the node's view of every partition
 ``GET /v1/health[?partition=N]``           200 serving, 503 with JSON reasons
 ``GET /metrics``                           Prometheus text format (:mod:`kommander.ops.metrics`)
+``GET|POST /v1/members``, ``DELETE /v1/members/{id}``   membership (:mod:`.members_http`)
 =========================================  =====================================================
 
 A key is exactly one path segment, percent-decoded, then UTF-8 (so ``a%2Fb`` is the key ``a/b``).
@@ -21,11 +22,12 @@ Request bodies larger than the limit are refused with 413 as soon as their ``Con
 known, before the body is read or stored (:class:`KVRequest`).
 
 With a :class:`~kommander.kv.auth.TokenTable` every path but ``/v1/health`` needs a bearer token:
-``read`` for GETs (KV reads, status, metrics, unknown paths), ``write`` for PUT, DELETE and CAS;
+``read`` for GETs (KV reads, status, metrics, members, unknown paths), ``write`` for PUT, DELETE and
+CAS, ``admin`` for membership changes;
 401 with ``WWW-Authenticate: Bearer`` without a known token, 403 below the role. A CAS body must be
 declared ``application/json`` (415 otherwise), so that no cross-site HTML form or ``text/plain``
 request, which browsers send without asking, can write. A 307 goes only to the advertised
-``http(s)://host:port`` URL of a voter, with the path rebuilt from the parsed request.
+``http(s)://host:port`` URL of a member, with the path rebuilt from the parsed request.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from twisted.web import resource, server
 
 from kommander.core.errors import KommanderError, NotLeader
 from kommander.kv.auth import Outcome, Role, TokenTable
+from kommander.kv.hosts import HostAllowlist
 from kommander.kv.machine import (
     LOG_TYPE,
     MAX_KEY_BYTES,
@@ -52,6 +55,7 @@ from kommander.kv.machine import (
     encode_delete,
     encode_put,
 )
+from kommander.kv import members_http
 from kommander.kv.redirects import base_url, same_path
 from kommander.ops import health
 from kommander.ops.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
@@ -81,6 +85,8 @@ _OCTETS = b"application/octet-stream"
 _KEY_METHODS = (b"GET", b"PUT", b"DELETE")
 _CAS_METHODS = (b"POST",)
 _STATUS_METHODS = (b"GET",)
+_MEMBERS_METHODS = (b"GET", b"POST")
+_MEMBER_METHODS = (b"DELETE",)
 
 Status = RaftOperationStatus
 _log = Logger()
@@ -175,6 +181,7 @@ class KVResource(resource.Resource):
     :param max_body_bytes: largest request body accepted.
     :param process_metrics: include the ``process_*`` metrics (CPU, memory) in ``GET /metrics``.
     :param tokens: the bearer tokens requests must carry; ``None`` serves everyone.
+    :param hosts: the ``Host`` names served (:mod:`kommander.kv.hosts`); ``None`` serves any.
     :param seconds: the current time, for rate-limiting the log lines of refused requests.
     """
 
@@ -188,6 +195,7 @@ class KVResource(resource.Resource):
         *,
         process_metrics: bool = True,
         tokens: TokenTable | None = None,
+        hosts: HostAllowlist | None = None,
         seconds: Callable[[], float] = time.monotonic,
     ):
         super().__init__()
@@ -197,7 +205,9 @@ class KVResource(resource.Resource):
         self.machine = machine
         self.max_body_bytes = max_body_bytes
         self.tokens = tokens
+        self.hosts = hosts
         self._log_refused = RateLimitedLog(_log.warn, seconds)
+        self._log_misdirected = RateLimitedLog(_log.warn, seconds)
         #: ``GET /metrics``; built here so the leader-change counter starts with the site.
         self.metrics = NodeMetrics(manager, process=process_metrics)
 
@@ -240,6 +250,8 @@ class KVResource(resource.Resource):
         if self.tokens is None or request.postpath == [b"v1", b"health"]:
             return  # health stays open for load balancers and orchestrators' probes
         needed = Role.READ if request.method in (b"GET", b"HEAD") else Role.WRITE
+        if needed is Role.WRITE and request.postpath[:2] == [b"v1", b"members"]:
+            needed = Role.ADMIN
         verdict = self.tokens.check(request.getHeader(b"authorization"), needed)
         if verdict.outcome is Outcome.ALLOWED:
             return
@@ -264,7 +276,30 @@ class KVResource(resource.Resource):
         response = error_response(code, message)
         raise _BadRequest(Response(code, response.body, _JSON, ((b"WWW-Authenticate", challenge),)))
 
+    def _check_host(self, request: server.Request) -> None:
+        """Refuse a request for a host name this node is not known by (DNS rebinding).
+
+        :raises _BadRequest: 421, with a rate-limited log line.
+        """
+        if self.hosts is None or request.postpath == [b"v1", b"health"]:
+            return  # health stays open for probes that address the node by whatever name
+        header = request.requestHeaders.getRawHeaders(b"host")
+        if header is None or (len(header) == 1 and self.hosts.allows(header[0])):
+            return
+        shown = b", ".join(header).decode("latin-1")[:100]
+        client = request.getClientAddress()
+        self._log_misdirected(
+            "HTTP 421 for {method} {path} from {client}: Host {host!r} is not served"
+            " ({suppressed} more refused since the last such line)",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1")[:200],
+            client=getattr(client, "host", client),
+            host=shown,
+        )
+        raise _BadRequest(error_response(421, f"Host {shown!r} is not a name this node serves; see --http-host"))
+
     def _dispatch(self, request: server.Request) -> Response | defer.Deferred[Response]:
+        self._check_host(request)
         self._authorize(request)
         path = request.postpath
         method = request.method
@@ -280,6 +315,8 @@ class KVResource(resource.Resource):
             if method not in _STATUS_METHODS:
                 raise _method_not_allowed(method, _STATUS_METHODS)
             return Response(200, self.metrics.render(), METRICS_CONTENT_TYPE.encode("ascii"))
+        if path[:2] == [b"v1", b"members"] and len(path) in (2, 3):
+            return self._members(request)
         if len(path) in (3, 4) and path[:2] == [b"v1", b"kv"]:
             if len(path) == 4 and path[3] != b"cas":
                 raise _bad("unknown path; write '/' inside a key as %2F", 404)
@@ -313,7 +350,7 @@ class KVResource(resource.Resource):
     def _leader_url(self, leader: str) -> bytes | None:
         """The leader's advertised base URL, if it is a voter and the URL is a plain
         ``http(s)://host:port`` (no user info, path, query or fragment); else ``None``."""
-        if leader != self.manager.node_id and leader not in self.manager.voters:
+        if leader != self.manager.node_id and leader not in self.manager.member_ids():
             return None
         metadata = self.manager.metadata if leader == self.manager.node_id else self.manager.peer_metadata.get(leader)
         url = (metadata or {}).get("http")
@@ -396,11 +433,41 @@ class KVResource(resource.Resource):
             return error_response(503, failure.getErrorMessage(), leader)
         return failure  # type: ignore[return-value]  # unexpected: logged as a 500
 
+    # ------------------------------------------------------------------ members
+
+    def _members(self, request: server.Request) -> Response | defer.Deferred[Response]:
+        path, method = request.postpath, request.method
+        allowed = _MEMBERS_METHODS if len(path) == 2 else _MEMBER_METHODS
+        if method not in allowed:
+            raise _method_not_allowed(method, allowed)
+        if len(self.manager.runtimes) < self.manager.partitions:
+            return error_response(503, "the node is starting")
+        if method == b"GET":
+            return json_response(*members_http.listing(self.manager))
+        try:
+            if method == b"POST":
+                content_type = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
+                if content_type != _JSON:
+                    raise _bad('send the body with "Content-Type: application/json"', 415)
+                d = members_http.add(self.manager, self._body(request))
+            else:
+                d = members_http.remove(self.manager, path[2], request.args)
+        except members_http.BadMembersRequest as e:
+            raise _bad(str(e)) from None
+
+        def done(result: Any) -> Response:
+            if result.status.value == "not_leader":
+                return self._not_leader(request, 0, result.leader)
+            return json_response(*members_http.answer(result, self.manager))
+
+        return d.addCallback(done)
+
     # ------------------------------------------------------------------ status
 
     def _status(self) -> Response:
         document = self.manager.status()
         document["http"] = self.manager.metadata.get("http")
+        document["members"] = members_http.roles(self.manager)
         return json_response(200, document)
 
     def _health(self, request: server.Request) -> Response:
@@ -487,14 +554,16 @@ def make_site(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     reactor: Any = None,
     tokens: TokenTable | None = None,
+    hosts: HostAllowlist | None = None,
 ) -> server.Site:
     """A :class:`~twisted.web.server.Site` serving the API of ``manager`` and ``machine``.
 
     :param reactor: for the site's connection timeouts; the global reactor when ``None``.
     :param tokens: require these bearer tokens (see :mod:`kommander.kv.auth`); ``None``: open.
+    :param hosts: serve only these ``Host`` names (see :mod:`kommander.kv.hosts`); ``None``: any.
     """
     extra: dict[str, Any] = {"seconds": reactor.seconds} if reactor is not None else {}
-    root = KVResource(manager, machine, max_body_bytes, tokens=tokens, **extra)
+    root = KVResource(manager, machine, max_body_bytes, tokens=tokens, hosts=hosts, **extra)
     kwargs: dict[str, Any] = {"requestFactory": KVRequest}
     if reactor is not None:
         kwargs["reactor"] = reactor

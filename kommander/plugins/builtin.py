@@ -152,6 +152,8 @@ def _tcp_transport(ctx: PluginContext) -> Any:
         listen_endpoint(ctx),
         max_frame_bytes=int_option(ctx, "max_frame_bytes", default, low=64 * 1024),
         security=security,
+        max_inbound_connections=int_option(ctx, "max_inbound_connections", 256, low=1),
+        max_connections_per_address=int_option(ctx, "max_connections_per_address", 32, low=1),
     )
 
 

@@ -36,12 +36,13 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from kommander.core.errors import ConfigurationError, ProtocolError
+from kommander.core.errors import ProtocolError
 from kommander.hookspecs import PluginContext, TransportFactory, hookimpl
 from kommander.interfaces import ITransport
 from kommander.plugins import http_client, http_server as srv
 from kommander.plugins.http_client import PeerState as _Peer
 from kommander.plugins.tcp import backoff_delay
+from kommander.plugins.tcp_peers import check_limits
 from kommander.plugins.tcp_protocol import PREFIX_BYTES, describe_address
 from kommander.wire.codec import PROTOCOL_VERSION, Handshake, encode_handshake, encode_message
 
@@ -109,18 +110,17 @@ class HTTPTransport:
         rng: random.Random | None = None,
         incarnation: int | None = None,
     ) -> None:
-        for name, value in (
-            ("max_frame_bytes", max_frame_bytes),
-            ("max_queue_bytes", max_queue_bytes),
-            ("batch_bytes", batch_bytes),
-            ("request_timeout", request_timeout),
-            ("backoff_initial", backoff_initial),
-            ("backoff_max", backoff_max),
-        ):
-            if not value > 0:
-                raise ConfigurationError(f"HTTPTransport {name}={value!r}: use a positive number")
-        if backoff_max < backoff_initial:
-            raise ConfigurationError("HTTPTransport backoff_max: make it at least backoff_initial")
+        check_limits(
+            "HTTPTransport",
+            dict(
+                max_frame_bytes=max_frame_bytes,
+                max_queue_bytes=max_queue_bytes,
+                batch_bytes=batch_bytes,
+                request_timeout=request_timeout,
+                backoff_initial=backoff_initial,
+                backoff_max=backoff_max,
+            ),
+        )
         self.reactor = reactor
         self.node_id = node_id
         self.cluster_id = cluster_id

@@ -7,12 +7,14 @@ would over TCP. Within one channel (ordered pair of nodes) messages arrive in th
 each batch is scheduled no earlier than the previous one of its channel, and ``callLater`` runs
 calls due at the same time in the order they were scheduled.
 
-A *channel* from ``a`` to ``b`` is up when both transports are started on the network, ``b`` is
-among ``a``'s peers (:meth:`MemoryTransport.update_peers`), both receivers have the same cluster
+A *channel* from ``a`` to ``b`` is up when both transports are started on the network, each is
+among the other's peers (:meth:`MemoryTransport.update_peers`), both receivers have the same cluster
 id, neither node is disconnected and the link ``a -> b`` is not blocked. The sender's receiver is
 told about its channels through ``peer_status_changed`` (with the peer receiver's ``metadata``).
 When a channel goes down every message in flight on it is lost, as when a TCP connection resets;
-messages sent while it is down are dropped and counted, never raised.
+messages sent while it is down are dropped and counted, never raised. A node that sends to one
+that would refuse it (another cluster's, or one the receiver does not list) gets a warning logged
+once, as a real transport logs the handshake it refuses.
 
 A network built with ``max_frame_bytes`` behaves like the TCP transport's frame limit: each message
 is encoded with the wire codec, one larger than the limit is dropped alone (counted as
@@ -91,6 +93,7 @@ class MemoryNetwork:
         self._disconnected: set[str] = set()
         self._epoch: Counter[Channel] = Counter()
         self._last_due: dict[Channel, float] = {}
+        self._refused_channels: set[tuple[str, str, str]] = set()
         #: Counts of ``sent``, ``delivered`` and ``dropped.<reason>`` messages.
         self.stats: Counter[str] = Counter()
 
@@ -163,6 +166,7 @@ class MemoryNetwork:
             and b is not None
             and src != dst
             and dst in a.peers
+            and src in b.peers
             and a.receiver.cluster_id == b.receiver.cluster_id
             and not {src, dst} & self._disconnected
             and (src, dst) not in self._blocked
@@ -207,6 +211,7 @@ class MemoryNetwork:
         self.stats["sent"] += len(messages)
         if not self.is_up(src.node_id, dst):
             self.stats["dropped.unreachable"] += len(messages)
+            self._refuse_channel(src.node_id, dst)
             return
         batch: list[Any] = []
         for partition, message in messages:
@@ -269,6 +274,24 @@ class MemoryNetwork:
                 receiver.message_received(src, partition, message)
             except ProtocolError as exc:
                 self._refuse(src, dst, str(exc))
+
+    def _refuse_channel(self, src: str, dst: str) -> None:
+        """Say once per sender, receiver and reason why a node the receiver would not accept (one of
+        another cluster, one it does not list as a peer) cannot reach it, as a real transport
+        logs the handshake it refuses."""
+        a, b = self._transports.get(src), self._transports.get(dst)
+        if a is None or b is None or src == dst or dst not in a.peers:
+            return
+        if a.receiver.cluster_id != b.receiver.cluster_id:
+            why = f"cluster id {a.receiver.cluster_id!r} is not ours ({b.receiver.cluster_id!r})"
+        elif src not in b.peers:
+            why = f"node id {src!r} is not a known peer"
+        else:
+            return
+        if (src, dst, why) in self._refused_channels:
+            return
+        self._refused_channels.add((src, dst, why))
+        self._log.warn("memory transport {dst} refused node {src}: {why}", src=src, dst=dst, why=why)
 
     def _refuse(self, src: str, dst: str, why: str) -> None:
         # A real transport would close the connection; here the message is dropped and counted.

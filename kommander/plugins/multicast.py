@@ -252,19 +252,13 @@ class MulticastDiscovery:
             raise ConfigurationError(f"multicast ttl {ttl}: use 0-255 (0: this host, 1: this subnet)")
         if not interval > 0:
             raise ConfigurationError(f"multicast interval {interval}: use a positive number of seconds")
-        self._keys = tuple(announcement_key(s) for s in secrets.secrets) if secrets is not None else ()
-        try:
-            self._announcement = encode_announcement(
-                cluster_id, node_id, endpoint, metadata or {}, key=self._keys[0] if self._keys else None
-            )
-        except MalformedAnnouncement as exc:
-            raise ConfigurationError(f"multicast discovery cannot announce this node: {exc}") from None
-        if len(self._announcement) > MAX_DATAGRAM_BYTES:
-            raise ConfigurationError(f"multicast announcement of {len(self._announcement)} bytes: shrink the metadata")
         self._reactor = reactor
         self.node_id = node_id
         self.cluster_id = cluster_id
         self.endpoint = endpoint
+        self.secrets = secrets
+        self._own_metadata = dict(metadata or {})
+        self._keys, self._announcement = self._signed(secrets)
         self.group = group
         self.port = port
         self.interface = interface
@@ -286,6 +280,44 @@ class MulticastDiscovery:
         self._seeds = frozenset(self._view)
         self.max_unknown = max_unknown
         self._log_moved = RateLimitedLog(lambda *a, **k: self._log.info(*a, **k), reactor.seconds, LOG_INTERVAL)
+
+    def _signed(self, secrets: SharedSecrets | None) -> tuple[tuple[bytes, ...], bytes]:
+        """The announcement keys of ``secrets`` and this node's announcement signed with the first.
+
+        :raises ConfigurationError: the announcement would be refused (too long, bad fields).
+        """
+        keys = tuple(announcement_key(s) for s in secrets.secrets) if secrets is not None else ()
+        try:
+            announcement = encode_announcement(
+                self.cluster_id, self.node_id, self.endpoint, self._own_metadata, key=keys[0] if keys else None
+            )
+        except MalformedAnnouncement as exc:
+            raise ConfigurationError(f"multicast discovery cannot announce this node: {exc}") from None
+        if len(announcement) > MAX_DATAGRAM_BYTES:
+            raise ConfigurationError(f"multicast announcement of {len(announcement)} bytes: shrink the metadata")
+        return keys, announcement
+
+    def reload_secrets(self) -> bool:
+        """Re-read the secret file (SIGHUP during a rotation); returns whether the new secrets are in use.
+
+        From then on announcements are signed with the file's first secret and either secret's
+        key is accepted. A file that cannot be used (unreadable, empty, a short secret) is logged
+        and the secrets in use stay in use. Without a secret there is nothing to reload.
+        """
+        if self.secrets is None:
+            return False
+        try:
+            self.secrets.reload()
+            self._keys, self._announcement = self._signed(self.secrets)
+        except ConfigurationError as exc:
+            self._log.error("multicast discovery kept its previous secrets: {error}", error=exc)
+            return False
+        self._log.info(
+            "multicast discovery reloaded {source}: {count} secret(s) accepted, announcements signed with the first",
+            source=self.secrets.source,
+            count=len(self.secrets.secrets),
+        )
+        return True
 
     # ------------------------------------------------------------------ IDiscovery
 

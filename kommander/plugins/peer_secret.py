@@ -70,6 +70,8 @@ class SharedSecrets:
         self.source = source
         #: Set by :meth:`from_file` when group or others may read the file (worth a warning).
         self.readable_by_others = False
+        #: The file :meth:`from_file` read, which :meth:`reload` reads again.
+        self.path: str | None = None
 
     @property
     def primary(self) -> bytes:
@@ -92,7 +94,23 @@ class SharedSecrets:
             found.readable_by_others = bool(os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH))
         except OSError:
             pass
+        found.path = path
         return found
+
+    def reload(self) -> None:
+        """Read :attr:`path` again (SIGHUP) and use its secrets from now on.
+
+        New connections prove with the new first secret and accept either new one; connections
+        already authenticated keep the keys they derived. The secrets change all at once, only
+        once the whole file has been read and checked.
+
+        :raises ConfigurationError: not read from a file, or the file is unreadable, empty, holds
+            more than two secrets or a short one; the secrets in use stay in use.
+        """
+        if self.path is None:
+            raise ConfigurationError(f"{self.source}: not read from a file, nothing to reload")
+        fresh = SharedSecrets.from_file(self.path)
+        self.secrets, self.readable_by_others = fresh.secrets, fresh.readable_by_others
 
     def matching(self, mac: bytes, message: bytes) -> bytes | None:
         """The accepted secret under which ``mac`` is the HMAC of ``message``, or ``None``."""

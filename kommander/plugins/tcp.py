@@ -28,9 +28,9 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from kommander.core.errors import ConfigurationError, ProtocolError
+from kommander.core.errors import ProtocolError
 from kommander.interfaces import ITransport
-from kommander.plugins.tcp_peers import PeerRecord, backoff_delay, encode_frames, handshake_refusal
+from kommander.plugins.tcp_peers import PeerRecord, backoff_delay, check_limits, encode_frames, handshake_refusal
 from kommander.plugins.tcp_protocol import PeerConnection, PeerFactory, describe_address
 from kommander.plugins.tcp_security import PeerSecurity
 from kommander.runtime.ratelimit import RateLimitedLog
@@ -55,6 +55,7 @@ STAT_NAMES = (
     "oversized",
     "protocol_errors",
     "reconnects",
+    "refused_connections",
 )
 
 
@@ -81,6 +82,10 @@ class TCPTransport:
     :param close_timeout: on :meth:`stop`, connections not closed cleanly by then are aborted.
     :param incarnation: fixed incarnation number (tests); random per :meth:`start` by default.
     :param security: how peers authenticate (:class:`PeerSecurity`); none by default.
+    :param max_inbound_connections: accepted connections open at once; more are closed at once
+        (a flood of connections, authenticated or not, cannot exhaust the node's descriptors).
+    :param max_connections_per_address: accepted connections open at once from one remote host
+        (every node of a cluster on one machine shares 127.0.0.1: keep this above its size).
     :raises ConfigurationError: a limit or delay is not positive.
     """
 
@@ -104,15 +109,15 @@ class TCPTransport:
         close_timeout: float = 2.0,
         incarnation: int | None = None,
         security: PeerSecurity | None = None,
+        max_inbound_connections: int = 256,
+        max_connections_per_address: int = 32,
     ) -> None:
         limits = dict(max_frame_bytes=max_frame_bytes, max_queue_bytes=max_queue_bytes, stale_after=stale_after)
         limits.update(backoff_initial=backoff_initial, backoff_max=backoff_max, close_timeout=close_timeout)
         limits.update(connect_timeout=connect_timeout, handshake_timeout=handshake_timeout)
-        for name, value in limits.items():
-            if not value > 0:
-                raise ConfigurationError(f"TCPTransport {name}={value!r}: use a positive number")
-        if backoff_max < backoff_initial:
-            raise ConfigurationError("TCPTransport backoff_max: make it at least backoff_initial")
+        limits.update(max_inbound_connections=max_inbound_connections)
+        limits.update(max_connections_per_address=max_connections_per_address)
+        check_limits("TCPTransport", limits)
         self.reactor = reactor
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -125,6 +130,8 @@ class TCPTransport:
         self.handshake_timeout = handshake_timeout
         self.stale_after = stale_after
         self.close_timeout = close_timeout
+        self.max_inbound_connections = max_inbound_connections
+        self.max_connections_per_address = max_connections_per_address
         self.rng = rng if rng is not None else random.Random()
         self.fixed_incarnation = incarnation
         self.security = security if security is not None else PeerSecurity()
@@ -142,6 +149,9 @@ class TCPTransport:
         self._running = False
         self._flush_call: IDelayedCall | None = None
         self._log_oversized = RateLimitedLog(lambda *a, **k: self.log.warn(*a, **k), reactor.seconds)
+        self._log_refused = RateLimitedLog(lambda *a, **k: self.log.warn(*a, **k), reactor.seconds)
+        #: Accepted (not dialed) connections open now, by remote host.
+        self._inbound: dict[str, int] = {}
 
     # ------------------------------------------------------------------ ITransport
     def start(self, receiver: IMessageReceiver) -> defer.Deferred[None]:
@@ -288,8 +298,31 @@ class TCPTransport:
                 return False
             peer.attempt = conn
             peer.dialing = None
+        elif not self._admit(conn):
+            return False
         self._connections.add(conn)
         return True
+
+    def _admit(self, conn: PeerConnection) -> bool:
+        """Count an accepted connection against the limits; ``False`` (logged) when over one."""
+        host = conn.remote_host
+        total = sum(self._inbound.values())
+        if total >= self.max_inbound_connections:
+            why = f"{total} accepted connections are open (max_inbound_connections={self.max_inbound_connections})"
+        elif self._inbound.get(host, 0) >= self.max_connections_per_address:
+            why = f"{self._inbound[host]} connections from {host} are open (max_connections_per_address={self.max_connections_per_address})"
+        else:
+            self._inbound[host] = self._inbound.get(host, 0) + 1
+            conn.counted_inbound = True
+            return True
+        self.stats["refused_connections"] += 1
+        self._log_refused(
+            "node {node} refused a connection from {address}: {why} ({suppressed} more refused since the last such line)",
+            node=self.node_id,
+            address=conn.address,
+            why=why,
+        )
+        return False
 
     def check_handshake(self, conn: PeerConnection, handshake: Handshake) -> str | None:
         """Why the peer's handshake on ``conn`` is refused, or ``None`` to accept it."""
@@ -351,6 +384,13 @@ class TCPTransport:
         The ``False`` status carries the metadata the peer last advertised.
         """
         self._connections.discard(conn)
+        if conn.counted_inbound:
+            conn.counted_inbound = False
+            left = self._inbound.get(conn.remote_host, 0) - 1
+            if left > 0:
+                self._inbound[conn.remote_host] = left
+            else:
+                self._inbound.pop(conn.remote_host, None)
         closing = self._closing.pop(conn, None)
         if closing is not None:
             waiter, abort = closing

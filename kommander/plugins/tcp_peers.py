@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kommander.core.errors import ProtocolError
+from kommander.core.errors import ConfigurationError, ProtocolError
 from kommander.plugins.tcp_protocol import PREFIX_BYTES
 from kommander.wire.codec import encode_message
 
@@ -29,6 +29,19 @@ if TYPE_CHECKING:
 
 #: Bytes queued for a peer that is not connected; the rest is dropped (see ``TCPTransport.send``).
 DISCONNECTED_QUEUE_BYTES = 1024 * 1024
+
+
+def check_limits(kind: str, limits: dict[str, float]) -> None:
+    """Refuse a transport's limits and delays unless each is positive and ``backoff_max`` is at
+    least ``backoff_initial`` (shared by the TCP and HTTP transports).
+
+    :raises ConfigurationError: naming the transport ``kind`` and the offending setting.
+    """
+    for name, value in limits.items():
+        if not value > 0:
+            raise ConfigurationError(f"{kind} {name}={value!r}: use a positive number")
+    if limits["backoff_max"] < limits["backoff_initial"]:
+        raise ConfigurationError(f"{kind} backoff_max: make it at least backoff_initial")
 
 
 def backoff_delay(failures: int, initial: float, maximum: float, rng: random.Random) -> float:

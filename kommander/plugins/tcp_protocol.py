@@ -193,6 +193,10 @@ class PeerConnection(FrameReceiver):
         self.outgoing = outgoing
         self.expected = expected
         self.address = "unknown"
+        #: The remote host, for the transport's per-address connection limit.
+        self.remote_host = "unknown"
+        #: Whether the transport counted this accepted connection against its limits.
+        self.counted_inbound = False
         #: The peer's handshake once the transport accepted it; ``None`` before.
         self.handshake: Handshake | None = None
         #: Reactor time the connection was verified, and of the last frame received.
@@ -217,7 +221,9 @@ class PeerConnection(FrameReceiver):
 
     # ------------------------------------------------------------------ Twisted callbacks
     def connectionMade(self) -> None:
-        self.address = describe_address(self.transport.getPeer())
+        peer = self.transport.getPeer()
+        self.address = describe_address(peer)
+        self.remote_host = str(getattr(peer, "host", self.address))
         self.last_received = self.owner.reactor.seconds()
         if not self.owner.connection_made(self):
             self.closed = True

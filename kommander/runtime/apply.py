@@ -20,6 +20,7 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from kommander.core.types import Entry
+from kommander.runtime.members import RECORD_LOG_TYPE
 
 if TYPE_CHECKING:  # pragma: no cover
     from kommander.runtime.host import PartitionView, RuntimeHost
@@ -71,6 +72,12 @@ class Applier:
             when it raised. Never raises; the caller waits for a Deferred, then calls
             :meth:`applied` or :meth:`failed`.
         """
+        if entry.log_type == RECORD_LOG_TYPE:
+            # The cluster's membership record: the runtime's, never the application's.
+            try:
+                return self.host.record.apply(runtime.number, entry.data)
+            except Exception:  # noqa: BLE001 - only the runtime writes these: fail-stop
+                return Failure()
         machine = self.host.state_machine
         if machine is None:
             return None
@@ -81,7 +88,10 @@ class Applier:
 
     def applied(self, runtime: "PartitionView", entry: Entry, outcome: Any, restoring: bool) -> None:
         """``entry`` was applied with ``outcome``: fire the events. ``False`` is a result like any
-        other (and every node reaches it), reported through ``on_replication_error`` too."""
+        other (and every node reaches it), reported through ``on_replication_error`` too.
+        Membership record entries fire no event."""
+        if entry.log_type == RECORD_LOG_TYPE:
+            return
         self.entries_applied += 1
         if outcome is False:
             self.report_error(runtime, entry, "the state machine returned False")

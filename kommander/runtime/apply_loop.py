@@ -50,6 +50,7 @@ class ApplyLoop:
     _held_results: list[Any]
 
     _release_reads: "Callable[[], None]"
+    config_applied: "Callable[[Entry], None]"
     #
     # One loop applies everything, in log order: committed entries, the entries of a committed
     # ticket, snapshots to install. It is a trampoline, never a recursion: a step's outcome is a
@@ -176,6 +177,9 @@ class ApplyLoop:
             return None
         if kind is EntryKind.CHECKPOINT:
             return self.host.applier.checkpoint(self, item)
+        if kind is EntryKind.CONFIG:
+            self.config_applied(item)
+            return None
         raise AssertionError(f"unknown entry kind {kind!r}")
 
     def _complete(self, outcome: Any) -> bool:

@@ -20,6 +20,7 @@ are dropped.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
@@ -104,6 +105,8 @@ class Checkpointer:
         if not entries and checkpoint != chosen:
             yield host.wal.compact(number, chosen)
         tickets, chunks = store.open(number, chosen, verify=False)
+        if getattr(tickets, "membership", None) is not None:
+            chosen = replace(chosen, membership=tickets.membership)  # the core starts from it
         yield self._restore_state_machine(number, chunks, chosen)
         _log.info(
             "partition {p}: restored snapshot at {index}; {n} log entries follow it",
@@ -192,7 +195,7 @@ class Checkpointer:
         try:
             chunks = iter(host.state_machine.snapshot(runtime.number))
             writer = store.writer(runtime.number, meta)
-            writer.write_header(encode_runtime(runtime.tickets))
+            writer.write_header(encode_runtime(runtime.tickets, runtime.core.membership_at(index)))
         except Exception as e:  # noqa: BLE001 - a state machine bug must not stop the node
             runtime.snapshotting = False
             _log.failure("partition {p}: state machine snapshot failed", p=runtime.number)

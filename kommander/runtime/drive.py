@@ -41,6 +41,7 @@ from kommander.core.types import (
     AppendEntries,
     InstallSnapshot,
     Message,
+    ReadIndexResponse,
     Ready,
     Role,
     SnapshotChunk,
@@ -182,6 +183,13 @@ class DriveLoop:
             stamp = max(map(_TIMESTAMP, message.entries))
             if stamp:
                 self.clock.update(stamp)
+        if type(message) is ReadIndexResponse and not runtime.core.awaits_read_index(message):
+            self.log.info(
+                "partition {p}: ignored a read index answer from {peer} that matches no request of ours",
+                p=partition,
+                peer=peer,
+            )
+            return
         runtime.core.step(message)
         self.mark_dirty(runtime)
 

@@ -80,6 +80,7 @@ class RuntimeHost(Protocol):
     on_replication_received: "Event"
     on_replication_error: "Event"
     on_log_restored: "Event"
+    on_membership_changed: "Event"
 
     @property
     def running(self) -> bool:

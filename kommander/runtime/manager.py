@@ -26,7 +26,7 @@ from kommander.runtime.ratelimit import RateLimitedLog
 from kommander.config import RaftConfiguration
 from kommander.core.errors import ConfigurationError, KommanderError, NotLeader, QueueFull
 from kommander.core.raft import CoreConfig, RaftNode
-from kommander.core.types import EntryKind, Proposal, Role
+from kommander.core.types import EntryKind, Membership, Proposal, Role
 from kommander.interfaces import (
     IClock,
     IDiscovery,
@@ -37,6 +37,9 @@ from kommander.interfaces import (
     IWAL,
     IWALMetadata,
 )
+from kommander.runtime.membership import MembershipApi
+from kommander.runtime.membership_host import MembershipHost
+from kommander.runtime.members import RECORD_LOG_TYPE
 from kommander.runtime.partition import PartitionRuntime, Request
 from kommander.results import Event, RaftOperationStatus, ReplicationResult, partition_for_key
 from kommander.runtime.snapshots import SnapshotStore
@@ -47,7 +50,7 @@ Status = RaftOperationStatus
 
 
 @implementer(IRaft, IMessageReceiver)
-class RaftManager(DriveLoop):
+class RaftManager(MembershipHost, DriveLoop, MembershipApi):
     """A Kommander node: ``max_partitions`` Raft groups sharing one transport, WAL and clock.
 
     :param config: the node's settings; validated here.
@@ -124,6 +127,10 @@ class RaftManager(DriveLoop):
             timeout=max(5.0, 4 * high * config.heartbeat_interval),
         )
         self.voters: tuple[str, ...] = ()
+        #: Set before :meth:`join_cluster` on a node joining running partitions: the configuration
+        #: its cores start from (the current voters, this node a learner) until the leader's log
+        #: or snapshot gives them theirs. ``None``: the discovered nodes are the voters.
+        self.initial_membership: Membership | None = None
         self.runtimes: list[PartitionRuntime] = []
         self.peer_metadata: dict[str, dict[str, str]] = {}
         self.stats: dict[str, int] = {
@@ -139,6 +146,8 @@ class RaftManager(DriveLoop):
         self.on_log_restored = Event("on_log_restored")
         self.on_restore_started = Event("on_restore_started")
         self.on_restore_finished = Event("on_restore_finished")
+        #: Fired with ``(partition, Membership)`` when a configuration entry is applied here.
+        self.on_membership_changed = Event("on_membership_changed")
         #: Fired with the reason when the node stops itself (a failed WAL write, a broken
         #: invariant): a process running it should exit so a supervisor restarts it.
         self.on_fail_stop = Event("on_fail_stop")
@@ -153,6 +162,7 @@ class RaftManager(DriveLoop):
         #: This node's storage identity, and the partitions still rejoining on new storage.
         self.storage_id = 0
         self.rejoining: set[int] = set()
+        self._init_membership()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -171,10 +181,16 @@ class RaftManager(DriveLoop):
         nodes = yield initial_view(self.discovery, self.node_id, self.config.expected_nodes, self.reactor)
         self.voters = tuple(sorted(set(nodes) | {self.node_id}))
         yield self.wal.open(self.partitions)
+        yield self.record.load()
+        if self.join_record is not None:
+            yield self.record.adopt(self.join_record)
+        self._check_configured_peers(nodes)
         low, high = self.config.election_ticks()
+        start = self.initial_membership
         core_config = CoreConfig(
             self.node_id,
-            self.voters,
+            tuple(sorted(start.voters)) if start else self.voters,
+            learners=tuple(sorted(start.learners)) if start else (),
             election_tick=low,
             election_tick_max=high,
             pre_vote=self.config.pre_vote,
@@ -209,8 +225,9 @@ class RaftManager(DriveLoop):
                 self._restoring.add(number)
                 self.on_restore_started.fire(number)
         self._running = True
-        self.transport.update_peers({k: v for k, v in nodes.items() if k != self.node_id})
+        self.transport.update_peers(self._peers_from(nodes))
         yield self.transport.start(self)
+        self.cluster.start()
         self._unsubscribe = self.discovery.subscribe(self._nodes_changed)
         self._ticker = task.LoopingCall(self._tick)
         self._ticker.clock = self.reactor
@@ -245,6 +262,7 @@ class RaftManager(DriveLoop):
             self._flush_call.cancel()
         self._flush_call = None
         self._fail_everything(Status.ERRORED, "the node is leaving the cluster")
+        self.cluster.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
         yield self.transport.stop()
@@ -259,6 +277,7 @@ class RaftManager(DriveLoop):
             for context in list(runtime.reads):
                 runtime.reads.pop(context)[0].errback(Failure(KommanderError(reason)))
             runtime.abandoned_reads.clear()
+            runtime.changes.fail_all(status, f"{reason}; the membership change may still finish")
             for _, d in runtime.confirmed_reads:
                 d.errback(Failure(KommanderError(reason)))
             runtime.confirmed_reads.clear()
@@ -356,6 +375,8 @@ class RaftManager(DriveLoop):
         runtime = self._runtime(partition)
         if type(log_type) is not str:
             raise TypeError("log_type must be a str")
+        if log_type == RECORD_LOG_TYPE:
+            raise ValueError("that log_type is reserved for the membership record; use add_node/remove_node")
         limit = self.frame_budget.max_entry_bytes(log_type)
         kind = EntryKind.NORMAL if auto_commit else EntryKind.PROPOSED
         if type(data) is bytes:  # the common case, without building and checking a list
@@ -489,9 +510,12 @@ class RaftManager(DriveLoop):
 
     def read_index(self, partition: int) -> defer.Deferred[int]:
         """Linearizable read barrier: fires with an index once it is applied locally; reading the
-        state machine then observes every write that completed before this call. Fails with
-        :class:`NotLeader` when this node does not lead the partition, with :class:`QueueFull`
-        when ``max_pending_reads`` reads are pending on it."""
+        state machine then observes every write that completed before this call. A follower asks
+        its leader for the index (``kommander.core.follower_read``) and fires once it applied it.
+        Fails with :class:`NotLeader` when this node knows no leader to ask, is catching up on new
+        storage, or the leader changed (or did not answer) before confirming; with
+        :class:`QueueFull` when ``max_pending_reads`` reads are pending on it; with
+        ``defer.TimeoutError`` after ``operation_timeout``."""
         runtime = self._runtime(partition)
         if not self._running:
             return defer.fail(KommanderError(self._failed or "the node is not running"))
@@ -545,10 +569,10 @@ class RaftManager(DriveLoop):
         self.log.info("peer {peer} {state}", peer=peer, state="connected" if connected else "disconnected")
 
     def _nodes_changed(self, nodes: Mapping[str, str]) -> None:
-        unknown = set(nodes) - set(self.voters)
+        unknown = set(nodes) - self.member_ids()
         if unknown:
             self.log.warn(
-                "discovery reports nodes {nodes} that are not voters; membership is fixed at start-up",
+                "discovery reports nodes {nodes} that are not members; add them with `kommander members add`",
                 nodes=",".join(sorted(unknown)),
             )
-        self.transport.update_peers({k: v for k, v in nodes.items() if k != self.node_id and k in self.voters})
+        self.transport.update_peers(self._peers_from(nodes))

@@ -34,6 +34,7 @@ from kommander.results import RaftOperationStatus, ReplicationResult
 from kommander.runtime.tickets import HeldTickets, TicketBook
 from kommander.runtime.apply_loop import ApplyLoop
 from kommander.runtime.instruments import replay_progress
+from kommander.runtime.membership import MembershipChanges
 from kommander.runtime.transfer import SnapshotReceiver
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -124,6 +125,8 @@ class PartitionRuntime(ApplyLoop):
         self.snapshotting = False
         self.snapshot_requested = False
         self.receiver = SnapshotReceiver(host, self)
+        #: Configuration changes this node started as leader (see membership.py).
+        self.changes = MembershipChanges(number, core)
 
     @property
     def tickets(self) -> HeldTickets:
@@ -265,6 +268,8 @@ class PartitionRuntime(ApplyLoop):
                 # The core still holds the read until it confirms or drops it.
                 self.abandoned_reads.add(context)
                 d.errback(Failure(defer.TimeoutError(f"read on partition {self.number} timed out")))
+        if self.changes.waiting:
+            self.changes.expire(now)
         if self.book and self.core.role is Role.LEADER:
             return self.book.due(now)
         return []
@@ -292,7 +297,15 @@ class PartitionRuntime(ApplyLoop):
                 )
             self.fail_queued(Status.NOT_LEADER, "leadership lost before the entries were written")
             self.book.clear()
+            if self.changes.waiting:
+                self.changes.leadership_lost()
         self.role, self.leader, self.term = core.role, core.leader, core.term
+
+    def config_applied(self, entry: Entry) -> None:
+        """A ``CONFIG`` entry was applied: finish the changes it completes, tell the application."""
+        membership = self.changes.applied(entry)
+        _log.info("partition {p}: configuration at {i}: {m!r}", p=self.number, i=entry.index, m=membership)
+        self.host.on_membership_changed.fire(self.number, membership)
 
     # ------------------------------------------------------------------ reads
 

@@ -27,7 +27,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from kommander.core.errors import KommanderError
-from kommander.core.types import Entry, EntryKind, SnapshotMeta
+from kommander.core.types import Entry, EntryKind, Membership, SnapshotMeta
 from kommander.runtime.snapshot_io import SyncIO, ThreadIO
 
 MAGIC = b"KMDRSNP1"
@@ -42,17 +42,37 @@ class SnapshotError(KommanderError):
     """A snapshot is missing, corrupt or does not match what was expected."""
 
 
-def encode_runtime(tickets: dict[int, list[Entry]]) -> bytes:
-    """The runtime's part of a snapshot: undecided two-phase tickets and their held entries."""
-    return cbor2.dumps(
-        [[ticket, [[e.index, e.term, e.log_type, e.data, e.timestamp] for e in entries]] for ticket, entries in sorted(tickets.items())]
-    )
+class RuntimeSection(dict):  # type: ignore[type-arg]
+    """The held tickets of a snapshot (ticket -> entries), and the partition's configuration at
+    the snapshot's index (``None`` in snapshots written before configurations were recorded)."""
+
+    membership: Membership | None = None
 
 
-def decode_runtime(data: bytes) -> dict[int, list[Entry]]:
+def encode_runtime(tickets: dict[int, list[Entry]], membership: Membership | None = None) -> bytes:
+    """The runtime's part of a snapshot: undecided two-phase tickets and their held entries, as a
+    CBOR array; with a configuration, ``{"tickets": array, "membership": [voters, learners,
+    outgoing]}`` (readers of the array form still read the snapshots that lack one)."""
+    held = [
+        [ticket, [[e.index, e.term, e.log_type, e.data, e.timestamp] for e in entries]]
+        for ticket, entries in sorted(tickets.items())
+    ]
+    if membership is None:
+        return cbor2.dumps(held)
+    groups = [sorted(g) for g in (membership.voters, membership.learners, membership.outgoing)]
+    return cbor2.dumps({"tickets": held, "membership": groups})
+
+
+def decode_runtime(data: bytes) -> RuntimeSection:
     try:
         raw = cbor2.loads(data) if data else []
-        tickets: dict[int, list[Entry]] = {}
+        tickets = RuntimeSection()
+        if isinstance(raw, dict):
+            voters, learners, outgoing = (frozenset(str(v) for v in g) for g in raw["membership"])
+            if not voters or voters & learners:
+                raise ValueError(f"not a configuration: {raw['membership']!r}")
+            tickets.membership = Membership(voters, learners, outgoing)
+            raw = raw["tickets"]
         for ticket, entries in raw:
             tickets[int(ticket)] = [
                 Entry(int(i), int(t), EntryKind.PROPOSED, str(lt), bytes(d), int(ts), int(ticket))

@@ -121,6 +121,8 @@ def codec_seeds() -> list[bytes]:
         Heartbeat,
         HeartbeatResponse,
         InstallSnapshot,
+        ReadIndexRequest,
+        ReadIndexResponse,
         SnapshotChunk,
         SnapshotChunkAck,
         SnapshotMeta,
@@ -144,6 +146,8 @@ def codec_seeds() -> list[bytes]:
         InstallSnapshot(3, "n1", "n2", meta),
         SnapshotChunk(3, "n1", "n2", meta, 0, b"chunk", False),
         SnapshotChunkAck(3, "n2", "n1", meta, 5, True),
+        ReadIndexRequest(3, "n2", "n1", 1 << 40),
+        ReadIndexResponse(3, "n1", "n2", 1 << 40, 17, True),
     ]
     frames = [encode_message(1, m) for m in messages]
     frames.append(encode_handshake(Handshake(PROTOCOL_VERSION, "kommander", "n1", 42, {"http": "http://127.0.0.1:8001"})))

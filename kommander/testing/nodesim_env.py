@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from kommander.core.errors import FrameTooLarge
 from kommander.core.types import AppendEntries, SnapshotChunk, SnapshotMeta
-from kommander.interfaces import IWAL, WalWrite
+from kommander.interfaces import IWAL, IWALMetadata, WalWrite
 from kommander.plugins.hlc import HybridLogicalClock
 from kommander.plugins.memory_transport import MemoryNetwork, MemoryTransport
 from kommander.plugins.memory_wal import MemoryWAL, _Log
@@ -69,6 +69,7 @@ def _clone_wal(source: MemoryWAL) -> MemoryWAL:
     for number, log in source._logs.items():
         copy._logs[number] = _Log(log.bounds.copy(), log.hard_state, list(log.entries))
     copy._partitions = source._partitions
+    copy._metadata = dict(source._metadata)
     return copy
 
 
@@ -156,13 +157,15 @@ class SimDisk:
         return True
 
 
-@implementer(IWAL)
+@implementer(IWAL, IWALMetadata)
 class SimWAL:
     """The WAL of one process on a :class:`SimDisk`.
 
     Reads see every write issued (the page cache); a write's Deferred fires once a simulated
     fsync made it durable, group commits in the order issued. A dead session (the process crashed)
-    answers nothing.
+    answers nothing. Metadata (the storage identity) is written through the same queue, so it is
+    ordered and made durable like the log, lost with the unsynced writes in a crash and gone with
+    a wipe, as the ``bdb`` and ``memory`` WALs keep it.
     """
 
     durability = "sync"
@@ -199,6 +202,12 @@ class SimWAL:
     def last_index_and_term(self, partition: int) -> Any:
         return self.visible.last_index_and_term(partition)
 
+    def read_metadata(self, key: str) -> Any:
+        return self.visible.read_metadata(key)
+
+    def write_metadata(self, key: str, value: bytes) -> defer.Deferred[None]:
+        return self._queue(("meta", key, value))
+
     # writes
 
     def write(self, batch: Sequence[WalWrite]) -> defer.Deferred[None]:
@@ -231,6 +240,8 @@ class SimWAL:
             return wal.write(op)
         if op[0] == "truncate":
             return wal.truncate_suffix(op[1], op[2])
+        if op[0] == "meta":
+            return wal.write_metadata(op[1], op[2])
         return wal.compact(op[1], op[2])
 
     def _schedule(self) -> None:

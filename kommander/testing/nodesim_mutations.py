@@ -58,9 +58,12 @@ def deferred_recursion() -> Any:
     return patched(PartitionRuntime, "_drain_apply", make)
 
 
-def stale_progress_after_wipe() -> Any:
-    """The leader ignores every rejection at or below the match index it remembers, so a follower
-    that lost its storage is never repaired."""
+@contextlib.contextmanager
+def stale_progress_after_wipe() -> Iterator[None]:
+    """The leader ignores every rejection at or below the match index it remembers, and takes a
+    follower's new storage id for the old one (its progress is never restarted), so a follower
+    that lost its storage is never repaired. (Without the second half, heartbeat replies carrying
+    the new id restart the progress and repair the follower anyway.)"""
 
     def make(original: Any) -> Any:
         def handle(self: RaftNode, m: Any) -> None:
@@ -72,7 +75,18 @@ def stale_progress_after_wipe() -> Any:
 
         return handle
 
-    return patched(RaftNode, "_handle_append_response", make)
+    def make_note(original: Any) -> Any:
+        def note(self: RaftNode, peer: str, pr: Any, storage_id: int, catching_up: bool) -> None:
+            if storage_id and pr.storage_id and storage_id != pr.storage_id:
+                pr.storage_id = storage_id  # the new disk, taken for the old one
+                pr.catching_up = catching_up
+                return
+            original(self, peer, pr, storage_id, catching_up)
+
+        return note
+
+    with patched(RaftNode, "_handle_append_response", make), patched(RaftNode, "_note_storage", make_note):
+        yield
 
 
 def swallow_sm_errors() -> Any:
@@ -195,6 +209,25 @@ def heartbeat_commit_past_match() -> Any:
     return patched(RaftNode, "_bcast_heartbeat", make_bcast)
 
 
+def follower_read_before_apply() -> Any:
+    """A follower serves a read as soon as its leader answers with the read index, without
+    waiting to apply up to it: it may miss writes acknowledged before the read began."""
+
+    def make(original: Any) -> Any:
+        def read_confirmed(self: PartitionRuntime, context: int, index: int) -> None:
+            from kommander.core.types import Role
+
+            if self.core.role is not Role.LEADER and self.applied < index and context in self.reads:
+                d = self.reads.pop(context)[0]
+                d.callback(index)
+                return
+            original(self, context, index)
+
+        return read_confirmed
+
+    return patched(PartitionRuntime, "read_confirmed", make)
+
+
 #: name -> mutation
 MUTATIONS: dict[str, Callable[[], Any]] = {
     "deferred_recursion": deferred_recursion,
@@ -205,6 +238,7 @@ MUTATIONS: dict[str, Callable[[], Any]] = {
     "figure8_commit_old_term": figure8_commit_old_term,
     "readindex_before_noop": readindex_before_noop,
     "heartbeat_commit_past_match": heartbeat_commit_past_match,
+    "follower_read_before_apply": follower_read_before_apply,
 }
 
 #: name -> the profile that exercises it
@@ -217,6 +251,7 @@ MUTATION_PROFILES = {
     "figure8_commit_old_term": "base",
     "readindex_before_noop": "base",
     "heartbeat_commit_past_match": "base",
+    "follower_read_before_apply": "base",
 }
 
 __all__ = ["MUTATIONS", "MUTATION_PROFILES", "ProgressState"]

@@ -1,6 +1,7 @@
 """The clients of a node simulation: writes through ``replicate_logs`` (auto-commit, and two-phase
 tickets that are committed, rolled back or abandoned), compare-and-set, linearizable reads,
-checkpoints and leadership transfers. Every call is recorded in a per-partition history of
+checkpoints and leadership transfers. Half the reads go to any running node, so followers
+serve linearizable reads with their leader's read index (kommander.core.follower_read). Every call is recorded in a per-partition history of
 :class:`~kommander.testing.linearizability.Operation` (ok, failed or unknown), and every Deferred
 handed out is tracked until it fires. Mixed into :class:`kommander.testing.nodesim.NodeSimulation`.
 """
@@ -85,6 +86,9 @@ class Workload:
         elif roll < 0.58:
             self._cas(node, partition)
         elif roll < 0.80:
+            if self.rng.random() < 0.5:
+                # A follower read: ask any running node, which asks its leader for the index.
+                node = self.rng.choice([n for n in self.nodes.values() if n.up])
             self._get(node, partition)
         elif roll < 0.92:
             self._ticket(node, partition, big=cfg.has("fired") and self.rng.random() < 0.1)
@@ -149,6 +153,7 @@ class Workload:
         key = key or self._key(partition)
         invoked, process = self.clock.seconds(), self._process()
         sm, manager = node.sm, node.manager
+        follower = not node.leads(partition)
         d = manager.read_index(partition)
 
         def read(index: int) -> None:
@@ -156,6 +161,9 @@ class Workload:
             raw = value.encode() if value is not None else None
             self._record(partition, Operation(process, key, "get", None, None, invoked, self.clock.seconds(), Outcome.OK, raw, node.id))
             self.stats["reads"] += 1
+            if not follower or node.leads(partition):
+                return
+            self.stats["follower_reads"] += 1
 
         def failed(failure: Failure) -> None:
             self.stats["reads_failed"] += 1

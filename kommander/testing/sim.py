@@ -53,6 +53,7 @@ from kommander.core.types import (
 )
 
 from kommander.testing.sim_checks import Checks
+from kommander.testing.sim_reconfig import Reconfigure
 from kommander.testing.sim_model import (  # noqa: F401 - re-exported: users import them from here
     TICK,
     SimConfig,
@@ -64,7 +65,7 @@ from kommander.testing.sim_model import (  # noqa: F401 - re-exported: users imp
 )
 
 
-class Simulation(Checks):
+class Simulation(Reconfigure, Checks):
     """One seeded run. :meth:`run` returns a :class:`SimResult`; it never raises for violations."""
 
     def __init__(
@@ -79,7 +80,9 @@ class Simulation(Checks):
         self.rng = random.Random(seed)
         self.transfer_rng = random.Random(f"transfer/{seed}")
         self.make_sm = state_machine_factory
-        self.ids = tuple(f"n{i}" for i in range(1, self.config.nodes + 1))
+        self.voters0 = tuple(f"n{i}" for i in range(1, self.config.nodes + 1))
+        self.ids = self.voters0 + tuple(f"n{self.config.nodes + i}" for i in range(1, self.config.spares + 1))
+        self.reconfig_rng = random.Random(f"reconfig/{seed}")
         self.quorum = len(self.ids) // 2 + 1
         self.nodes = {i: SimNode(i) for i in self.ids}
         self.now = 0
@@ -165,9 +168,11 @@ class Simulation(Checks):
     def _start(self, node_id: str) -> None:
         node = self.nodes[node_id]
         cfg = self.config
+        voters, learners = self.start_membership(node_id)
         core_config = CoreConfig(
             node_id,
-            self.ids,
+            voters,
+            learners=learners,
             election_tick=cfg.election_tick,
             election_tick_max=cfg.election_tick_max,
             max_msg_entries=cfg.max_msg_entries,
@@ -264,8 +269,9 @@ class Simulation(Checks):
         for ready in batch:
             if type(ready) is _Compaction:
                 if ready.meta.index > node.snapshot.index:
-                    node.compact(ready.meta, ready.state)
                     node.core.compact(ready.meta)
+                    kept = node.core.log.snapshot  # the meta with the configuration at its index
+                    node.compact(kept if kept == ready.meta else ready.meta, ready.state)
                     self._log(f"compact {node.id} at {ready.meta.index}")
                 continue
             # One write on disk, but checked Ready by Ready: each one's promises must hold once
@@ -432,6 +438,8 @@ class Simulation(Checks):
         self._schedule(self.rng.randint(10, 50), "chaos")
         if self.config.transfer_rate and self.transfer_rng.random() < self.config.transfer_rate:
             self._transfer()
+        if self.config.reconfig_rate and self.reconfig_rng.random() < self.config.reconfig_rate:
+            self._reconfigure()
         rng = self.rng
         roll = rng.random()
         down = [n for n in self.nodes.values() if not n.alive]
@@ -476,7 +484,10 @@ class Simulation(Checks):
             return
         node = rng.choice(leaders)
         target = rng.choice([i for i in self.ids if i != node.id])
-        node.core.transfer_leadership(target)
+        try:
+            node.core.transfer_leadership(target)
+        except ValueError:
+            return  # not a voter of the current configuration
         self._log(f"transfer {node.id} -> {target}")
         self._process(node)
 
@@ -505,11 +516,11 @@ def run_seed(seed: int, nodes: int, steps: int) -> SimResult:
     return Simulation(seed, SimConfig(nodes=nodes, steps=steps)).run()
 
 
-def _run_range(args: tuple[int, int, int, int]) -> list[tuple[int, int, str | None]]:
-    start, stop, nodes, steps = args
+def _run_range(args: tuple[int, int, int, int, dict]) -> list[tuple[int, int, str | None]]:
+    start, stop, nodes, steps, extra = args
     out = []
     for seed in range(start, stop):
-        result = Simulation(seed, SimConfig(nodes=nodes, steps=steps), trace_limit=0).run()
+        result = Simulation(seed, SimConfig(nodes=nodes, steps=steps, **extra), trace_limit=0).run()
         out.append((seed, result.steps_run if hasattr(result, "steps_run") else steps, str(result.violation) if result.violation else None))
     return out
 
@@ -530,10 +541,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000, help="steps with faults per seed")
     parser.add_argument("--trace", action="store_true", help="print the whole trace of --seed")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument("--reconfig-rate", type=float, default=0.0, help="chance of a membership change per chaos event")
+    parser.add_argument("--spares", type=int, default=0, help="nodes outside the first configuration")
     args = parser.parse_args(argv)
+    extra = {"reconfig_rate": args.reconfig_rate, "spares": args.spares}
 
     if args.seed is not None:
-        sim = Simulation(args.seed, SimConfig(nodes=args.nodes, steps=args.steps), trace_limit=None if args.trace else 60)
+        sim = Simulation(
+            args.seed, SimConfig(nodes=args.nodes, steps=args.steps, **extra), trace_limit=None if args.trace else 60
+        )
         result = sim.run()
         for line in result.trace:
             print(line)
@@ -549,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     chunks = []
     step = max(1, min(250, args.seeds // max(1, args.jobs * 4)))
     for start in range(args.first, args.first + args.seeds, step):
-        chunks.append((start, min(start + step, args.first + args.seeds), args.nodes, args.steps))
+        chunks.append((start, min(start + step, args.first + args.seeds), args.nodes, args.steps, extra))
     failures: list[tuple[int, str]] = []
     done = 0
     if args.jobs > 1:
@@ -570,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed, violation in sorted(failures):
         print(f"  seed {seed}: {violation}")
         print(f"    replay: python -m kommander.testing.sim --seed {seed} --nodes {args.nodes} "
-              f"--steps {args.steps} --trace")
+              f"--steps {args.steps} --reconfig-rate {args.reconfig_rate} --spares {args.spares} --trace")
     return 1 if failures else 0
 
 

@@ -6,8 +6,11 @@ declared here (the simulation assigns them), so this module never imports the on
 
 from __future__ import annotations
 
+from typing import Any
+
 from kommander.core.types import AppendEntriesResponse, EntryKind, Message, Ready, Role, VoteRequest, VoteResponse
 from kommander.testing.sim_model import TICK, SimConfig, SimNode, Violation
+from kommander.testing.sim_reconfig import quorum_of
 
 
 class Checks:
@@ -31,6 +34,12 @@ class Checks:
     result_stats: dict[str, int]
 
     def _log(self, text: str) -> None:  # defined by Simulation
+        raise NotImplementedError
+
+    def membership_of(self, node: SimNode) -> Any:  # defined by Reconfigure
+        raise NotImplementedError
+
+    def _check_config_entries(self, node: SimNode, ready: Ready) -> None:  # defined by Reconfigure
         raise NotImplementedError
 
     def _check_fingerprint(self, node: SimNode, index: int) -> None:
@@ -61,6 +70,7 @@ class Checks:
                         f"{node.id} leads term {term} without committed entry {index}",
                     )
         if ready.entries:
+            self._check_config_entries(node, ready)
             log = core.log
             for entry in ready.entries:
                 prev = log.term_or_zero(entry.index - 1)
@@ -105,11 +115,14 @@ class Checks:
                     )
             if core.role is Role.LEADER:
                 term = log.term(commit)
-                holders = sum(1 for n in self.nodes.values() if n.holds(commit, term))
-                if holders < self.quorum:
+                holders = {n.id for n in self.nodes.values() if n.holds(commit, term)}
+                # A majority of every voter set of the configuration it counts with (both while
+                # joint), as the latest configuration in its log says.
+                if not quorum_of(core.membership, holders):
                     raise Violation(
                         "commit-durability",
-                        f"{node.id} committed {commit} held durably by only {holders} nodes",
+                        f"{node.id} committed {commit} held durably by only {sorted(holders)} "
+                        f"under {core.membership!r}",
                     )
                 self._check_commit_electable(node, commit, term)
             if commit > self.commit_max:
@@ -130,13 +143,16 @@ class Checks:
                 candidate.alive and candidate.core.log.term_or_zero(index) == term
             ):
                 continue
+            m = self.membership_of(candidate)
+            if candidate.id not in m.voters and candidate.id not in m.outgoing:
+                continue  # cannot campaign
             claim = self._most_up_to_date(candidate)
-            voters = sum(1 for floor in floors.values() if floor <= claim)
-            if voters >= self.quorum:
+            voters = {i for i, floor in floors.items() if floor <= claim}
+            if quorum_of(m, voters):
                 raise Violation(
                     "commit-safety",
                     f"{leader.id} committed ({index}, {term}) but {candidate.id}, lacking it, "
-                    f"is as up to date as {voters} logs",
+                    f"is as up to date as {sorted(voters)} under {m!r}",
                 )
 
     @staticmethod

@@ -71,6 +71,11 @@ class SimConfig:
     #: Chance that a chaos event also asks a leader to hand leadership to a random peer. Drawn
     #: from a generator of its own, so 0 leaves every other random choice of a seed unchanged.
     transfer_rate: float = 0.0
+    #: Chance that a chaos event also asks a leader to change the configuration (add a learner,
+    #: promote, remove or replace a voter); its own generator, like ``transfer_rate``.
+    reconfig_rate: float = 0.0
+    #: Nodes beyond ``nodes`` that start outside the configuration, for changes to add.
+    spares: int = 0
 
 
 @dataclass

@@ -39,7 +39,10 @@ from kommander.core.types import (
     Heartbeat,
     HeartbeatResponse,
     InstallSnapshot,
+    Membership,
     Message,
+    ReadIndexRequest,
+    ReadIndexResponse,
     SnapshotChunk,
     SnapshotChunkAck,
     SnapshotMeta,
@@ -98,6 +101,8 @@ class TypeCode(enum.IntEnum):
     INSTALL_SNAPSHOT = 8
     SNAPSHOT_CHUNK = 9
     SNAPSHOT_CHUNK_ACK = 10
+    READ_INDEX_REQUEST = 11
+    READ_INDEX_RESPONSE = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,12 +161,18 @@ _SCHEMA: dict[type, tuple[TypeCode, tuple[tuple[str, str], ...]]] = {
         TypeCode.SNAPSHOT_CHUNK_ACK,
         (("meta", _META), ("offset", _N), ("success", _B)),
     ),
+    ReadIndexRequest: (TypeCode.READ_INDEX_REQUEST, (("request_id", _N),)),
+    ReadIndexResponse: (
+        TypeCode.READ_INDEX_RESPONSE,
+        (("request_id", _N), ("index", _N), ("success", _B)),
+    ),
 }
 #: Fields added later, after the original ones: a frame may end before them (the dataclass
 #: defaults apply), so frames of peers that predate them still decode. They are sent only when
 #: one of them differs from its default.
 _OPTIONAL: dict[type, tuple[tuple[str, str], ...]] = {
     VoteRequest: (("pristine", _B),),
+    VoteResponse: (("catching_up", _B),),
     AppendEntriesResponse: (("storage_id", _U), ("catching_up", _B)),
     HeartbeatResponse: (("storage_id", _U), ("catching_up", _B)),
 }
@@ -326,16 +337,36 @@ def _entries_in(raw: Any) -> tuple[Entry, ...]:
     return tuple(out)
 
 
+#: Node ids in one snapshot configuration (voters, learners, outgoing together) at most.
+MAX_MEMBERS = 1024
+
+
 def _meta_in(raw: Any, remote: bool) -> SnapshotMeta:
-    if type(raw) is not list or len(raw) != 2:
-        raise _fail(f"meta: expected an array of 2, got {_show(raw)}", remote)
-    return SnapshotMeta(_n63(raw[0], "meta.index", remote), _n63(raw[1], "meta.term", remote))
+    # [index, term], or [index, term, voters, learners, outgoing] when the snapshot records its
+    # configuration (older senders never do).
+    if type(raw) is not list or len(raw) not in (2, 5):
+        raise _fail(f"meta: expected an array of 2 or 5, got {_show(raw)}", remote)
+    index, term = _n63(raw[0], "meta.index", remote), _n63(raw[1], "meta.term", remote)
+    if len(raw) == 2:
+        return SnapshotMeta(index, term)
+    sets = []
+    for value, what in zip(raw[2:], ("voters", "learners", "outgoing")):
+        if type(value) is not list or len(value) > MAX_MEMBERS:
+            raise _fail(f"meta.{what}: expected an array of at most {MAX_MEMBERS} node ids, got {_show(value)}", remote)
+        sets.append(frozenset(_text(v, f"meta.{what}", 1, MAX_NODE_ID_CHARS, remote) for v in value))
+    if not sets[0] or sets[0] & sets[1]:
+        raise _fail(f"meta: not a configuration (voters {sorted(sets[0])}, learners {sorted(sets[1])})", remote)
+    return SnapshotMeta(index, term, Membership(*sets))
 
 
-def _meta_out(meta: Any) -> list[int]:
+def _meta_out(meta: Any) -> list[Any]:
     if type(meta) is not SnapshotMeta:
         raise _fail(f"meta: expected SnapshotMeta, got {_show(meta)}", False)
-    return [_n63(meta.index, "meta.index", False), _n63(meta.term, "meta.term", False)]
+    out: list[Any] = [_n63(meta.index, "meta.index", False), _n63(meta.term, "meta.term", False)]
+    m = meta.membership
+    if m is not None:
+        out.extend(sorted(group) for group in (m.voters, m.learners, m.outgoing))
+    return out
 
 
 # --------------------------------------------------------------------------- messages

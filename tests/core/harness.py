@@ -155,6 +155,10 @@ class Network:
         #: Every message a filter dropped.
         self.dropped: list[Message] = []
         self._starts = 0
+        #: The voters every node of ``nodes`` starts with; nodes added by :meth:`add` start as
+        #: learners of the voters given there.
+        self.initial = self.ids
+        self.joining: dict[str, tuple[str, ...]] = {}
         logs = logs or {}
         terms = terms or {}
         votes = votes or {}
@@ -167,8 +171,12 @@ class Network:
     def _make_core(self, node_id: str, disk: Disk) -> RaftNode:
         self._starts += 1
         rng = random.Random(f"{self.seed}/{node_id}/{self._starts}")
+        if node_id in self.joining:
+            config = CoreConfig(node_id, self.joining[node_id], learners=(node_id,), **self.config)  # type: ignore[arg-type]
+        else:
+            config = CoreConfig(node_id, self.initial, **self.config)  # type: ignore[arg-type]
         return RaftNode(
-            CoreConfig(node_id, self.ids, **self.config),  # type: ignore[arg-type]
+            config,
             rng,
             disk.hard,
             disk.snapshot if disk.snapshot.index else None,
@@ -397,12 +405,23 @@ class Network:
         self.filters.clear()
         self.rewriters.clear()
 
+    def add(self, node_id: str, voters: Sequence[str] | None = None) -> RaftNode:
+        """Start a new, empty node ``node_id`` that joins the partition: a learner of ``voters``
+        (default: the initial voters) until its log or snapshot gives it the configuration."""
+        assert node_id not in self.nodes, node_id
+        self.joining[node_id] = tuple(voters if voters is not None else self.initial)
+        self.ids = self.ids + (node_id,)
+        disk = Disk()
+        self.nodes[node_id] = Node(node_id, self._make_core(node_id, disk), disk)
+        return self.nodes[node_id].core
+
     def compact(self, node_id: str, index: int) -> SnapshotMeta:
         """Snapshot ``node_id``'s state machine at ``index`` (applied already) and compact its log
         and disk up to it, as a runtime does after a checkpoint."""
         node = self.nodes[node_id]
         meta = SnapshotMeta(index, node.core.log.term(index))
         node.core.compact(meta)
+        meta = node.core.log.snapshot  # with the configuration at its index
         disk = node.disk
         del disk.entries[: index - disk.snapshot.index]
         disk.snapshot = meta

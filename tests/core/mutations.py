@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from kommander.core.log import RaftLog
+from kommander.core.membership import majority_index, vote_outcome
 from kommander.core.progress import quorum_index
 from kommander.core.raft import RaftNode
 from kommander.core.errors import NotLeader
@@ -164,6 +165,32 @@ def heartbeat_commit_past_match():
 
 
 #: name -> (mutation, violation kind the simulator must report)
+def commit_by_new_config_only():
+    """(j) While joint, the leader counts commit by a majority of the new voters only."""
+
+    def make(original):
+        def commit_index(self):
+            acked = {peer: 0 if pr.catching_up else pr.match for peer, pr in self.progress.items()}
+            acked[self.id] = self.log.stable
+            return majority_index(self.membership.voters, acked)
+
+        return commit_index
+
+    return patched(RaftNode, "_commit_index_general", make)
+
+
+def vote_by_new_config_only():
+    """(k) While joint, a candidate wins with a majority of the new voters only."""
+
+    def make(original):
+        def tally(self):
+            return vote_outcome(self.membership.voters, self.votes)
+
+        return tally
+
+    return patched(RaftNode, "_tally_general", make)
+
+
 MUTATIONS = {
     "vote_before_persist": (vote_before_persist, "persistence"),
     "ack_before_persist": (ack_before_persist, "persistence"),
@@ -174,4 +201,10 @@ MUTATIONS = {
     "commit_old_term_by_counting": (commit_old_term_by_counting, "commit-safety"),
     "read_before_noop_commits": (read_before_noop_commits, "linearizability"),
     "heartbeat_commit_past_match": (heartbeat_commit_past_match, "state-machine-safety"),
+    "commit_by_new_config_only": (commit_by_new_config_only, "commit-durability"),
+    "vote_by_new_config_only": (vote_by_new_config_only, None),
 }
+
+#: Mutations only configuration changes can expose: run with these SimConfig overrides.
+RECONFIG_MUTATIONS = {"commit_by_new_config_only", "vote_by_new_config_only"}
+RECONFIG = {"spares": 2, "reconfig_rate": 0.5}

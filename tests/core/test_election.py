@@ -13,6 +13,7 @@ from kommander.core.types import (
     EntryKind,
     HardState,
     Heartbeat,
+    HeartbeatResponse,
     Role,
     VoteRequest,
     VoteResponse,
@@ -253,11 +254,22 @@ def test_stale_term_messages_are_ignored():
 
 
 def test_messages_from_strangers_are_ignored():
-    """Messages from non-members or for another node never change the state."""
+    """Votes (from a log behind ours) and replies from non-members, and messages for another
+    node, never change the state."""
+    core = lone("n2", log=[1, 2])
+    core.step(VoteRequest(9, "x9", "n2", 1, 1))
+    core.step(VoteRequest(9, "x9", "n2", 1, 1, pre_vote=True))
+    core.step(VoteResponse(9, "x9", "n2", True))
+    core.step(HeartbeatResponse(9, "x9", "n2"))
+    core.step(AppendEntries(9, "n1", "n3", 0, 0, (), 0))
+    assert core.term == 2 and not core.has_ready()
+
+
+def test_leader_outside_our_configuration_is_followed():
+    """A leader's message from a node our (lagging) configuration does not list is accepted (thesis 4.1)."""
     core = lone("n2")
     core.step(AppendEntries(9, "x9", "n2", 0, 0, (), 0))
-    core.step(AppendEntries(9, "n1", "n3", 0, 0, (), 0))
-    assert core.term == 0 and not core.has_ready()
+    assert (core.term, core.leader) == (9, "x9")
 
 
 # ---------------------------------------------------------------------- PreVote

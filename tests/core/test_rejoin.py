@@ -83,9 +83,10 @@ def test_progress_restart_forgets_match() -> None:
     assert pr.maybe_decrease(12, 0) is True and pr.next == 1
 
 
-def test_catching_up_node_neither_votes_nor_campaigns() -> None:
-    """A node on new storage in a cluster with a history refuses PreVote and Vote, and its
-    election timeout starts no campaign."""
+def test_catching_up_node_grants_only_towards_unanimity() -> None:
+    """A node on new storage in a cluster with a history marks its grants ``catching_up`` (they
+    count only when every voter grants), and it cannot win with the one live member, whose log is
+    longer, refusing."""
     net = RejoinNetwork(3)
     net.elect("n1")
     net.propose("n1", b"a")
@@ -97,12 +98,12 @@ def test_catching_up_node_neither_votes_nor_campaigns() -> None:
     core.step(VoteRequest(2, "n2", "n3", 2, 1))
     ready = core.ready()
     votes = [m for m in ready.messages + ready.persisted_messages if isinstance(m, VoteResponse)]
-    assert len(votes) == 2 and not any(v.granted for v in votes)
-    assert core.vote is None
+    assert len(votes) == 2 and all(v.granted and v.catching_up for v in votes)
+    assert core.vote == "n2"
     for _ in range(100):
-        core.tick()
-    assert core.role is Role.FOLLOWER
-    assert not any(isinstance(m, VoteRequest) for m in core.ready().persisted_messages)
+        net.tick("n2", "n3")
+    assert net.leaders() == []
+    assert core.standing is Standing.CATCHING_UP
 
 
 def test_amnesia_cannot_elect_a_leader_missing_a_committed_entry() -> None:
@@ -229,3 +230,109 @@ def test_rejoined_node_catches_up_through_snapshot_or_log(compacted: bool) -> No
         # The test network installs the snapshot through the core only; the runtime streams it.
     assert core.log.committed == net["n1"].log.committed
     assert core.standing is Standing.MEMBER
+
+
+def _fresh_members(net: RejoinNetwork) -> None:
+    """Every node of a fresh cluster announces that it is pristine to every other: all decide."""
+    for src in net.ids:
+        for dst in net.ids:
+            if src != dst:
+                net[dst].step(VoteRequest(1, src, dst, 0, 0, pre_vote=True, pristine=True))
+    assert all(net[i].standing is Standing.MEMBER for i in net.ids)
+    for i in net.ids:
+        net[i].ready()
+
+
+def test_wiped_node_and_a_node_without_history_are_no_fresh_cluster() -> None:
+    """Node simulator, wipe seeds 42 and 57: n3 is cut off from the first start on (a member,
+    term 0, empty log), n1 and n2 commit x, n2 loses its disk. n3's announcements are pristine
+    and so are n2's: with a majority rule they made a "fresh cluster" of two and elected n3,
+    without x, in the term n1 had led. Only every voter's announcement proves a fresh cluster."""
+    net = RejoinNetwork(3, rejoining=True)
+    _fresh_members(net)
+    net.isolate("n3")
+    net.elect("n1")
+    net.propose("n1", b"x")
+    net.heartbeat("n1")
+    assert net["n1"].log.committed == 2 and net["n3"].log.last_index() == 0
+    net.wipe("n2")
+    net.heal()
+    net.isolate("n1")
+    for _ in range(300):
+        net.tick("n2", "n3")
+    assert [i for i in net.leaders() if i != "n1"] == []
+    assert net["n2"].standing is not Standing.MEMBER
+    net.heal()
+    for _ in range(300):
+        net.tick()
+        if net.leader() is not None and net["n2"].standing is Standing.MEMBER:
+            break
+    leader = net.leader()
+    assert leader == "n1"
+    assert net[leader].log.slice(2, 3)[0].data == b"x"
+
+
+def test_fresh_cluster_waits_for_every_voter() -> None:
+    """A fresh cluster's first election needs every voter's pristine announcement: with one
+    voter silent nobody decides (it could be the only holder of a history); once it speaks, a
+    leader is elected."""
+    net = RejoinNetwork(3, rejoining=True)
+    net.isolate("n3")
+    for _ in range(200):
+        net.tick()
+    assert net.leaders() == []
+    assert all(net[i].standing is Standing.UNDECIDED for i in net.ids)
+    net.heal()
+    for _ in range(200):
+        net.tick()
+        if net.leader() is not None:
+            break
+    assert net.leader() is not None
+
+
+def test_members_too_few_for_a_quorum_elect_with_every_voter() -> None:
+    """Node simulator, wipe seed 76: n3's pristine announcement reached n1 and n2 but it heard
+    none before it was cut off (it catches up once it sees history); the first leader n1 reached
+    only n2, then n1 lost its disk. n2, the one member left, could never win a majority, and
+    nobody was left to catch up from: no leader for ever. Grants of nodes on new storage now
+    count when every voter grants, so n2 leads and the others catch up."""
+    net = RejoinNetwork(3, rejoining=True)
+    for src in net.ids:
+        for dst in ("n1", "n2"):
+            if src != dst:
+                net[dst].step(VoteRequest(1, src, dst, 0, 0, pre_vote=True, pristine=True))
+    assert net["n3"].standing is Standing.UNDECIDED
+    for i in net.ids:
+        net[i].ready()
+    net.isolate("n3")
+    net.elect("n1")
+    assert net["n2"].log.last_index() == 1
+    net.crash("n1")
+    net["n3"].step(VoteRequest(net["n2"].term + 1, "n2", "n3", 1, 1, pre_vote=True))
+    net.wipe("n1")
+    net["n1"].step(VoteRequest(net["n2"].term + 1, "n2", "n1", 1, 1, pre_vote=True))
+    assert net["n1"].standing is net["n3"].standing is Standing.CATCHING_UP
+    net.heal()
+    for _ in range(300):
+        net.tick()
+        if net.leader() is not None and all(net[i].standing is Standing.MEMBER for i in net.ids):
+            break
+    assert net.leader() == "n2"
+    net.propose("n2", b"y")
+    net.heartbeat("n2")
+    assert all(net[i].log.committed == net["n2"].log.last_index() for i in net.ids)
+    assert all(net[i].standing is Standing.MEMBER for i in net.ids)
+
+
+def test_unanimity_needs_every_voter() -> None:
+    """Grants marked catching_up win nothing while one voter has not granted."""
+    core = RaftNode(CoreConfig("n1", ("n1", "n2", "n3")), random.Random(0), storage_id=1)
+    core.campaign()
+    core.step(VoteResponse(1, "n2", "n1", True, True, catching_up=True))
+    assert core.role is Role.PRE_CANDIDATE
+    core.step(VoteResponse(1, "n3", "n1", True, True, catching_up=True))
+    assert core.role is Role.CANDIDATE
+    core.step(VoteResponse(1, "n2", "n1", True, False, catching_up=True))
+    assert core.role is Role.CANDIDATE
+    core.step(VoteResponse(1, "n3", "n1", False, False))
+    assert core.role is Role.CANDIDATE

@@ -13,7 +13,7 @@ import pytest
 
 from kommander.testing.sim import SimConfig, Simulation
 
-from .mutations import MUTATIONS
+from .mutations import MUTATIONS, RECONFIG, RECONFIG_MUTATIONS
 from .simrun import run_seeds
 
 SEEDS = 500
@@ -151,6 +151,68 @@ def test_simulator_catches_mutation(name):
             if result.violation is not None:
                 assert result.violation.kind == kind, (seed, str(result.violation))
                 caught.append(seed)
+                if len(caught) == wanted:
+                    break
+    assert len(caught) == wanted, f"{name}: caught on {caught} of {seeds}"
+
+
+@pytest.mark.parametrize(
+    "nodes, overrides",
+    [
+        (3, {}),
+        (5, {}),
+        (3, {"transfer_rate": 0.3}),
+        (5, {"check_quorum": False}),
+    ],
+    ids=["reconfig-3", "reconfig-5", "reconfig-transfers-3", "reconfig-no-checkquorum-5"],
+)
+def test_seeds_without_violation_with_membership_changes(nodes, overrides):
+    """Learners added, promoted, voters removed and replaced, mixed with every fault: no violation
+    (one leader per term across configurations, committed entries survive every change, each
+    configuration's majorities meet the previous one's)."""
+    rows = run_many(nodes, seeds=100, **RECONFIG, **overrides)
+    assert [(seed, v) for seed, _, v, *_ in rows if v] == []
+    assert min(commits for *_, commits, _, _ in rows) > 0
+
+
+def test_membership_changes_happen_in_the_simulation():
+    """The reconfiguration chaos does change configurations, and runs still commit after them."""
+    sim = Simulation(1, SimConfig(nodes=3, **RECONFIG), trace_limit=None)
+    result = sim.run()
+    assert result.violation is None
+    assert sim.result_stats.get("changes", 0) >= 3
+    assert any("reconfig" in line for line in result.trace)
+
+
+#: mutation -> (SimConfig overrides, seeds, violations wanted, kinds that count, kinds allowed)
+RECONFIG_MUTATION_RUNS = {
+    "commit_by_new_config_only": (
+        RECONFIG, range(0, 60), 2, {"commit-durability", "commit-safety"}, {"commit-durability", "commit-safety"}
+    ),
+    "vote_by_new_config_only": (
+        {"spares": 2, "reconfig_rate": 0.9, "pre_vote": False},
+        range(0, 60),
+        2,
+        {"election-safety"},
+        {"election-safety", "liveness"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECONFIG_MUTATION_RUNS))
+def test_simulator_catches_membership_mutation(name):
+    """A joint-consensus rule broken on purpose (new majority only) is caught under reconfiguration."""
+    assert name in RECONFIG_MUTATIONS
+    mutation, _ = MUTATIONS[name]
+    overrides, seeds, wanted, counted, allowed = RECONFIG_MUTATION_RUNS[name]
+    caught = []
+    with mutation():
+        for seed in seeds:
+            result = Simulation(seed, SimConfig(nodes=3, **overrides), trace_limit=0).run()
+            if result.violation is not None:
+                assert result.violation.kind in allowed, (seed, str(result.violation))
+                if result.violation.kind in counted:
+                    caught.append(seed)
                 if len(caught) == wanted:
                     break
     assert len(caught) == wanted, f"{name}: caught on {caught} of {seeds}"

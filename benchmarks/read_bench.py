@@ -1,0 +1,221 @@
+"""Linearizable read throughput: the library API and the KV HTTP API, leader alone and followers.
+
+Usage::
+
+    .venv/bin/python benchmarks/read_bench.py [--seconds 4] [--skip library] [--skip http]
+
+1. *Library API* (one process, Twisted's reactor, memory transport with the wire codec, memory
+   WAL): ``read_index`` with ``--inflight`` reads in flight (closed loop) on a 1-node cluster,
+   then on a 3-node cluster on its leader alone, then spread over all three nodes (the
+   followers asking the leader for the read index).
+2. *HTTP API* (real processes: ``benchmarks/bench_node.py`` x 3, TCP transport, Berkeley DB WAL,
+   one partition): the keys are written first, then ``GET /v1/kv/{key}`` (linearizable, the
+   default) over ``--connections`` persistent connections from ``benchmarks/http_load.py``
+   against the leader alone, then the same number of connections against each of the three
+   nodes at once (the followers serve their share without redirecting).
+
+Every process is on 127.0.0.1 and stopped by PID at the end. One line per figure::
+
+    reads library nodes=1 inflight=1000: 123,456 reads/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+
+# --------------------------------------------------------------------------- library API
+def library(nodes: int, inflight: int, seconds: float, spread: bool) -> float:
+    """Reads per second through ``RaftManager.read_index`` on a fresh in-process cluster."""
+    from twisted.internet import reactor
+
+    from kommander.config import RaftConfiguration
+    from kommander.hookspecs import PluginContext
+    from kommander.kv.machine import KVStateMachine
+    from kommander.plugins.memory_transport import MemoryNetwork, MemoryTransport
+    from kommander.plugins.memory_wal import MemoryWAL
+    from kommander.plugins.static import StaticDiscovery
+    from kommander.runtime.manager import RaftManager
+
+    ids = [f"n{i + 1}" for i in range(nodes)]
+    network = MemoryNetwork(reactor, codec=True)
+    managers = []
+    for n, node in enumerate(ids):
+        cfg = RaftConfiguration(node_id=node, max_partitions=1, max_pending_reads=max(4096, 2 * inflight))
+        managers.append(
+            RaftManager(
+                cfg,
+                discovery=StaticDiscovery({i: "memory" for i in ids}),
+                wal=MemoryWAL(),
+                transport=MemoryTransport(network, node),
+                state_machine=KVStateMachine(PluginContext(reactor, cfg)),
+                reactor=reactor,
+                rng=random.Random(n),
+            )
+        )
+    for m in managers:
+        m.join_cluster()
+    state = {"done": 0, "failed": 0, "start": 0.0, "stop": 0.0, "phase": "elect"}
+
+    def leader():
+        return next((m for m in managers if m.am_i_leader(0)), None)
+
+    def one(m) -> None:
+        if state["phase"] != "run":
+            return
+        d = m.read_index(0)
+
+        def ok(_):
+            state["done"] += 1
+            one(m)
+
+        def bad(_):
+            state["failed"] += 1
+            reactor.callLater(0.001, one, m)
+
+        d.addCallbacks(ok, bad)
+
+    def check(deadline: float) -> None:
+        lead = leader()
+        ready = lead is not None and all(m.get_leader(0) == lead.node_id for m in managers)
+        if ready:
+            state["phase"] = "run"
+            targets = managers if spread else [lead]
+            state["start"] = time.perf_counter()
+            for i in range(inflight):
+                one(targets[i % len(targets)])
+            reactor.callLater(seconds, finish)
+        elif time.monotonic() > deadline:
+            state["phase"] = "no leader"
+            reactor.stop()
+        else:
+            reactor.callLater(0.05, check, deadline)
+
+    def finish() -> None:
+        state["stop"] = time.perf_counter()
+        state["phase"] = "done"
+        reactor.stop()
+
+    reactor.callLater(0.05, check, time.monotonic() + 20)
+    reactor.run()
+    if state["phase"] != "done":
+        raise RuntimeError(f"library run ended in phase {state['phase']}")
+    return state["done"] / (state["stop"] - state["start"])
+
+
+def run_library_child(nodes: int, inflight: int, seconds: float, spread: bool) -> float:
+    """Each run in its own process (a reactor runs once per process)."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--child-library", str(nodes), str(inflight), str(seconds), str(int(spread))],
+        capture_output=True, timeout=seconds + 60, cwd=REPO,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.decode()[-2000:])
+    return float(done.stdout.decode().split()[-1])
+
+
+# --------------------------------------------------------------------------- HTTP API
+def http_get_child(port: int, connections: int, seconds: float) -> None:
+    """``http_load.py`` with GETs of the keys it PUTs (bench-0 .. bench-4095)."""
+    import asyncio
+
+    import http_load
+
+    def build(host: str, port: int, size: int) -> list[bytes]:
+        return [
+            b"GET /v1/kv/bench-%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (i, host.encode(), port)
+            for i in range(http_load.KEY_SPACE)
+        ]
+
+    http_load.build_requests = build
+    args = argparse.Namespace(
+        host="127.0.0.1", port=port, connections=connections, seconds=seconds, ops=10**9, size=0, grace=15.0
+    )
+    print(json.dumps(asyncio.run(http_load.load(args))), flush=True)
+
+
+def start_get(port: int, connections: int, seconds: float) -> subprocess.Popen:
+    from bench_cluster import STARTED
+
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child-http", str(port), str(connections), str(seconds)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    STARTED.append(proc)
+    return proc
+
+
+def collect(proc: subprocess.Popen, seconds: float) -> dict:
+    out, err = proc.communicate(timeout=seconds + 90)
+    if proc.returncode != 0:
+        raise RuntimeError(err.decode()[-2000:])
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+def http(seconds: float, connections: int) -> list[str]:
+    from bench_cluster import Cluster, stop_everything
+    from cluster_bench import run_http_client
+
+    lines = []
+    workdir = Path(tempfile.mkdtemp(prefix="kommander-readbench-"))
+    cluster = Cluster(workdir, "reads", 1)
+    try:
+        cluster.start()
+        leader = cluster.wait_leaders()[0]
+        run_http_client(cluster.http[leader], 64, 2.0)  # writes every key (4,096 of them) at least once
+        cluster.wait_leaders(caught_up=True)
+        alone = collect(start_get(cluster.http[leader], connections, seconds), seconds)
+        codes = alone["codes"]
+        lines.append(
+            f"reads http leader-alone connections={connections}: {alone['ops_per_s']:,.0f} reads/s "
+            f"(p50 {alone.get('p50_ms', 0):.1f} ms, codes {codes})"
+        )
+        procs = {node: start_get(port, connections, seconds) for node, port in cluster.http.items()}
+        runs = {node: collect(p, seconds) for node, p in procs.items()}
+        total = sum(r["ops_per_s"] for r in runs.values())
+        per = ", ".join(f"{n}{'*' if n == leader else ''} {r['ops_per_s']:,.0f} {r['codes']}" for n, r in runs.items())
+        lines.append(f"reads http all-3-nodes connections={connections}x3: {total:,.0f} reads/s ({per}; * leader)")
+        lines.append(f"reads http ratio all-3-nodes/leader-alone: {total / max(1.0, alone['ops_per_s']):.2f}x")
+    finally:
+        cluster.stop()
+        stop_everything()
+    return lines
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-library":
+        nodes, inflight, seconds, spread = sys.argv[2:6]
+        print(library(int(nodes), int(inflight), float(seconds), spread == "1"))
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-http":
+        http_get_child(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--inflight", type=int, default=1000, help="library reads in flight")
+    parser.add_argument("--connections", type=int, default=256, help="HTTP connections per node")
+    parser.add_argument("--skip", action="append", default=[], choices=["library", "http"])
+    args = parser.parse_args()
+    if "library" not in args.skip:
+        for nodes, spread, label in ((1, False, "nodes=1"), (3, False, "nodes=3 leader"), (3, True, "nodes=3 all")):
+            rate = run_library_child(nodes, args.inflight, args.seconds, spread)
+            print(f"reads library {label} inflight={args.inflight}: {rate:,.0f} reads/s", flush=True)
+    if "http" not in args.skip:
+        for line in http(args.seconds, args.connections):
+            print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""``twistd kommander --join``: option checks, the empty-directory rule, reading the member's answer."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.python import usage
+
+from kommander.entry import join, tap
+from kommander.runtime.members import MemberRole, RecordError
+
+BASE = [
+    "--node-id", "n4",
+    "--listen", "tcp:7004:interface=127.0.0.1",
+    "--http", "tcp:8004:interface=127.0.0.1",
+    "--partitions", "2",
+]  # fmt: skip
+
+
+def parse(*args: str) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_join_options_are_checked():
+    """--join needs an HTTP URL and static discovery; --join auto is refused as unsupported."""
+    assert parse(*BASE, "--join", "http://127.0.0.1:8001")["join"] == "http://127.0.0.1:8001"
+    with pytest.raises(usage.UsageError, match="not supported yet"):
+        parse(*BASE, "--join", "auto")
+    with pytest.raises(usage.UsageError, match="HTTP base URL"):
+        parse(*BASE, "--join", "ftp://x")
+
+
+def test_a_directory_with_state_ignores_join(tmp_path):
+    """Only an empty (or missing) data directory joins; one with state restarts as the member it is."""
+    assert join.data_is_empty(str(tmp_path / "missing"))
+    assert join.data_is_empty(str(tmp_path))
+    (tmp_path / "wal").write_bytes(b"x")
+    options = parse(*BASE, "--data", str(tmp_path), "--join", "http://127.0.0.1:1")
+    assert join.join_before_start(options) is None  # nothing was asked (port 1 would refuse)
+
+
+def test_the_members_answer_becomes_a_record():
+    """A GET /v1/members document gives the record a joining node adopts; garbage is refused."""
+    document = {
+        "version": 3,
+        "members": [
+            {"id": "n1", "peer": "tcp:host=127.0.0.1:port=7001", "http": "http://127.0.0.1:8001", "role": "voter"},
+            {"id": "n4", "peer": "tcp:host=127.0.0.1:port=7004", "http": "", "role": "learner"},
+        ],
+    }
+    record = join.record_from_document(document)
+    assert record.version == 3 and record.get("n4").role is MemberRole.LEARNER
+    joined = join.Joined(record, frozenset({"n1"}), frozenset({"n4"}))
+    assert joined.peers("n4") == {"n1": "tcp:host=127.0.0.1:port=7001"}
+    with pytest.raises(RecordError):
+        join.record_from_document({"members": [{"id": "n1"}]})
+
+
+def test_a_refused_join_exits_with_the_reason(monkeypatch):
+    """The cluster's refusal ends the process with its message (not a traceback)."""
+
+    def refuse(*args, **kwargs):
+        raise join.MembersError("n4 is a member at tcp:x, not tcp:y: remove it first", 1)
+
+    monkeypatch.setattr(join, "add_member", refuse)
+    with pytest.raises(SystemExit, match="remove it first"):
+        join.request_join("http://127.0.0.1:8001", "n4", "tcp:y", "")

@@ -1,0 +1,169 @@
+"""Cluster membership on whole nodes (the deterministic memory cluster): add, promote, remove,
+resume after a leader change, the record across restarts."""
+
+from __future__ import annotations
+
+import pytest
+
+from kommander.runtime.members import RECORD_LOG_TYPE, MemberRole
+from kommander.runtime.orchestrate import MembershipStatus as S
+
+from runtime_harness import Cluster
+
+PARTITIONS = 2
+
+
+def started(n: int = 3) -> Cluster:
+    cluster = Cluster(n=n, partitions=PARTITIONS, seed=11).start_all()
+    cluster.wait_for_leaders()
+    return cluster
+
+
+def record_leader(cluster: Cluster):
+    return cluster.leader(0)
+
+
+def everywhere(cluster: Cluster, check) -> bool:
+    return all(check(node.m, p) for node in cluster.running() for p in range(PARTITIONS))
+
+
+def grow(cluster: Cluster, node_id: str = "n4"):
+    """Add ``node_id`` through the record's leader and start it; returns the add's Deferred."""
+    voters = sorted(record_leader(cluster).m.membership(0).voters)
+    d = record_leader(cluster).m.add_node(node_id, "memory", {"http": "http://127.0.0.1:1"})
+    cluster.add_node(node_id, voters)
+    return d
+
+
+def test_add_node_then_automatic_promotion():
+    """add_node fires once n4 learns every partition; it is promoted everywhere, and the record says voter."""
+    cluster = started()
+    try:
+        for p in range(PARTITIONS):
+            for i in range(5):
+                assert cluster.write(p, b"w%d" % i).success
+        result = cluster.wait(grow(cluster), 20, "add n4")
+        assert result.status is S.SUCCESS, result
+        assert all("n4" in record_leader(cluster).m.membership(p).members for p in range(PARTITIONS))
+        cluster.run_until(
+            lambda: everywhere(cluster, lambda m, p: "n4" in m.membership(p).voters)
+            and all(n.m.record.record.get("n4").role is MemberRole.VOTER for n in cluster.running()),
+            30,
+            "n4 promoted everywhere",
+        )
+        for p in range(PARTITIONS):
+            assert cluster.write(p, b"after").success
+        cluster.wait_caught_up()
+        for p in range(PARTITIONS):
+            assert cluster.nodes["n4"].data(p) == cluster.nodes["n1"].data(p)
+        listing = cluster.nodes["n4"].m.members()
+        assert {m["id"]: m["role"] for m in listing["members"]} == {n: "voter" for n in ("n1", "n2", "n3", "n4")}
+    finally:
+        cluster.close()
+
+
+def test_record_entries_never_reach_the_application():
+    """The state machine's events never see a record entry, and replicate_logs refuses its log type."""
+    cluster = started()
+    try:
+        assert cluster.wait(grow(cluster), 20).success
+        cluster.wait_caught_up()
+        for node in cluster.running():
+            assert all(e.log_type != RECORD_LOG_TYPE for p in range(PARTITIONS) for e in node.applied[p])
+        with pytest.raises(ValueError):
+            cluster.nodes["n1"].m.replicate_logs(0, RECORD_LOG_TYPE, b"{}")
+    finally:
+        cluster.close()
+
+
+def test_replace_a_dead_node():
+    """Crash n3, remove it (a reachable majority remains), add n4: every partition ends with n1, n2, n4."""
+    cluster = started()
+    try:
+        cluster.crash("n3")
+        cluster.wait_for_leaders(among=["n1", "n2"])
+        result = cluster.wait(record_leader(cluster).m.remove_node("n3"), 20, "remove n3")
+        assert result.status is S.SUCCESS, result
+        assert all(n.m.record.record.get("n3") is None for n in cluster.running())
+        assert cluster.wait(grow(cluster), 20, "add n4").success
+        final = frozenset({"n1", "n2", "n4"})
+        cluster.run_until(lambda: everywhere(cluster, lambda m, p: m.membership(p).voters == final), 30, "n4 voter")
+        for p in range(PARTITIONS):
+            assert cluster.write(p, b"x").success
+    finally:
+        cluster.close()
+
+
+def test_remove_refused_without_a_reachable_majority():
+    """With one follower down, removing the other would leave {leader, dead one}: WOULD_LOSE_QUORUM, nothing written."""
+    cluster = started()
+    try:
+        leader = record_leader(cluster)
+        dead, alive = [n for n in ("n1", "n2", "n3") if n != leader.node_id]
+        cluster.crash(dead)
+        cluster.advance(0.5)
+        result = cluster.wait(leader.m.remove_node(alive), 5)
+        assert result.status is S.WOULD_LOSE_QUORUM, result
+        assert "force" in result.error and leader.m.record.record.version == 0
+    finally:
+        cluster.close()
+
+
+def test_a_new_record_leader_finishes_an_add():
+    """The record's leader crashes right after it recorded 'add n4': the next leader adds n4 everywhere."""
+    cluster = started()
+    try:
+        old = record_leader(cluster)
+        d = grow(cluster)
+        cluster.run_until(
+            lambda: all(n.m.record.record.get("n4") is not None for n in cluster.running()), 10, "record written"
+        )
+        cluster.crash(old.node_id)
+        survivors = [i for i in ("n1", "n2", "n3", "n4") if i != old.node_id]
+        cluster.run_until(
+            lambda: all(
+                "n4" in n.m.membership(p).members for n in cluster.running(survivors) for p in range(PARTITIONS)
+            )
+            and record_leader(cluster) is not None
+            and record_leader(cluster).m.record.record.target is None,
+            30,
+            "the new leader finished the add",
+        )
+    finally:
+        cluster.close()
+
+
+def test_the_record_survives_a_restart_and_wins_over_the_start_up_peers():
+    """After a change, a restarted node keeps the record (not its --peers) and reports the difference."""
+    cluster = started()
+    try:
+        cluster.crash("n3")
+        cluster.wait_for_leaders(among=["n1", "n2"])
+        assert cluster.wait(record_leader(cluster).m.remove_node("n3"), 20).success
+        follower = next(n for n in cluster.running() if n is not record_leader(cluster))
+        cluster.restart(follower.node_id)
+        m = cluster.nodes[follower.node_id].m
+        assert m.record.record.ids() == {"n1", "n2"}
+        assert m.membership_warnings and "differ from the membership record" in m.membership_warnings[0]
+        assert "n3" not in m.discovery.nodes()
+        assert m.members()["warnings"] == m.membership_warnings
+    finally:
+        cluster.close()
+
+
+def test_a_removed_node_restarted_with_its_data_changes_no_term():
+    """n3, removed while down, restarts on its old log: the others' terms and leaders stay put."""
+    cluster = started()
+    try:
+        cluster.crash("n3")
+        cluster.wait_for_leaders(among=["n1", "n2"])
+        assert cluster.wait(record_leader(cluster).m.remove_node("n3"), 20).success
+        before = {(n.node_id, p): (n.m.runtimes[p].core.term, n.m.get_leader(p)) for n in cluster.running() for p in range(PARTITIONS)}
+        cluster.start("n3")
+        cluster.advance(10.0)
+        after = {(n.node_id, p): (n.m.runtimes[p].core.term, n.m.get_leader(p)) for n in cluster.running(["n1", "n2"]) for p in range(PARTITIONS)}
+        assert after == before
+        for p in range(PARTITIONS):
+            assert cluster.write(p, b"still").success
+    finally:
+        cluster.close()
