@@ -12,7 +12,7 @@ over with the results of the group commit they describe (see
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -30,6 +30,7 @@ __all__ = [
     "BYTES_BUCKETS",
     "COUNT_BUCKETS",
     "LATENCY_BUCKETS",
+    "AppendTimes",
     "Histogram",
     "NodeInstruments",
     "SNAPSHOT_OPERATIONS",
@@ -197,6 +198,52 @@ class NodeInstruments:
         else:
             counts.failed += 1
         counts.bytes += size
+
+
+class AppendTimes:
+    """When a leader appended its recent batches, for the followers' lag in seconds.
+
+    One ``(last index of the batch, reactor time)`` pair per batch the leader appends (and one
+    when it becomes leader, for its no-op entry). A follower whose ``match_index`` is below the
+    leader's last index lags by the age of the oldest entry it has not acknowledged: the time
+    since the first batch holding an index above its ``match_index`` was appended. A follower
+    that acknowledged everything lags 0 s. At most ``limit`` batches are remembered; a follower
+    behind all of them is reported with the age of the oldest remembered one (a lower bound).
+    """
+
+    __slots__ = ("indexes", "times", "limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.indexes: list[int] = []
+        self.times: list[float] = []
+        self.limit = limit
+
+    def record(self, last_index: int, now: float) -> None:
+        """Entries up to ``last_index`` were appended at ``now``."""
+        indexes = self.indexes
+        if indexes and last_index <= indexes[-1]:
+            # A no-op after a lost term, or a batch replacing an uncommitted tail: keep the list
+            # increasing by forgetting the batches it replaces.
+            cut = bisect_left(indexes, last_index)
+            del indexes[cut:], self.times[cut:]
+        indexes.append(last_index)
+        self.times.append(now)
+        if len(indexes) > 2 * self.limit:
+            del indexes[: self.limit], self.times[: self.limit]
+
+    def clear(self) -> None:
+        """Leadership ended: the times mean nothing to the next leader."""
+        self.indexes.clear()
+        self.times.clear()
+
+    def lag_seconds(self, match_index: int, last_index: int, now: float) -> float:
+        """Seconds a follower at ``match_index`` lags behind a leader whose last index is ``last_index``."""
+        if match_index >= last_index or not self.indexes:
+            return 0.0
+        at = bisect_right(self.indexes, match_index)
+        if at >= len(self.indexes):
+            return 0.0  # every remembered batch is acknowledged: what is left predates them all
+        return max(0.0, now - self.times[at])
 
 
 def instruments_of(host: Any) -> NodeInstruments | None:

@@ -33,7 +33,7 @@ from kommander.core.types import Entry, EntryKind, Proposal, Role, SnapshotMeta
 from kommander.results import RaftOperationStatus, ReplicationResult
 from kommander.runtime.tickets import HeldTickets, TicketBook
 from kommander.runtime.apply_loop import ApplyLoop
-from kommander.runtime.instruments import replay_progress
+from kommander.runtime.instruments import AppendTimes, replay_progress
 from kommander.runtime.membership import MembershipChanges
 from kommander.runtime.transfer import SnapshotReceiver
 
@@ -95,6 +95,8 @@ class PartitionRuntime(ApplyLoop):
         self.reads_full = False
         #: Likewise for proposals and QUEUE_FULL.
         self.queue_full = False
+        #: On a leader: when its recent batches were appended (followers' lag in seconds).
+        self.append_times = AppendTimes()
         self.applied = core.log.applied
         #: Entries committed but not yet applied (apply may be asynchronous); the head is the one
         #: being applied. At most ``max_apply_queue`` (the core holds the rest back).
@@ -213,6 +215,7 @@ class PartitionRuntime(ApplyLoop):
         now = self.host.reactor.seconds()
         deadline = now + self.host.config.ticket_timeout
         batch[0].proposed_at = now  # one latency sample per batch, not per request
+        self.append_times.record(first + len(proposals) - 1, now)
         for request in batch:
             request.first = index
             request.last = index + len(request.proposals) - 1
@@ -299,6 +302,9 @@ class PartitionRuntime(ApplyLoop):
             self.book.clear()
             if self.changes.waiting:
                 self.changes.leadership_lost()
+            self.append_times.clear()
+        if core.role is Role.LEADER and (not was_leader or core.term != self.term):
+            self.append_times.record(core.log.last_index(), self.host.reactor.seconds())  # its no-op
         self.role, self.leader, self.term = core.role, core.leader, core.term
 
     def config_applied(self, entry: Entry) -> None:
