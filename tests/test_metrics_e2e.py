@@ -3,7 +3,9 @@ every documented family is there with its labels, and the numbers move with the 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -26,6 +28,7 @@ pytestmark = [
 ]
 
 PARTITIONS = 2
+DASHBOARD = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "grafana-kommander.json")
 WRITES = 30
 
 #: Every family a node with a WAL that reports group commits and a counting transport exports,
@@ -210,3 +213,28 @@ def test_refused_connections_count_a_bad_handshake(cluster: tuple[LocalCluster, 
         lambda: value(scrape(running, node)[1], "kommander_transport_refused_connections_total", node=node, reason="bad_handshake")
         >= wanted,
     )
+
+
+def test_the_grafana_dashboard_names_only_served_metrics(cluster: tuple[LocalCluster, str]) -> None:
+    """Every metric a panel of docs/grafana-kommander.json queries is in a real node's /metrics,
+    so the dashboard cannot rot when a metric is renamed."""
+    running, _ = cluster
+    write(running, 3, "dash")
+    families = scrape(running, running.leader_of(0))[0]
+    # Sample names (``_total``, ``_bucket``), and the names of families that have no sample now
+    # (``kommander_work_*`` while no long work runs: declared, with HELP and TYPE).
+    served = {s.name for family in families.values() for s in family.samples} | {n for n, f in families.items() if not f.samples}
+    with open(DASHBOARD, encoding="utf-8") as f:
+        dashboard = json.load(f)
+    named = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            found = set(re.findall(r"kommander_[a-z_]+", target["expr"]))
+            assert found, (panel["title"], target["expr"])
+            named |= found
+    missing = sorted(named - served)
+    assert not missing, f"the dashboard queries metrics no node serves: {missing}"
+    wanted = {"kommander_wal_fsync_seconds_bucket", "kommander_follower_lag_seconds", "kommander_queue_bound",
+              "kommander_transport_bytes_total", "kommander_snapshots_total", "kommander_proposals_total"}
+    assert wanted <= named

@@ -4,9 +4,10 @@ Every metric is listed, with its labels and meaning, in ``docs/metrics.rst``.
 
 Built on ``prometheus_client``, the Prometheus project's own Python library, rather than written
 by hand: it owns the text exposition format, escaping and the process collector. Nothing here
-runs on the write path. A custom collector reads the runtime when Prometheus scrapes (role, term,
-indexes and lag of every partition, the manager's counters), and the only per-event work is one
-counter increment per leader change. Every metric name starts with ``kommander_`` and carries the
+runs on the write path. A custom collector reads, when Prometheus scrapes, the runtime (role,
+term, indexes, lag and queues of every partition), the plain counters and histograms the runtime,
+the WAL and the transport keep (``kommander.runtime.instruments``, ``kommander.runtime.traffic``,
+updated per batch), and the one counter kept here (leader changes). Every metric name starts with ``kommander_`` and carries the
 node id as the ``node`` label, so one Prometheus can scrape a whole cluster without relabelling.
 """
 
