@@ -142,3 +142,19 @@ def test_lag_seconds_grow_while_a_follower_is_cut_off_and_fall_to_zero_after() -
             break
         cluster.clock.advance(0.05)
     assert lag() == (0.0, 0.0)
+
+
+def test_long_work_in_progress_is_in_the_metrics_until_it_ends(cluster: Cluster) -> None:
+    """Work on the node's WorkBoard shows as kommander_work_* with its share done, and leaves with it."""
+    manager = cluster.managers["n1"]
+    work = manager.instruments.work.begin("snapshot_send", 1, "sending a snapshot", 1000, "bytes")
+    cluster.clock.advance(2)
+    work.update(250)
+    found = samples(NodeMetrics(manager, process=False).render().decode())
+    labels = (("node", "n1"), ("partition", "1"), ("work", "snapshot_send"))
+    assert found[("kommander_work_progress_ratio", labels)] == 0.25
+    assert found[("kommander_work_done", (*labels[:2], ("unit", "bytes"), labels[2]))] == 250
+    assert found[("kommander_work_remaining_seconds", labels)] == 6.0
+    work.finish()
+    found = samples(NodeMetrics(manager, process=False).render().decode())
+    assert not [name for name, _ in found if name.startswith("kommander_work_")]
