@@ -238,3 +238,27 @@ def test_the_grafana_dashboard_names_only_served_metrics(cluster: tuple[LocalClu
     wanted = {"kommander_wal_fsync_seconds_bucket", "kommander_follower_lag_seconds", "kommander_queue_bound",
               "kommander_transport_bytes_total", "kommander_snapshots_total", "kommander_proposals_total"}
     assert wanted <= named
+
+
+def test_reconnects_count_redials_after_a_peer_restarts(cluster: tuple[LocalCluster, str]) -> None:
+    """Killing and restarting a node makes a peer redial it, counted per peer: over TCP the lower
+    id of the two redials a lost connection; over HTTP a node retries a peer its requests failed
+    to, so the one that watches is a leader (it sends heartbeats to everyone). Runs last: it
+    restarts a node of the shared cluster."""
+    running, transport = cluster
+    if transport == "tcp":
+        dialer, victim = running.node_ids[0], running.node_ids[-1]  # n1 dials n3
+    else:
+        dialer = running.leader_of(0)
+        victim = next(n for n in running.node_ids if n != dialer)
+    _, before = scrape(running, dialer)
+    key = {"node": dialer, "peer": victim}
+    start = before.get(("kommander_transport_reconnects_total", tuple(sorted(key.items()))), 0.0)
+    running.kill(victim)
+    running.restart(victim)
+    running.wait_for_leaders(30)
+    wait_for(
+        f"{dialer} to count a redial of {victim}",
+        lambda: value(scrape(running, dialer)[1], "kommander_transport_reconnects_total", **key) > start,
+        timeout=30,
+    )
