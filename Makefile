@@ -51,6 +51,7 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/core_bench.py
 	$(PY) benchmarks/wal_bench.py --seconds 2
+	$(PY) benchmarks/codec_bench.py
 	$(PY) benchmarks/cluster_bench.py
 
 docs: $(STAMP)

@@ -85,6 +85,9 @@ class RaftConfiguration:
     #: Snapshot streaming to followers: bytes per chunk, chunks in flight.
     snapshot_chunk_bytes: int = 1024 * 1024
     snapshot_window: int = 4
+    #: The largest snapshot a follower accepts from a leader, in bytes; a transfer that goes past
+    #: it is abandoned (its ``.part`` file removed) and logged, so that no peer can fill the disk.
+    max_snapshot_bytes: int = 64 * 1024**3
 
     def election_ticks(self) -> tuple[int, int]:
         """The election timeout range in ticks of ``heartbeat_interval``."""
@@ -157,7 +160,7 @@ class RaftConfiguration:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 problems.append(f"{name} {value!r}: use 0 (off) or a positive integer")
-        for name in ("snapshot_chunk_bytes", "snapshot_window"):
+        for name in ("snapshot_chunk_bytes", "snapshot_window", "max_snapshot_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name} {value!r}: use a positive integer")

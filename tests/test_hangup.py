@@ -82,7 +82,7 @@ def test_make_service_with_tokens_secures_the_site_and_reloads_on_sighup(tmp_pat
     tokens.write_text(f"{TOKEN} read\n")
     options = parse(*with_option("--http-token-file", str(tokens)), *MEMORY, "--data", str(tmp_path / "d"))
     top = tap.makeService(options, reactor=MemoryReactorClock())
-    assert top.getServiceNamed("kommander-http").factory.resource.tokens is options.tokens
+    assert top.getServiceNamed("kommander-http").factory.wrappedFactory.resource.tokens is options.tokens
     hangup = top.getServiceNamed("kommander-hangup")
     tokens.write_text(f"{'n' * 24} admin\n")
     hangup.reload()
@@ -94,5 +94,5 @@ def test_make_service_without_tokens_logs_an_open_api(tmp_path: Path) -> None:
     options = parse(*BASE, *MEMORY, "--data", str(tmp_path / "d"))
     with capturedLogs() as events:
         top = tap.makeService(options, reactor=MemoryReactorClock())
-    assert top.getServiceNamed("kommander-http").factory.resource.tokens is None
+    assert top.getServiceNamed("kommander-http").factory.wrappedFactory.resource.tokens is None
     assert any("is open" in e.get("log_format", "") for e in events)

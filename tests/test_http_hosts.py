@@ -42,6 +42,8 @@ def test_allowlist_matches_names_without_ports() -> None:
     hosts = HostAllowlist(["node1.example", "10.0.0.5:8001", "::1"])
     assert hosts.allows(b"node1.example:8001") and hosts.allows(b"10.0.0.5") and hosts.allows(b"[::1]:8001")
     assert not hosts.allows(b"evil.example") and not hosts.allows(b"node1.example.evil.example")
+    # Any address is served: only names can be rebound.
+    assert hosts.allows(b"192.168.7.9:8001") and hosts.allows(b"[fe80::1]")
     assert not hosts.allows(b"[::1") and hosts.allows(None)
     assert HostAllowlist(["*"]).allows(b"anything.example")
     for bad in ([], [""], ["a/b"], ["h:x"]):

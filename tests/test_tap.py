@@ -18,6 +18,7 @@ from twisted.python import usage
 from kommander.entry import tap
 from kommander.results import Event
 from kommander.kv.http import KVResource
+from kommander.kv.limits import ConnectionLimits
 from kommander.kv.machine import KVStateMachine
 
 BASE = [
@@ -287,7 +288,8 @@ def test_make_service_builds_http_and_raft_services(tmp_path: Path) -> None:
     raft = top.getServiceNamed("kommander-raft")
     assert isinstance(http, StreamServerEndpointService)
     assert http.endpoint._port == 8001 and http.endpoint._interface == "127.0.0.1"
-    root = http.factory.resource
+    assert isinstance(http.factory, ConnectionLimits)
+    root = http.factory.wrappedFactory.resource
     assert isinstance(root, KVResource) and isinstance(root.machine, KVStateMachine)
     manager = raft.manager
     assert manager is top.manager and manager.partitions == 8
@@ -502,3 +504,11 @@ def test_default_logging_is_left_to_twistd() -> None:
 def test_bad_log_options_are_usage_errors(argv) -> None:
     with pytest.raises(usage.UsageError, match="--log-"):
         tap.Options().parseOptions(["--node-id", "n1", "--listen", "tcp:0:interface=127.0.0.1", *argv])
+
+
+def test_max_snapshot_bytes_option() -> None:
+    """--option max_snapshot_bytes=N reaches the node's configuration; a bad value is a usage error."""
+    assert parse(*BASE, *MEMORY, "--option", "max_snapshot_bytes=1000000").config.max_snapshot_bytes == 1_000_000
+    for bad in ("lots", "0"):
+        with pytest.raises(usage.UsageError, match="max_snapshot_bytes"):
+            parse(*BASE, *MEMORY, "--option", f"max_snapshot_bytes={bad}")

@@ -12,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import types
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from runtime_harness import Cluster, ListStateMachine, Node
 from twisted.internet import task
+from twisted.logger import capturedLogs, formatEvent
 
+from kommander.config import RaftConfiguration
 from kommander.core.progress import ProgressState
 from kommander.core.types import InstallSnapshot, Role, SnapshotChunk, SnapshotChunkAck, SnapshotMeta
 from kommander.runtime.snapshots import SnapshotStore, encode_runtime
@@ -80,6 +83,7 @@ class FakeManager:
         self.running = True
         self.outbox: list[tuple[str, Any]] = []
         self.dirty = 0
+        self.config = types.SimpleNamespace(max_snapshot_bytes=RaftConfiguration.max_snapshot_bytes)
 
     def send_now(self, peer: str, messages: list[tuple[int, Any]]) -> None:
         self.outbox.extend((peer, m) for _, m in messages)
@@ -230,6 +234,23 @@ def test_receiver_acks_each_chunk_and_installs_when_done() -> None:
     assert pair.installed() == [META]
     assert pair.follower_store.list(0) == [META]
     assert pair.follower_store.read_raw(0, META, 0, len(pair.file) + 1) == pair.file
+
+
+def test_receiver_abandons_a_snapshot_past_max_snapshot_bytes() -> None:
+    """A transfer that grows past max_snapshot_bytes is dropped with its .part file, logged, never
+    installed, and the chunk that passes the limit is neither written nor answered."""
+    pair = Pair()
+    pair.follower.config.max_snapshot_bytes = 250
+    with capturedLogs() as events:
+        for offset in (0, 100, 200):
+            pair.chunk(offset)
+    assert [(a.offset, a.success) for a in pair.follower.take()] == [(100, True), (200, True)]
+    assert pair.receiver.incoming is None and pair.installed() == []
+    assert pair.follower_store.list(0) == []
+    assert any("max_snapshot_bytes=250" in formatEvent(e) for e in events)
+    for offset in range(300, len(pair.file), CHUNK_BYTES):
+        pair.chunk(offset)  # the rest of that transfer is refused as mid-stream of an unknown one
+    assert pair.installed() == []
 
 
 def test_receiver_answers_a_gap_with_the_offset_it_holds() -> None:

@@ -39,6 +39,7 @@ from kommander.entry.reload import add_credential_reloads
 from kommander.hookspecs import PluginContext
 from kommander.kv.auth import TokenTable
 from kommander.kv.hosts import HostAllowlist, default_hosts
+from kommander.kv.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, ConnectionLimits
 from kommander.registry import PluginError, PluginKind, PluginRegistry
 
 #: Defaults of the options that have one; the others default to "not given".
@@ -259,6 +260,7 @@ class Options(usage.Options):
         self.registry: PluginRegistry | None = None
         self.tokens: TokenTable | None = None
         self.hosts: HostAllowlist | None = None
+        self.http_limits: dict[str, int] = {}
 
     def opt_option(self, value: str) -> None:
         """KEY=VALUE plugin option, e.g. durability=nosync or multicast_ttl=0; repeatable."""
@@ -299,6 +301,7 @@ class Options(usage.Options):
             self.plugin_options.setdefault("advertise", advertise)
         self.metadata = self._metadata()
         self.hosts = self._http_hosts()
+        self.http_limits = self._size_options("http_max_connections", "http_max_connections_per_address")
         if self["join"]:
             from kommander.entry.join import check_join_options
 
@@ -435,6 +438,21 @@ class Options(usage.Options):
         derived = advertised_http_url(self["http"]) if self["http"] else None
         return {"http": derived} if derived else {}
 
+    def _size_options(self, *names: str) -> dict[str, int]:
+        """Node limits given as ``--option NAME=N`` (whole numbers)."""
+        found = {}
+        for name in names:
+            text = self.plugin_options.get(name)
+            if text is None:
+                continue
+            try:
+                found[name] = int(text)
+            except ValueError:
+                raise usage.UsageError(f"--option {name}={text!r}: use a whole number") from None
+            if found[name] < 1:
+                raise usage.UsageError(f"--option {name}={text!r}: use a positive number")
+        return found
+
     def _raft_configuration(self) -> RaftConfiguration:
         found = _listen_address(self["listen"])
         checkpoint_every = self._int("checkpoint-every", 0, 1 << 40)
@@ -449,6 +467,7 @@ class Options(usage.Options):
             **({"checkpoint_every_bytes": 0} if checkpoint_every == 0 else {}),
             expected_nodes=self._expected_nodes(),
             **{name.replace("-", "_"): self._seconds(name) for name in _TIMINGS},
+            **self._size_options("max_snapshot_bytes"),
         )
         try:
             return config.validate()
@@ -574,7 +593,14 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             )
         else:
             hangup.add("the HTTP token file", options.tokens.reload)
-        http = strports.service(options["http"], site, reactor=reactor)
+        limits = options.http_limits
+        limited = ConnectionLimits(
+            site,
+            limits.get("http_max_connections", DEFAULT_MAX_CONNECTIONS),
+            limits.get("http_max_connections_per_address", DEFAULT_MAX_CONNECTIONS_PER_ADDRESS),
+            seconds=reactor.seconds,
+        )
+        http = strports.service(options["http"], limited, reactor=reactor)
         http.setName("kommander-http")
         # Added first: a taken HTTP port fails twistd at start-up, before the node joins Raft.
         http.setServiceParent(top)

@@ -6,11 +6,14 @@ it requests that the same-origin policy treats as the page's own. Those requests
 default names are the host of the advertised HTTP URL, the ``--http`` interface, and the loopback
 names; ``--http-host`` replaces them (``*`` turns the check off, for a proxy that rewrites Host).
 
-A request without a ``Host`` header (HTTP/1.0 clients, which browsers are not) is served.
+A request without a ``Host`` header (HTTP/1.0 clients, which browsers are not) is served, and so
+is one that names the node by an IP address (a rebinding page's requests carry its own name): the
+list only decides which *names* are served.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -69,10 +72,20 @@ class HostAllowlist:
         if self.any or header is None:
             return True
         host = host_name(header)
-        return host is not None and host in self.names
+        return host is not None and (host in self.names or _is_address(host))
 
     def __repr__(self) -> str:
         return "HostAllowlist(*)" if self.any else f"HostAllowlist({sorted(self.names)})"
+
+
+def _is_address(host: str) -> bool:
+    """Whether ``host`` is an IP address: a page served from a name cannot make a browser send
+    one as its Host (rebinding needs the page's own name), so addresses are always served."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def default_hosts(advertised_url: str | None, interface: str | None) -> list[str]:

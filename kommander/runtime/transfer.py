@@ -207,6 +207,20 @@ class SnapshotReceiver:
         if m.offset != incoming.offset:
             self._ack(m, incoming.offset, success=m.offset < incoming.offset)
             return
+        limit = self.host.config.max_snapshot_bytes
+        if incoming.offset + len(m.data) > limit:
+            # Unanswered: the leader's transfer times out and it may try again later, but no
+            # byte past the limit reaches the disk.
+            self.reset()
+            _log.error(
+                "partition {p}: snapshot {meta} from {leader} passes max_snapshot_bytes={limit}; "
+                "transfer abandoned (raise the limit if the state is really that large)",
+                p=self.runtime.number,
+                meta=m.meta,
+                leader=m.src,
+                limit=limit,
+            )
+            return
         # The bytes are hashed and written on the snapshot store's IO executor; the ack leaves
         # once they are on disk, so the leader's window also bounds what waits in memory here.
         written = incoming.writer.write_raw(m.data)
@@ -227,7 +241,10 @@ class SnapshotReceiver:
     def _write_failed(self, failure: Any) -> None:
         # The disk refused bytes the node had accepted: the same storage failure as a WAL write.
         if self.host.running:
-            self.host.fail_stop(f"partition {self.runtime.number}: writing a received snapshot failed", failure)
+            self.host.fail_stop(
+                f"partition {self.runtime.number}: writing a received snapshot failed: {failure.getErrorMessage()}",
+                failure,
+            )
 
     def reset(self) -> None:
         if self.incoming is not None:

@@ -91,7 +91,13 @@ class Lifecycle:
 
         def refused(failure: Failure) -> None:
             self._check_disk(node)
-            self._fatal("start-failed", f"{node.id} #{incarnation} could not start: {failure.getErrorMessage()}")
+            message = failure.getErrorMessage()
+            if "stopped while restoring" in message and _expected_stop(message):
+                # A simulated fault during the replay stopped it, as it would while running:
+                # _fail_stopped (on_fail_stop fires right after this) takes it down for a restart.
+                self._log(f"{node.id} #{incarnation} stopped while starting: {message}")
+                return
+            self._fatal("start-failed", f"{node.id} #{incarnation} could not start: {message}")
 
         d.addCallbacks(joined, refused)
 
@@ -107,8 +113,7 @@ class Lifecycle:
     def _fail_stopped(self, node: SimNode, incarnation: int, reason: str) -> None:
         self._log(f"fail-stop {node.id} #{incarnation}: {reason}")
         self.stats["fail_stops"] += 1
-        expected = ("disk full" in reason) or ("simulated" in reason)
-        if not expected:
+        if not _expected_stop(reason):
             self._fatal("internal-error", f"{node.id} stopped itself: {reason}")
         if node.incarnation == incarnation:
             node.failed = reason
@@ -315,3 +320,9 @@ class Lifecycle:
                 node.down_until = min(node.down_until, self.clock.seconds())
         self._restart_due()
         self._fault("heal everything")
+
+
+def _expected_stop(reason: str) -> bool:
+    """Whether a fail-stop's reason is one of the simulator's own faults (a full disk, a state
+    machine told to raise): stopping is the runtime's right answer to those."""
+    return "disk full" in reason or "simulated" in reason
