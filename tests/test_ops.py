@@ -92,3 +92,69 @@ def test_health_refuses_a_bad_partition(cluster: Cluster, query: str, code: int)
 def test_metrics_and_health_refuse_writes(cluster: Cluster) -> None:
     assert cluster.request("n1", "POST", "/metrics").code == 405
     assert cluster.request("n1", "DELETE", "/v1/health").code == 405
+
+
+def test_metrics_export_the_runtime_instruments(cluster: Cluster) -> None:
+    """Elections won, write outcomes, queue depths against their bounds and the lag in seconds
+    appear on an in-process node; a refused write is counted by its status."""
+    leader = cluster.leader_of("k")
+    assert cluster.request(leader, "PUT", "/v1/kv/k", b"v").code == 200
+    follower = cluster.follower_of("k")
+    assert cluster.request(follower, "PUT", "/v1/kv/k", b"v").code == 307  # not counted: redirected
+    found = samples(cluster.request(leader, "GET", "/metrics").body.decode())
+    node = ("node", leader)
+    partition = str(cluster.managers[leader].partition_for_key("k"))
+    assert found[("kommander_proposals_total", (node, ("status", "success")))] >= 1
+    assert found[("kommander_elections_won_total", (node, ("partition", partition)))] >= 1
+    bound = (node, ("partition", partition), ("queue", "proposals"))
+    assert found[("kommander_queue_bound", bound)] == cluster.managers[leader].config.max_queued_proposals
+    assert found[("kommander_queue_depth", bound)] >= 0
+    lag = {labels for name, labels in found if name == "kommander_follower_lag_seconds" and ("partition", partition) in labels}
+    assert len(lag) == len(IDS) - 1
+    won = sum(v for (name, _), v in (
+        (key, value) for m in cluster.managers for key, value in samples(cluster.request(m, "GET", "/metrics").body.decode()).items()
+    ) if name == "kommander_elections_won_total")
+    assert won >= PARTITIONS
+
+
+def test_lag_seconds_grow_while_a_follower_is_cut_off_and_fall_to_zero_after() -> None:
+    """A follower cut off from its leader lags by the age of the first entry it lacks; once it
+    has everything again its lag is 0."""
+    cluster = Cluster(operation_timeout=2.0)
+    leader = cluster.leader_of("k")
+    lagger = cluster.follower_of("k")
+    partition = str(cluster.managers[leader].partition_for_key("k"))
+    labels = (("follower", lagger), ("node", leader), ("partition", partition))
+
+    def lag() -> tuple[float, float]:
+        found = samples(cluster.request(leader, "GET", "/metrics").body.decode())
+        return found[("kommander_follower_lag_entries", labels)], found[("kommander_follower_lag_seconds", labels)]
+
+    cluster.network.block(leader, lagger, both_ways=True)
+    assert cluster.request(leader, "PUT", "/v1/kv/k", b"v").code == 200  # the third node acks
+    written = cluster.clock.seconds()
+    cluster.clock.advance(3.0)
+    entries, seconds = lag()
+    assert entries >= 1 and seconds >= cluster.clock.seconds() - written >= 3.0
+    cluster.network.unblock(leader, lagger, both_ways=True)
+    for _ in range(200):
+        if lag() == (0.0, 0.0):
+            break
+        cluster.clock.advance(0.05)
+    assert lag() == (0.0, 0.0)
+
+
+def test_long_work_in_progress_is_in_the_metrics_until_it_ends(cluster: Cluster) -> None:
+    """Work on the node's WorkBoard shows as kommander_work_* with its share done, and leaves with it."""
+    manager = cluster.managers["n1"]
+    work = manager.instruments.work.begin("snapshot_send", 1, "sending a snapshot", 1000, "bytes")
+    cluster.clock.advance(2)
+    work.update(250)
+    found = samples(NodeMetrics(manager, process=False).render().decode())
+    labels = (("node", "n1"), ("partition", "1"), ("work", "snapshot_send"))
+    assert found[("kommander_work_progress_ratio", labels)] == 0.25
+    assert found[("kommander_work_done", (*labels[:2], ("unit", "bytes"), labels[2]))] == 250
+    assert found[("kommander_work_remaining_seconds", labels)] == 6.0
+    work.finish()
+    found = samples(NodeMetrics(manager, process=False).render().decode())
+    assert not [name for name, _ in found if name.startswith("kommander_work_")]

@@ -7,7 +7,7 @@
 ``kommander certs --out DIR --cluster NAME ID [ID...]``
     Write a CA (``ca.pem``, ``ca.key``) and a certificate per node (``ID.pem``, ``ID.key``) for
     mutual TLS between nodes (:mod:`kommander.entry.certs`).
-``kommander members URL``, ``kommander members add URL ID PEER [HTTP]``, ``kommander members remove URL ID``
+``kommander members URL``, ``kommander members add URL ID PEER [HTTP] [--wait]``, ``kommander members remove URL ID``
     List, add and remove cluster members (:mod:`kommander.entry.members_cli`, which documents the
     exit statuses).
 ``kommander demo [--tls]``

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
+from kommander.entry.progressbar import ProgressBar
 from kommander.entry.status import StatusError, fetch_status, format_status
 from kommander.results import partition_for_key
 from kommander.testing.procs import free_ports, twistd_command
@@ -126,17 +127,35 @@ class Demo:
             raise DemoError(f"the demo's time limit of {self.time_limit:.0f} s ran out")
         return min(cap, left)
 
-    def wait_for(self, what: str, check: Callable[[], Any], cap: float, node: str | None = None) -> Any:
-        """Poll ``check`` until it returns something true; bounded by ``cap`` and the deadline."""
+    def wait_for(
+        self,
+        what: str,
+        check: Callable[[], Any],
+        cap: float,
+        node: str | None = None,
+        progress: Callable[[], tuple[float, float | None]] | None = None,
+    ) -> Any:
+        """Poll ``check`` until it returns something true; bounded by ``cap`` and the deadline.
+
+        :param progress: ``(done, total)`` so far, for a progress bar while waiting (drawn only
+            when the output is a terminal); without it the bar only shows the time waited.
+        """
         limit = time.monotonic() + self.remaining(cap)
-        while True:
-            self.check_processes()
-            result = check()
-            if result:
-                return result
-            if time.monotonic() >= limit:
-                raise DemoError(f"timed out after {cap:.0f} s waiting for {what}", node)
-            time.sleep(_POLL)
+        bar = ProgressBar(self.out, f"  waiting for {what}")
+        try:
+            while True:
+                self.check_processes()
+                result = check()
+                if result:
+                    return result
+                if time.monotonic() >= limit:
+                    raise DemoError(f"timed out after {cap:.0f} s waiting for {what}", node)
+                if bar.enabled:
+                    done, total = progress() if progress is not None else (0.0, None)
+                    bar.update(done, total)
+                time.sleep(_POLL)
+        finally:
+            bar.close()
 
     def check_processes(self) -> None:
         for node in self.nodes:
@@ -281,6 +300,16 @@ class Demo:
             raise DemoError(f"GET {url} answered {code}: {body[:200]!r}", node.node_id)
         raise DemoError(f"GET {key!r} was redirected too often", node.node_id)
 
+    def leader_progress(self) -> tuple[float, float | None]:
+        """Partitions whose leader some node knows, of all of them (for the progress bar)."""
+        known: set[int] = set()
+        for node in self.nodes:
+            view = self.status(node)
+            for p in (view or {}).get("partitions", []):
+                if p.get("leader"):
+                    known.add(p["partition"])
+        return float(len(known)), float(self.partitions)
+
     def leaders(self, nodes: list[Node]) -> dict[int, str] | None:
         """Every partition's leader, if all ``nodes`` answer and agree on one for each."""
         views = [self.status(n) for n in nodes]
@@ -340,7 +369,9 @@ class Demo:
         started = time.monotonic()
         for node in self.nodes:
             self.start(node)
-        leaders = self.wait_for("every partition to elect a leader", lambda: self.leaders(self.nodes), 30.0)
+        leaders = self.wait_for(
+            "every partition to elect a leader", lambda: self.leaders(self.nodes), 30.0, progress=self.leader_progress
+        )
         self.ok(
             f"cluster up, a leader for each of {self.partitions} partitions after "
             f"{time.monotonic() - started:.1f} s: " + ", ".join(f"p{p}={leaders[p]}" for p in sorted(leaders))
@@ -400,7 +431,12 @@ class Demo:
                 return False  # not answering yet, or still opening its log
             return all(p["applied_index"] >= targets.get(p["partition"], 0) for p in view["partitions"])
 
-        self.wait_for(f"{victim.node_id} to catch up", lambda: caught_up(victim), 30.0, victim.node_id)
+        def applied() -> tuple[float, float | None]:
+            view = self.status(victim) or {"partitions": []}
+            done = sum(min(p["applied_index"], targets.get(p["partition"], 0)) for p in view["partitions"])
+            return float(done), float(sum(targets.values())) or None
+
+        self.wait_for(f"{victim.node_id} to catch up", lambda: caught_up(victim), 30.0, victim.node_id, applied)
         self.ok(
             f"restarted {victim.node_id} on its data directory; caught up in {time.monotonic() - restarted:.2f} s "
             f"(applied index per partition >= {targets})"

@@ -4,6 +4,7 @@
 
     kommander members URL                       # the record and every partition's configuration
     kommander members add URL ID PEER [HTTP]    # add ID (peer endpoint PEER) as a learner
+        [--wait]                                # ... and wait until it is a voter, with progress
     kommander members remove URL ID [--force]   # remove ID from every partition
 
 ``URL`` is any member's HTTP base URL: a follower's 307 to the leader of partition 0 is followed
@@ -33,6 +34,7 @@ import urllib.request
 from typing import Any, TextIO
 from urllib.parse import quote, urljoin, urlsplit
 
+from kommander.entry.progressbar import ProgressBar
 from kommander.entry.status import StatusError, read_token
 
 OK, REFUSED, USAGE, UNREACHABLE, IN_PROGRESS, QUORUM, TIMED_OUT = 0, 1, 2, 3, 4, 5, 6
@@ -183,6 +185,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="remove even if the voters left lack a reachable majority")
     parser.add_argument("--timeout", type=float, default=70.0, help="seconds to wait for the change (default 70)")
     parser.add_argument("--token-file", help="file holding an admin bearer token")
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="after add: wait (up to --timeout) until the learner caught up and is a voter; a progress bar on a terminal",
+    )
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -199,6 +206,9 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             _check_url(words[1])
             document = add_member(words[1], words[2], words[3], words[4] if len(words) == 5 else "", **kwargs)
             print(f"added {words[2]} as a learner; it becomes a voter once caught up", file=out)
+            if getattr(args, "wait", False):
+                document = wait_for_voter(words[1], words[2], words[4] if len(words) == 5 else "", out, **kwargs)
+                print(f"{words[2]} caught up and is a voter", file=out)
         elif words[0] == "remove" and len(words) == 3:
             _check_url(words[1])
             document = remove_member(words[1], words[2], args.force, **kwargs)
@@ -214,6 +224,58 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return e.code
     print(format_members(document), file=out)
     return OK
+
+
+def catch_up(url: str, learner_http: str, token: str | None = None) -> tuple[float, float | None]:
+    """How far a learner got: its applied indexes summed over the partitions, against the
+    commit indexes the node at ``url`` reports; ``(0, None)`` when either cannot be read."""
+    if not learner_http:
+        return 0.0, None
+    try:
+        theirs = call("GET", base(url) + "/v1/status", token=token, timeout=2.0, retries=0)
+        mine = call("GET", base(learner_http) + "/v1/status", token=token, timeout=2.0, retries=0)
+    except MembersError:
+        return 0.0, None
+    target = {p["partition"]: p["commit_index"] for p in theirs.get("partitions", [])}
+    done = sum(min(p["applied_index"], target.get(p["partition"], 0)) for p in mine.get("partitions", []))
+    return float(done), float(sum(target.values())) or None
+
+
+def wait_for_voter(
+    url: str,
+    node_id: str,
+    learner_http: str,
+    out: TextIO,
+    *,
+    token: str | None = None,
+    timeout: float = 70.0,
+    sleep: Any = time.sleep,
+    clock: Any = time.monotonic,
+) -> dict[str, Any]:
+    """Poll ``GET /v1/members`` until ``node_id`` is a voter, at most ``timeout`` seconds; on a
+    terminal, a progress bar shows the learner's applied index against the cluster's commit index
+    (read from ``learner_http``'s ``/v1/status`` when given).
+
+    :returns: the members document that shows it a voter.
+    :raises MembersError: ``TIMED_OUT`` when it is not one in time (the cluster keeps trying).
+    """
+    deadline = clock() + timeout
+    bar = ProgressBar(out, f"{node_id} catching up", clock=clock)
+    try:
+        for _ in range(int(timeout / 0.5) + 2):  # bounded in count as well as in time
+            document = list_members(url, token=token, timeout=min(5.0, timeout))
+            roles = {m["id"]: m["role"] for m in document.get("members", [])}
+            if roles.get(node_id) == "voter":
+                return document
+            if clock() >= deadline:
+                break
+            if bar.enabled:
+                done, total = catch_up(url, learner_http, token)
+                bar.update(done, total, f"({roles.get(node_id, 'not a member')})")
+            sleep(0.5)
+    finally:
+        bar.close()
+    raise MembersError(f"{node_id} is not a voter after {timeout:.0f} s; the cluster keeps catching it up", TIMED_OUT)
 
 
 def _check_url(url: str) -> None:

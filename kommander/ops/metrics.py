@@ -1,10 +1,13 @@
 """Prometheus metrics of one node, served as ``GET /metrics``.
 
+Every metric is listed, with its labels and meaning, in ``docs/metrics.rst``.
+
 Built on ``prometheus_client``, the Prometheus project's own Python library, rather than written
 by hand: it owns the text exposition format, escaping and the process collector. Nothing here
-runs on the write path. A custom collector reads the runtime when Prometheus scrapes (role, term,
-indexes and lag of every partition, the manager's counters), and the only per-event work is one
-counter increment per leader change. Every metric name starts with ``kommander_`` and carries the
+runs on the write path. A custom collector reads, when Prometheus scrapes, the runtime (role,
+term, indexes, lag and queues of every partition), the plain counters and histograms the runtime,
+the WAL and the transport keep (``kommander.runtime.instruments``, ``kommander.runtime.traffic``,
+updated per batch), and the one counter kept here (leader changes). Every metric name starts with ``kommander_`` and carries the
 node id as the ``node`` label, so one Prometheus can scrape a whole cluster without relabelling.
 """
 
@@ -14,11 +17,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
-__all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics"]
+from kommander.runtime.traffic import REFUSAL_REASONS, UNKNOWN
+
+__all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics", "histogram"]
 
 _ROLES = ("follower", "pre-candidate", "candidate", "leader")
 
@@ -65,36 +70,7 @@ class _RuntimeCollector:
     def collect(self) -> Iterator[Any]:
         manager = self.owner.manager
         node = str(manager.node_id)
-        labels = ["node", "partition"]
-        role = GaugeMetricFamily("kommander_partition_role", "1 for the partition's current role", labels=[*labels, "role"])
-        term = GaugeMetricFamily("kommander_partition_term", "Current Raft term", labels=labels)
-        commit = GaugeMetricFamily("kommander_partition_commit_index", "Highest index known committed", labels=labels)
-        applied = GaugeMetricFamily("kommander_partition_applied_index", "Highest index applied locally", labels=labels)
-        last = GaugeMetricFamily("kommander_partition_last_log_index", "Last index in the local log", labels=labels)
-        has_leader = GaugeMetricFamily("kommander_partition_has_leader", "1 when a leader is known", labels=labels)
-        lag = GaugeMetricFamily(
-            "kommander_follower_lag_entries",
-            "On a leader: entries a follower is behind the leader's last index",
-            labels=[*labels, "follower"],
-        )
-        changes = CounterMetricFamily("kommander_leader_changes", "Leader changes seen", labels=labels)
-        for runtime in manager.runtimes:
-            core = runtime.core
-            values = [node, str(runtime.number)]
-            current = getattr(core.role, "value", str(core.role))
-            for name in _ROLES:
-                role.add_metric([*values, name], 1.0 if name == current else 0.0)
-            term.add_metric(values, core.term)
-            commit.add_metric(values, core.log.committed)
-            applied.add_metric(values, runtime.applied)
-            last_index = core.log.last_index()
-            last.add_metric(values, last_index)
-            has_leader.add_metric(values, 1.0 if core.leader is not None else 0.0)
-            if current == "leader":
-                for peer, progress in sorted(core.progress.items()):
-                    lag.add_metric([*values, str(peer)], max(0, last_index - progress.match))
-            changes.add_metric(values, self.owner.leader_changes.get(runtime.number, 0))
-        yield from (role, term, commit, applied, last, has_leader, lag, changes)
+        yield from _partitions(manager, node, self.owner.leader_changes)
         for key, text in _COUNTERS.items():
             counter = CounterMetricFamily(f"kommander_{key}", text, labels=["node"])
             counter.add_metric([node], manager.stats.get(key, 0))
@@ -107,3 +83,187 @@ class _RuntimeCollector:
         running = GaugeMetricFamily("kommander_node_running", "1 while the node runs, 0 once stopped or failed", labels=["node"])
         running.add_metric([node], 1.0 if manager.running else 0.0)
         yield running
+        instruments = getattr(manager, "instruments", None)
+        if instruments is not None:
+            yield from _node_instruments(instruments, node)
+        yield from _wal(manager, node)
+        yield from _transport(manager, node)
+
+
+def histogram(name: str, text: str, labels: list[str]) -> HistogramMetricFamily:
+    """An empty histogram family (filled with :func:`add_histogram`)."""
+    return HistogramMetricFamily(name, text, labels=labels)
+
+
+def add_histogram(family: HistogramMetricFamily, values: list[str], source: Any) -> None:
+    """Add one :class:`~kommander.runtime.instruments.Histogram` as a sample set of ``family``."""
+    buckets = [("+Inf" if bound == float("inf") else repr(bound), count) for bound, count in source.cumulative()]
+    family.add_metric(values, buckets, source.sum)
+
+
+def _partitions(manager: Any, node: str, leader_changes: dict[int, int]) -> Iterator[Any]:
+    labels = ["node", "partition"]
+    role = GaugeMetricFamily("kommander_partition_role", "1 for the partition's current role", labels=[*labels, "role"])
+    term = GaugeMetricFamily("kommander_partition_term", "Current Raft term", labels=labels)
+    commit = GaugeMetricFamily("kommander_partition_commit_index", "Highest index known committed", labels=labels)
+    applied = GaugeMetricFamily("kommander_partition_applied_index", "Highest index applied locally", labels=labels)
+    last = GaugeMetricFamily("kommander_partition_last_log_index", "Last index in the local log", labels=labels)
+    has_leader = GaugeMetricFamily("kommander_partition_has_leader", "1 when a leader is known", labels=labels)
+    lag = GaugeMetricFamily(
+        "kommander_follower_lag_entries",
+        "On a leader: entries a follower is behind the leader's last index",
+        labels=[*labels, "follower"],
+    )
+    lag_seconds = GaugeMetricFamily(
+        "kommander_follower_lag_seconds",
+        "On a leader: age of the oldest entry a follower has not acknowledged (0 when it has all)",
+        labels=[*labels, "follower"],
+    )
+    changes = CounterMetricFamily("kommander_leader_changes", "Leader changes seen", labels=labels)
+    depth = GaugeMetricFamily(
+        "kommander_queue_depth", "Items waiting in a bounded queue of the partition", labels=[*labels, "queue"]
+    )
+    bound = GaugeMetricFamily(
+        "kommander_queue_bound", "The bound of that queue (refusals or back-pressure beyond it)", labels=[*labels, "queue"]
+    )
+    config = manager.config
+    now = manager.reactor.seconds()
+    for runtime in manager.runtimes:
+        core = runtime.core
+        values = [node, str(runtime.number)]
+        current = getattr(core.role, "value", str(core.role))
+        for name in _ROLES:
+            role.add_metric([*values, name], 1.0 if name == current else 0.0)
+        term.add_metric(values, core.term)
+        commit.add_metric(values, core.log.committed)
+        applied.add_metric(values, runtime.applied)
+        last_index = core.log.last_index()
+        last.add_metric(values, last_index)
+        has_leader.add_metric(values, 1.0 if core.leader is not None else 0.0)
+        if current == "leader":
+            times = getattr(runtime, "append_times", None)
+            for peer, progress in sorted(core.progress.items()):
+                lag.add_metric([*values, str(peer)], max(0, last_index - progress.match))
+                if times is not None:
+                    lag_seconds.add_metric([*values, str(peer)], times.lag_seconds(progress.match, last_index, now))
+        changes.add_metric(values, leader_changes.get(runtime.number, 0))
+        for queue, size, limit in (
+            ("proposals", runtime.pending_entries(), config.max_queued_proposals),
+            ("apply", len(runtime.apply_queue), config.max_apply_queue),
+            ("reads", runtime.pending_reads(), config.max_pending_reads),
+        ):
+            depth.add_metric([*values, queue], size)
+            bound.add_metric([*values, queue], limit)
+    yield from (role, term, commit, applied, last, has_leader, lag, lag_seconds, changes, depth, bound)
+
+
+def _node_instruments(instruments: Any, node: str) -> Iterator[Any]:
+    """The runtime's :class:`~kommander.runtime.instruments.NodeInstruments`."""
+    labels = ["node", "partition"]
+    started = CounterMetricFamily("kommander_elections_started", "Campaigns this node started", labels=labels)
+    won = CounterMetricFamily("kommander_elections_won", "Campaigns this node won (it became leader)", labels=labels)
+    for partition, count in sorted(instruments.elections_started.items()):
+        started.add_metric([node, str(partition)], count)
+    for partition, count in sorted(instruments.elections_won.items()):
+        won.add_metric([node, str(partition)], count)
+    yield from (started, won)
+    proposals = CounterMetricFamily("kommander_proposals", "Write results by status", labels=["node", "status"])
+    for status, count in sorted(instruments.outcomes().items()):
+        proposals.add_metric([node, status], count)
+    yield proposals
+    for name, source, text in (
+        ("kommander_proposal_seconds", instruments.proposal_seconds, "From a batch entering the log to its first result"),
+        ("kommander_read_index_seconds", instruments.read_index_seconds, "From a linearizable read's start to its index being applied"),
+    ):
+        family = histogram(name, text, ["node"])
+        add_histogram(family, [node], source)
+        yield family
+    count = CounterMetricFamily("kommander_snapshots", "Snapshot operations ended", labels=["node", "operation", "outcome"])
+    size = CounterMetricFamily("kommander_snapshot_bytes", "Snapshot bytes taken, sent, received, restored", labels=["node", "operation"])
+    seconds = histogram("kommander_snapshot_seconds", "Duration of the snapshot operations that succeeded", ["node", "operation"])
+    for operation, counts in instruments.snapshots.items():
+        count.add_metric([node, operation, "ok"], counts.completed)
+        count.add_metric([node, operation, "failed"], counts.failed)
+        size.add_metric([node, operation], counts.bytes)
+        add_histogram(seconds, [node, operation], counts.seconds)
+    yield from (count, size, seconds)
+    yield from _work(instruments.work, node)
+
+
+def _work(board: Any, node: str) -> Iterator[Any]:
+    """Long work in progress (replay, snapshot take/send/receive/restore) from the WorkBoard."""
+    labels = ["node", "work", "partition", "unit"]
+    done = GaugeMetricFamily("kommander_work_done", "Amount of a long piece of work done so far", labels=labels)
+    total = GaugeMetricFamily("kommander_work_total", "Its whole amount, when known in advance", labels=labels)
+    ratio = GaugeMetricFamily("kommander_work_progress_ratio", "Share done (0..1), when the total is known", labels=labels[:3])
+    rate = GaugeMetricFamily("kommander_work_rate", "Units per second since the work started", labels=labels)
+    left = GaugeMetricFamily("kommander_work_remaining_seconds", "Estimated seconds left at that rate", labels=labels[:3])
+    now = board.seconds()
+    for progress in board.active():
+        values = [node, progress.work, str(progress.partition), progress.unit]
+        done.add_metric(values, progress.done - progress.start)
+        rate.add_metric(values, progress.rate(now))
+        if progress.total is not None:
+            whole = progress.total - progress.start
+            total.add_metric(values, whole)
+            ratio.add_metric(values[:3], min(1.0, (progress.done - progress.start) / whole) if whole > 0 else 1.0)
+            remaining = progress.remaining_seconds(now)
+            if remaining is not None:
+                left.add_metric(values[:3], remaining)
+    yield from (done, total, ratio, rate, left)
+
+
+def _wal(manager: Any, node: str) -> Iterator[Any]:
+    """The WAL's group-commit histograms (a WAL with ``instruments``) and the runtime's WAL queue."""
+    depth = GaugeMetricFamily("kommander_wal_queue_depth", "Batches waiting for the WAL to make them durable", labels=["node"])
+    bound = GaugeMetricFamily("kommander_wal_queue_bound", "Batches that may wait before the runtime stops collecting", labels=["node"])
+    depth.add_metric([node], len(getattr(manager, "_batches", ())))
+    bound.add_metric([node], getattr(manager, "max_pending_batches", 0))
+    yield from (depth, bound)
+    wal = getattr(manager.wal, "instruments", None)
+    if wal is None:
+        return
+    for name, source, text in (
+        ("kommander_wal_fsync_seconds", wal.sync_seconds, "Time one WAL group commit (transaction and sync) took"),
+        ("kommander_wal_batch_entries", wal.batch_entries, "Entries made durable by one group commit"),
+        ("kommander_wal_batch_bytes", wal.batch_bytes, "Payload bytes made durable by one group commit"),
+    ):
+        family = histogram(name, text, ["node"])
+        add_histogram(family, [node], source)
+        yield family
+    operations = CounterMetricFamily("kommander_wal_operations", "Mutating WAL operations committed", labels=["node"])
+    operations.add_metric([node], wal.operations)
+    yield operations
+
+
+def _transport(manager: Any, node: str) -> Iterator[Any]:
+    """Traffic per peer and refusals of a transport with ``counters`` (TCP, HTTP), and its queues."""
+    transport = manager.transport
+    counters = getattr(transport, "counters", None)
+    if counters is None:
+        return
+    labels = ["node", "peer", "direction"]
+    size = CounterMetricFamily("kommander_transport_bytes", "Bytes exchanged with a peer, frames' prefixes included", labels=labels)
+    frames = CounterMetricFamily("kommander_transport_frames", "Frames (messages) exchanged with a peer", labels=labels)
+    redials = CounterMetricFamily("kommander_transport_reconnects", "Redials (or new handshakes) of a peer after a failure", labels=["node", "peer"])
+    for peer, traffic in sorted(counters.peers.items()):
+        size.add_metric([node, peer, "sent"], traffic.bytes_out)
+        size.add_metric([node, peer, "received"], traffic.bytes_in)
+        frames.add_metric([node, peer, "sent"], traffic.frames_out)
+        frames.add_metric([node, peer, "received"], traffic.frames_in)
+        redials.add_metric([node, peer], traffic.reconnects)
+    refused = CounterMetricFamily("kommander_transport_refused_connections", "Connections or requests refused, by reason", labels=["node", "reason"])
+    for reason in REFUSAL_REASONS:
+        refused.add_metric([node, reason], counters.refused.get(reason, 0))
+    yield from (size, frames, redials, refused)
+    queued = getattr(transport, "queued_bytes", None)
+    limit = getattr(transport, "max_queue_bytes", None)
+    if queued is None or limit is None:
+        return
+    depth = GaugeMetricFamily("kommander_transport_queue_bytes", "Bytes of frames waiting to be sent to a peer", labels=["node", "peer"])
+    bound = GaugeMetricFamily("kommander_transport_queue_bound_bytes", "The bound of that queue while the peer is connected", labels=["node", "peer"])
+    peers = set(getattr(manager, "peer_metadata", {})) | {p for p in counters.peers if p != UNKNOWN}
+    for peer in sorted(peers):
+        depth.add_metric([node, peer], queued(peer))
+        bound.add_metric([node, peer], limit)
+    yield from (depth, bound)

@@ -31,6 +31,7 @@ from twisted.web import http, resource, server
 
 from kommander.core.errors import ProtocolError
 from kommander.plugins.tcp_protocol import PREFIX_BYTES, describe_address
+from kommander.runtime.traffic import TransportCounters
 from kommander.wire.codec import PROTOCOL_VERSION, Handshake, decode_message, encode_handshake
 
 CONTENT_TYPE = b"application/vnd.kommander.frames"
@@ -127,6 +128,7 @@ class InboundOwner(Protocol):
     running: bool
     receiver: Any
     stats: dict[str, int]
+    counters: TransportCounters
     log: Any
 
     def status_document(self) -> dict[str, Any]: ...
@@ -196,9 +198,13 @@ class Inbound:
         expected = self.sessions.get(node)
         return expected is not None and incarnation is not None and incarnation == str(expected)
 
-    def count_in(self, frames: int, size: int) -> None:
+    def count_in(self, sender: str, frames: int, size: int) -> None:
+        """A batch of ``frames`` frames, ``size`` bytes, from the known peer ``sender``."""
         self.transport.stats["frames_in"] += frames
         self.transport.stats["bytes_in"] += size
+        traffic = self.transport.counters.peer(sender)
+        traffic.frames_in += frames
+        traffic.bytes_in += size
 
     def deliver(self, sender: str, messages: list[tuple[int, Any]]) -> None:
         receiver = self.transport.receiver
@@ -207,9 +213,12 @@ class Inbound:
         for partition, message in messages:
             receiver.message_received(sender, partition, message)
 
-    def refused(self, address: str, node: str | None, reason: str) -> None:
+    def refused(self, address: str, node: str | None, reason: str, kind: str = "protocol") -> None:
         """Log a refused request or connection with the peer's address and why; the sender's
-        session ends, so it must shake hands again."""
+        session ends, so it must shake hands again.
+
+        :param kind: the metrics label, one of :data:`~kommander.runtime.traffic.REFUSAL_REASONS`.
+        """
         self.transport.log.warn(
             "refusing HTTP request from {address} (node {peer}): {reason}",
             address=address,
@@ -217,6 +226,7 @@ class Inbound:
             reason=reason,
         )
         self.transport.stats["protocol_errors"] += 1
+        self.transport.counters.refusal(kind)
         if node is not None:
             self.sessions.pop(node, None)
 
@@ -263,6 +273,7 @@ class PeerRequest(server.Request):
             describe_address(self.channel.transport.getPeer()),
             None,
             f"request body of {size} bytes exceeds the limit ({site.max_body_bytes} bytes)",
+            "frame_too_large",
         )
         transport = self.channel.transport
         transport.write(b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
@@ -311,7 +322,7 @@ class PeerChannel(http.HTTPChannel):
             waiter.callback(None)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        self.site.owner.refused(describe_address(self.transport.getPeer()), None, "malformed HTTP request")
+        self.site.owner.refused(describe_address(self.transport.getPeer()), None, "malformed HTTP request", "malformed_http")
         super()._respondToBadRequestAndDisconnect()
 
 
@@ -371,10 +382,10 @@ class PeerResource(resource.Resource):
         try:
             theirs, to = parse_handshake(request.content.getvalue())
         except ProtocolError as exc:
-            return self._refuse(request, address, None, 400, str(exc))
+            return self._refuse(request, address, None, 400, str(exc), "bad_handshake")
         reason = self.owner.check_incoming_handshake(theirs, to)
         if reason is not None:
-            return self._refuse(request, address, theirs.node_id, 403, reason)
+            return self._refuse(request, address, theirs.node_id, 403, reason, "handshake")
         self.owner.session_opened(theirs, address)
         return _json(request, 200, handshake_document(self.owner.handshake, theirs.node_id))
 
@@ -387,12 +398,12 @@ class PeerResource(resource.Resource):
         incarnation = _header(request, H_INCARNATION)
         if cluster != owner.cluster_id:
             reason = f"cluster id {cluster!r} is not ours ({owner.cluster_id!r})"
-            return self._refuse(request, address, sender, 403, reason)
+            return self._refuse(request, address, sender, 403, reason, "handshake")
         if to != owner.node_id:
             reason = f"batch addressed to {to!r}, not this node ({owner.node_id!r})"
-            return self._refuse(request, address, sender, 403, reason)
+            return self._refuse(request, address, sender, 403, reason, "handshake")
         if sender is None or not owner.is_peer(sender):
-            return self._refuse(request, address, sender, 403, f"node id {sender!r} is not a known peer")
+            return self._refuse(request, address, sender, 403, f"node id {sender!r} is not a known peer", "handshake")
         if not owner.has_session(sender, incarnation):
             # Not hostile: we restarted, or the sender did. It shakes hands again.
             return _json(request, 409, {"error": "no handshake from this incarnation; shake hands first"})
@@ -409,7 +420,7 @@ class PeerResource(resource.Resource):
                 return self._refuse(
                     request, address, sender, 400, f"message dst {message.dst!r} is not this node ({owner.node_id!r})"
                 )
-        owner.count_in(len(frames), len(request.content.getvalue()))
+        owner.count_in(sender, len(frames), len(request.content.getvalue()))
         try:
             owner.deliver(sender, messages)
         except ProtocolError as exc:
@@ -417,8 +428,10 @@ class PeerResource(resource.Resource):
         request.setResponseCode(204)
         return b""
 
-    def _refuse(self, request: server.Request, address: str, node: str | None, code: int, reason: str) -> bytes:
-        self.owner.refused(address, node, reason)
+    def _refuse(
+        self, request: server.Request, address: str, node: str | None, code: int, reason: str, kind: str = "protocol"
+    ) -> bytes:
+        self.owner.refused(address, node, reason, kind)
         return _json(request, code, {"error": reason})
 
 

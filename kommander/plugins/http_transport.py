@@ -44,6 +44,7 @@ from kommander.plugins.http_client import PeerState as _Peer
 from kommander.plugins.tcp import backoff_delay
 from kommander.plugins.tcp_peers import check_limits
 from kommander.plugins.tcp_protocol import PREFIX_BYTES, describe_address
+from kommander.runtime.traffic import TransportCounters
 from kommander.wire.codec import PROTOCOL_VERSION, Handshake, encode_handshake, encode_message
 
 if TYPE_CHECKING:
@@ -135,6 +136,8 @@ class HTTPTransport:
         self.fixed_incarnation = incarnation
         self.incarnation = 0
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        #: Traffic per peer, retries and refusals by reason (read by ``kommander.ops.metrics``).
+        self.counters = TransportCounters()
         self.listening_port: IListeningPort | None = None
         self.handshake = Handshake(PROTOCOL_VERSION, cluster_id, node_id, 0, {})
         self.site: srv.PeerSite | None = None
@@ -309,6 +312,7 @@ class HTTPTransport:
     def _request(self, peer: _Peer, path: bytes, headers: dict[bytes, bytes], body: bytes) -> defer.Deferred[Any]:
         self.stats["requests"] += 1
         self.stats["bytes_out"] += len(body)
+        self.counters.peer(peer.node_id).bytes_out += len(body)
         agent = self._agent(peer)
         headers = {name: [value] for name, value in headers.items()}
         # The host part is only the Host header: the agent's endpoint factory decides where to go.
@@ -385,6 +389,7 @@ class HTTPTransport:
             frames += 1
         peer.queued_bytes -= size
         self.stats["frames_out"] += frames
+        self.counters.peer(peer.node_id).frames_out += frames
         assert peer.handshake is not None
         headers = {
             b"content-type": srv.CONTENT_TYPE,
@@ -453,6 +458,7 @@ class HTTPTransport:
     def _retry(self, peer: _Peer) -> None:
         peer.retry = None
         self.stats["reconnects"] += 1
+        self.counters.peer(peer.node_id).reconnects += 1
         self._ensure(peer)
 
     def _disconnect(self, peer: _Peer) -> defer.Deferred[None]:

@@ -34,6 +34,7 @@ from kommander.plugins.tcp_peers import PeerRecord, backoff_delay, check_limits,
 from kommander.plugins.tcp_protocol import PeerConnection, PeerFactory, describe_address
 from kommander.plugins.tcp_security import PeerSecurity
 from kommander.runtime.ratelimit import RateLimitedLog
+from kommander.runtime.traffic import TransportCounters
 from kommander.wire.codec import PROTOCOL_VERSION, Handshake, encode_handshake
 
 if TYPE_CHECKING:
@@ -138,6 +139,8 @@ class TCPTransport:
         self.incarnation = 0
         #: Counters for observability; see :data:`STAT_NAMES`.
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        #: Traffic per peer, redials and refusals by reason (read by ``kommander.ops.metrics``).
+        self.counters = TransportCounters()
         #: The bound port once :meth:`start` fired (``listening_port.getHost().port`` for port 0).
         self.listening_port: IListeningPort | None = None
         #: Our encoded handshake, sent first on every connection.
@@ -316,6 +319,7 @@ class TCPTransport:
             conn.counted_inbound = True
             return True
         self.stats["refused_connections"] += 1
+        self.counters.refusal("connection_limit")
         self._log_refused(
             "node {node} refused a connection from {address}: {why} ({suppressed} more refused since the last such line)",
             node=self.node_id,
@@ -469,6 +473,7 @@ class TCPTransport:
     def _redial(self, peer: PeerRecord) -> None:
         peer.retry = None
         self.stats["reconnects"] += 1
+        self.counters.peer(peer.node_id).reconnects += 1
         self._ensure_dial(peer)
 
     def _dial(self, peer: PeerRecord) -> None:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
     from kommander.plugins.peer_secret import SecretSession
+    from kommander.runtime.traffic import TransportCounters
 
 PREFIX_BYTES = 4
 #: Until a peer's handshake is accepted its frames may be at most this large: a handshake with
@@ -58,6 +59,8 @@ class ConnectionOwner(TypingProtocol):
     #: Our encoded handshake, sent first on every connection.
     handshake_frame: bytes
     stats: dict[str, int]
+    #: Traffic per peer and refusals by reason, for the metrics.
+    counters: TransportCounters
     log: Logger
 
     @property
@@ -213,6 +216,9 @@ class PeerConnection(FrameReceiver):
         self.session: SecretSession | None = None
         self._tls_record: Any = None
         self._handshake_timer: IDelayedCall | None = None
+        #: Where this connection's frames are counted: the dialed peer's record, or the unknown
+        #: one until the peer's handshake is accepted.
+        self.traffic = owner.counters.peer(expected if outgoing else None)
 
     @property
     def peer_id(self) -> str | None:
@@ -250,12 +256,15 @@ class PeerConnection(FrameReceiver):
         else:
             self._write_body(owner.handshake_frame)
         self._handshake_timer = self.owner.reactor.callLater(
-            self.owner.handshake_timeout, self.refuse, "no handshake in time"
+            self.owner.handshake_timeout, self.refuse, "no handshake in time", "handshake_timeout"
         )
 
     def frame_received(self, body: bytes) -> None:
         self.last_received = self.owner.reactor.seconds()
         self.owner.count_in(len(body) + PREFIX_BYTES)
+        traffic = self.traffic
+        traffic.frames_in += 1
+        traffic.bytes_in += len(body) + PREFIX_BYTES
         session = self.session
         if session is not None:
             try:
@@ -264,7 +273,7 @@ class PeerConnection(FrameReceiver):
                     return
                 body = session.open(body)  # before any decoding
             except AuthenticationError as exc:
-                self.refuse(str(exc))
+                self.refuse(str(exc), "authentication")
                 return
         if self.handshake is None:
             self._handshake_received(body)
@@ -302,31 +311,34 @@ class PeerConnection(FrameReceiver):
         try:
             handshake = decode_handshake(body)
         except ProtocolError as exc:
-            self.refuse(f"bad handshake: {exc}")
+            self.refuse(f"bad handshake: {exc}", "bad_handshake")
             return
         security = self.owner.security
         reason = security.identity_refusal(self.transport, self.session, handshake, self.owner.cluster_id)
+        kind = "identity"
         if reason is None:
             self.authenticated = security.enabled
             reason = self.owner.check_handshake(self, handshake)
+            kind = "handshake"
         if reason is not None:
-            self.refuse(reason)
+            self.refuse(reason, kind)
             return
         self._cancel_handshake_timer()
         self.handshake = handshake
         self.MAX_LENGTH = self.owner.max_frame_bytes + (MAC_BYTES if self.session is not None else 0)
         self.verified_at = self.owner.reactor.seconds()
+        self.traffic = self.owner.counters.peer(handshake.node_id)  # a peer the transport knows
         self.owner.connection_verified(self)
 
     def frame_too_large(self, length: int) -> None:
         limit = "max_frame_bytes" if self.handshake is not None else "the handshake limit"
-        self.refuse(str(FrameTooLarge(f"frame of {length} bytes exceeds {limit} ({self.MAX_LENGTH} bytes)")))
+        self.refuse(str(FrameTooLarge(f"frame of {length} bytes exceeds {limit} ({self.MAX_LENGTH} bytes)")), "frame_too_large")
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if not self.closed and self.handshake is None:
             why = self.owner.security.failure_text(self._tls_record, reason)
             if why is not None:
-                self._log_refusal(why)  # the connection is gone already: nothing to close
+                self._log_refusal(why, "tls")  # the connection is gone already: nothing to close
         self.closed = True
         self.stop_receiving()
         self._cancel_handshake_timer()
@@ -344,14 +356,18 @@ class PeerConnection(FrameReceiver):
         self.paused = True
 
     # ------------------------------------------------------------------ used by the transport
-    def refuse(self, reason: str) -> None:
-        """Log ``reason`` with the peer address, count a protocol error and abort the connection."""
+    def refuse(self, reason: str, kind: str = "protocol") -> None:
+        """Log ``reason`` with the peer address, count a protocol error and abort the connection.
+
+        :param kind: the refusal's metrics label, one of
+            :data:`~kommander.runtime.traffic.REFUSAL_REASONS`.
+        """
         if self.closed:
             return
-        self._log_refusal(reason)
+        self._log_refusal(reason, kind)
         self.close(abort=True)
 
-    def _log_refusal(self, reason: str) -> None:
+    def _log_refusal(self, reason: str, kind: str) -> None:
         self.owner.log.warn(
             "closing connection {direction} {address} (node {peer}): {reason}",
             direction="to" if self.outgoing else "from",
@@ -360,6 +376,7 @@ class PeerConnection(FrameReceiver):
             reason=reason,
         )
         self.owner.stats["protocol_errors"] += 1
+        self.owner.counters.refusal(kind)
 
     def close(self, abort: bool = False) -> None:
         """Close without logging: on stop, on replacement, or after :meth:`refuse` logged why."""
@@ -406,6 +423,9 @@ class PeerConnection(FrameReceiver):
 
     def _write_batch(self, pieces: list[bytes], frames: int, size: int) -> None:
         self.owner.count_out(frames, size)
+        traffic = self.traffic
+        traffic.frames_out += frames
+        traffic.bytes_out += size
         self.transport.writeSequence(pieces)
 
     def _cancel_handshake_timer(self) -> None:

@@ -28,6 +28,7 @@ from kommander.core.errors import ConfigurationError, KommanderError
 from kommander.core.types import Entry, SnapshotMeta
 from kommander.interfaces import IWAL, IWALMetadata, WalState, WalWrite
 from kommander.plugins.wal_common import WALError
+from kommander.runtime.instruments import WALInstruments
 
 #: ``sync``: a write's Deferred fires once its commit is on disk (fsync). ``nosync``: once the
 #: commit is in the operating system's buffers; survives a process crash, not a power failure.
@@ -133,6 +134,9 @@ class ThreadedWAL:
         self._state = "closed"  # -> "open" -> "closing" -> "closed"
         self._close_waiters: list[defer.Deferred[None]] = []
         self._shutdown_trigger: Any = None
+        #: What the group commits cost (sync latency, entries and bytes per group), recorded on
+        #: the reactor thread with each group's results; read by ``kommander.ops.metrics``.
+        self.instruments = WALInstruments()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -293,8 +297,9 @@ class ThreadedWAL:
         self._shutdown_trigger = None  # firing now; removing it during shutdown would warn
         return self.close()
 
-    @staticmethod
-    def _fire(outcomes: list[tuple[defer.Deferred, bool, Any]]) -> None:
+    def _fire(self, outcomes: list[tuple[defer.Deferred, bool, Any]], sample: tuple | None = None) -> None:
+        if sample is not None:
+            self.instruments.group_committed(*sample)
         for deferred, ok, value in outcomes:
             if ok:
                 deferred.callback(value)
@@ -303,9 +308,10 @@ class ThreadedWAL:
 
     # ------------------------------------------------------------------ writer thread
 
-    def _deliver(self, outcomes: list[tuple[defer.Deferred, bool, Any]]) -> None:
-        # One hop to the reactor per group keeps the callbacks in order and the wake-ups few.
-        self._reactor.callFromThread(self._fire, outcomes)
+    def _deliver(self, outcomes: list[tuple[defer.Deferred, bool, Any]], sample: tuple | None = None) -> None:
+        # One hop to the reactor per group keeps the callbacks in order and the wake-ups few; a
+        # group commit's timing rides along with its results.
+        self._reactor.callFromThread(self._fire, outcomes, sample)
 
     def _run(self, operations: queue.SimpleQueue[_Operation]) -> None:
         store = self.store
@@ -335,11 +341,13 @@ class ThreadedWAL:
                         break
                     group.append(following)
                     weight += following.weight
+                started = time.perf_counter()
                 try:
                     results = store.apply([(op.kind, op.args) for op in group])
                 except Exception as exc:  # apply reports failures itself; this only guards the thread
                     results = [WALError(f"write failed: {exc}", cause=exc)] * len(group)
-                self._deliver([(op.deferred, error is None, error) for op, error in zip(group, results)])
+                sample = (time.perf_counter() - started, len(group), *_payload(group))
+                self._deliver([(op.deferred, error is None, error) for op, error in zip(group, results)], sample)
                 # Bound the log files under heavy writing too, not only every checkpoint_interval.
                 self._checkpoint(store, self._checkpoint_kbytes)
                 continue
@@ -369,3 +377,17 @@ class ThreadedWAL:
             self._reactor.callFromThread(
                 _log.error, "{name} checkpoint of {path} failed: {error!r}", name=self.storage_name, path=self.path, error=exc
             )
+
+
+def _payload(group: list[_Operation]) -> tuple[int, int]:
+    """Entries and payload bytes the writes of ``group`` carry (on the writer thread)."""
+    entries = size = 0
+    for op in group:
+        if op.kind == WRITE:
+            try:
+                for item in op.args[0]:
+                    entries += len(item.entries)
+                    size += sum(len(entry.data) for entry in item.entries)
+            except Exception:  # noqa: BLE001 - a malformed batch the store refused; not worth a sample
+                continue
+    return entries, size

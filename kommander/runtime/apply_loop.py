@@ -43,6 +43,7 @@ class ApplyLoop:
     applied: int
     restoring: bool
     restore_until: int
+    replay: Any
     _tickets: Any
     _held: Any
     _held_pos: int
@@ -205,9 +206,15 @@ class ApplyLoop:
                 self.host.applier.applied(self, item, outcome, restoring)
             # Only now, with the state machine done, does the entry count as applied.
             self.applied = item.index
-        if restoring and self.applied >= self.restore_until:
-            self.restoring = False
-            self.host.restore_finished(self)
+        if restoring:
+            if self.replay is not None:
+                self.replay.update(self.applied)
+            if self.applied >= self.restore_until:
+                self.restoring = False
+                if self.replay is not None:
+                    self.replay.finish()
+                    self.replay = None
+                self.host.restore_finished(self)
         if not isinstance(item, SnapshotMeta):
             if self.inflight and self.inflight[0].first <= item.index:
                 self._resolve(item, outcome)

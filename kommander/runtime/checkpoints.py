@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from kommander.core.types import Entry, SnapshotMeta
 from kommander.interfaces import WalState
+from kommander.runtime.instruments import instruments_of
 from kommander.runtime.snapshots import SnapshotError, encode_runtime
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,7 +107,7 @@ class Checkpointer:
         tickets, chunks = store.open(number, chosen, verify=False)
         if getattr(tickets, "membership", None) is not None:
             chosen = replace(chosen, membership=tickets.membership)  # the core starts from it
-        yield self._restore_state_machine(number, chunks)
+        yield self._restore_state_machine(number, chunks, chosen)
         _log.info(
             "partition {p}: restored snapshot at {index}; {n} log entries follow it",
             p=number,
@@ -115,13 +116,28 @@ class Checkpointer:
         )
         return chosen, entries, tickets
 
-    def _restore_state_machine(self, number: int, chunks: Any) -> Any:
+    def _restore_state_machine(self, number: int, chunks: Any, meta: SnapshotMeta) -> Any:
         restore = getattr(self.host.state_machine, "restore", None)
         if restore is None:
             raise SnapshotError(
                 f"partition {number} has a snapshot but the state machine cannot restore one"
             )
-        return defer.maybeDeferred(restore, number, chunks)
+        instruments = instruments_of(self.host)
+        if instruments is None:
+            return defer.maybeDeferred(restore, number, chunks)
+        progress = instruments.work.begin("snapshot_restore", number, f"restoring snapshot at {meta.index}", None, "bytes")
+
+        def counted() -> Any:
+            for chunk in chunks:
+                progress.advance(len(chunk))
+                yield chunk
+
+        def ended(result: Any, ok: bool) -> Any:
+            instruments.snapshot_done("restore", int(progress.done), progress.finish(), ok)
+            return result
+
+        d = defer.maybeDeferred(restore, number, counted())
+        return d.addCallbacks(ended, ended, callbackArgs=(True,), errbackArgs=(False,))
 
     # ------------------------------------------------------------------ installing from a leader
 
@@ -129,7 +145,7 @@ class Checkpointer:
         """Replace the partition's state by the snapshot a leader sent (already stored)."""
         # The receiver checked the digest as the bytes arrived; no second pass.
         tickets, chunks = self.host.snapshot_store.open(runtime.number, meta, verify=False)
-        d = self._restore_state_machine(runtime.number, chunks)
+        d = self._restore_state_machine(runtime.number, chunks, meta)
 
         def restored(_: Any) -> None:
             runtime.tickets = tickets
@@ -185,17 +201,38 @@ class Checkpointer:
             _log.failure("partition {p}: state machine snapshot failed", p=runtime.number)
             return defer.fail(e)
 
+        progress = self._take_progress(runtime, index)
+
         def produce() -> Any:
             for chunk in chunks:
                 # The write runs on the store's IO thread; waiting for it paces the state
                 # machine's producer to the disk instead of queueing the whole state in memory.
-                yield writer.write_state(bytes(chunk))
+                data = bytes(chunk)
+                if progress is not None:
+                    progress.advance(len(data))
+                yield writer.write_state(data)
 
         d = self.cooperator.cooperate(produce()).whenDone()
         d.addCallback(lambda _: writer.write_trailer())
         d.addCallback(lambda _: writer.finish())
         d.addCallbacks(lambda _: self._written(runtime, meta, previous), self._failed, errbackArgs=(runtime, writer))
+        if progress is not None:
+            d.addBoth(self._took, progress)
         return d
+
+    def _take_progress(self, runtime: "PartitionView", index: int) -> Any:
+        instruments = instruments_of(self.host)
+        if instruments is None:
+            return None
+        return instruments.work.begin("snapshot_take", runtime.number, f"taking a snapshot at {index}", None, "bytes")
+
+    def _took(self, result: Any, progress: Any) -> Any:
+        """Count a snapshot taken (a result that is its meta) or not (``None``: failed, or the
+        node stopped before compacting)."""
+        instruments = instruments_of(self.host)
+        ok = isinstance(result, SnapshotMeta)
+        instruments.snapshot_done("take", int(progress.done), progress.finish(), ok)
+        return result
 
     def _written(self, runtime: "PartitionView", meta: SnapshotMeta, previous: SnapshotMeta | None) -> Any:
         """The snapshot is durable: compact the WAL up to the one before it. A compaction that

@@ -21,6 +21,7 @@ from kommander.runtime.bootstrap import REJOINING_KEY, encode_rejoining, initial
 from kommander.runtime.checkpoints import Checkpointer
 from kommander.runtime.drive import DriveLoop
 from kommander.runtime.framing import FrameBudget
+from kommander.runtime.instruments import NodeInstruments
 from kommander.runtime.ratelimit import RateLimitedLog
 from kommander.config import RaftConfiguration
 from kommander.core.errors import ConfigurationError, KommanderError, NotLeader, QueueFull
@@ -101,6 +102,8 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi):
         #: What fits in one frame of ``transport`` (proposal limit, core batch limits).
         self.frame_budget = FrameBudget.for_transport(transport, self.config)
         self._log_too_large = RateLimitedLog(self.log.warn, reactor.seconds)
+        #: Counters and histograms read by ``kommander.ops.metrics`` (proposals, reads, elections).
+        self.instruments = NodeInstruments(reactor.seconds)
         self.clock = clock
         self.state_machine = state_machine
         self.rng = rng or random.Random()
@@ -408,6 +411,7 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi):
             p=partition,
             error=error,
         )
+        self.instruments.proposal_refused(Status.TOO_LARGE)
         return defer.succeed(ReplicationResult.failed(Status.TOO_LARGE, error))
 
     def commit_logs(self, partition: int, ticket_id: int) -> defer.Deferred[ReplicationResult]:
@@ -484,15 +488,17 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi):
     def _submit(
         self, runtime: PartitionRuntime, proposals: list[Proposal], on_done: Any = None, bounded: bool = True
     ) -> Any:
-        request = Request(proposals, self.reactor.seconds() + self.config.operation_timeout)
+        request = Request(proposals, self.reactor.seconds() + self.config.operation_timeout, self.instruments)
         if not self._running:
             failure = ReplicationResult.failed(Status.ERRORED, self._failed or "the node is not running")
+            self.instruments.proposal_refused(failure.status)
             if on_done is not None:
                 on_done(failure, request)
             return defer.succeed(failure)
         request.on_done = on_done
         failure = runtime.enqueue(request, bounded)
         if failure is not None:
+            self.instruments.proposal_refused(failure.status)
             if on_done is not None:
                 on_done(failure, request)
             return defer.succeed(failure)
@@ -533,6 +539,7 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi):
         except NotLeader as e:
             return defer.fail(e)
         d: defer.Deferred[int] = defer.Deferred()
+        self.instruments.read_started(d)
         runtime.reads[context] = (d, self.reactor.seconds() + self.config.operation_timeout)
         self.mark_dirty(runtime)
         return d

@@ -33,6 +33,7 @@ from kommander.core.types import Entry, EntryKind, Proposal, Role, SnapshotMeta
 from kommander.results import RaftOperationStatus, ReplicationResult
 from kommander.runtime.tickets import HeldTickets, TicketBook
 from kommander.runtime.apply_loop import ApplyLoop
+from kommander.runtime.instruments import AppendTimes, replay_progress
 from kommander.runtime.membership import MembershipChanges
 from kommander.runtime.transfer import SnapshotReceiver
 
@@ -45,9 +46,9 @@ Status = RaftOperationStatus
 class Request:
     """One caller waiting on entries: queued, then proposed, then applied."""
 
-    __slots__ = ("proposals", "deferred", "deadline", "first", "last", "term", "results", "on_done")
+    __slots__ = ("proposals", "deferred", "deadline", "first", "last", "term", "results", "on_done", "instruments", "proposed_at")
 
-    def __init__(self, proposals: list[Proposal], deadline: float) -> None:
+    def __init__(self, proposals: list[Proposal], deadline: float, instruments: Any = None) -> None:
         self.proposals = proposals
         self.deferred: defer.Deferred[ReplicationResult] = defer.Deferred()
         self.deadline = deadline
@@ -58,12 +59,18 @@ class Request:
         #: Called with the result and this request just before the caller's Deferred fires
         #: (ticket bookkeeping).
         self.on_done: Any = None
+        #: Counts the outcome (``NodeInstruments``), and the reactor time the request's batch
+        #: entered the log when it is the batch's first (timed) request, else 0.
+        self.instruments = instruments
+        self.proposed_at = 0.0
 
     def finish(self, result: ReplicationResult) -> None:
         if self.deferred.called:
             return
         if self.on_done is not None:
             self.on_done(result, self)
+        if self.instruments is not None:
+            self.instruments.proposal_finished(result, self.proposed_at)
         self.deferred.callback(result)
 
 
@@ -88,6 +95,8 @@ class PartitionRuntime(ApplyLoop):
         self.reads_full = False
         #: Likewise for proposals and QUEUE_FULL.
         self.queue_full = False
+        #: On a leader: when its recent batches were appended (followers' lag in seconds).
+        self.append_times = AppendTimes()
         self.applied = core.log.applied
         #: Entries committed but not yet applied (apply may be asynchronous); the head is the one
         #: being applied. At most ``max_apply_queue`` (the core holds the rest back).
@@ -109,6 +118,8 @@ class PartitionRuntime(ApplyLoop):
         self.term = core.term
         self.restore_until = core.log.committed
         self.restoring = self.restore_until > self.applied
+        #: Progress of the start-up replay (logged every few seconds, listed in the metrics).
+        self.replay = replay_progress(host, number, self.applied, self.restore_until) if self.restoring else None
         # Checkpoints (see checkpoints.py).
         self.snapshot_index = core.log.snapshot.index
         self.since_snapshot_entries = 0
@@ -201,7 +212,10 @@ class PartitionRuntime(ApplyLoop):
         self.queued_entries -= len(proposals)
         index = first
         term = core.term
-        deadline = self.host.reactor.seconds() + self.host.config.ticket_timeout
+        now = self.host.reactor.seconds()
+        deadline = now + self.host.config.ticket_timeout
+        batch[0].proposed_at = now  # one latency sample per batch, not per request
+        self.append_times.record(first + len(proposals) - 1, now)
         for request in batch:
             request.first = index
             request.last = index + len(request.proposals) - 1
@@ -268,6 +282,9 @@ class PartitionRuntime(ApplyLoop):
     def leadership_changed(self) -> None:
         """Called when the core's role, leader or term changed."""
         core = self.core
+        instruments = getattr(self.host, "instruments", None)
+        if instruments is not None:
+            instruments.role_changed(self.number, self.role, self.term, core.role, core.term)
         was_leader = self.role is Role.LEADER
         if was_leader and (core.role is not Role.LEADER or core.term != self.term):
             # Requests whose entries are known committed still complete when applied; the rest
@@ -285,6 +302,9 @@ class PartitionRuntime(ApplyLoop):
             self.book.clear()
             if self.changes.waiting:
                 self.changes.leadership_lost()
+            self.append_times.clear()
+        if core.role is Role.LEADER and (not was_leader or core.term != self.term):
+            self.append_times.record(core.log.last_index(), self.host.reactor.seconds())  # its no-op
         self.role, self.leader, self.term = core.role, core.leader, core.term
 
     def config_applied(self, entry: Entry) -> None:

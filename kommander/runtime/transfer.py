@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from kommander.core.progress import ProgressState
 from kommander.core.types import InstallSnapshot, Role, SnapshotChunk, SnapshotChunkAck, SnapshotMeta
+from kommander.runtime.instruments import instruments_of
 from kommander.runtime.snapshots import SnapshotError, SnapshotWriter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,11 +63,23 @@ class SnapshotSender:
         self.closed = False
         #: Called with this sender when reading the snapshot fails (the tracker abandons it).
         self.on_error: Any = None
+        self.instruments = instruments_of(host)
+        self.progress = None
+        if self.instruments is not None:
+            what = f"sending snapshot at {self.meta.index} to {self.peer}"
+            self.progress = self.instruments.work.begin("snapshot_send", runtime.number, what, self.size, "bytes")
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.reader.close()
+            self._measured(False)
+
+    def _measured(self, ok: bool) -> None:
+        """Count the transfer once: completed (every byte acknowledged) or abandoned."""
+        progress, self.progress = self.progress, None
+        if progress is not None and self.instruments is not None:
+            self.instruments.snapshot_done("send", self.bytes_sent, progress.finish(), ok)
 
     def finished(self) -> bool:
         """Every byte is acknowledged (the follower may still be installing)."""
@@ -106,6 +119,8 @@ class SnapshotSender:
             out.append((number, SnapshotChunk(self.term, self.host.node_id, self.peer, self.meta, start, piece, done)))
         self.sent += len(data)
         self.bytes_sent += len(data)
+        if self.progress is not None:
+            self.progress.update(self.sent)
         if out:
             self.host.send_now(self.peer, out)
         self.pump()
@@ -142,6 +157,8 @@ class SnapshotSender:
             self.acked = offset
             if self.rewound_to is not None and offset > self.rewound_to:
                 self.rewound_to = None
+            if self.finished():
+                self._measured(True)
         self.pump()
 
     def stalled(self, now: float, timeout: float) -> bool:
@@ -155,6 +172,7 @@ class _Incoming:
     term: int
     writer: SnapshotWriter
     offset: int = 0
+    progress: Any = None
 
 
 class SnapshotReceiver:
@@ -182,6 +200,10 @@ class SnapshotReceiver:
             self.reset()
             writer = self.host.snapshot_store.writer(self.runtime.number, m.meta)
             incoming = self.incoming = _Incoming(m.meta, m.src, m.term, writer)
+            instruments = instruments_of(self.host)
+            if instruments is not None:
+                what = f"receiving snapshot at {m.meta.index} from {m.src}"
+                incoming.progress = instruments.work.begin("snapshot_receive", self.runtime.number, what, None, "bytes")
         if m.offset != incoming.offset:
             self._ack(m, incoming.offset, success=m.offset < incoming.offset)
             return
@@ -203,11 +225,13 @@ class SnapshotReceiver:
         # once they are on disk, so the leader's window also bounds what waits in memory here.
         written = incoming.writer.write_raw(m.data)
         incoming.offset += len(m.data)
+        if incoming.progress is not None:
+            incoming.progress.update(incoming.offset)
         written.addCallbacks(self._written, self._write_failed, callbackArgs=(m, incoming.offset))
         if m.done:
             self.incoming = None
             incoming.writer.finish().addCallbacks(
-                self._installed, self._failed, callbackArgs=(m,), errbackArgs=(m,)
+                self._installed, self._failed, callbackArgs=(m, incoming), errbackArgs=(m, incoming)
             )
 
     def _written(self, _: Any, m: SnapshotChunk, offset: int) -> None:
@@ -225,9 +249,17 @@ class SnapshotReceiver:
     def reset(self) -> None:
         if self.incoming is not None:
             self.incoming.writer.abort()
+            self._measured(self.incoming, False)
             self.incoming = None
 
-    def _installed(self, meta: SnapshotMeta, m: SnapshotChunk) -> None:
+    def _measured(self, incoming: _Incoming, ok: bool) -> None:
+        progress, incoming.progress = incoming.progress, None
+        instruments = instruments_of(self.host)
+        if progress is not None and instruments is not None:
+            instruments.snapshot_done("receive", incoming.offset, progress.finish(), ok)
+
+    def _installed(self, meta: SnapshotMeta, m: SnapshotChunk, incoming: _Incoming) -> None:
+        self._measured(incoming, True)
         if not self.host.running:
             return
         _log.info(
@@ -239,7 +271,8 @@ class SnapshotReceiver:
         )
         self._step(m)
 
-    def _failed(self, failure: Any, m: SnapshotChunk) -> None:
+    def _failed(self, failure: Any, m: SnapshotChunk, incoming: _Incoming) -> None:
+        self._measured(incoming, False)
         _log.failure("partition {p}: snapshot transfer failed", failure, p=self.runtime.number)
         # Ask for the whole snapshot again now rather than letting the leader time out.
         self._ack(m, 0, success=False)
