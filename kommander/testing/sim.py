@@ -277,6 +277,8 @@ class Simulation(Reconfigure, Checks):
             # One write on disk, but checked Ready by Ready: each one's promises must hold once
             # it (and everything before it) is durable.
             node.persist(ready)
+            if ready.entries:
+                self._register(node, ready.entries, node.durable_term(ready.entries[0].index - 1) or 0)
             if ready.entries and ready.entries[0].index <= node.applied:
                 self._check_applied_durable(node, ready.entries[0].index)
             for m in ready.persisted_messages:

@@ -8,7 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from kommander.core.types import AppendEntriesResponse, EntryKind, Message, Ready, Role, VoteRequest, VoteResponse
+from kommander.core.types import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Entry,
+    EntryKind,
+    Heartbeat,
+    InstallSnapshot,
+    Message,
+    Ready,
+    Role,
+    TimeoutNow,
+    VoteRequest,
+    VoteResponse,
+)
 from kommander.testing.sim_model import TICK, SimConfig, SimNode, Violation
 from kommander.testing.sim_reconfig import quorum_of
 
@@ -71,17 +84,6 @@ class Checks:
                     )
         if ready.entries:
             self._check_config_entries(node, ready)
-            log = core.log
-            for entry in ready.entries:
-                prev = log.term_or_zero(entry.index - 1)
-                key = (entry.index, entry.term)
-                value = (prev, entry.kind, entry.data)
-                known = self.registry.setdefault(key, value)
-                if known != value:
-                    raise Violation(
-                        "log-matching",
-                        f"{node.id} holds a different entry {key} (prev term {prev}) than another node",
-                    )
         for rs in ready.read_states:
             owner, required = self.reads.pop(rs.context, (None, 0))
             if owner != node.id:
@@ -182,8 +184,28 @@ class Checks:
                     f"{node.id} applied {index} but a later write left term {node.durable_term(index)} there",
                 )
 
+    def _register(self, node: SimNode, entries: "tuple[Entry, ...] | list[Entry]", prev: int) -> None:
+        """Log Matching over every entry that exists beyond one process's memory: written to a
+        node's disk or sent in a message. (An entry a crash took back before either never
+        existed for anyone; its index and term may be used again by the same node.)"""
+        for entry in entries:
+            key = (entry.index, entry.term)
+            value = (prev, entry.kind, entry.data)
+            known = self.registry.setdefault(key, value)
+            if known != value:
+                raise Violation(
+                    "log-matching",
+                    f"{node.id} holds a different entry {key} (prev term {prev}) than another node",
+                )
+            prev = entry.term
+
     def _check_persistence(self, node: SimNode, m: Message) -> None:
         kind = type(m)
+        if kind in (AppendEntries, Heartbeat, InstallSnapshot, TimeoutNow):
+            if node.hard.term < m.term:
+                raise Violation("persistence", f"{node.id} led term {m.term} before that term was durable: {m}")
+            if kind is AppendEntries and m.entries:
+                self._register(node, m.entries, m.prev_term)
         if kind is VoteResponse and m.granted and not m.pre_vote:
             if node.hard.term != m.term or node.hard.vote != m.dst:
                 raise Violation("persistence", f"{node.id} granted a vote before persisting it: {m}")
