@@ -17,7 +17,7 @@ Checked, besides every check of :mod:`kommander.testing.nodesim_checks`:
 
 * a refusal for quorum (``WOULD_LOSE_QUORUM``) changes nothing, and no record target is forced;
 * a leader's commit index, when it moves, is held durably by a majority of every voter set of
-  its configuration (joint ones: both);
+  the configuration in force at that index (a joint one: both, unless it had committed before);
 * a message from a node that was removed (and is outside the receiver's configuration) never
   raises a member's term nor makes its sender the member's leader;
 * after healing, every orchestration is finished: the record has no target and no learner or
@@ -72,6 +72,8 @@ class Members:
         self.lingering: dict[str, float] = {}
         #: nodes whose removal finished (until they join again)
         self.removed: set[str] = set()
+        #: node -> when its disk was last lost
+        self.wiped_at: dict[str, float] = {}
         self.commit_seen: dict[tuple[str, int], tuple[int, int, int]] = {}
 
     # ------------------------------------------------------------------ starting a node
@@ -138,6 +140,17 @@ class Members:
         elected = {p for p, _ in self.term_leaders}
         return len(elected) == self.config.partitions
 
+    def _others_sound(self, voters: list[str], victim: str | None) -> bool:
+        """Whether every voter is running as a full member of every partition (none catching
+        up on new storage). Only then may one go: a node catching up counts towards no quorum,
+        so losing another voter beside it leaves a partition that cannot decide anything, the
+        removal included. (The victim is drawn after this check; it must hold for all.)"""
+        for node_id in voters:
+            node = self.nodes[node_id]
+            if not node.up or any(r.core.catching_up for r in node.manager.runtimes):
+                return False
+        return True
+
     def _spare(self) -> "SimNode | None":
         spares = [n for n in self.nodes.values() if n.outside and n.manager is None and n.id not in self.lingering]
         return self.member_rng.choice(spares) if spares else None
@@ -158,6 +171,8 @@ class Members:
             spare = self._spare()
             if spare is not None:
                 self.intent = ("add", spare.id)
+        elif what in ("remove", "remove_leader", "replace") and not self._others_sound(voters, leader.id if what == "remove_leader" else None):
+            return  # losing a voter now would leave no quorum that can decide (see _others_sound)
         elif what in ("remove", "remove_leader") and len(voters) >= 3:
             victim = leader.id if what == "remove_leader" else rng.choice(voters)
             self.intent = ("remove", victim)
@@ -167,6 +182,7 @@ class Members:
             if victim.manager is not None:
                 self.crash(victim, torn=False)
             victim.disk.wipe()
+            self.wiped_at[victim.id] = self.clock.seconds()
             victim.down_until = None
             victim.retired = True
             self.stats["replaced"] += 1
@@ -253,6 +269,7 @@ class Members:
             self.crash(node, torn=False)
         node.down_until = None
         node.disk.wipe()
+        self.wiped_at[node.id] = self.clock.seconds()
         node.join = None
         self._log(f"{node.id} stopped and wiped after its removal")
 
@@ -275,8 +292,14 @@ class Members:
                 if seen is None or seen[:2] != (node.incarnation, core.term) or committed <= seen[2]:
                     continue
                 term = core.log.term(committed)
-                m = core.membership
-                for group in (m.voters, m.outgoing):
+                # The configuration in force at the new commit index. A joint one needs both
+                # majorities, unless it had committed already (then its incoming voters decide).
+                at, m = core._configs[0]
+                for index, config in core._configs:
+                    if index <= committed:
+                        at, m = index, config
+                groups = (m.voters, m.outgoing) if at > seen[2] else (m.voters,)
+                for group in groups:
                     if not group:
                         continue
                     holders = [v for v in sorted(group) if self._holds(v, runtime.number, committed, term)]
@@ -292,6 +315,8 @@ class Members:
         node = self.nodes.get(node_id)
         if node is None:
             return False
+        if self.clock.seconds() - self.wiped_at.get(node_id, -1e9) < 1.0:
+            return True  # its acknowledgement, sent before its disk was lost, may still arrive
         log = node.disk.durable._logs.get(partition)
         if log is None:
             return False
