@@ -6,7 +6,7 @@ point may lie below an entry the node acknowledged before it lost its disk."""
 from __future__ import annotations
 
 from kommander.core.rejoin import Standing
-from kommander.core.types import AppendEntries, Role
+from kommander.core.types import AppendEntries, AppendEntriesResponse, Role
 from tests.core.test_rejoin import RejoinNetwork
 
 
@@ -34,17 +34,24 @@ def test_wiped_node_stays_catching_up_below_a_stale_leader_commit_index() -> Non
 
     # n1 wins with n2's vote alone; its entries then reach nobody but n3, one at a time.
     net.isolate("n3")
-    net.campaign("n1")
-    assert net["n1"].role is Role.LEADER
-    net.heal()
-    net.drop(dst="n2", src="n1")
-    net.drop(src="n2", dst="n1")
-    n3 = net["n3"]
-    net.heartbeat("n1")
-    for _ in range(200):
-        if n3.log.last_index() >= 2 or not net.queue:
+    net.drop(AppendEntries, src="n1", dst="n2")
+    net.drop(AppendEntriesResponse, src="n2", dst="n1")
+    for _ in range(300):
+        if net["n1"].role is Role.LEADER or net["n2"].role is Role.LEADER:
             break
-        net.deliver(limit=1)
+        net.tick("n1", "n2")
+    assert net["n1"].role is Role.LEADER
+    assert net["n1"].log.committed < 4
+    net.heal()
+    net.cut("n1", "n2")
+    n3 = net["n3"]
+    for _ in range(500):
+        if n3.log.last_index() >= 2:
+            break
+        if net.queue:
+            net.deliver(limit=1)
+        else:
+            net.tick("n1", stabilize=False)
     assert 2 <= n3.log.last_index() < 4, n3.log.last_index()
     net.crash("n1")
     net.queue.clear()
