@@ -35,7 +35,7 @@ MUTATION_RUNS = {
     "figure8_commit_old_term": (range(0, 80), 26),
     # Caught by the commit-quorum check of the members profile when a joint configuration
     # commits with a majority of the old voters only.
-    "config_at_commit": (range(0, 60), 10),
+    "config_at_commit": (range(0, 60), 13),
 }
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-from kommander.core.types import Membership, Role
+from kommander.core.types import Membership, Role, TimeoutNow
 from kommander.runtime.members import RECORD_PARTITION, MemberRecord, MemberRole
 from kommander.runtime.orchestrate import MembershipStatus
 
@@ -74,6 +74,8 @@ class Members:
         self.removed: set[str] = set()
         #: node -> when its disk was last lost
         self.wiped_at: dict[str, float] = {}
+        #: leader -> configurations seen in its log (entry index, configuration)
+        self.config_indexes: dict[tuple[str, int], dict[tuple[int, Any], int]] = {}
         self.commit_seen: dict[tuple[str, int], tuple[int, int, int]] = {}
 
     # ------------------------------------------------------------------ starting a node
@@ -95,6 +97,10 @@ class Members:
                 original(peer, partition, message)
                 return
             core = runtimes[partition].core
+            if type(message) is TimeoutNow and core.leader == peer:
+                # A removed leader hands its partition to a voter that follows it (by design).
+                original(peer, partition, message)
+                return
             before = (core.term, core.leader)
             original(peer, partition, message)
             core = manager.runtimes[partition].core
@@ -289,16 +295,32 @@ class Members:
                 committed = core.log.committed
                 seen = self.commit_seen.get(key)
                 self.commit_seen[key] = (node.incarnation, core.term, committed)
-                if seen is None or seen[:2] != (node.incarnation, core.term) or committed <= seen[2]:
+                if seen is None or seen[:2] != (node.incarnation, core.term):
+                    self.config_indexes.pop(key, None)
+                    continue
+                if committed <= seen[2]:
+                    for index, config in core._configs[1:]:
+                        self.config_indexes.setdefault(key, {}).setdefault((index, config), index)
                     continue
                 term = core.log.term(committed)
                 # The configuration in force at the new commit index. A joint one needs both
                 # majorities, unless it had committed already (then its incoming voters decide).
-                at, m = core._configs[0]
-                for index, config in core._configs:
+                # The first configuration of the list may have been folded into a snapshot at
+                # its index (a checkpoint): its own entry's index is then the one seen before.
+                indexes = self.config_indexes.setdefault(key, {})
+                configs = core._configs
+                for index, config in configs[1:]:
+                    indexes.setdefault((index, config), index)
+                at, m = configs[0]
+                at = next((i for (i, c) in indexes if c == m and i <= at), None) if at == core.log.snapshot.index else at
+                for index, config in configs[1:]:
                     if index <= committed:
                         at, m = index, config
-                groups = (m.voters, m.outgoing) if at > seen[2] else (m.voters,)
+                # A configuration after it in the log means it committed (one change at a
+                # time): the leader may have committed it, appended the next one and counted by
+                # that one within this step.
+                later = any(i > at for i, _ in configs[1:]) if at is not None else True
+                groups = (m.voters, m.outgoing) if not later and at > seen[2] else (m.voters,)
                 for group in groups:
                     if not group:
                         continue
