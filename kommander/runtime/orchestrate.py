@@ -411,18 +411,6 @@ class ClusterMembers:
             return self.catch_up.ready(p, node, progress.get(node), last, now)
 
         voters, learners = desired_configuration(record, frozenset(config.voters), frozenset(config.learners), promotable)
-        if p == RECORD_PARTITION:
-            # A node being removed learns the record (and so that it must hand away the other
-            # partitions it leads) through this partition's log: it leaves this one last (node
-            # simulator, members seeds 285 and 454: a node dropped from partition 0 before it
-            # applied the record led the others for ever).
-            elsewhere = set().union(*(host.membership(q).members for q in range(host.partitions) if q != p))
-            keep = (frozenset(config.voters) | frozenset(config.learners)) - voters - learners
-            for node in keep & elsewhere:
-                if node in config.voters:
-                    voters = voters | {node}
-                else:
-                    learners = learners | {node}
         if (voters, learners) == (frozenset(config.voters), frozenset(config.learners)) or not voters:
             return
         if host.node_id not in voters:
