@@ -104,7 +104,9 @@ class Members:
             before = (core.term, core.leader)
             original(peer, partition, message)
             core = manager.runtimes[partition].core
-            if core.term > before[0] or (core.leader == peer and before[1] != peer):
+            if core.term > before[0]:
+                # (Following it in the term it leads is not a change: a removed leader leads on
+                # until its hand-off, and a voter that lost track of it in that term follows it.)
                 self._fatal(
                     "removed-node-disrupts",
                     f"{type(message).__name__} from removed {peer} moved {node.id} p{partition} from term "
