@@ -33,6 +33,9 @@ MUTATION_RUNS = {
     # Caught by the commit-rule check the moment the leader counts an old-term entry; the harm
     # itself (that entry overwritten later) did not show in 450 seeds.
     "figure8_commit_old_term": (range(0, 80), 26),
+    # Caught by the commit-quorum check of the members profile when a joint configuration
+    # commits with a majority of the old voters only.
+    "config_at_commit": (range(0, 60), 13),
 }
 
 

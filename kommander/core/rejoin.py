@@ -16,7 +16,11 @@ So a node whose storage is new starts each partition in a *standing* other than
 * :attr:`Standing.CATCHING_UP`: it follows a leader but counts towards no majority: neither its
   acknowledgements (commit, ReadIndex) nor its votes (its replies say ``catching_up``), until it
   holds the commit index the leader announced in the first AppendEntries it received (raised
-  when a leader of a newer term speaks). Then it is a member again.
+  when a leader of a newer term speaks), and its log holds an entry of that leader's term. Then
+  it is a member again. (A new leader's commit index may lag what was committed before its term
+  until its own entry commits, so that index alone could lie below an entry this node
+  acknowledged before it lost its disk; the leader's log up to an entry of its term holds every
+  entry committed before.)
 
 Unanimity: a node that is not a member still answers vote requests, its grant marked
 ``catching_up``, and may campaign itself. Such grants count only when *every* voter granted:
@@ -119,7 +123,14 @@ class Rejoin(NodeState):
         if type(m) is AppendEntries and (self._catch_up_target is None or m.term > self._catch_up_term):
             self._catch_up_target = max(self._catch_up_target or 0, m.commit)
             self._catch_up_term = m.term
-        if self._catch_up_target is not None and self.log.committed >= self._catch_up_target:
+        log = self.log
+        target = self._catch_up_target
+        if target is not None and log.committed >= target and log.last_term() == m.term:
+            # The announced commit index alone is not enough: a new leader's may lie below an
+            # entry this node acknowledged before it lost its disk (that entry committed with
+            # its lost acknowledgement; tests/core/test_rejoin_target.py). An entry of the
+            # leader's own term in our log is: with it we hold the leader's log up to there,
+            # and so every entry committed before its term.
             self.standing = Standing.MEMBER
 
     def _rejoin_timeout(self) -> None:

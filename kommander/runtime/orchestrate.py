@@ -86,7 +86,9 @@ class CatchUp:
 
     def ready(self, partition: int, node: str, match: int | None, last: int, now: float) -> bool:
         key = (partition, node)
-        if match is None or last - match > self.lag:
+        # A learner that has acknowledged nothing is not caught up, however short the log: it
+        # may never have started (node simulator, members seed 129).
+        if match is None or match <= 0 or last - match > self.lag:
             self._since.pop(key, None)
             return False
         since = self._since.setdefault(key, now)

@@ -31,6 +31,7 @@ from twisted.internet import task
 from kommander.testing.nodesim_checks import NodeChecks
 from kommander.testing.nodesim_cluster import Lifecycle, SimNode
 from kommander.testing.nodesim_env import SimDisk, SimNetwork
+from kommander.testing.nodesim_members import Members
 from kommander.testing.nodesim_model import PROFILES, NodeSimConfig, NodeSimResult, Violation
 from kommander.testing.nodesim_workload import Workload
 
@@ -38,7 +39,7 @@ from kommander.testing.nodesim_workload import Workload
 STEP = 0.01
 
 
-class NodeSimulation(Lifecycle, Workload, NodeChecks):
+class NodeSimulation(Lifecycle, Workload, Members, NodeChecks):
     """One seeded run; :meth:`run` returns a :class:`NodeSimResult` and never raises for a violation."""
 
     def __init__(self, seed: int, config: NodeSimConfig | None = None, profile: str = "base", trace_limit: int = 300) -> None:
@@ -54,6 +55,8 @@ class NodeSimulation(Lifecycle, Workload, NodeChecks):
             self.network.faults.max_frame = 4096
         self.ids = [f"n{i}" for i in range(1, self.config.nodes + 1)]
         self.nodes = {i: SimNode(i, SimDisk(random.Random(self.rng.getrandbits(32)), self.clock)) for i in self.ids}
+        #: every node id the network may carry (spares included)
+        self.all_ids = list(self.ids)
         self.trace: deque[str] = deque(maxlen=trace_limit or None)
         self.schedule: list[str] = []
         self.violation: Violation | None = None
@@ -73,6 +76,11 @@ class NodeSimulation(Lifecycle, Workload, NodeChecks):
         self.leader_start: dict[tuple[str, int], tuple[int, int, int]] = {}
         self._next_call = self._next_value = self._next_process = 0
         self.chaos_on = bool(self.config.faults)
+        #: (partition, term) -> the node that led it
+        self.term_leaders: dict[tuple[int, int], str] = {}
+        self.members_on = self.config.has("members")
+        if self.members_on:
+            self._init_members()
 
     # ------------------------------------------------------------------ trace
 
@@ -113,6 +121,8 @@ class NodeSimulation(Lifecycle, Workload, NodeChecks):
             if self.violation is not None:
                 return
             self._restart_due()
+            if self.members_on:
+                self._member_step(chaos)
             if chaos and self.rng.random() < self.config.chaos_rate:
                 self._chaos()
             if chaos and self.config.has("crash"):
@@ -123,11 +133,14 @@ class NodeSimulation(Lifecycle, Workload, NodeChecks):
                         self._client(partition)
             self._advance(STEP)
             self._check_step()
+            if self.members_on:
+                self._check_members_step()
 
     def _run(self) -> None:
         cfg = self.config
         for node in self.nodes.values():
-            self._start(node)
+            if not node.outside:
+                self._start(node)
         self._advance(0)
         load = 0.6 if cfg.has("bounds") else 0.15
         self._steps(cfg.chaos_seconds, chaos=bool(cfg.faults), clients=load)
@@ -138,7 +151,7 @@ class NodeSimulation(Lifecycle, Workload, NodeChecks):
         waited, probe_at = 0.0, {p: -1.0 for p in range(cfg.partitions)}
         probes: dict[int, Any] = {}
         while waited < cfg.liveness_seconds and self.violation is None:
-            if all(self._settled(p) for p in range(cfg.partitions)):
+            if all(self._settled(p) for p in range(cfg.partitions)) and (not self.members_on or self._converged()):
                 break
             for p in range(cfg.partitions):
                 if not self.probe_ok[p] and waited - probe_at[p] >= 0.25 and (p not in probes or probes[p].called):
@@ -153,6 +166,9 @@ class NodeSimulation(Lifecycle, Workload, NodeChecks):
         unsettled = [p for p in range(cfg.partitions) if not self._settled(p)]
         if unsettled:
             self._fatal("liveness", f"not settled {cfg.liveness_seconds}s after healing: {self._why_unsettled(unsettled[0])}")
+            return
+        if self.members_on and not self._converged():
+            self._fatal("members-converge", f"membership not converged {cfg.liveness_seconds}s after healing: {self._why_not_converged()}")
             return
         self.stats["settle_ms"] = max(self.stats["settle_ms"], int(waited * 1000))
         # Every caller hears back: at worst when its operation times out. (Clients still decide

@@ -75,6 +75,9 @@ class NodeChecks:
                         )
                 if core.role is Role.LEADER:
                     self._check_commit_rule(node, runtime.number, core)
+                    first = self.term_leaders.setdefault((runtime.number, core.term), node.id)
+                    if first != node.id:
+                        self._fatal("two-leaders", f"{node.id} and {first} both led p{runtime.number} in term {core.term}")
                 if runtime.queued_entries > limit:
                     self._fatal("bounds", f"{node.id} p{runtime.number} queues {runtime.queued_entries} > {limit}")
                 if bounds:
@@ -131,28 +134,33 @@ class NodeChecks:
             if led:
                 self._fatal("stalled-leader", f"{node.id} leads {led} with an fsync pending for {wal.oldest_pending_age():.2f}s")
 
+    def _active(self) -> "list[SimNode]":
+        """The nodes of the cluster: every node but spares, removed and retired ones."""
+        return [n for n in self.nodes.values() if not n.outside and not n.retired]
+
     # ------------------------------------------------------------------ liveness
 
     def _settled(self, partition: int) -> bool:
         """A leader every running node follows, a write committed since healing, every node up to
         the leader's commit index."""
-        if not all(n.up for n in self.nodes.values()):
+        active = self._active()
+        if not all(n.up for n in active):
             return False
-        leaders = [n for n in self.nodes.values() if n.leads(partition)]
+        leaders = [n for n in active if n.leads(partition)]
         if len(leaders) != 1:
             return False
         leader = leaders[0]
         core = leader.manager.runtimes[partition].core
-        if not all(n.manager.get_leader(partition) == leader.id for n in self.nodes.values()):
+        if not all(n.manager.get_leader(partition) == leader.id for n in active):
             return False
         if not self.probe_ok[partition]:
             return False
         target = core.log.committed
-        return all(n.manager.runtimes[partition].applied >= target for n in self.nodes.values())
+        return all(n.manager.runtimes[partition].applied >= target for n in active)
 
     def _why_unsettled(self, partition: int) -> str:
         parts = []
-        for node in self.nodes.values():
+        for node in self._active():
             if not node.up:
                 parts.append(f"{node.id} down ({node.failed or 'not joined'})")
                 continue
@@ -171,18 +179,18 @@ class NodeChecks:
             self._fatal("unfired-deferred", f"{len(self.pending_calls)} client calls never answered, e.g. {what} (since t={since:.2f})")
             return
         for partition, value, index in self.acked:
-            for node in self.nodes.values():
+            for node in self._active():
                 if value not in node.sm.part(partition).seen:
                     self._fatal("lost-write", f"{node.id} p{partition} lacks acknowledged {value[:16]} (index {index})")
                     return
         for value, why in {**self.undecided, **self.never}.items():
-            for node in self.nodes.values():
+            for node in self._active():
                 for state in node.sm.parts.values():
                     if value in state.seen:
                         self._fatal("ticket", f"{node.id} holds {value} of a ticket that {why}")
                         return
         digests = {}
-        for node in self.nodes.values():
+        for node in self._active():
             for partition in range(self.config.partitions):
                 runtime = node.manager.runtimes[partition]
                 state = (runtime.applied, node.sm.part(partition).digest)
@@ -203,7 +211,7 @@ class NodeChecks:
         """One linearizable read of every key, through its partition's leader."""
         out = []
         for partition in range(self.config.partitions):
-            leader = next((n for n in self.nodes.values() if n.leads(partition)), None)
+            leader = next((n for n in self._active() if n.leads(partition)), None)
             if leader is None:
                 continue
             for k in range(self.config.keys):

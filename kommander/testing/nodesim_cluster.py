@@ -36,6 +36,13 @@ class SimNode:
         self.skew_ms = 0
         self.down_until: float | None = None  # a restart is due then
         self.failed: str | None = None
+        #: not in the cluster: a spare never added, or a removed node (which may still run a while)
+        self.outside = False
+        #: dead for good (its machine is lost): stays down until it is removed (membership profile)
+        self.retired = False
+        #: what a join gave (record, starting configuration, peers); ``pending`` until first start
+        self.join: Any = None
+        self.join_pending = False
 
     @property
     def up(self) -> bool:
@@ -66,9 +73,10 @@ class Lifecycle:
         node.sm = SimKV(kind, reactor, sm_rng, self._observer(node), fail_rate)
         node.transport = SimTransport(self.network, node.id)
         config = RaftConfiguration(node_id=node.id, max_partitions=self.config.partitions, **self.config.raft)
+        peers = node.join[2] if node.join is not None else self.ids
         manager = node.manager = RaftManager(
             config,
-            discovery=StaticDiscovery({i: "memory" for i in self.ids}),
+            discovery=StaticDiscovery({i: "memory" for i in peers}),
             wal=wal,
             transport=node.transport,
             clock=node.hlc,
@@ -78,6 +86,8 @@ class Lifecycle:
             snapshot_store=node.store,
         )
         incarnation = node.incarnation
+        if self.config.has("members"):
+            self._prepare_member(node, manager)
         manager.on_fail_stop += lambda reason: self._fail_stopped(node, incarnation, reason)
         manager.on_leader_changed += lambda partition, leader: self._leader_changed(node, partition, leader)
         self._log(f"start {node.id} #{incarnation} sm={kind} disk-gen={node.disk.generation}")
@@ -197,7 +207,7 @@ class Lifecycle:
         what = rng.choice(choices)
         ups = [n for n in self.nodes.values() if n.up]
         if what == "partition":
-            ids = list(self.ids)
+            ids = list(self.all_ids)
             rng.shuffle(ids)
             side = ids[: rng.randint(1, len(ids) - 1)]
             net.heal()
@@ -209,7 +219,7 @@ class Lifecycle:
             net.partition([victim.id])
             self._fault(f"isolate {victim.id}")
         elif what == "oneway":
-            a, b = rng.sample(self.ids, 2)
+            a, b = rng.sample(self.all_ids, 2)
             net.block(a, b)
             self._fault(f"block {a}->{b}")
         elif what == "heal":
@@ -314,6 +324,8 @@ class Lifecycle:
             node.disk.faults.full = False
             node.disk.faults.stall_until = 0.0
             node.disk.faults.sync_delay = (0.0005, 0.003)
+            if node.outside or node.retired:
+                continue
             if node.manager is None and node.down_until is None:
                 node.down_until = self.clock.seconds()
             if node.down_until is not None:

@@ -32,6 +32,8 @@ FAULT_CLASSES = {
     "corrupt": "the newest snapshot of a partition is corrupted while its node is down",
     "stall": "fsync stalls for longer than an election timeout",
     "bounds": "slow state machines under heavy load; the runtime's queues must stay bounded",
+    # issue 12
+    "members": "spare nodes join, members (the leader too) are removed, lost machines replaced, through add_node/remove_node",
 }
 
 _BASE = ("net", "reorder", "crash", "slowdisk", "skew", "transfer")
@@ -41,6 +43,7 @@ PROFILES = {
     "base": _BASE,
     "calm": (),
     **{name: _BASE + (name,) for name in ("later", "fired", "wipe", "oversize", "diskfull", "smfault", "corrupt", "stall", "bounds")},
+    "members": _BASE + ("members",),
 }
 
 

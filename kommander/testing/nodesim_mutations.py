@@ -228,6 +228,26 @@ def follower_read_before_apply() -> Any:
     return patched(PartitionRuntime, "read_confirmed", make)
 
 
+def config_at_commit() -> Any:
+    """Commit counting (and ReadIndex) uses the configuration in force at the commit index
+    instead of the latest one in the log: a joint configuration counts only the old voters until
+    it commits, so the entry that adds or removes a voter commits without a majority of the new
+    voters (the thesis requires the latest configuration, committed or not)."""
+    from kommander.core.membership import Reconfig, majority_index
+
+    def make(original: Any) -> Any:
+        def acked(self: Any, values: dict[str, int]) -> int:
+            m = self.membership_at(self.log.committed)
+            index = majority_index(m.voters, values)
+            if m.outgoing:
+                index = min(index, majority_index(m.outgoing, values))
+            return index
+
+        return acked
+
+    return patched(Reconfig, "_acked", make)
+
+
 #: name -> mutation
 MUTATIONS: dict[str, Callable[[], Any]] = {
     "deferred_recursion": deferred_recursion,
@@ -239,6 +259,7 @@ MUTATIONS: dict[str, Callable[[], Any]] = {
     "readindex_before_noop": readindex_before_noop,
     "heartbeat_commit_past_match": heartbeat_commit_past_match,
     "follower_read_before_apply": follower_read_before_apply,
+    "config_at_commit": config_at_commit,
 }
 
 #: name -> the profile that exercises it
@@ -252,6 +273,7 @@ MUTATION_PROFILES = {
     "readindex_before_noop": "base",
     "heartbeat_commit_past_match": "base",
     "follower_read_before_apply": "base",
+    "config_at_commit": "members",
 }
 
 __all__ = ["MUTATIONS", "MUTATION_PROFILES", "ProgressState"]

@@ -49,7 +49,7 @@ class Workload:
 
     def _pick(self, partition: int) -> "SimNode | None":
         """The node a client would talk to: a random running one, following its leader hint once."""
-        ups = [n for n in self.nodes.values() if n.up]
+        ups = [n for n in self.nodes.values() if n.up and not n.outside]
         if not ups:
             return None
         node = self.rng.choice(ups)
@@ -88,7 +88,7 @@ class Workload:
         elif roll < 0.80:
             if self.rng.random() < 0.5:
                 # A follower read: ask any running node, which asks its leader for the index.
-                node = self.rng.choice([n for n in self.nodes.values() if n.up])
+                node = self.rng.choice([n for n in self.nodes.values() if n.up and not n.outside])
             self._get(node, partition)
         elif roll < 0.92:
             self._ticket(node, partition, big=cfg.has("fired") and self.rng.random() < 0.1)
@@ -96,12 +96,12 @@ class Workload:
             if node.leads(partition):
                 self._track(node.manager.replicate_checkpoint(partition), f"checkpoint p{partition} on {node.id}")
         elif cfg.has("transfer") and node.leads(partition):
-            target = self.rng.choice([i for i in self.ids if i != node.id])
+            target = self.rng.choice([i for i in self.all_ids if i != node.id])
             try:
                 node.manager.transfer_leadership(partition, target)
                 self._log(f"transfer p{partition} {node.id} -> {target}")
-            except KommanderError:
-                pass
+            except (KommanderError, ValueError):
+                pass  # not (or no longer) a voter of this partition
 
     def _put(self, node: "SimNode", partition: int, big: bool = False, probe: bool = False) -> Any:
         key, value = self._key(partition), self._value(big)
