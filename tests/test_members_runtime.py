@@ -8,7 +8,7 @@ import pytest
 from kommander.runtime.members import RECORD_LOG_TYPE, MemberRole
 from kommander.runtime.orchestrate import MembershipStatus as S
 
-from runtime_harness import Cluster
+from runtime_harness import Cluster, ListStateMachine
 
 PARTITIONS = 2
 
@@ -165,5 +165,68 @@ def test_a_removed_node_restarted_with_its_data_changes_no_term():
         assert after == before
         for p in range(PARTITIONS):
             assert cluster.write(p, b"still").success
+    finally:
+        cluster.close()
+
+
+def snapshotting(n: int = 3) -> Cluster:
+    cluster = Cluster(n=n, partitions=PARTITIONS, seed=11, state_machine=ListStateMachine).start_all()
+    cluster.wait_for_leaders()
+    return cluster
+
+
+def compact_record_partition(cluster: Cluster) -> int:
+    """Checkpoint partition 0 (every running node snapshots and compacts past the record entries);
+    returns the index the leader's log now starts after."""
+    assert cluster.write(0, b"before-checkpoint").success
+    assert cluster.wait(cluster.leader(0).m.replicate_checkpoint(0), 10).success
+    leader = cluster.leader(0)
+    cluster.run_until(lambda: leader.m.runtimes[0].snapshot_index >= leader.m.runtimes[0].applied - 1, 10, "checkpoint")
+    return leader.m.runtimes[0].core.log.snapshot.index
+
+
+def test_a_node_catching_up_from_a_snapshot_learns_the_record():
+    """n3 is down while n4 is added and promoted and partition 0 is compacted past every record
+    entry: restarted, it catches up from the leader's snapshot and holds the current record."""
+    cluster = snapshotting()
+    try:
+        cluster.stop("n3")
+        cluster.wait_for_leaders(among=["n1", "n2"])
+        assert cluster.wait(grow(cluster), 20, "add n4").success
+        cluster.run_until(
+            lambda: all(n.m.record.record.get("n4").role is MemberRole.VOTER for n in cluster.running()),
+            30,
+            "n4 promoted",
+        )
+        compacted = compact_record_partition(cluster)
+        leader = cluster.leader(0)
+        record = leader.m.record.record
+        assert record.version > 0 and compacted > 0
+        cluster.start("n3")
+        cluster.run_until(lambda: cluster.nodes["n3"].m.runtimes[0].applied >= compacted, 20, "n3 caught up")
+        n3 = cluster.nodes["n3"].m
+        assert n3.runtimes[0].snapshot_index >= compacted  # it did come from the snapshot
+        assert n3.record.record == leader.m.record.record == record
+        assert "n4" in n3.discovery.nodes()
+    finally:
+        cluster.close()
+
+
+def test_a_node_joining_after_compaction_learns_the_record_from_the_snapshot():
+    """n5 is added while partition 0 holds no record entry any more (compacted): the snapshot it
+    installs gives it the record, itself in it, before any later record entry reaches it."""
+    cluster = snapshotting()
+    try:
+        assert cluster.wait(grow(cluster), 20, "add n4").success
+        voters = sorted(record_leader(cluster).m.membership(0).voters)
+        result = cluster.wait(record_leader(cluster).m.add_node("n5", "memory", {"http": "http://127.0.0.1:2"}), 20)
+        assert result.success, result
+        compacted = compact_record_partition(cluster)
+        version = record_leader(cluster).m.record.record.version
+        cluster.add_node("n5", voters)
+        n5 = cluster.nodes["n5"].m
+        cluster.run_until(lambda: n5.runtimes[0].applied >= compacted, 20, "n5 installed the snapshot")
+        assert n5.record.record.version >= version
+        assert n5.record.record.get("n5") is not None and n5.record.record.get("n4") is not None
     finally:
         cluster.close()
