@@ -3,6 +3,8 @@ and on_membership_changed, on the deterministic memory cluster."""
 
 from __future__ import annotations
 
+import pytest
+
 from kommander.core.types import EntryKind, Membership
 from kommander.results import RaftOperationStatus as Status
 
