@@ -230,3 +230,51 @@ def test_a_node_joining_after_compaction_learns_the_record_from_the_snapshot():
         assert n5.record.record.get("n5") is not None and n5.record.record.get("n4") is not None
     finally:
         cluster.close()
+
+
+def test_voters_and_status_follow_the_replicated_membership():
+    """After a grow (n4) and a shrink (n2 out), every node's ``voters`` and ``/v1/status`` voters and
+    member roles are the record's, not the start-up voters."""
+    cluster = started()
+    try:
+        assert all(n.m.voters == ("n1", "n2", "n3") for n in cluster.running())
+        assert cluster.wait(grow(cluster), 20, "add n4").success
+        cluster.run_until(
+            lambda: all(n.m.voters == ("n1", "n2", "n3", "n4") for n in cluster.running()), 30, "n4 a voter everywhere"
+        )
+        status = cluster.nodes["n3"].m.status()
+        assert status["voters"] == ["n1", "n2", "n3", "n4"]
+        assert status["members"] == {n: "voter" for n in ("n1", "n2", "n3", "n4")}
+        assert cluster.wait(record_leader(cluster).m.remove_node("n2"), 30, "remove n2").success
+        cluster.run_until(
+            lambda: all(n.m.voters == ("n1", "n3", "n4") for n in cluster.running(["n1", "n3", "n4"])), 30, "n2 out"
+        )
+        for node_id in ("n1", "n3", "n4"):
+            status = cluster.nodes[node_id].m.status()
+            assert status["voters"] == ["n1", "n3", "n4"], (node_id, status)
+            assert status["members"] == {"n1": "voter", "n3": "voter", "n4": "voter"}
+        assert "n2" not in cluster.nodes["n1"].m.member_ids()
+    finally:
+        cluster.close()
+
+
+def test_the_record_leader_removing_itself_answers_success():
+    """remove_node(self) on the leader of partition 0 hands leadership away, and its Deferred fires
+    SUCCESS once its logs show it out of every partition (it never sees the record drop it); the
+    others drop it from the record and keep writing."""
+    cluster = started(4)
+    try:
+        leader = record_leader(cluster)
+        d = leader.m.remove_node(leader.node_id)
+        result = cluster.wait(d, 30, "the leader removing itself")
+        assert result.status is S.SUCCESS, result
+        rest = [i for i in cluster.ids if i != leader.node_id]
+        cluster.run_until(
+            lambda: all(n.m.record.record.get(leader.node_id) is None for n in cluster.running(rest)), 30, "record drop"
+        )
+        assert all(cluster.leader(p, rest) is not None for p in range(PARTITIONS))
+        assert all(leader.node_id not in n.m.membership(p).members for n in cluster.running(rest) for p in range(PARTITIONS))
+        for p in range(PARTITIONS):
+            assert cluster.write(p, b"after").success
+    finally:
+        cluster.close()

@@ -30,7 +30,7 @@ class MembershipHost:
     transport: Any
     discovery: Any
     runtimes: list[Any]
-    voters: tuple[str, ...]
+    startup_voters: tuple[str, ...]
     metadata: dict[str, str]
     peer_metadata: dict[str, dict[str, str]]
     log: Any
@@ -70,7 +70,19 @@ class MembershipHost:
 
     def member_ids(self) -> frozenset[str]:
         """Every node the record knows (voters, learners, nodes being removed)."""
-        return self.cluster.current().ids() | set(self.voters)
+        return self.cluster.current().ids()
+
+    @property
+    def voters(self) -> tuple[str, ...]:
+        """The cluster's voters as the replicated membership record has them now (the start-up
+        voters until the first change writes a record): a learner not promoted yet and a node
+        being removed are not among them; see :meth:`member_roles`."""
+        return tuple(sorted(self.cluster.current().voters()))
+
+    def member_roles(self) -> dict[str, str]:
+        """``{node id: role}`` of every member of the current record (``voter``, ``learner``,
+        ``removing``), as ``GET /v1/status`` shows them."""
+        return {m.id: m.role.value for m in self.cluster.current().members}
 
     # ------------------------------------------------------------------ for the orchestrator
 
@@ -86,7 +98,7 @@ class MembershipHost:
             endpoints[self.node_id] = own
         http = {node: meta.get("http", "") for node, meta in self.peer_metadata.items()}
         http[self.node_id] = self.metadata.get("http", "")
-        return seed_record(self.voters, endpoints, http)
+        return seed_record(self.startup_voters, endpoints, http)
 
     def peer_http(self, node: str) -> str:
         meta = self.metadata if node == self.node_id else self.peer_metadata.get(node, {})
@@ -106,7 +118,7 @@ class MembershipHost:
         record = self.record.record
         if record.version:
             return {k: v for k, v in record.endpoints().items() if k != self.node_id and v}
-        return {k: v for k, v in nodes.items() if k != self.node_id and k in self.voters}
+        return {k: v for k, v in nodes.items() if k != self.node_id and k in self.startup_voters}
 
     def _check_configured_peers(self, nodes: Mapping[str, str]) -> None:
         """A written record wins over ``--peers``; say so when they differ."""
