@@ -244,7 +244,7 @@ def test_voters_and_status_follow_the_replicated_membership():
         )
         status = cluster.nodes["n3"].m.status()
         assert status["voters"] == ["n1", "n2", "n3", "n4"]
-        assert status["members"] == {n: "voter" for n in ("n1", "n2", "n3", "n4")}
+        assert status["members"] == [{"id": n, "role": "voter"} for n in ("n1", "n2", "n3", "n4")]
         assert cluster.wait(record_leader(cluster).m.remove_node("n2"), 30, "remove n2").success
         cluster.run_until(
             lambda: all(n.m.voters == ("n1", "n3", "n4") for n in cluster.running(["n1", "n3", "n4"])), 30, "n2 out"
@@ -252,7 +252,7 @@ def test_voters_and_status_follow_the_replicated_membership():
         for node_id in ("n1", "n3", "n4"):
             status = cluster.nodes[node_id].m.status()
             assert status["voters"] == ["n1", "n3", "n4"], (node_id, status)
-            assert status["members"] == {"n1": "voter", "n3": "voter", "n4": "voter"}
+            assert status["members"] == [{"id": n, "role": "voter"} for n in ("n1", "n3", "n4")]
         assert "n2" not in cluster.nodes["n1"].m.member_ids()
     finally:
         cluster.close()

@@ -79,10 +79,10 @@ class MembershipHost:
         being removed are not among them; see :meth:`member_roles`."""
         return tuple(sorted(self.cluster.current().voters()))
 
-    def member_roles(self) -> dict[str, str]:
-        """``{node id: role}`` of every member of the current record (``voter``, ``learner``,
-        ``removing``), as ``GET /v1/status`` shows them."""
-        return {m.id: m.role.value for m in self.cluster.current().members}
+    def member_roles(self) -> list[dict[str, str]]:
+        """``[{"id", "role"}...]`` of every member of the current record (role ``voter``,
+        ``learner`` or ``removing``), as ``GET /v1/status`` shows them."""
+        return [{"id": m.id, "role": m.role.value} for m in self.cluster.current().members]
 
     # ------------------------------------------------------------------ for the orchestrator
 
