@@ -278,3 +278,35 @@ def test_the_record_leader_removing_itself_answers_success():
             assert cluster.write(p, b"after").success
     finally:
         cluster.close()
+
+
+def test_a_joiner_restarted_before_it_received_anything_stays_a_learner():
+    """n4 is added, starts, and stops before any partition sent it an entry; restarted without its
+    join answer and with no peers configured (as twistd restarts it), its partitions start from
+    the stored record (n4 a learner), so it never elects itself; it then catches up and is promoted."""
+    from kommander.plugins.static import StaticDiscovery
+
+    cluster = started()
+    try:
+        voters = sorted(record_leader(cluster).m.membership(0).voters)
+        cluster.network.partition(["n4"])  # n4 hears nothing in its first life
+        assert cluster.wait(grow(cluster), 20, "add n4").success
+        assert all(r.core.log.last_index() == 0 for r in cluster.nodes["n4"].m.runtimes)
+        cluster.nodes["n4"].m.record.adopt(record_leader(cluster).m.record.record)  # the --join answer, stored
+        cluster.stop("n4")
+        cluster.heal()
+        cluster.joining.pop("n4")
+        m = cluster.build("n4")
+        m.discovery = StaticDiscovery({})
+        joined = m.join_cluster()
+        cluster.advance(0)
+        assert joined.called
+        assert all("n4" in m.membership(p).learners and set(m.membership(p).voters) == set(voters) for p in range(PARTITIONS))
+        cluster.advance(3.0)  # several election timeouts
+        assert all(leader != "n4" for _, leader in cluster.nodes["n4"].leaders)
+        cluster.run_until(
+            lambda: all(n.m.record.record.get("n4").role is MemberRole.VOTER for n in cluster.running()), 30, "n4 promoted"
+        )
+        assert all(cluster.nodes["n4"].m.runtimes[p].core.term == cluster.leader(p).m.runtimes[p].core.term for p in range(PARTITIONS))
+    finally:
+        cluster.close()

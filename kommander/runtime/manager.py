@@ -186,7 +186,7 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi):
             yield self.record.adopt(self.join_record)
         self._check_configured_peers(nodes)
         low, high = self.config.election_ticks()
-        start = self.initial_membership
+        start = self.initial_membership or self.record_membership()
         core_config = CoreConfig(
             self.node_id,
             tuple(sorted(start.voters)) if start else self.startup_voters,

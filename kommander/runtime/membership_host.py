@@ -14,10 +14,17 @@ from typing import Any
 
 from twisted.internet import defer
 
-from kommander.core.types import EntryKind, Proposal
+from kommander.core.types import EntryKind, Membership, Proposal
 from kommander.interfaces import IWALMetadata
 from kommander.results import Event
-from kommander.runtime.members import RECORD_LOG_TYPE, RECORD_PARTITION, MemberRecord, RecordKeeper, seed_record
+from kommander.runtime.members import (
+    RECORD_LOG_TYPE,
+    RECORD_PARTITION,
+    MemberRecord,
+    MemberRole,
+    RecordKeeper,
+    seed_record,
+)
 from kommander.runtime.orchestrate import ClusterMembers, MembershipResult
 
 
@@ -83,6 +90,26 @@ class MembershipHost:
         """``[{"id", "role"}...]`` of every member of the current record (role ``voter``,
         ``learner`` or ``removing``), as ``GET /v1/status`` shows them."""
         return [{"id": m.id, "role": m.role.value} for m in self.cluster.current().members]
+
+    def record_membership(self) -> Membership | None:
+        """The configuration a partition starts from when its own log and snapshot hold none,
+        once a record was written: the record's voters (those being removed included), its
+        learners, and this node a learner if the record does not list it. ``None`` before the
+        first record (the start-up voters are then every partition's configuration).
+
+        A node restarted after it was added but before its partitions received anything (killed
+        half way through a join) has an empty log and no ``--join`` answer any more: starting
+        from its start-up voters, which may be itself alone, it could elect itself; from the
+        record it is a learner until the leader's log or snapshot gives it the real configuration.
+        """
+        record = self.record.record
+        if not record.version:
+            return None
+        voters = frozenset(m.id for m in record.members if m.role is not MemberRole.LEARNER)
+        learners = frozenset(m.id for m in record.members if m.role is MemberRole.LEARNER)
+        if self.node_id not in voters:
+            learners |= {self.node_id}
+        return Membership(voters, learners) if voters else None
 
     # ------------------------------------------------------------------ for the orchestrator
 
