@@ -20,6 +20,7 @@ from kommander.results import Event
 from kommander.results import RaftOperationStatus as Status
 from kommander.runtime.apply import Applier
 from kommander.runtime.checkpoints import Checkpointer
+from kommander.runtime.members import RecordKeeper
 from kommander.runtime.partition import PartitionRuntime, Request
 from kommander.runtime.snapshots import SnapshotStore
 
@@ -105,6 +106,7 @@ class Host:
         self.config = RaftConfiguration(node_id="n1", **config).validate()
         self.state_machine = state_machine
         self.snapshot_store = SnapshotStore()
+        self.record = RecordKeeper(None, "n1", False)
         self.applier = Applier(self)
         self.checkpointer = Checkpointer(self)
         self.on_replication_received = Event("on_replication_received")

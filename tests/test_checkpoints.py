@@ -19,6 +19,7 @@ from runtime_harness import Cluster, ListStateMachine, Node, RecordingStateMachi
 from twisted.internet import task
 
 from kommander.runtime.checkpoints import Checkpointer, entries_after
+from kommander.runtime.members import RecordKeeper
 from kommander.core.types import Entry, EntryKind, HardState, SnapshotChunk, SnapshotMeta
 from kommander.interfaces import WalState, WalWrite
 from kommander.kv.machine import KVStateMachine, encode_delete, encode_put
@@ -384,6 +385,7 @@ class _Manager:
         self.snapshot_store = store
         self.state_machine = machine
         self.reactor = task.Clock()
+        self.record = RecordKeeper(wal, "n1", False)
 
 
 def reconcile(

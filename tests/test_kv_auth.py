@@ -257,7 +257,7 @@ def test_redirect_only_to_voters(cluster: Cluster) -> None:
     leader = cluster.leader_of("v")
     follower = cluster.follower_of("v")
     manager = cluster.managers[follower]
-    manager.voters = tuple(v for v in manager.voters if v != leader)
+    manager.startup_voters = tuple(v for v in manager.startup_voters if v != leader)
     reply = cluster.request(follower, "PUT", "/v1/kv/v", b"v")
     assert reply.code == 503 and "location" not in reply.headers
 

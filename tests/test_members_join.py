@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from twisted.python import usage
 
@@ -66,3 +68,36 @@ def test_a_refused_join_exits_with_the_reason(monkeypatch):
     monkeypatch.setattr(join, "add_member", refuse)
     with pytest.raises(SystemExit, match="remove it first"):
         join.request_join("http://127.0.0.1:8001", "n4", "tcp:y", "")
+
+
+def test_an_interrupted_join_resumes_from_the_saved_answer(tmp_path, monkeypatch):
+    """The cluster's answer is saved before the WAL exists; a restart (the directory no longer
+    empty) uses it without asking again, and it is removed once the node has joined."""
+    record = join.record_from_document(
+        {
+            "version": 2,
+            "members": [
+                {"id": "n1", "peer": "tcp:host=127.0.0.1:port=7001", "http": "", "role": "voter"},
+                {"id": "n4", "peer": "tcp:host=127.0.0.1:port=7004", "http": "", "role": "learner"},
+            ],
+        }
+    )
+    answer = join.Joined(record, frozenset({"n1"}), frozenset({"n4"}))
+    asked = []
+    monkeypatch.setattr(join, "request_join", lambda *args, **kwargs: asked.append(args) or answer)
+    args = (*BASE, "--data", str(tmp_path / "data"), "--join", "http://127.0.0.1:1", "--option", "advertise=tcp:host=127.0.0.1:port=7004")
+    first = join.join_before_start(parse(*args))
+    assert first == answer and len(asked) == 1
+    assert os.listdir(tmp_path / "data") == [join.JOIN_FILE]
+    (tmp_path / "data" / "wal").write_bytes(b"x")  # the node started writing, then was killed
+    again = join.join_before_start(parse(*args))
+    assert again == answer and len(asked) == 1
+    join.forget_join(str(tmp_path / "data"))
+    assert join.join_before_start(parse(*args)) is None and len(asked) == 1
+
+
+def test_a_damaged_join_answer_stops_with_what_to_do(tmp_path):
+    """A join.json that is not the saved answer stops the node with a message, not a traceback."""
+    (tmp_path / join.JOIN_FILE).write_text("{not json")
+    with pytest.raises(SystemExit, match="wipe the data directory"):
+        join.Joined.load(str(tmp_path / join.JOIN_FILE))

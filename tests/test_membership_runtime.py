@@ -3,6 +3,8 @@ and on_membership_changed, on the deterministic memory cluster."""
 
 from __future__ import annotations
 
+import pytest
+
 from kommander.core.types import EntryKind, Membership
 from kommander.results import RaftOperationStatus as Status
 
@@ -239,3 +241,16 @@ def test_snapshot_runtime_section_round_trips_configuration():
     assert section.membership == m and dict(section) == {}
     old = decode_runtime(cbor2.dumps([]))
     assert old.membership is None and dict(old) == {}
+
+
+def test_snapshot_runtime_section_carries_the_membership_record():
+    """Partition 0's runtime section keeps the record's bytes; without one it has none; a non-bytes record is corrupt."""
+    import cbor2
+
+    from kommander.runtime.snapshots import SnapshotError, decode_runtime, encode_runtime
+
+    m = Membership(voters("n1"))
+    assert decode_runtime(encode_runtime({}, m, b'{"version":1}')).record == b'{"version":1}'
+    assert decode_runtime(encode_runtime({}, m)).record is None
+    with pytest.raises(SnapshotError):
+        decode_runtime(cbor2.dumps({"tickets": [], "membership": [["n1"], [], []], "record": "text"}))

@@ -25,6 +25,7 @@ from kommander.plugins.memory_wal import MemoryWAL
 from kommander.plugins.static import StaticDiscovery
 from kommander.runtime.checkpoints import Checkpointer
 from kommander.runtime.manager import RaftManager
+from kommander.runtime.members import RecordKeeper
 from kommander.runtime.snapshots import SnapshotStore
 
 
@@ -82,7 +83,9 @@ def test_checkpoint_below_a_newer_core_snapshot_is_skipped_without_raising() -> 
         number=0, applied=40, snapshot_index=0, snapshot_requested=True, snapshotting=False,
         since_snapshot_entries=7, since_snapshot_bytes=70, core=SimpleNamespace(log=log), tickets={},
     )  # fmt: skip
-    host = SimpleNamespace(reactor=task.Clock(), state_machine=ListStateMachine("n1"), snapshot_store=SnapshotStore())
+    host = SimpleNamespace(
+        reactor=task.Clock(), state_machine=ListStateMachine("n1"), snapshot_store=SnapshotStore(), record=RecordKeeper(None, "n1", False)
+    )
     d = Checkpointer(host).take(runtime)  # type: ignore[arg-type]
     assert Cluster.result(d) is None
     assert runtime.snapshotting is False and runtime.snapshot_requested is False

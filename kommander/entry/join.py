@@ -9,11 +9,15 @@ leader's snapshot and log give them theirs. The leader then promotes the node on
 up. The record is kept in the WAL's metadata, so a restart needs no ``--join`` (and ignores it).
 
 Only a node whose data directory holds nothing joins: one with state is a member already (or
-was removed, and must be wiped before it joins again).
+was removed, and must be wiped before it joins again). The cluster's answer is written to
+``DATA/join.json`` (atomically) before anything else goes there, and removed once the node has
+joined (its WAL then holds the record): a node killed in between restarts from that answer
+instead of from nothing, which would leave it a one-node cluster of its own.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +28,9 @@ from kommander.entry.members_cli import MembersError, add_member
 from kommander.runtime.members import Member, MemberRecord, MemberRole, RecordError
 
 _log = Logger()
+
+#: The file in the data directory that holds the cluster's answer until the node has joined.
+JOIN_FILE = "join.json"
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,65 @@ class Joined:
 
         manager.join_record = self.record
         manager.initial_membership = Membership(self.voters, self.learners)
+
+    def save(self, path: str) -> None:
+        """Write the answer to ``path`` durably (a temporary file, fsynced, renamed, the
+        directory fsynced), so that a crash leaves either no file or the whole one."""
+        document = {
+            "record": self.record.encode().decode("utf-8"),
+            "voters": sorted(self.voters),
+            "learners": sorted(self.learners),
+        }
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        temporary = path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(document, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def load(cls, path: str) -> "Joined":
+        """Read what :meth:`save` wrote.
+
+        :raises SystemExit: the file is not that (the message says what to do).
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                document = json.load(f)
+            record = MemberRecord.decode(document["record"].encode("utf-8"))
+            voters = frozenset(str(v) for v in document["voters"])
+            learners = frozenset(str(v) for v in document["learners"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecordError) as e:
+            raise SystemExit(
+                f"twistd kommander: {path} (an interrupted --join) cannot be read: {e}; "
+                "wipe the data directory and join again"
+            ) from None
+        if not voters or voters & learners:
+            raise SystemExit(f"twistd kommander: {path} holds no valid configuration; wipe the data directory and join again")
+        return cls(record, voters, learners)
+
+
+def forget_join(data_dir: str | None) -> None:
+    """The node has joined (its WAL holds the record): remove ``DATA/join.json``."""
+    if not data_dir:
+        return
+    path = os.path.join(data_dir, JOIN_FILE)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        # Harmless: the next start reads an answer older than the WAL's record, which wins.
+        _log.warn("joined, but {path} could not be removed: {e}", path=path, e=e)
+        return
+    _log.info("joined: removed {path}", path=path)
 
 
 def data_is_empty(data_dir: str | None) -> bool:
@@ -120,6 +186,15 @@ def join_before_start(options: Any) -> "Joined | None":
     :raises SystemExit: the join was refused (the message says why and what to do).
     """
     node_id = options["node-id"]
+    marker = os.path.join(options["data"], JOIN_FILE) if options["data"] else None
+    if marker is not None and os.path.exists(marker):
+        # Killed after the cluster added it and before it finished joining: the answer is here.
+        _log.info(
+            "node {node}: resuming the join interrupted earlier from {path} (the cluster lists it already)",
+            node=node_id,
+            path=marker,
+        )
+        return Joined.load(marker)
     if not data_is_empty(options["data"]):
         _log.info(
             "node {node}: --data {data} holds state, so --join is ignored: the node restarts as the member it is",
@@ -136,5 +211,7 @@ def join_before_start(options: Any) -> "Joined | None":
         except StatusError as e:
             raise SystemExit(f"twistd kommander: --join-token-file: {e}") from None
     joined = request_join(options["join"], node_id, options.plugin_options["advertise"], options.metadata.get("http", ""), token)
+    if marker is not None:
+        joined.save(marker)
     options.peers = joined.peers(node_id)
     return joined

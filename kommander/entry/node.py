@@ -25,9 +25,11 @@ class RaftService(service.Service):
 
     name = "kommander-raft"
 
-    def __init__(self, manager: Any, reactor: Any) -> None:
+    def __init__(self, manager: Any, reactor: Any, on_joined: Any = None) -> None:
         self.manager = manager
         self.reactor = reactor
+        #: Called (no arguments) once the node has joined: the WAL replayed, the record stored.
+        self.on_joined = on_joined
         self.failure: Any = None
         self.exit_status = 0
         #: Tests running the service in-process turn the final os._exit off.
@@ -43,6 +45,8 @@ class RaftService(service.Service):
         self._stop_and_exit()
 
     def _joined(self, _: Any) -> None:
+        if self.on_joined is not None:
+            self.on_joined()
         _log.info(
             "node {node} is serving {n} partitions; HTTP at {http}",
             node=self.manager.node_id,

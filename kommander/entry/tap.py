@@ -604,7 +604,12 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         http.setName("kommander-http")
         # Added first: a taken HTTP port fails twistd at start-up, before the node joins Raft.
         http.setServiceParent(top)
-    RaftService(manager, reactor).setServiceParent(top)
+    on_joined = None
+    if joined is not None:
+        from kommander.entry.join import forget_join
+
+        on_joined = lambda: forget_join(data_dir)  # noqa: E731
+    RaftService(manager, reactor, on_joined).setServiceParent(top)
     add_credential_reloads(hangup, built["transport"])
     discovery_reload = getattr(built["discovery"], "reload_secrets", None)
     if discovery_reload is not None and getattr(built["discovery"], "secrets", None) is not None:

@@ -107,6 +107,9 @@ class Checkpointer:
         tickets, chunks = store.open(number, chosen, verify=False)
         if getattr(tickets, "membership", None) is not None:
             chosen = replace(chosen, membership=tickets.membership)  # the core starts from it
+        # The WAL's copy of the record is normally as new; a crash between installing a
+        # leader's snapshot and storing that copy leaves only the snapshot's.
+        yield host.record.restore_section(number, getattr(tickets, "record", None))
         yield self._restore_state_machine(number, chunks, chosen)
         _log.info(
             "partition {p}: restored snapshot at {index}; {n} log entries follow it",
@@ -147,11 +150,14 @@ class Checkpointer:
         tickets, chunks = self.host.snapshot_store.open(runtime.number, meta, verify=False)
         d = self._restore_state_machine(runtime.number, chunks, meta)
 
-        def restored(_: Any) -> None:
+        def restored(_: Any) -> Any:
             runtime.tickets = tickets
             runtime.snapshot_index = meta.index
             runtime.since_snapshot_entries = runtime.since_snapshot_bytes = 0
             self.host.snapshot_store.prune(runtime.number)
+            # The entries that wrote the membership record may be compacted away on the
+            # leader: the snapshot's copy is how this node learns the current one.
+            return self.host.record.restore_section(runtime.number, getattr(tickets, "record", None))
 
         return d.addCallback(restored)
 
@@ -195,7 +201,10 @@ class Checkpointer:
         try:
             chunks = iter(host.state_machine.snapshot(runtime.number))
             writer = store.writer(runtime.number, meta)
-            writer.write_header(encode_runtime(runtime.tickets, runtime.core.membership_at(index)))
+            section = encode_runtime(
+                runtime.tickets, runtime.core.membership_at(index), host.record.snapshot_section(runtime.number)
+            )
+            writer.write_header(section)
         except Exception as e:  # noqa: BLE001 - a state machine bug must not stop the node
             runtime.snapshotting = False
             _log.failure("partition {p}: state machine snapshot failed", p=runtime.number)

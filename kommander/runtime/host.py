@@ -81,6 +81,10 @@ class RuntimeHost(Protocol):
     on_replication_error: "Event"
     on_log_restored: "Event"
     on_membership_changed: "Event"
+    #: The cluster's membership record (:class:`kommander.runtime.members.RecordKeeper`): the
+    #: applier hands it record entries; the checkpointer puts it in partition 0's snapshots
+    #: (``snapshot_section``) and takes it back from them (``restore_section``).
+    record: Any
 
     @property
     def running(self) -> bool:

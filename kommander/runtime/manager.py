@@ -126,7 +126,10 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi):
             window=config.snapshot_window,
             timeout=max(5.0, 4 * high * config.heartbeat_interval),
         )
-        self.voters: tuple[str, ...] = ()
+        #: The voters the node started with (the discovered nodes and itself): every partition's
+        #: configuration until its log says otherwise, and the implicit membership record until
+        #: the first change writes one. :attr:`voters` is the current membership.
+        self.startup_voters: tuple[str, ...] = ()
         #: Set before :meth:`join_cluster` on a node joining running partitions: the configuration
         #: its cores start from (the current voters, this node a learner) until the leader's log
         #: or snapshot gives them theirs. ``None``: the discovered nodes are the voters.
@@ -179,17 +182,17 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi):
             )
         yield defer.maybeDeferred(self.discovery.start)
         nodes = yield initial_view(self.discovery, self.node_id, self.config.expected_nodes, self.reactor)
-        self.voters = tuple(sorted(set(nodes) | {self.node_id}))
+        self.startup_voters = tuple(sorted(set(nodes) | {self.node_id}))
         yield self.wal.open(self.partitions)
         yield self.record.load()
         if self.join_record is not None:
             yield self.record.adopt(self.join_record)
         self._check_configured_peers(nodes)
         low, high = self.config.election_ticks()
-        start = self.initial_membership
+        start = self.initial_membership or self.record_membership()
         core_config = CoreConfig(
             self.node_id,
-            tuple(sorted(start.voters)) if start else self.voters,
+            tuple(sorted(start.voters)) if start else self.startup_voters,
             learners=tuple(sorted(start.learners)) if start else (),
             election_tick=low,
             election_tick_max=high,
@@ -345,6 +348,7 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi):
             "node_id": self.node_id,
             "cluster_id": self.cluster_id,
             "voters": list(self.voters),
+            "members": self.member_roles(),
             "storage_id": f"{self.storage_id:016x}",
             "running": self._running,
             "partitions": parts,

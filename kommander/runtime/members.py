@@ -225,6 +225,27 @@ class RecordKeeper:
             return defer.succeed(None)
         return self._store(record)
 
+    def snapshot_section(self, partition: int) -> bytes | None:
+        """What a snapshot of ``partition`` carries of the record: the encoded record in
+        partition 0's snapshots (once one was written), so that a node catching up from a
+        snapshot, past the compacted entries that wrote it, learns it; ``None`` otherwise."""
+        if partition != RECORD_PARTITION or not self.record.version:
+            return None
+        return self.record.encode()
+
+    def restore_section(self, partition: int, data: bytes | None) -> defer.Deferred[None]:
+        """Take the record a restored or installed snapshot of ``partition`` carried (see
+        :meth:`snapshot_section`); one not newer than the known record changes nothing.
+
+        :raises RecordError: a malformed record, or one outside partition 0 (the snapshot was
+            checked against its digest, so only a broken writer makes one: the caller fails).
+        """
+        if data is None:
+            return defer.succeed(None)
+        if partition != RECORD_PARTITION:
+            raise RecordError(f"a snapshot of partition {partition} carries a membership record; only {RECORD_PARTITION} holds it")
+        return self.adopt(MemberRecord.decode(data))
+
     def apply(self, partition: int, data: bytes) -> defer.Deferred[None]:
         """Apply one record entry of the log. A version not newer than the known one (a replay
         after restart, over the stored copy) changes nothing.

@@ -14,10 +14,17 @@ from typing import Any
 
 from twisted.internet import defer
 
-from kommander.core.types import EntryKind, Proposal
+from kommander.core.types import EntryKind, Membership, Proposal
 from kommander.interfaces import IWALMetadata
 from kommander.results import Event
-from kommander.runtime.members import RECORD_LOG_TYPE, RECORD_PARTITION, MemberRecord, RecordKeeper, seed_record
+from kommander.runtime.members import (
+    RECORD_LOG_TYPE,
+    RECORD_PARTITION,
+    MemberRecord,
+    MemberRole,
+    RecordKeeper,
+    seed_record,
+)
 from kommander.runtime.orchestrate import ClusterMembers, MembershipResult
 
 
@@ -30,7 +37,7 @@ class MembershipHost:
     transport: Any
     discovery: Any
     runtimes: list[Any]
-    voters: tuple[str, ...]
+    startup_voters: tuple[str, ...]
     metadata: dict[str, str]
     peer_metadata: dict[str, dict[str, str]]
     log: Any
@@ -70,7 +77,39 @@ class MembershipHost:
 
     def member_ids(self) -> frozenset[str]:
         """Every node the record knows (voters, learners, nodes being removed)."""
-        return self.cluster.current().ids() | set(self.voters)
+        return self.cluster.current().ids()
+
+    @property
+    def voters(self) -> tuple[str, ...]:
+        """The cluster's voters as the replicated membership record has them now (the start-up
+        voters until the first change writes a record): a learner not promoted yet and a node
+        being removed are not among them; see :meth:`member_roles`."""
+        return tuple(sorted(self.cluster.current().voters()))
+
+    def member_roles(self) -> list[dict[str, str]]:
+        """``[{"id", "role"}...]`` of every member of the current record (role ``voter``,
+        ``learner`` or ``removing``), as ``GET /v1/status`` shows them."""
+        return [{"id": m.id, "role": m.role.value} for m in self.cluster.current().members]
+
+    def record_membership(self) -> Membership | None:
+        """The configuration a partition starts from when its own log and snapshot hold none,
+        once a record was written: the record's voters (those being removed included), its
+        learners, and this node a learner if the record does not list it. ``None`` before the
+        first record (the start-up voters are then every partition's configuration).
+
+        A node restarted after it was added but before its partitions received anything (killed
+        half way through a join) has an empty log and no ``--join`` answer any more: starting
+        from its start-up voters, which may be itself alone, it could elect itself; from the
+        record it is a learner until the leader's log or snapshot gives it the real configuration.
+        """
+        record = self.record.record
+        if not record.version:
+            return None
+        voters = frozenset(m.id for m in record.members if m.role is not MemberRole.LEARNER)
+        learners = frozenset(m.id for m in record.members if m.role is MemberRole.LEARNER)
+        if self.node_id not in voters:
+            learners |= {self.node_id}
+        return Membership(voters, learners) if voters else None
 
     # ------------------------------------------------------------------ for the orchestrator
 
@@ -86,7 +125,7 @@ class MembershipHost:
             endpoints[self.node_id] = own
         http = {node: meta.get("http", "") for node, meta in self.peer_metadata.items()}
         http[self.node_id] = self.metadata.get("http", "")
-        return seed_record(self.voters, endpoints, http)
+        return seed_record(self.startup_voters, endpoints, http)
 
     def peer_http(self, node: str) -> str:
         meta = self.metadata if node == self.node_id else self.peer_metadata.get(node, {})
@@ -106,7 +145,7 @@ class MembershipHost:
         record = self.record.record
         if record.version:
             return {k: v for k, v in record.endpoints().items() if k != self.node_id and v}
-        return {k: v for k, v in nodes.items() if k != self.node_id and k in self.voters}
+        return {k: v for k, v in nodes.items() if k != self.node_id and k in self.startup_voters}
 
     def _check_configured_peers(self, nodes: Mapping[str, str]) -> None:
         """A written record wins over ``--peers``; say so when they differ."""

@@ -283,7 +283,14 @@ class ClusterMembers:
             return defer.succeed(refused)
         record = self.current()
         member = record.get(node_id)
-        done = lambda r: r.get(node_id) is None  # noqa: E731
+
+        def done(r: MemberRecord) -> bool:
+            # This node removing itself (it led partition 0): once it is out of every partition it
+            # no longer receives partition 0's log, so it never sees the record entry that drops
+            # it; the leader of partition 0 after it writes that entry (the record's target says
+            # so), and this node answers once its own logs show it out of every partition.
+            return r.get(node_id) is None or (node_id == self.host.node_id and self._left_everywhere(r, node_id))
+
         if member is None:
             return defer.succeed(MembershipResult(MembershipStatus.UNKNOWN_NODE, f"{node_id} is not a member"))
         target = record.target
@@ -356,6 +363,20 @@ class ClusterMembers:
         self._waiters.append(entry[0])
         return d
 
+    def _left_everywhere(self, record: MemberRecord, node_id: str) -> bool:
+        """Whether the record asks for ``node_id``'s removal and every partition's latest
+        configuration here leaves it out (an outgoing voter of a joint configuration included: the
+        committed target makes the rest of the change certain, whoever leads)."""
+        target = record.target
+        if target is None or target.op != "remove" or target.id != node_id:
+            return False
+        host = self.host
+        for p in range(host.partitions):
+            config = host.membership(p)
+            if node_id in config.voters or node_id in config.learners:
+                return False
+        return True
+
     def record_changed(self, record: MemberRecord) -> None:
         """The host applied a record: fire the waiters it satisfies."""
         for waiter in list(self._waiters):
@@ -388,6 +409,8 @@ class ClusterMembers:
         record = host.record.record
         if record.version == 0:
             return  # no change was ever asked for: the start-up voters are the members
+        if self._waiters:
+            self.record_changed(record)  # a waiter may be done by the partitions' configurations
         if host.am_i_leader(RECORD_PARTITION):
             self._advance_record(record)
         for p in range(host.partitions):

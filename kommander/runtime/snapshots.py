@@ -43,16 +43,23 @@ class SnapshotError(KommanderError):
 
 
 class RuntimeSection(dict):  # type: ignore[type-arg]
-    """The held tickets of a snapshot (ticket -> entries), and the partition's configuration at
-    the snapshot's index (``None`` in snapshots written before configurations were recorded)."""
+    """The held tickets of a snapshot (ticket -> entries), the partition's configuration at
+    the snapshot's index (``None`` in snapshots written before configurations were recorded),
+    and, in partition 0's snapshots, the cluster's membership record as encoded by
+    :meth:`~kommander.runtime.members.MemberRecord.encode` (``None``: none was written yet)."""
 
     membership: Membership | None = None
+    record: bytes | None = None
 
 
-def encode_runtime(tickets: dict[int, list[Entry]], membership: Membership | None = None) -> bytes:
+def encode_runtime(
+    tickets: dict[int, list[Entry]], membership: Membership | None = None, record: bytes | None = None
+) -> bytes:
     """The runtime's part of a snapshot: undecided two-phase tickets and their held entries, as a
     CBOR array; with a configuration, ``{"tickets": array, "membership": [voters, learners,
-    outgoing]}`` (readers of the array form still read the snapshots that lack one)."""
+    outgoing]}`` and, when given, ``"record": bytes`` (readers of the array form still read the
+    snapshots that lack them). The record travels in the snapshot because compaction drops the
+    log entries that wrote it: a node catching up from a snapshot learns it from here."""
     held = [
         [ticket, [[e.index, e.term, e.log_type, e.data, e.timestamp] for e in entries]]
         for ticket, entries in sorted(tickets.items())
@@ -60,7 +67,10 @@ def encode_runtime(tickets: dict[int, list[Entry]], membership: Membership | Non
     if membership is None:
         return cbor2.dumps(held)
     groups = [sorted(g) for g in (membership.voters, membership.learners, membership.outgoing)]
-    return cbor2.dumps({"tickets": held, "membership": groups})
+    section: dict[str, Any] = {"tickets": held, "membership": groups}
+    if record is not None:
+        section["record"] = bytes(record)
+    return cbor2.dumps(section)
 
 
 def decode_runtime(data: bytes) -> RuntimeSection:
@@ -72,6 +82,11 @@ def decode_runtime(data: bytes) -> RuntimeSection:
             if not voters or voters & learners:
                 raise ValueError(f"not a configuration: {raw['membership']!r}")
             tickets.membership = Membership(voters, learners, outgoing)
+            record = raw.get("record")
+            if record is not None:
+                if not isinstance(record, bytes) or not record:
+                    raise ValueError(f"not a membership record: {record!r}")
+                tickets.record = record
             raw = raw["tickets"]
         for ticket, entries in raw:
             tickets[int(ticket)] = [
