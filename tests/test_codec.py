@@ -30,6 +30,7 @@ from kommander.core.types import (
     Heartbeat,
     HeartbeatResponse,
     InstallSnapshot,
+    NodeHeartbeat,
     SnapshotChunk,
     SnapshotChunkAck,
     SnapshotMeta,
@@ -77,7 +78,8 @@ messages = st.one_of(
         hint_index=n63,
         hint_term=n63,
     ),
-    st.builds(Heartbeat, **header, commit=n63, context=n63),
+    st.builds(Heartbeat, **header, commit=n63, context=n63, quiesce=st.booleans()),
+    st.builds(NodeHeartbeat, **header),
     st.builds(HeartbeatResponse, **header, context=n63),
     st.builds(TimeoutNow, **header),
     st.builds(InstallSnapshot, **header, meta=metas),
@@ -110,6 +112,7 @@ def sample(cls: type) -> object:
         InstallSnapshot: InstallSnapshot(3, "a", "b", meta),
         SnapshotChunk: SnapshotChunk(3, "a", "b", meta, 0, b"chunk", True),
         SnapshotChunkAck: SnapshotChunkAck(3, "b", "a", meta, 5, True),
+        NodeHeartbeat: NodeHeartbeat(0, "a", "b"),
     }[cls]
 
 
@@ -171,6 +174,7 @@ def test_type_codes_are_stable():
         InstallSnapshot: 8,
         SnapshotChunk: 9,
         SnapshotChunkAck: 10,
+        NodeHeartbeat: 11,
     }
     assert {cls: int(code) for cls, (code, _) in codec._SCHEMA.items()} == expected
     assert TypeCode.HANDSHAKE == 0
@@ -365,9 +369,9 @@ def test_refuses_invalid_utf8_text():
     refused(frame.replace(b"\x61\x61", b"\x61\xff", 1))
 
 
-@pytest.mark.parametrize("code", [11, 99, 0, -1, True, "3"])
+@pytest.mark.parametrize("code", [12, 99, 0, -1, True, "3"])
 def test_refuses_unknown_type_code(code):
-    """Codes outside 1-10 (the handshake's 0 included) are not messages."""
+    """Codes outside 1-11 (the handshake's 0 included) are not messages."""
     item = as_list(Heartbeat)
     item[0] = code
     assert "type code" in str(refused(cbor2.dumps(item)))

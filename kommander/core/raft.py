@@ -16,6 +16,7 @@ from kommander.core.election import Election
 from kommander.core.errors import NotLeader, ProposalDropped
 from kommander.core.log import RaftLog
 from kommander.core.progress import Progress
+from kommander.core.quiesce import Quiesce
 from kommander.core.readindex import ReadIndex
 from kommander.core.rejoin import Rejoin, Standing
 from kommander.core.replication import Replication
@@ -44,7 +45,7 @@ from kommander.core.types import (
 _FROM_LEADER = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
-class RaftNode(Election, Replication, ReadIndex, Rejoin):
+class RaftNode(Election, Replication, ReadIndex, Rejoin, Quiesce):
     """One partition's Raft state machine.
 
     :param config: see :class:`CoreConfig`.
@@ -106,6 +107,7 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
         self._reset_randomized_timeout()
         self.storage_id = storage_id
         self._init_rejoin(rejoining)
+        self._init_quiesce()
 
     def __repr__(self) -> str:
         return (
@@ -116,7 +118,9 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
     # ------------------------------------------------------------------ inputs
 
     def tick(self) -> None:
-        """Advance logical time by one tick."""
+        """Advance logical time by one tick (none passes for a quiesced partition)."""
+        if self.quiesced:
+            return
         if self.role is Role.LEADER:
             self._tick_leader()
         else:
@@ -125,12 +129,14 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
     def campaign(self) -> None:
         """Start an election now (as if the election timeout had elapsed)."""
         if self.role is not Role.LEADER and self.id in self.voters:
+            self.wake()
             self._campaign(transfer=False)
 
     def step_down(self) -> None:
         """Leader: become a follower of nobody in the same term, as CheckQuorum would (the
         runtime found its disk stalled, so it cannot make its entries durable). Else nothing."""
         if self.role is Role.LEADER:
+            self.wake()
             self._become_follower(self.term, None)
 
     def step(self, m: Message) -> None:
@@ -138,6 +144,8 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
         nodes, or of a stale term are ignored (stale ones may get an answer revealing our term)."""
         if m.dst != self.id or m.src not in self.voters or m.src == self.id:
             return
+        if self.quiesced:
+            self._wake_for(m)
         if self.standing is not Standing.MEMBER:
             self._observe_rejoin(m)
         if m.term > self.term:
@@ -188,6 +196,8 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
                 self._handle_snapshot(m)
             if self.standing is Standing.CATCHING_UP:
                 self._catch_up(m)
+            if kind is Heartbeat and m.quiesce:
+                self._quiesce_follower(m)
         elif kind is TimeoutNow and self.role is Role.FOLLOWER:
             self._handle_timeout_now(m)
 
@@ -206,6 +216,7 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
             raise ProposalDropped(f"leadership transfer to {self.lead_transferee} in progress")
         if not proposals:
             raise ValueError("nothing to propose")
+        self.wake()
         size = 0
         for p in proposals:
             size += len(p.data) + 24
@@ -317,6 +328,7 @@ class RaftNode(Election, Replication, ReadIndex, Rejoin):
         if term != self.term:
             self.term = term
             self.vote = None
+        self.quiesced = False
         self._drop_leader_state()
         self.leader = None
         self.election_elapsed = 0

@@ -29,6 +29,7 @@ class ReadIndex(NodeState):
         """
         if self.role is not Role.LEADER:
             raise NotLeader(self.leader)
+        self.wake()  # confirmed by a heartbeat round, never from a quiesced state (quiesce.py)
         if self.log.term(self.log.committed) != self.term:
             # Until an entry of our term commits we do not know the latest commit index
             # (Raft thesis 6.4, step 1): wait for the no-op to commit.

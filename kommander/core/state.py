@@ -33,6 +33,9 @@ class CoreConfig:
     :ivar max_inflight_msgs: / :ivar max_inflight_bytes: per-follower pipelining window.
     :ivar max_uncommitted_bytes: the leader refuses proposals beyond this much uncommitted data.
     :ivar max_apply_entries: at most this many committed entries per ``Ready``.
+    :ivar quiesce: an idle partition stops ticking and heartbeating (see
+        :mod:`kommander.core.quiesce`); needs a runtime that sends node heartbeats and reports
+        silent peers.
     """
 
     node_id: str
@@ -48,6 +51,7 @@ class CoreConfig:
     max_inflight_bytes: int = 32 << 20
     max_uncommitted_bytes: int = 64 << 20
     max_apply_entries: int = 4096
+    quiesce: bool = False
 
     def __post_init__(self) -> None:
         if self.node_id not in self.voters:
@@ -79,6 +83,7 @@ class NodeState:
     heartbeat_elapsed: int
     randomized_timeout: int
     lead_transferee: str | None
+    quiesced: bool
     _msgs: list[Message]
     _persisted_msgs: list[Message]
     _read_states: list[ReadState]
@@ -131,6 +136,12 @@ class NodeState:
         raise NotImplementedError
 
     def _maybe_commit(self) -> bool:  # replication.py
+        raise NotImplementedError
+
+    def wake(self) -> None:  # quiesce.py
+        raise NotImplementedError
+
+    def _quiesce_leader(self) -> bool:  # quiesce.py
         raise NotImplementedError
 
     @property

@@ -40,6 +40,7 @@ from kommander.core.types import (
     HeartbeatResponse,
     InstallSnapshot,
     Message,
+    NodeHeartbeat,
     SnapshotChunk,
     SnapshotChunkAck,
     SnapshotMeta,
@@ -98,6 +99,7 @@ class TypeCode(enum.IntEnum):
     INSTALL_SNAPSHOT = 8
     SNAPSHOT_CHUNK = 9
     SNAPSHOT_CHUNK_ACK = 10
+    NODE_HEARTBEAT = 11
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +158,7 @@ _SCHEMA: dict[type, tuple[TypeCode, tuple[tuple[str, str], ...]]] = {
         TypeCode.SNAPSHOT_CHUNK_ACK,
         (("meta", _META), ("offset", _N), ("success", _B)),
     ),
+    NodeHeartbeat: (TypeCode.NODE_HEARTBEAT, ()),
 }
 #: Fields added later, after the original ones: a frame may end before them (the dataclass
 #: defaults apply), so frames of peers that predate them still decode. They are sent only when
@@ -164,6 +167,7 @@ _OPTIONAL: dict[type, tuple[tuple[str, str], ...]] = {
     VoteRequest: (("pristine", _B),),
     AppendEntriesResponse: (("storage_id", _U), ("catching_up", _B)),
     HeartbeatResponse: (("storage_id", _U), ("catching_up", _B)),
+    Heartbeat: (("quiesce", _B),),
 }
 _DEFAULTS = {_U: 0, _B: False}
 _SCHEMA = {
