@@ -147,11 +147,16 @@ class Quiesce(NodeState):
             for pr in self.progress.values():
                 pr.recent_active = False
 
-    def peers_unreachable(self, unreachable: Collection[str]) -> bool:
+    def peers_unreachable(self, unreachable: Collection[str], rotation: int = 0) -> bool:
         """The runtime has not heard from the nodes ``unreachable`` for an election timeout.
 
         A quiesced follower whose leader is among them wakes with its leader lease expired (it
-        grants votes at once and campaigns within ``election_tick_max - election_tick`` ticks). A
+        grants votes at once and campaigns within ``election_tick_max - election_tick`` ticks).
+        The survivors all woke at about the same time, so purely random timeouts would often
+        collide (a split vote costs a whole election timeout more): the spread is cut into one
+        slot per live voter, ordered by id and rotated by ``rotation`` (the runtime passes the
+        partition number, so the failed node's partitions spread over the survivors), and each
+        takes a random time inside its own slot. A
         quiesced leader with a voter among them wakes, and steps down at once when the others no
         longer make a quorum (CheckQuorum, with node liveness as its evidence). Otherwise, and on a
         partition that is not quiesced, nothing changes.
@@ -172,6 +177,10 @@ class Quiesce(NodeState):
             return False
         self.wake()
         # As if a whole minimum election timeout had passed since the leader was last heard from.
-        self.election_elapsed = self.config.election_tick
-        self._reset_randomized_timeout()
+        low, high = self.config.election_tick, self.config.election_tick_max
+        self.election_elapsed = low
+        live = sorted(v for v in self.voters if v not in unreachable)
+        width = max(1, (high - low) // max(1, len(live)))
+        slot = (live.index(self.id) + rotation) % len(live) if self.id in live else 0
+        self.randomized_timeout = min(high - 1, low + slot * width + self.rng.randrange(width))
         return True

@@ -382,7 +382,7 @@ class DriveLoop:
         number = runtime.number
         if not core.quiesced:
             self._awake.add(number)
-        elif self._unreachable and core.peers_unreachable(self._unreachable):
+        elif self._unreachable and core.peers_unreachable(self._unreachable, number):
             # Quiesced with a peer already found silent (its state was from before): awake again.
             self._awake.add(number)
             self._dirty[number] = runtime
@@ -424,7 +424,7 @@ class DriveLoop:
         self.stats["peers_lost"] += len(lost)
         woken = 0
         for runtime in self.runtimes:
-            if runtime.core.quiesced and runtime.core.peers_unreachable(self._unreachable):
+            if runtime.core.quiesced and runtime.core.peers_unreachable(self._unreachable, runtime.number):
                 woken += 1
                 self.mark_dirty(runtime)
         self.log.warn(

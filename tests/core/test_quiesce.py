@@ -231,3 +231,18 @@ def test_not_quiesced_partition_ignores_silence_reports():
     assert not net["n1"].quiesced
     assert not net["n1"].peers_unreachable({"n2", "n3"})
     assert net["n1"].role is Role.LEADER
+
+
+def test_survivors_take_disjoint_slots_of_the_election_spread():
+    """Woken for the same silent leader, the survivors campaign in different halves of the spread
+    (no split vote between them), and the rotation decides which goes first."""
+    for rotation in range(4):
+        net = quiet_cluster()
+        for i in ("n2", "n3"):
+            net[i].peers_unreachable({"n1"}, rotation)
+        a, b = net["n2"].randomized_timeout, net["n3"].randomized_timeout
+        low, high = net["n2"].config.election_tick, net["n2"].config.election_tick_max
+        mid = low + (high - low) // 2
+        first = "n2" if rotation % 2 == 0 else "n3"
+        early, late = (a, b) if first == "n2" else (b, a)
+        assert low <= early < mid <= late < high
