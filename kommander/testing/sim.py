@@ -78,6 +78,10 @@ class Simulation(Checks):
         self.config = config or SimConfig()
         self.rng = random.Random(seed)
         self.transfer_rng = random.Random(f"transfer/{seed}")
+        self.idle_rng = random.Random(f"idle/{seed}")
+        self.liveness_rng = random.Random(f"liveness/{seed}")
+        #: No proposals or reads before this time (an idle period, so partitions quiesce).
+        self.idle_until = 0
         self.make_sm = state_machine_factory
         self.ids = tuple(f"n{i}" for i in range(1, self.config.nodes + 1))
         self.quorum = len(self.ids) // 2 + 1
@@ -105,7 +109,9 @@ class Simulation(Checks):
         self.next_payload = 1
         self.calm_since: int | None = None
         self.live_commit_target: int | None = None
-        self.result_stats = {"commits": 0, "elections": 0, "reads": 0, "crashes": 0}
+        self.result_stats = {
+            "commits": 0, "elections": 0, "reads": 0, "crashes": 0, "quiesced_ticks": 0, "liveness_wakes": 0,
+        }
 
     # ------------------------------------------------------------------ events
 
@@ -135,6 +141,8 @@ class Simulation(Checks):
             s["elections"],
             s["reads"],
             s["crashes"],
+            s["quiesced_ticks"],
+            s["liveness_wakes"],
         )
 
     def _run(self) -> None:
@@ -174,6 +182,7 @@ class Simulation(Checks):
             max_inflight_msgs=cfg.max_inflight_msgs,
             pre_vote=cfg.pre_vote,
             check_quorum=cfg.check_quorum,
+            quiesce=cfg.quiesce,
         )
         self._adopt_received(node)
         node.core = RaftNode(
@@ -193,6 +202,7 @@ class Simulation(Checks):
         node.applied = node.snapshot.index
         node.next_compact = node.applied + self._compact_gap()
         node.commit_seen = node.core.log.committed
+        node.last_heard = {peer: self.now for peer in self.ids if peer != node_id}
         self._log(f"start {node_id} term={node.hard.term} last={node.durable_last()}")
         self._process(node)
 
@@ -339,6 +349,7 @@ class Simulation(Checks):
             # A paused process reads its socket when it resumes.
             self._schedule(node.paused_until - self.now, "deliver", m, attachment)
             return
+        node.last_heard[m.src] = self.now
         if type(m) is InstallSnapshot and m.meta.index > node.core.log.committed:
             # As the runtime does: the snapshot's bytes are durable before the core hears of it.
             node.received[m.meta] = attachment
@@ -368,9 +379,31 @@ class Simulation(Checks):
     def _on_tick(self) -> None:
         for node in self.nodes.values():
             if node.alive and node.paused_until <= self.now:
+                if self.config.quiesce:
+                    self._liveness(node)
                 node.core.tick()
                 self._process(node)
         self._schedule(TICK, "tick")
+
+    def _liveness(self, node: SimNode) -> None:
+        """The runtime's node liveness: a node heartbeat to each peer (delivered at once unless
+        the link is blocked or the network drops it; not an event, so it costs no steps), and
+        peers silent for the minimum election timeout reported to a quiesced core."""
+        for peer in self.ids:
+            other = self.nodes[peer]
+            if peer == node.id or not other.alive or (node.id, peer) in self.blocked:
+                continue
+            if self.drop and self.liveness_rng.random() < self.drop:
+                continue
+            other.last_heard[node.id] = self.now
+        core = node.core
+        if core.quiesced:
+            self.result_stats["quiesced_ticks"] += 1
+            timeout = self.config.election_tick * TICK
+            silent = {p for p, heard in node.last_heard.items() if self.now - heard >= timeout}
+            if silent and core.peers_unreachable(silent):
+                self.result_stats["liveness_wakes"] += 1
+                self._log(f"wake {node.id}: {sorted(silent)} silent")
 
     def _leader_hint(self) -> SimNode | None:
         alive = [n for n in self.nodes.values() if n.alive and n.paused_until <= self.now]
@@ -385,6 +418,8 @@ class Simulation(Checks):
 
     def _on_propose(self) -> None:
         self._schedule(self.rng.randint(5, 25), "propose")
+        if self.now < self.idle_until:
+            return
         node = self._leader_hint()
         if node is None or node.core.role is not Role.LEADER:
             return
@@ -411,6 +446,8 @@ class Simulation(Checks):
 
     def _on_read(self) -> None:
         self._schedule(self.rng.randint(10, 40), "read")
+        if self.now < self.idle_until:
+            return
         node = self._leader_hint()
         if node is None or node.core.role is not Role.LEADER:
             return
@@ -432,6 +469,9 @@ class Simulation(Checks):
         self._schedule(self.rng.randint(10, 50), "chaos")
         if self.config.transfer_rate and self.transfer_rng.random() < self.config.transfer_rate:
             self._transfer()
+        if self.config.idle_rate and self.idle_rng.random() < self.config.idle_rate:
+            self.idle_until = self.now + TICK * self.idle_rng.randint(10, 60)
+            self._log(f"idle until t={self.idle_until}")
         rng = self.rng
         roll = rng.random()
         down = [n for n in self.nodes.values() if not n.alive]
@@ -494,6 +534,7 @@ class Simulation(Checks):
             if not node.alive:
                 self._start(node.id)
         self.calm_since = self.now
+        self.idle_until = 0
         self._log("heal all: calm from here")
 
 

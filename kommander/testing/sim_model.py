@@ -71,6 +71,12 @@ class SimConfig:
     #: Chance that a chaos event also asks a leader to hand leadership to a random peer. Drawn
     #: from a generator of its own, so 0 leaves every other random choice of a seed unchanged.
     transfer_rate: float = 0.0
+    #: Idle partitions quiesce: the simulator then plays the runtime's node liveness too (a node
+    #: heartbeat per peer per tick, silent peers reported to quiesced cores).
+    quiesce: bool = True
+    #: While faults run, chance per chaos event of an idle period (no proposals, no reads) of
+    #: 10-60 ticks, long enough for the partition to quiesce. Drawn from a generator of its own.
+    idle_rate: float = 0.15
 
 
 @dataclass
@@ -84,6 +90,9 @@ class SimResult:
     elections: int = 0
     reads: int = 0
     crashes: int = 0
+    #: Node-ticks spent quiesced, and wake-ups for silent peers.
+    quiesced_ticks: int = 0
+    liveness_wakes: int = 0
 
     def replay_command(self) -> str:
         return (
@@ -124,6 +133,8 @@ class SimNode:
         self.sm: SimStateMachine | None = None
         self.applied = 0
         self.commit_seen = 0
+        #: Node liveness, as the runtime keeps it: peer -> time last heard from.
+        self.last_heard: dict[str, int] = {}
 
     def durable_term(self, index: int) -> int | None:
         if index == self.snapshot.index:
