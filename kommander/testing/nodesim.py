@@ -121,8 +121,8 @@ class NodeSimulation(Lifecycle, Workload, NodeChecks):
                 self._chaos()
             if chaos and self.config.has("crash"):
                 self._crash_mid_transfer()
-            if chaos and not self.idle_steps and self.idle_rng.random() < 0.01:
-                self.idle_steps = self.idle_rng.randint(20, 100)
+            if chaos and not self.idle_steps and self.idle_rng.random() < 0.003:
+                self.idle_steps = self.idle_rng.randint(20, 60)
                 self._log(f"idle for {self.idle_steps} steps")
             if self.idle_steps:
                 self.idle_steps -= 1

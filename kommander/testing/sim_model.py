@@ -76,7 +76,7 @@ class SimConfig:
     quiesce: bool = True
     #: While faults run, chance per chaos event of an idle period (no proposals, no reads) of
     #: 10-60 ticks, long enough for the partition to quiesce. Drawn from a generator of its own.
-    idle_rate: float = 0.15
+    idle_rate: float = 0.05
 
 
 @dataclass
