@@ -10,18 +10,22 @@ node falls silent for an election timeout the runtime calls :meth:`Quiesce.peers
 the partitions quiesced with it.
 
 **When a leader quiesces** (checked when a heartbeat is due): nothing uncommitted, nothing
-unstable in its own log, every follower's ``match`` equals the last index (so, since the last
-entry is of the leader's term, every follower's log *is* the leader's log), every follower in
+unstable in its own log, every member's ``match`` equals the last index (so, since the last
+entry is of the leader's term, every member's log *is* the leader's log), every member in
 ``REPLICATE`` with nothing in flight, not catching up and heard from during this CheckQuorum
-period, no leadership transfer, no ReadIndex waiting, and no configuration change in progress.
+period, no leadership transfer, no ReadIndex waiting (its own or a follower's), and no
+configuration change in progress (see :meth:`Quiesce._config_change_pending`). "Every member" is
+every node the leader tracks in its current configuration: the voters of both halves of a joint
+one and the learners, so a learner is never left without the tail of the log.
 
 **When a follower quiesces**: it receives a quiesce heartbeat of its term from its leader, it is a
-member (not catching up), and its last entry is ``(commit, term)`` of that heartbeat, with its
-commit index there too. A follower lacking anything never quiesces: its election timer keeps
+member (not catching up), its last entry is ``(commit, term)`` of that heartbeat, with its
+commit index there too, its configuration is committed and no follower read of its own is out. A follower lacking anything never quiesces: its election timer keeps
 running and, at worst, its PreVote wakes the leader.
 
-**What wakes a partition**: a proposal, a ReadIndex, a leadership transfer, a campaign or a
-step-down asked for locally; any message but a quiesce heartbeat (on a follower) or a heartbeat
+**What wakes a partition**: a proposal, a ReadIndex (on a follower too: the request then wakes
+its leader), a membership change, a leadership transfer, a campaign or a step-down asked for
+locally; any message but a quiesce heartbeat (on a follower) or a heartbeat
 reply from an unchanged follower (on a leader); and :meth:`Quiesce.peers_unreachable`.
 
 **Leases and CheckQuorum.** A quiesced follower counts as having heard from its leader (it ignores
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from kommander.core.membership import has_majority
 from kommander.core.progress import ProgressState
 from kommander.core.state import NodeState
 from kommander.core.types import Heartbeat, HeartbeatResponse, Message, Role
@@ -93,10 +98,23 @@ class Quiesce(NodeState):
         return True
 
     def _config_change_pending(self) -> bool:
-        """Whether a membership change is under way (a partition in the middle of one must keep
-        ticking to finish it). No membership changes exist in this core yet: the part that adds
-        them overrides this."""
-        return False
+        """Whether a membership change is under way (:mod:`kommander.core.membership`): a
+        partition in the middle of one must keep ticking to finish it. That is a joint
+        configuration, a latest configuration not committed yet (or whose commit the leader has
+        not acted on: ``_config_watch``), removed nodes still tracked until the next CheckQuorum
+        round prunes them, this node's own removal pending, and a leader outside its voters
+        (handing off or about to step down). A learner still behind is covered by the progress
+        check of :meth:`_leader_idle`; one caught up may stay a learner while the partition is
+        quiet, as the runtime's promotion reads ``member_progress`` (valid while quiesced) and
+        ``propose_membership`` wakes the partition."""
+        return (
+            self._joint
+            or self._config_last > self.log.committed
+            or self._config_watch
+            or self._lingering
+            or self._removal_pending()
+            or self.id not in self.membership.voters
+        )
 
     # ------------------------------------------------------------------ follower
 
@@ -114,6 +132,9 @@ class Quiesce(NodeState):
             and log.last_term() == m.term
             and log.committed == m.commit
             and self._pending_snapshot is None
+            and not self._fr_waiting
+            and not self._fr_inflight
+            and self.membership_committed()
         ):
             self.quiesced = True
             self.election_elapsed = 0
@@ -166,11 +187,15 @@ class Quiesce(NodeState):
         if not self.quiesced:
             return False
         if self.role is Role.LEADER:
-            dead = [peer for peer in self.peers if peer in unreachable]
+            dead = {peer for peer in self.peers if peer in unreachable}
             if not dead:
                 return False
             self.wake()
-            if self.config.check_quorum and len(self.voters) - len(dead) < self.quorum:
+            m = self.membership
+            present = self.voters - dead
+            if self.config.check_quorum and not (
+                has_majority(m.voters, present) and (not m.outgoing or has_majority(m.outgoing, present))
+            ):
                 self._become_follower(self.term, None)
             return True
         if self.leader is None or self.leader not in unreachable:

@@ -373,6 +373,8 @@ class DriveLoop:
     # ------------------------------------------------------------------ quiescence and liveness
 
     def _liveness_peers(self) -> list[str]:
+        """The nodes this one sends node heartbeats to and watches for silence (the manager
+        widens it to every member of the record)."""
         return [v for v in self.voters if v != self.node_id]
 
     @property

@@ -72,6 +72,12 @@ class MembershipHost:
         """Every node the record knows (voters, learners, nodes being removed)."""
         return self.cluster.current().ids() | set(self.voters)
 
+    def _liveness_peers(self) -> list[str]:
+        """Node heartbeats go to every node the record knows, not only the start-up voters: a
+        learner's or an added node's quiesced partitions are vouched for by them too (see
+        :class:`kommander.runtime.drive.DriveLoop`)."""
+        return sorted(self.member_ids() - {self.node_id})
+
     # ------------------------------------------------------------------ for the orchestrator
 
     def propose_record(self, data: bytes) -> Any:

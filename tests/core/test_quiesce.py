@@ -3,7 +3,17 @@ it, and that quiet never costs safety (stale followers, partitioned leaders)."""
 
 from __future__ import annotations
 
-from kommander.core.types import AppendEntries, Heartbeat, HeartbeatResponse, Proposal, Role, VoteRequest
+from kommander.core.types import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    Membership,
+    Proposal,
+    ReadIndexRequest,
+    Role,
+    VoteRequest,
+)
 
 from .harness import Network
 
@@ -246,3 +256,122 @@ def test_survivors_take_disjoint_slots_of_the_election_spread():
         first = "n2" if rotation % 2 == 0 else "n3"
         early, late = (a, b) if first == "n2" else (b, a)
         assert low <= early < mid <= late < high
+
+
+# ---------------------------------------------------------------------- membership and follower reads
+
+
+def change(net: Network, leader: str, voters, learners=()) -> int:
+    index = net[leader].propose_membership(voters, learners)
+    net.process(leader)
+    return index
+
+
+def test_partition_never_quiesces_during_a_membership_change():
+    """From the joint configuration's append until the final one is committed everywhere and the
+    removed node pruned, the leader never quiesces, however the change's messages interleave
+    with heartbeat ticks."""
+    net = quiet_cluster()
+    net.add("n4")
+    leader = net["n1"]
+    change(net, "n1", ["n1", "n2", "n4"], ["n3"])
+    assert not leader.quiesced
+    seen_joint = False
+    for step in range(400):
+        if leader.membership.joint or not leader.membership_committed() or leader._lingering:
+            seen_joint = seen_joint or leader.membership.joint
+            assert not leader.quiesced, leader.membership
+        if leader.quiesced:
+            break
+        if step < 100:
+            net.deliver(limit=1)  # one message per tick: the change crawls through heartbeats
+            net.tick("n1", stabilize=False)
+        else:
+            net.tick("n1")
+    assert seen_joint and leader.quiesced
+    assert leader.membership.voters == {"n1", "n2", "n4"} and leader.membership.learners == {"n3"}
+    assert set(leader.progress) == {"n2", "n3", "n4"}
+    assert all(net[i].quiesced for i in ("n2", "n3", "n4"))
+
+
+def test_removed_node_is_pruned_before_the_leader_quiesces():
+    """A node the committed configuration removed is tracked until a CheckQuorum round prunes it
+    (so it learns of its removal); the leader stays awake until then, and quiesces without it."""
+    net = quiet_cluster()
+    change(net, "n1", ["n1", "n2"])
+    net.stabilize()
+    leader = net["n1"]
+    assert leader.membership.voters == {"n1", "n2"} and leader.membership_committed()
+    for _ in range(3 * leader.config.election_tick):
+        if leader.quiesced:
+            break
+        net.tick("n1")
+    assert leader.quiesced and set(leader.progress) == {"n2"}
+    assert net["n3"].membership.voters == {"n1", "n2"}  # it heard of its removal
+
+
+def test_lagging_learner_keeps_the_partition_awake():
+    """The voters have everything but the learner does not: the leader keeps heartbeating (and
+    so retrying the learner), then quiesces once the learner has the tail too."""
+    net = quiet_cluster()
+    net.add("n4")
+    change(net, "n1", ["n1", "n2", "n3"], ["n4"])
+    net.stabilize()
+    net.heartbeat("n1")
+    f = net.drop(AppendEntries, dst="n4")
+    net.propose("n1", b"tail")
+    net.tick("n1", n=3 * net["n1"].config.election_tick)
+    leader = net["n1"]
+    assert leader.progress["n4"].match < leader.log.last_index()
+    assert not leader.quiesced
+    net.restore(f)
+    net.tick("n1", n=3 * leader.config.election_tick)
+    assert leader.quiesced and net["n4"].quiesced
+    assert net["n4"].log.last_index() == leader.log.last_index()
+
+
+def test_membership_change_wakes_a_quiesced_leader():
+    """propose_membership on a quiesced leader wakes it at once: with the followers' replies lost,
+    its ticks (not their replies) must resend the configuration entry."""
+    net = quiet_cluster()
+    leader = net["n1"]
+    assert leader.quiesced
+    net.drop(AppendEntriesResponse)
+    change(net, "n1", ["n1", "n2"], ["n3"])
+    assert not leader.quiesced
+    net.heal()
+    net.tick("n1", n=4 * leader.config.election_tick)
+    assert leader.membership == Membership(frozenset({"n1", "n2"}), frozenset({"n3"}))
+    assert leader.membership_committed() and leader.quiesced
+
+
+def test_pending_follower_read_keeps_the_follower_awake():
+    """A follower with a read request out neither quiesces on its leader's quiesce heartbeat nor
+    stops ticking, so an unanswered request is dropped after an election timeout instead of
+    waiting forever."""
+    net = quiet_cluster()
+    follower = net["n2"]
+    net.drop(ReadIndexRequest)
+    follower.read_index(41)
+    assert not follower.quiesced
+    net.process("n2")
+    last = follower.log.last_index()
+    follower.step(Heartbeat(follower.term, "n1", "n2", last, 99, quiesce=True))
+    assert not follower.quiesced
+    net.tick("n2", n=follower.config.election_tick + 1)
+    assert net.node("n2").dropped_reads == [41]
+
+
+def test_pending_follower_read_keeps_the_leader_awake_until_answered():
+    """A follower's ReadIndexRequest wakes a quiesced leader, which answers after a heartbeat round
+    and only then quiesces again."""
+    net = quiet_cluster()
+    leader = net["n1"]
+    net["n2"].read_index(5)
+    net.process("n2")
+    net.deliver(limit=1)  # the request reaches the quiesced leader
+    assert not leader.quiesced
+    net.tick("n1", n=4)
+    assert [rs.context for rs in net.node("n2").read_states] == [5]
+    net.tick("n1", n=3)
+    assert leader.quiesced
