@@ -9,7 +9,7 @@ NODESEEDS ?= 10000
 MINUTES ?= 10
 FUZZ_SECONDS ?= 60
 
-.PHONY: test demo soak jepsen bench fuzz docs dist deps clean
+.PHONY: test demo soak jepsen bench bench-partitions fuzz docs dist deps clean
 
 # Debian's Berkeley DB headers are needed to build the berkeleydb binding.
 deps:
@@ -47,12 +47,21 @@ jepsen: $(STAMP)
 fuzz: $(STAMP)
 	$(PY) -m kommander.testing.fuzz --seconds $(FUZZ_SECONDS) $(if $(SEED),--seed $(SEED))
 
-# The core alone, the WAL alone, then whole clusters against PySyncObj (its line comes last).
+# The core alone, the WAL alone, many partitions, then whole clusters against PySyncObj (its line
+# comes last).
 bench: $(STAMP)
 	$(PY) benchmarks/core_bench.py
 	$(PY) benchmarks/wal_bench.py --seconds 2
+<<<<<<< HEAD
 	$(PY) benchmarks/codec_bench.py
+=======
+	$(PY) benchmarks/partitions_bench.py
+>>>>>>> quiesce2
 	$(PY) benchmarks/cluster_bench.py
+
+# 3 nodes with 1, 64 and 1,024 partitions: cold start, idle CPU, failover, restart (about 90 s).
+bench-partitions: $(STAMP)
+	$(PY) benchmarks/partitions_bench.py
 
 docs: $(STAMP)
 	$(PY) -m pip install -q -e '.[docs]' --config-settings editable_mode=compat

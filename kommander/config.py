@@ -47,6 +47,9 @@ class RaftConfiguration:
     pre_vote: bool = True
     #: A leader that has not heard from a quorum for an election timeout steps down.
     check_quorum: bool = True
+    #: An idle partition stops ticking and heartbeating; one node heartbeat per peer per
+    #: ``heartbeat_interval`` vouches for all of them (docs/architecture.rst, "Quiescence").
+    quiesce: bool = True
 
     #: At most this many entries / bytes in one AppendEntries.
     max_batch_entries: int = 1024

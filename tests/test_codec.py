@@ -31,6 +31,7 @@ from kommander.core.types import (
     InstallSnapshot,
     ReadIndexRequest,
     ReadIndexResponse,
+    NodeHeartbeat,
     SnapshotChunk,
     SnapshotChunkAck,
     SnapshotMeta,
@@ -78,7 +79,8 @@ messages = st.one_of(
         hint_index=n63,
         hint_term=n63,
     ),
-    st.builds(Heartbeat, **header, commit=n63, context=n63),
+    st.builds(Heartbeat, **header, commit=n63, context=n63, quiesce=st.booleans()),
+    st.builds(NodeHeartbeat, **header),
     st.builds(HeartbeatResponse, **header, context=n63),
     st.builds(TimeoutNow, **header),
     st.builds(InstallSnapshot, **header, meta=metas),
@@ -115,6 +117,7 @@ def sample(cls: type) -> object:
         SnapshotChunkAck: SnapshotChunkAck(3, "b", "a", meta, 5, True),
         ReadIndexRequest: ReadIndexRequest(3, "b", "a", 1 << 40),
         ReadIndexResponse: ReadIndexResponse(3, "a", "b", 1 << 40, 17, True),
+        NodeHeartbeat: NodeHeartbeat(0, "a", "b"),
     }[cls]
 
 
@@ -178,6 +181,7 @@ def test_type_codes_are_stable():
         SnapshotChunkAck: 10,
         ReadIndexRequest: 11,
         ReadIndexResponse: 12,
+        NodeHeartbeat: 13,
     }
     assert {cls: int(code) for cls, (code, _) in codec._SCHEMA.items()} == expected
     assert TypeCode.HANDSHAKE == 0
@@ -372,9 +376,9 @@ def test_refuses_invalid_utf8_text():
     refused(frame.replace(b"\x61\x61", b"\x61\xff", 1))
 
 
-@pytest.mark.parametrize("code", [13, 99, 0, -1, True, "3"])
+@pytest.mark.parametrize("code", [14, 99, 0, -1, True, "3"])
 def test_refuses_unknown_type_code(code):
-    """Codes outside 1-12 (the handshake's 0 included) are not messages."""
+    """Codes outside 1-13 (the handshake's 0 included) are not messages."""
     item = as_list(Heartbeat)
     item[0] = code
     assert "type code" in str(refused(cbor2.dumps(item)))

@@ -44,6 +44,8 @@ class Election(NodeState):
                 return
         if self.heartbeat_elapsed >= self.config.heartbeat_tick:
             self.heartbeat_elapsed = 0
+            if self._quiesce_leader():
+                return  # idle: one last heartbeat, marked quiesce, instead (quiesce.py)
             self._bcast_heartbeat(self._next_read_round())
 
     def _quorum_active(self) -> bool:
@@ -205,6 +207,7 @@ class Election(NodeState):
             raise ValueError(f"cannot transfer leadership to {target!r}: not another voter")
         if self.lead_transferee == target:
             return
+        self.wake()
         self.lead_transferee = target
         self.election_elapsed = 0
         pr = self.progress[target]

@@ -283,6 +283,7 @@ class Reconfig(NodeState):
         if self.lead_transferee is not None:
             raise ProposalDropped(f"leadership transfer to {self.lead_transferee} in progress")
         target = joint_target(current, voters, learners)
+        self.wake()
         return self._append_config(target)
 
     def _append_config(self, m: Membership) -> int:

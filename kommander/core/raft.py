@@ -18,6 +18,7 @@ from kommander.core.follower_read import FollowerRead
 from kommander.core.log import RaftLog
 from kommander.core.membership import Reconfig
 from kommander.core.progress import Progress
+from kommander.core.quiesce import Quiesce
 from kommander.core.readindex import ReadIndex
 from kommander.core.rejoin import Rejoin, Standing
 from kommander.core.replication import Replication
@@ -49,7 +50,7 @@ from kommander.core.types import (
 _FROM_LEADER = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
-class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig):
+class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig, Quiesce):
     """One partition's Raft state machine.
 
     :param config: see :class:`CoreConfig`.
@@ -115,6 +116,7 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig)
         self._reset_randomized_timeout()
         self.storage_id = storage_id
         self._init_rejoin(rejoining)
+        self._init_quiesce()
 
     def __repr__(self) -> str:
         return (
@@ -125,7 +127,10 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig)
     # ------------------------------------------------------------------ inputs
 
     def tick(self) -> None:
-        """Advance logical time by one tick."""
+        """Advance logical time by one tick (none passes for a quiesced partition: it has no
+        follower reads out either, see :meth:`read_index`)."""
+        if self.quiesced:
+            return
         self._ticks += 1
         if self._fr_inflight:
             self._expire_follower_reads()
@@ -137,12 +142,15 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig)
     def campaign(self) -> None:
         """Start an election now (as if the election timeout had elapsed)."""
         if self.role is not Role.LEADER:
+            if self.id in self.voters or self._removal_pending():
+                self.wake()
             self._campaign(transfer=False)  # refused there for a learner or a removed node
 
     def step_down(self) -> None:
         """Leader: become a follower of nobody in the same term, as CheckQuorum would (the
         runtime found its disk stalled, so it cannot make its entries durable). Else nothing."""
         if self.role is Role.LEADER:
+            self.wake()
             self._become_follower(self.term, None)
 
     def step(self, m: Message) -> None:
@@ -168,6 +176,8 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig)
             elif m.src not in self._members and not isinstance(m, _FROM_LEADER):
                 if kind is not TimeoutNow or m.src != self.leader:
                     return  # (a removed leader's hand-off is taken from the leader we follow)
+        if self.quiesced:
+            self._wake_for(m)
         if self.standing is not Standing.MEMBER:
             self._observe_rejoin(m)
         if m.term > self.term:
@@ -222,6 +232,8 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig)
                 self._handle_snapshot(m)
             if self.standing is Standing.CATCHING_UP:
                 self._catch_up(m)
+            if kind is Heartbeat and m.quiesce:
+                self._quiesce_follower(m)
         elif kind is TimeoutNow and self.role is Role.FOLLOWER:
             self._handle_timeout_now(m)
         elif kind is ReadIndexResponse:
@@ -244,6 +256,7 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig)
             raise ProposalDropped(f"leadership transfer to {self.lead_transferee} in progress")
         if not proposals:
             raise ValueError("nothing to propose")
+        self.wake()
         size = 0
         for p in proposals:
             size += len(p.data) + 24
@@ -369,6 +382,7 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig)
         if term != self.term:
             self.term = term
             self.vote = None
+        self.quiesced = False
         self._drop_leader_state()
         self.leader = None
         self.election_elapsed = 0

@@ -40,10 +40,16 @@ class ReadIndex(NodeState):
         """
         if self.role is not Role.LEADER:
             self._follower_read(context)
+            # Awake while the request is out: ticks expire it (follower_read.py), and the leader
+            # wakes when it arrives.
+            self.wake()
             return
         self._leader_read(context)
 
     def _leader_read(self, context: ReadContext) -> None:
+        # Confirmed by a heartbeat round, never from a quiesced state (quiesce.py); a follower's
+        # ReadIndexRequest comes here too, so it keeps the leader awake until answered.
+        self.wake()
         if self.log.term(self.log.committed) != self.term:
             # Until an entry of our term commits we do not know the latest commit index
             # (Raft thesis 6.4, step 1): wait for the no-op to commit.

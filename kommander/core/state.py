@@ -39,6 +39,9 @@ class CoreConfig:
     :ivar max_inflight_msgs: / :ivar max_inflight_bytes: per-follower pipelining window.
     :ivar max_uncommitted_bytes: the leader refuses proposals beyond this much uncommitted data.
     :ivar max_apply_entries: at most this many committed entries per ``Ready``.
+    :ivar quiesce: an idle partition stops ticking and heartbeating (see
+        :mod:`kommander.core.quiesce`); needs a runtime that sends node heartbeats and reports
+        silent peers.
     """
 
     node_id: str
@@ -55,6 +58,7 @@ class CoreConfig:
     max_uncommitted_bytes: int = 64 << 20
     max_apply_entries: int = 4096
     learners: tuple[str, ...] = ()
+    quiesce: bool = False
 
     def __post_init__(self) -> None:
         if self.node_id not in self.voters and self.node_id not in self.learners:
@@ -101,6 +105,7 @@ class NodeState:
     heartbeat_elapsed: int
     randomized_timeout: int
     lead_transferee: str | None
+    quiesced: bool
     _msgs: list[Message]
     _persisted_msgs: list[Message]
     _read_states: list[ReadState]
@@ -197,6 +202,15 @@ class NodeState:
         raise NotImplementedError
 
     def _removal_pending(self) -> bool:  # membership.py
+        raise NotImplementedError
+
+    def membership_committed(self) -> bool:  # membership.py
+        raise NotImplementedError
+
+    def wake(self) -> None:  # quiesce.py
+        raise NotImplementedError
+
+    def _quiesce_leader(self) -> bool:  # quiesce.py
         raise NotImplementedError
 
     @property

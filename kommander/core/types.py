@@ -237,13 +237,16 @@ class AppendEntriesResponse:
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     """Leader liveness and commit propagation. ``commit`` never exceeds what the follower is known
-    to hold. ``context`` numbers the heartbeat round, which confirms ReadIndex requests."""
+    to hold. ``context`` numbers the heartbeat round, which confirms ReadIndex requests.
+    ``quiesce``: the leader's last heartbeat before it goes quiet; ``commit`` is then its last
+    index (see :mod:`kommander.core.quiesce`)."""
 
     term: int
     src: NodeId
     dst: NodeId
     commit: int
     context: int = 0
+    quiesce: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +349,18 @@ class SnapshotChunkAck:
     success: bool
 
 
+@dataclass(frozen=True, slots=True)
+class NodeHeartbeat:
+    """Node liveness, one per pair of nodes per heartbeat interval whatever the partition count:
+    it keeps partitions quiesced under the sender alive (see :mod:`kommander.core.quiesce`). Not a
+    partition's message: the runtime sends it with partition 0 and term 0, and never steps it
+    into a core."""
+
+    term: int
+    src: NodeId
+    dst: NodeId
+
+
 Message = (
     VoteRequest
     | VoteResponse
@@ -359,6 +374,7 @@ Message = (
     | SnapshotChunkAck
     | ReadIndexRequest
     | ReadIndexResponse
+    | NodeHeartbeat
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -374,6 +390,7 @@ MESSAGE_TYPES: tuple[type, ...] = (
     SnapshotChunkAck,
     ReadIndexRequest,
     ReadIndexResponse,
+    NodeHeartbeat,
 )
 
 

@@ -24,6 +24,16 @@ takes messages (Raft tolerates the loss; buffering them would grow without bound
 the WAL is bounded too: with :attr:`DriveLoop.max_pending_batches` turns waiting for durability the
 loop stops collecting ``Ready`` s, proposals stay in their bounded queues (``QUEUE_FULL`` beyond),
 and the write that completes next resumes the loop with everything gathered meanwhile.
+
+**Quiescence.** Only awake partitions are ticked: a partition leaves the awake set when its core
+has quiesced (see :mod:`kommander.core.quiesce`) and the runtime holds nothing for it that has a
+deadline (queued or in-flight requests, reads, undecided tickets); anything that reaches it (a
+message, a proposal, a read) brings it back through :meth:`DriveLoop.mark_dirty`. So an idle
+node's tick costs the same whatever its partition count. Every tick also sends one
+:class:`~kommander.core.types.NodeHeartbeat` to each peer (none while the disk is stalled: a node
+that cannot lead must not vouch for the partitions quiesced under it), and a peer not heard from
+for the minimum election timeout is *unreachable*: every partition quiesced with it wakes (see
+:meth:`~kommander.core.quiesce.Quiesce.peers_unreachable`).
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from kommander.core.types import (
     InstallSnapshot,
     Message,
     ReadIndexResponse,
+    NodeHeartbeat,
     Ready,
     Role,
     SnapshotChunk,
@@ -91,8 +102,16 @@ class DriveLoop:
         self._stalled_since: float | None = None
         low, _ = self.config.election_ticks()
         self._stall_timeout = low * self.config.heartbeat_interval
-        for name in ("messages_dropped_stalled", "turns_held", "disk_stalls"):
+        for name in ("messages_dropped_stalled", "turns_held", "disk_stalls", "node_heartbeats_sent", "peers_lost"):
             self.stats[name] = 0
+        #: Partitions ticked every heartbeat interval (numbers); the others are quiesced and idle.
+        self._awake: set[int] = set()
+        #: Peers heard from since the last tick, and reactor time each was last heard from.
+        self._heard: set[str] = set()
+        self._last_heard: dict[str, float] = {}
+        #: Peers silent for the liveness timeout (until heard from again).
+        self._unreachable: set[str] = set()
+        self._liveness_timeout = low * self.config.heartbeat_interval
         #: Logs messages a transport refused as too large for a frame (see ``_send_each``).
         self._log_unsendable = RateLimitedLog(self.log.warn, self.reactor.seconds)
 
@@ -151,6 +170,10 @@ class DriveLoop:
         input, refused before any state changed; the transport closes that connection)."""
         if not self._running:
             return
+        # Heard from, even if the message is dropped below: liveness is about the peer's node.
+        self._heard.add(peer)
+        if self._unreachable and peer in self._unreachable:
+            self._peer_back(peer)
         if self._stalled_since is not None:
             # The disk is stalled: taking input we can neither persist nor answer would only grow.
             self.stats["messages_dropped_stalled"] += 1
@@ -170,6 +193,8 @@ class DriveLoop:
         if type(partition) is not int or not 0 <= partition < len(self.runtimes):
             raise ProtocolError(f"partition {partition!r} out of range 0..{len(self.runtimes) - 1}")
         self.stats["messages_received"] += 1
+        if type(message) is NodeHeartbeat:
+            return  # it counted as hearing from the peer above; it is no partition's business
         runtime = self.runtimes[partition]
         if isinstance(message, SnapshotChunk):
             runtime.receiver.chunk(message)
@@ -201,13 +226,16 @@ class DriveLoop:
         try:
             now = self.reactor.seconds()
             stalled = self._watch_disk(now)
-            for runtime in self.runtimes:
+            self._liveness(now, stalled)
+            runtimes = self.runtimes
+            for number in sorted(self._awake):
+                runtime = runtimes[number]
                 if not stalled:
                     runtime.core.tick()
                 expired = runtime.expire(now)
                 if expired:
                     self._expire_tickets(runtime, expired)
-                self._dirty[runtime.number] = runtime
+                self._dirty[number] = runtime
             self.transfers.sweep(now)
         except Exception:  # noqa: BLE001 - the policy
             self._internal_error("in a tick")
@@ -266,6 +294,7 @@ class DriveLoop:
                 readies.append((runtime, ready))
             if core.has_ready():
                 self._dirty[runtime.number] = runtime
+            self._update_awake(runtime)
             if self.rejoining and runtime.number in self.rejoining and not core.catching_up:
                 self.rejoining.discard(runtime.number)
                 rejoined = True
@@ -340,6 +369,86 @@ class DriveLoop:
                 runtime.core.advance(ready)
                 self.mark_dirty(runtime)
         self._send(outgoing)
+
+    # ------------------------------------------------------------------ quiescence and liveness
+
+    def _liveness_peers(self) -> list[str]:
+        """The nodes this one sends node heartbeats to and watches for silence (the manager
+        widens it to every member of the record)."""
+        return [v for v in self.voters if v != self.node_id]
+
+    @property
+    def awake_partitions(self) -> int:
+        """How many partitions are ticked (the rest are quiesced and idle)."""
+        return len(self._awake)
+
+    @property
+    def unreachable_peers(self) -> frozenset[str]:
+        """Peers not heard from for the minimum election timeout."""
+        return frozenset(self._unreachable)
+
+    def _update_awake(self, runtime: PartitionRuntime) -> None:
+        core = runtime.core
+        number = runtime.number
+        if not core.quiesced:
+            self._awake.add(number)
+        elif self._unreachable and core.peers_unreachable(self._unreachable, number):
+            # Quiesced with a peer already found silent (its state was from before): awake again.
+            self._awake.add(number)
+            self._dirty[number] = runtime
+        elif (
+            runtime.queue
+            or runtime.inflight
+            or runtime.reads
+            or runtime.confirmed_reads
+            or runtime.abandoned_reads
+            or runtime.book
+        ):
+            self._awake.add(number)  # deadlines to watch: keep calling expire()
+        else:
+            self._awake.discard(number)
+
+    def _liveness(self, now: float, stalled: bool) -> None:
+        """Once a tick: note who was heard from, send node heartbeats, find silent peers."""
+        last_heard = self._last_heard
+        if self._heard:
+            for peer in self._heard:
+                last_heard[peer] = now
+            self._heard.clear()
+        peers = self._liveness_peers()
+        if stalled:
+            return
+        outgoing: dict[str, list[tuple[int, Message]]] = {
+            peer: [(0, NodeHeartbeat(0, self.node_id, peer))] for peer in peers
+        }
+        self.stats["node_heartbeats_sent"] += len(outgoing)
+        self._send(outgoing)
+        lost = [
+            peer
+            for peer in peers
+            if peer not in self._unreachable and now - last_heard.setdefault(peer, now) >= self._liveness_timeout
+        ]
+        if not lost:
+            return
+        self._unreachable.update(lost)
+        self.stats["peers_lost"] += len(lost)
+        woken = 0
+        for runtime in self.runtimes:
+            if runtime.core.quiesced and runtime.core.peers_unreachable(self._unreachable, runtime.number):
+                woken += 1
+                self.mark_dirty(runtime)
+        self.log.warn(
+            "node {node}: nothing heard from {peers} for {timeout:.2f}s; woke {woken} quiesced partitions",
+            node=self.node_id,
+            peers=",".join(lost),
+            timeout=self._liveness_timeout,
+            woken=woken,
+        )
+
+    def _peer_back(self, peer: str) -> None:
+        self._unreachable.discard(peer)
+        self._last_heard[peer] = self.reactor.seconds()
+        self.log.info("node {node}: heard from {peer} again", node=self.node_id, peer=peer)
 
     # ------------------------------------------------------------------ disk stalls
 

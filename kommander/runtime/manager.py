@@ -203,6 +203,7 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi):
             max_inflight_msgs=self.config.max_inflight_messages,
             max_inflight_bytes=self.config.max_inflight_bytes,
             max_uncommitted_bytes=self.config.max_uncommitted_bytes,
+            quiesce=self.config.quiesce,
         )
         self._restored = defer.Deferred()
         states = []
@@ -342,6 +343,7 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi):
                     "applied_index": runtime.applied,
                     "last_log_index": core.log.last_index(),
                     "standing": core.standing.value,
+                    "quiesced": core.quiesced,
                 }
             )
         return {

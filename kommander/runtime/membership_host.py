@@ -111,6 +111,12 @@ class MembershipHost:
             learners |= {self.node_id}
         return Membership(voters, learners) if voters else None
 
+    def _liveness_peers(self) -> list[str]:
+        """Node heartbeats go to every node the record knows, not only the start-up voters: a
+        learner's or an added node's quiesced partitions are vouched for by them too (see
+        :class:`kommander.runtime.drive.DriveLoop`)."""
+        return sorted(self.member_ids() - {self.node_id})
+
     # ------------------------------------------------------------------ for the orchestrator
 
     def propose_record(self, data: bytes) -> Any:

@@ -48,6 +48,10 @@ class NodeSimulation(Lifecycle, Workload, Members, NodeChecks):
         self.config = config or NodeSimConfig(faults=PROFILES[profile])
         self.rng = random.Random(seed)
         self.transfer_rng = random.Random(f"transfer/{seed}")
+        #: Idle periods (no clients, so partitions quiesce): their own generator, so a seed's
+        #: other random choices stay what they were.
+        self.idle_rng = random.Random(f"idle/{seed}")
+        self.idle_steps = 0
         self.clock = task.Clock()
         self.clock.advance(1_000.0)
         self.network = SimNetwork(self.clock, random.Random(self.rng.getrandbits(32)))
@@ -127,10 +131,22 @@ class NodeSimulation(Lifecycle, Workload, Members, NodeChecks):
                 self._chaos()
             if chaos and self.config.has("crash"):
                 self._crash_mid_transfer()
-            for partition in range(self.config.partitions):
-                for _ in range(self.config.clients):
-                    if self.rng.random() < clients:
-                        self._client(partition)
+            if chaos and not self.idle_steps and self.idle_rng.random() < 0.003:
+                self.idle_steps = self.idle_rng.randint(20, 60)
+                self._log(f"idle for {self.idle_steps} steps")
+            if self.idle_steps:
+                self.idle_steps -= 1
+                quiet = sum(
+                    n.manager.partitions - n.manager.awake_partitions
+                    for n in self.nodes.values()
+                    if n.manager is not None and n.manager.running
+                )
+                self.stats["quiesced_partition_steps"] += quiet
+            else:
+                for partition in range(self.config.partitions):
+                    for _ in range(self.config.clients):
+                        if self.rng.random() < clients:
+                            self._client(partition)
             self._advance(STEP)
             self._check_step()
             if self.members_on:

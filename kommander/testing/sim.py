@@ -79,6 +79,10 @@ class Simulation(Reconfigure, Checks):
         self.config = config or SimConfig()
         self.rng = random.Random(seed)
         self.transfer_rng = random.Random(f"transfer/{seed}")
+        self.idle_rng = random.Random(f"idle/{seed}")
+        self.liveness_rng = random.Random(f"liveness/{seed}")
+        #: No proposals or reads before this time (an idle period, so partitions quiesce).
+        self.idle_until = 0
         self.make_sm = state_machine_factory
         self.voters0 = tuple(f"n{i}" for i in range(1, self.config.nodes + 1))
         self.ids = self.voters0 + tuple(f"n{self.config.nodes + i}" for i in range(1, self.config.spares + 1))
@@ -108,7 +112,9 @@ class Simulation(Reconfigure, Checks):
         self.next_payload = 1
         self.calm_since: int | None = None
         self.live_commit_target: int | None = None
-        self.result_stats = {"commits": 0, "elections": 0, "reads": 0, "crashes": 0}
+        self.result_stats = {
+            "commits": 0, "elections": 0, "reads": 0, "crashes": 0, "quiesced_ticks": 0, "liveness_wakes": 0,
+        }
 
     # ------------------------------------------------------------------ events
 
@@ -138,6 +144,8 @@ class Simulation(Reconfigure, Checks):
             s["elections"],
             s["reads"],
             s["crashes"],
+            s["quiesced_ticks"],
+            s["liveness_wakes"],
         )
 
     def _run(self) -> None:
@@ -179,6 +187,7 @@ class Simulation(Reconfigure, Checks):
             max_inflight_msgs=cfg.max_inflight_msgs,
             pre_vote=cfg.pre_vote,
             check_quorum=cfg.check_quorum,
+            quiesce=cfg.quiesce,
         )
         self._adopt_received(node)
         node.core = RaftNode(
@@ -198,6 +207,7 @@ class Simulation(Reconfigure, Checks):
         node.applied = node.snapshot.index
         node.next_compact = node.applied + self._compact_gap()
         node.commit_seen = node.core.log.committed
+        node.last_heard = {peer: self.now for peer in self.ids if peer != node_id}
         self._log(f"start {node_id} term={node.hard.term} last={node.durable_last()}")
         self._process(node)
 
@@ -347,6 +357,7 @@ class Simulation(Reconfigure, Checks):
             # A paused process reads its socket when it resumes.
             self._schedule(node.paused_until - self.now, "deliver", m, attachment)
             return
+        node.last_heard[m.src] = self.now
         if type(m) is InstallSnapshot and m.meta.index > node.core.log.committed:
             # As the runtime does: the snapshot's bytes are durable before the core hears of it.
             node.received[m.meta] = attachment
@@ -376,9 +387,31 @@ class Simulation(Reconfigure, Checks):
     def _on_tick(self) -> None:
         for node in self.nodes.values():
             if node.alive and node.paused_until <= self.now:
+                if self.config.quiesce:
+                    self._liveness(node)
                 node.core.tick()
                 self._process(node)
         self._schedule(TICK, "tick")
+
+    def _liveness(self, node: SimNode) -> None:
+        """The runtime's node liveness: a node heartbeat to each peer (delivered at once unless
+        the link is blocked or the network drops it; not an event, so it costs no steps), and
+        peers silent for the minimum election timeout reported to a quiesced core."""
+        for peer in self.ids:
+            other = self.nodes[peer]
+            if peer == node.id or not other.alive or (node.id, peer) in self.blocked:
+                continue
+            if self.drop and self.liveness_rng.random() < self.drop:
+                continue
+            other.last_heard[node.id] = self.now
+        core = node.core
+        if core.quiesced:
+            self.result_stats["quiesced_ticks"] += 1
+            timeout = self.config.election_tick * TICK
+            silent = {p for p, heard in node.last_heard.items() if self.now - heard >= timeout}
+            if silent and core.peers_unreachable(silent):
+                self.result_stats["liveness_wakes"] += 1
+                self._log(f"wake {node.id}: {sorted(silent)} silent")
 
     def _leader_hint(self) -> SimNode | None:
         alive = [n for n in self.nodes.values() if n.alive and n.paused_until <= self.now]
@@ -393,6 +426,8 @@ class Simulation(Reconfigure, Checks):
 
     def _on_propose(self) -> None:
         self._schedule(self.rng.randint(5, 25), "propose")
+        if self.now < self.idle_until:
+            return
         node = self._leader_hint()
         if node is None or node.core.role is not Role.LEADER:
             return
@@ -419,6 +454,8 @@ class Simulation(Reconfigure, Checks):
 
     def _on_read(self) -> None:
         self._schedule(self.rng.randint(10, 40), "read")
+        if self.now < self.idle_until:
+            return
         node = self._leader_hint()
         if node is None or node.core.role is not Role.LEADER:
             return
@@ -442,6 +479,9 @@ class Simulation(Reconfigure, Checks):
             self._transfer()
         if self.config.reconfig_rate and self.reconfig_rng.random() < self.config.reconfig_rate:
             self._reconfigure()
+        if self.config.idle_rate and self.idle_rng.random() < self.config.idle_rate:
+            self.idle_until = self.now + TICK * self.idle_rng.randint(10, 60)
+            self._log(f"idle until t={self.idle_until}")
         rng = self.rng
         roll = rng.random()
         down = [n for n in self.nodes.values() if not n.alive]
@@ -507,6 +547,7 @@ class Simulation(Reconfigure, Checks):
             if not node.alive:
                 self._start(node.id)
         self.calm_since = self.now
+        self.idle_until = 0
         self._log("heal all: calm from here")
 
 

@@ -76,6 +76,12 @@ class SimConfig:
     reconfig_rate: float = 0.0
     #: Nodes beyond ``nodes`` that start outside the configuration, for changes to add.
     spares: int = 0
+    #: Idle partitions quiesce: the simulator then plays the runtime's node liveness too (a node
+    #: heartbeat per peer per tick, silent peers reported to quiesced cores).
+    quiesce: bool = True
+    #: While faults run, chance per chaos event of an idle period (no proposals, no reads) of
+    #: 10-60 ticks, long enough for the partition to quiesce. Drawn from a generator of its own.
+    idle_rate: float = 0.05
 
 
 @dataclass
@@ -89,6 +95,9 @@ class SimResult:
     elections: int = 0
     reads: int = 0
     crashes: int = 0
+    #: Node-ticks spent quiesced, and wake-ups for silent peers.
+    quiesced_ticks: int = 0
+    liveness_wakes: int = 0
 
     def replay_command(self) -> str:
         return (
@@ -129,6 +138,8 @@ class SimNode:
         self.sm: SimStateMachine | None = None
         self.applied = 0
         self.commit_seen = 0
+        #: Node liveness, as the runtime keeps it: peer -> time last heard from.
+        self.last_heard: dict[str, int] = {}
 
     def durable_term(self, index: int) -> int | None:
         if index == self.snapshot.index:

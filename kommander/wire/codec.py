@@ -43,6 +43,7 @@ from kommander.core.types import (
     Message,
     ReadIndexRequest,
     ReadIndexResponse,
+    NodeHeartbeat,
     SnapshotChunk,
     SnapshotChunkAck,
     SnapshotMeta,
@@ -103,6 +104,7 @@ class TypeCode(enum.IntEnum):
     SNAPSHOT_CHUNK_ACK = 10
     READ_INDEX_REQUEST = 11
     READ_INDEX_RESPONSE = 12
+    NODE_HEARTBEAT = 13
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +168,7 @@ _SCHEMA: dict[type, tuple[TypeCode, tuple[tuple[str, str], ...]]] = {
         TypeCode.READ_INDEX_RESPONSE,
         (("request_id", _N), ("index", _N), ("success", _B)),
     ),
+    NodeHeartbeat: (TypeCode.NODE_HEARTBEAT, ()),
 }
 #: Fields added later, after the original ones: a frame may end before them (the dataclass
 #: defaults apply), so frames of peers that predate them still decode. They are sent only when
@@ -175,6 +178,7 @@ _OPTIONAL: dict[type, tuple[tuple[str, str], ...]] = {
     VoteResponse: (("catching_up", _B),),
     AppendEntriesResponse: (("storage_id", _U), ("catching_up", _B)),
     HeartbeatResponse: (("storage_id", _U), ("catching_up", _B)),
+    Heartbeat: (("quiesce", _B),),
 }
 _DEFAULTS = {_U: 0, _B: False}
 _SCHEMA = {

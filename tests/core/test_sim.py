@@ -125,7 +125,8 @@ def test_faultless_run_commits_and_settles():
 # 38% (first at 3), f with 5 nodes on 17% (first at 6). Each test stops at its first detection;
 # the ranges leave room for several detections should changes to the core or the simulator shift
 # what each seed does. Surveyed the same way: g (Figure 8) on 1.7% (18, 45, 56, 58, 182), caught by
-# the commit-safety check; h on 22% (first at 0); i on 23% (first at 0).
+# the commit-safety check; h on 22% (first at 0); i on 23% (first at 0). With the idle periods
+# of the quiescence work (idle_rate 0.05) g is caught on seeds 70, 105, 144 and 276 of 300.
 MUTATION_RUNS = {
     "vote_before_persist": (3, range(0, 5), 5),
     "ack_before_persist": (3, range(0, 5), 5),
@@ -194,8 +195,11 @@ RECONFIG_MUTATION_RUNS = {
     "commit_by_new_config_only": (
         RECONFIG, range(0, 60), 2, {"commit-durability", "commit-safety"}, {"commit-durability", "commit-safety"}
     ),
+    # Rare to expose (a joint configuration during a split election): seeds 23, 25 and 163 of
+    # 200 without idle periods; with them (idle_rate 0.05) only 23 stays, as idle periods leave
+    # fewer elections inside joint configurations. The idle schedules are exercised elsewhere.
     "vote_by_new_config_only": (
-        {"spares": 2, "reconfig_rate": 0.9, "pre_vote": False},
+        {"spares": 2, "reconfig_rate": 0.9, "pre_vote": False, "idle_rate": 0.0},
         range(0, 60),
         2,
         {"election-safety"},

@@ -1,0 +1,136 @@
+"""What many partitions cost: 3 real ``twistd kommander`` nodes on loopback with P partitions each.
+
+For every P (default 1, 64, 1024) it prints one line:
+
+* ``cold_start_s``: from starting the three processes to every partition having a leader (as the
+  nodes' ``GET /v1/status`` report it);
+* ``idle_cpu_pct``: CPU time (``utime + stime`` from ``/proc/PID/stat``) of each node over
+  ``--idle`` seconds of no client traffic, as a percentage of one core, after a short settle;
+* ``failover_s``: from SIGKILLing the node leading the most partitions to every partition it led
+  having a leader on the survivors (the goal: within 2x ``election_timeout_max``, 2 s by default);
+* ``restart_s``: from starting the killed node again to it reporting a leader for every partition.
+
+Figures only, never a pass/fail. Run::
+
+    .venv/bin/python benchmarks/partitions_bench.py                 # P = 1, 64, 1024
+    .venv/bin/python benchmarks/partitions_bench.py --partitions 1024 --idle 20
+
+The nodes run with the defaults of ``twistd kommander`` (TCP transport, Berkeley DB WAL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import kommander
+from kommander.testing.cluster import LocalCluster
+from kommander.testing.procs import http_call
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def status(url: str, timeout: float = 5.0) -> dict[str, Any] | None:
+    try:
+        result = http_call("GET", url + "/v1/status", timeout=timeout)
+    except OSError:
+        return None
+    return result.json() if result.status == 200 else None
+
+
+def leaders(cluster: LocalCluster, node_ids: list[str]) -> dict[int, str]:
+    """partition -> leader, from the nodes that say they lead it."""
+    found: dict[int, str] = {}
+    for node_id in node_ids:
+        doc = status(cluster.url(node_id))
+        if doc is None:
+            continue
+        for part in doc["partitions"]:
+            if part["role"] == "leader":
+                found[part["partition"]] = node_id
+    return found
+
+
+def wait_all_led(
+    cluster: LocalCluster, node_ids: list[str], wanted: set[int], limit: float, started: float
+) -> float | None:
+    """Seconds since ``started`` until every partition in ``wanted`` has a leader among
+    ``node_ids`` (None: not within ``limit``)."""
+    while time.monotonic() - started < limit:
+        led = leaders(cluster, node_ids)
+        if wanted <= set(led):
+            return time.monotonic() - started
+        time.sleep(0.1)  # a 1,024-partition status costs the nodes CPU: do not poll harder
+    return None
+
+
+def wait_node_knows_leaders(url: str, partitions: int, limit: float, started: float) -> float | None:
+    while time.monotonic() - started < limit:
+        doc = status(url)
+        if doc is not None and len(doc["partitions"]) == partitions and all(p["leader"] for p in doc["partitions"]):
+            return time.monotonic() - started
+        time.sleep(0.05)
+    return None
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "none" if value is None else f"{value:.{digits}f}"
+
+
+def run(partitions: int, idle: float, settle: float, limit: float) -> str:
+    with LocalCluster(nodes=3, partitions=partitions, autostart=False) as cluster:
+        ids = cluster.node_ids
+        t0 = time.monotonic()
+        cluster.start()
+        cold = wait_all_led(cluster, ids, set(range(partitions)), limit, t0)
+        time.sleep(settle)
+        pids = {n: cluster.node(n).pid for n in ids}
+        before = {n: cpu_ticks(pid) for n, pid in pids.items()}
+        time.sleep(idle)
+        after = {n: cpu_ticks(pid) for n, pid in pids.items()}
+        cpu = {n: 100.0 * (after[n] - before[n]) / CLK_TCK / idle for n in ids}
+        led = leaders(cluster, ids)
+        counts = {n: sum(1 for v in led.values() if v == n) for n in ids}
+        victim = max(ids, key=lambda n: counts[n])
+        lost = {p for p, n in led.items() if n == victim}
+        survivors = [n for n in ids if n != victim]
+        t1 = time.monotonic()
+        cluster.kill(victim, signal.SIGKILL)
+        failover = wait_all_led(cluster, survivors, lost, limit, t1)
+        t2 = time.monotonic()
+        cluster.start([victim])
+        restart = wait_node_knows_leaders(cluster.url(victim), partitions, limit, t2)
+        cpu_text = ",".join(f"{n}:{cpu[n]:.1f}" for n in ids)
+        return (
+            f"partitions={partitions} cold_start_s={fmt(cold)} idle_cpu_pct={cpu_text} "
+            f"idle_cpu_max_pct={max(cpu.values()):.1f} failover_s={fmt(failover)} led_by_killed={len(lost)} "
+            f"restart_s={fmt(restart)}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--partitions", type=int, nargs="+", default=[1, 64, 1024])
+    parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU measurement")
+    parser.add_argument("--settle", type=float, default=3.0, help="seconds after election before measuring idle")
+    parser.add_argument("--limit", type=float, default=60.0, help="give up waiting after this many seconds")
+    args = parser.parse_args(argv)
+    print(f"# kommander from {os.path.dirname(kommander.__file__)}; {os.cpu_count()} cores", flush=True)
+    for p in args.partitions:
+        print(run(p, args.idle, args.settle, args.limit), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

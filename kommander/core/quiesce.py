@@ -1,0 +1,211 @@
+"""Quiescence: an idle partition stops ticking and heartbeating until something happens.
+
+A node with many partitions spends most of its idle CPU on per-partition heartbeats and election
+timers. Modelled on CockroachDB's quiescence, a partition whose leader sees nothing to do sends one
+last heartbeat marked ``quiesce`` (carrying its commit index) and then stops heartbeating; each
+follower receiving it, with a log exactly the leader's, stops its election timer. Liveness of the
+leader is then vouched for by the runtime: one coalesced heartbeat per pair of nodes per interval
+(:class:`~kommander.core.types.NodeHeartbeat`) covers every partition the two share, and when a
+node falls silent for an election timeout the runtime calls :meth:`Quiesce.peers_unreachable` on
+the partitions quiesced with it.
+
+**When a leader quiesces** (checked when a heartbeat is due): nothing uncommitted, nothing
+unstable in its own log, every member's ``match`` equals the last index (so, since the last
+entry is of the leader's term, every member's log *is* the leader's log), every member in
+``REPLICATE`` with nothing in flight, not catching up and heard from during this CheckQuorum
+period, no leadership transfer, no ReadIndex waiting (its own or a follower's), and no
+configuration change in progress (see :meth:`Quiesce._config_change_pending`). "Every member" is
+every node the leader tracks in its current configuration: the voters of both halves of a joint
+one and the learners, so a learner is never left without the tail of the log.
+
+**When a follower quiesces**: it receives a quiesce heartbeat of its term from its leader, it is a
+member (not catching up), its last entry is ``(commit, term)`` of that heartbeat, with its
+commit index there too, its configuration is committed and no follower read of its own is out. A follower lacking anything never quiesces: its election timer keeps
+running and, at worst, its PreVote wakes the leader.
+
+**What wakes a partition**: a proposal, a ReadIndex (on a follower too: the request then wakes
+its leader), a membership change, a leadership transfer, a campaign or a step-down asked for
+locally; any message but a quiesce heartbeat (on a follower) or a heartbeat
+reply from an unchanged follower (on a leader); and :meth:`Quiesce.peers_unreachable`.
+
+**Leases and CheckQuorum.** A quiesced follower counts as having heard from its leader (it ignores
+disruptive vote requests) for as long as the runtime keeps it quiesced, which is only while the
+leader's node is heard from within an election timeout. A quiesced leader's CheckQuorum is the
+runtime's node liveness: once peers whose silence costs it its quorum are reported unreachable it
+steps down at once, instead of an election timeout after waking. ReadIndex is never answered from
+a quiesced state: it wakes the leader, which confirms it with a heartbeat round as always.
+
+Mixed into :class:`kommander.core.raft.RaftNode`; the fields it shares are declared in
+:class:`kommander.core.state.NodeState`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from kommander.core.membership import has_majority
+from kommander.core.progress import ProgressState
+from kommander.core.state import NodeState
+from kommander.core.types import Heartbeat, HeartbeatResponse, Message, Role
+
+
+class Quiesce(NodeState):
+    """Quiescence behaviour of a :class:`RaftNode`."""
+
+    def _init_quiesce(self) -> None:
+        #: Neither ticking nor heartbeating: the runtime need not tick this partition.
+        self.quiesced = False
+
+    # ------------------------------------------------------------------ leader
+
+    def _quiesce_leader(self) -> bool:
+        """Heartbeat time on a leader: quiesce if the partition is idle. Returns whether it did
+        (the quiesce heartbeats then replace this round's heartbeats)."""
+        if not self.config.quiesce or not self._leader_idle():
+            return False
+        committed = self.log.committed
+        context = self._next_read_round()
+        for peer, pr in self.progress.items():
+            self._msgs.append(Heartbeat(self.term, self.id, peer, committed, context, quiesce=True))
+            pr.sent_commit = committed
+        self.quiesced = True
+        return True
+
+    def _leader_idle(self) -> bool:
+        log = self.log
+        last = log.last_index()
+        if (
+            log.committed != last
+            or log.stable != last
+            or log.term(last) != self.term
+            or self.lead_transferee is not None
+            or self._pending_reads
+            or self._reads_waiting_commit
+            or self._read_round_needed
+            or self._pending_snapshot is not None
+            or self._config_change_pending()
+        ):
+            return False
+        for pr in self.progress.values():
+            if (
+                pr.match != last
+                or pr.state is not ProgressState.REPLICATE
+                or pr.inflights
+                or not pr.recent_active
+                or pr.catching_up
+            ):
+                return False
+        return True
+
+    def _config_change_pending(self) -> bool:
+        """Whether a membership change is under way (:mod:`kommander.core.membership`): a
+        partition in the middle of one must keep ticking to finish it. That is a joint
+        configuration, a latest configuration not committed yet (or whose commit the leader has
+        not acted on: ``_config_watch``), removed nodes still tracked until the next CheckQuorum
+        round prunes them, this node's own removal pending, and a leader outside its voters
+        (handing off or about to step down). A learner still behind is covered by the progress
+        check of :meth:`_leader_idle`; one caught up may stay a learner while the partition is
+        quiet, as the runtime's promotion reads ``member_progress`` (valid while quiesced) and
+        ``propose_membership`` wakes the partition."""
+        return (
+            self._joint
+            or self._config_last > self.log.committed
+            or self._config_watch
+            or self._lingering
+            or self._removal_pending()
+            or self.id not in self.membership.voters
+        )
+
+    # ------------------------------------------------------------------ follower
+
+    def _quiesce_follower(self, m: Heartbeat) -> None:
+        """After a heartbeat from our leader was handled: quiesce if it asks and we are current."""
+        log = self.log
+        if (
+            m.quiesce
+            and self.config.quiesce
+            and self.role is Role.FOLLOWER
+            and self.leader == m.src
+            and m.term == self.term
+            and not self.catching_up
+            and log.last_index() == m.commit
+            and log.last_term() == m.term
+            and log.committed == m.commit
+            and self._pending_snapshot is None
+            and not self._fr_waiting
+            and not self._fr_inflight
+            and self.membership_committed()
+        ):
+            self.quiesced = True
+            self.election_elapsed = 0
+
+    # ------------------------------------------------------------------ waking
+
+    def _wake_for(self, m: Message) -> None:
+        """A message arrived while quiesced: wake unless it is the quiet traffic of a quiesced
+        partition (a repeated quiesce heartbeat, a reply from an unchanged follower)."""
+        kind = type(m)
+        if m.term == self.term:
+            if kind is Heartbeat and m.quiesce and self.role is not Role.LEADER and m.src == self.leader:
+                return
+            if kind is HeartbeatResponse and self.role is Role.LEADER:
+                pr = self.progress.get(m.src)
+                if pr is not None and pr.storage_id == m.storage_id and not m.catching_up and not pr.catching_up:
+                    return
+        self.wake()
+
+    def wake(self) -> None:
+        """Resume ticking: a leader heartbeats again from its next tick, a follower restarts its
+        election timer as if it had just heard from its leader (whose node the runtime vouched
+        for while it was quiesced)."""
+        if not self.quiesced:
+            return
+        self.quiesced = False
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        if self.role is Role.LEADER:
+            # A fresh CheckQuorum period: activity before quiescing proves nothing about now.
+            for pr in self.progress.values():
+                pr.recent_active = False
+
+    def peers_unreachable(self, unreachable: Collection[str], rotation: int = 0) -> bool:
+        """The runtime has not heard from the nodes ``unreachable`` for an election timeout.
+
+        A quiesced follower whose leader is among them wakes with its leader lease expired (it
+        grants votes at once and campaigns within ``election_tick_max - election_tick`` ticks).
+        The survivors all woke at about the same time, so purely random timeouts would often
+        collide (a split vote costs a whole election timeout more): the spread is cut into one
+        slot per live voter, ordered by id and rotated by ``rotation`` (the runtime passes the
+        partition number, so the failed node's partitions spread over the survivors), and each
+        takes a random time inside its own slot. A
+        quiesced leader with a voter among them wakes, and steps down at once when the others no
+        longer make a quorum (CheckQuorum, with node liveness as its evidence). Otherwise, and on a
+        partition that is not quiesced, nothing changes.
+
+        :returns: whether the partition woke.
+        """
+        if not self.quiesced:
+            return False
+        if self.role is Role.LEADER:
+            dead = {peer for peer in self.peers if peer in unreachable}
+            if not dead:
+                return False
+            self.wake()
+            m = self.membership
+            present = self.voters - dead
+            if self.config.check_quorum and not (
+                has_majority(m.voters, present) and (not m.outgoing or has_majority(m.outgoing, present))
+            ):
+                self._become_follower(self.term, None)
+            return True
+        if self.leader is None or self.leader not in unreachable:
+            return False
+        self.wake()
+        # As if a whole minimum election timeout had passed since the leader was last heard from.
+        low, high = self.config.election_tick, self.config.election_tick_max
+        self.election_elapsed = low
+        live = sorted(v for v in self.voters if v not in unreachable)
+        width = max(1, (high - low) // max(1, len(live)))
+        slot = (live.index(self.id) + rotation) % len(live) if self.id in live else 0
+        self.randomized_timeout = min(high - 1, low + slot * width + self.rng.randrange(width))
+        return True
