@@ -264,7 +264,7 @@ def make_site(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     reactor: Any = None,
     tokens: TokenTable | None = None,
-    access_log: bool = True,
+    access_log: bool = False,
 ) -> server.Site:
     """A :class:`~twisted.web.server.Site` serving the API of ``manager`` and ``machine``.
 
