@@ -436,3 +436,24 @@ def test_site_without_kv_machine_serves_status_only(cluster: Cluster) -> None:
     cluster.sites["n1"] = make_site(cluster.managers["n1"], None, reactor=cluster.clock)
     assert cluster.request("n1", "GET", "/v1/kv/k").code == 501
     assert cluster.request("n1", "GET", "/v1/status").code == 200
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+def test_access_log_only_when_asked(access_log: bool) -> None:
+    """twisted.web's line per request reaches the log only with access_log=True (--http-access-log)."""
+    from twisted.logger import globalLogPublisher
+
+    cluster = Cluster()
+    leader = cluster.leader_of("al")
+    site = make_site(cluster.managers[leader], cluster.machines[leader], reactor=cluster.clock, access_log=access_log)
+    site.startFactory()
+    cluster.sites[leader] = site
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert cluster.request(leader, "PUT", "/v1/kv/al", b"v").code == 200
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        site.stopFactory()
+    lines = [e for e in events if '"PUT /v1/kv/al HTTP/1.1" 200' in str(e.get("log_io", ""))]
+    assert len(lines) == (1 if access_log else 0)

@@ -248,6 +248,8 @@ class Options(usage.Options):
     optFlags = [
         ["insecure", None, "Peer traffic is unauthenticated on purpose (no --tls-* nor --secret-file)."],
         ["listen-all", None, "Allow --listen and --http endpoints without interface= (every address of the host)."],
+        ["http-access-log", None, "Log one line per HTTP request (off: at thousands of requests a second "
+         "the line costs more CPU than the request)."],
     ]
 
     def __init__(self) -> None:
@@ -583,6 +585,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             machine if isinstance(machine, KVStateMachine) else None,
             max_body_bytes=options["max-body-bytes"],
             reactor=reactor,
+            access_log=bool(options["http-access-log"]),
             tokens=options.tokens,
             hosts=options.hosts,
         )

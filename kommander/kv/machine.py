@@ -12,6 +12,17 @@ between, and because it is trivially the same on every node::
                               [expected_length: u32 big-endian | expected]  (only when has_expected=1)
                               value (every remaining byte)
 
+A transaction (``POST /v1/txn``) is one entry of its own layout, applied as a whole or not at all::
+
+    TXN    op 4 | compares: u16 | success ops: u16 | failure ops: u16 | compare* | op* | op*
+           compare = key_length: u16 | key | has_value: u8 (0: "absent") | [value_length: u32 | value]
+           op      = 1 (put) | key_length: u16 | key | value_length: u32 | value
+                   | 2 (delete) | key_length: u16 | key
+
+Every compare is checked against the state before the transaction; when all hold, the success
+ops run in order, otherwise the failure ops. Lengths and counts are big-endian; nothing may follow
+the last op.
+
 Anything else (an unknown op, a key that is empty, too long or not UTF-8, a length running past the
 end, trailing bytes after a DELETE, ``has_expected`` other than 0 or 1) is *malformed*:
 :meth:`KVStateMachine.apply` returns a :class:`KVResult` with ``error`` set and changes nothing. Every
@@ -47,10 +58,15 @@ MAX_KEY_BYTES = 1024
 OP_PUT = 1
 OP_DELETE = 2
 OP_CAS = 3
+OP_TXN = 4
 _OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_CAS: "cas"}
+#: The most compares plus ops one transaction may hold (etcd's default ``--max-txn-ops``).
+MAX_TXN_OPS = 128
 
 _HEADER = struct.Struct(">BH")
 _EXPECTED_LENGTH = struct.Struct(">I")
+_TXN_HEADER = struct.Struct(">BHHH")
+_KEY_LENGTH = struct.Struct(">H")
 _SNAPSHOT_MAGIC = b"KVS1"
 _SNAPSHOT_KEY = struct.Struct(">H")
 _SNAPSHOT_VALUE = struct.Struct(">I")
@@ -88,9 +104,10 @@ class Command(NamedTuple):
 class KVResult(NamedTuple):
     """What applying one command did; the HTTP layer turns it into a status code.
 
-    :ivar op: ``"put"``, ``"delete"``, ``"cas"``, or ``"invalid"`` for a malformed command.
+    :ivar op: ``"put"``, ``"delete"``, ``"cas"``, ``"txn"``, or ``"invalid"`` for a malformed
+        command.
     :ivar changed: the state changed: always for PUT; for DELETE, the key existed; for CAS, it
-        swapped.
+        swapped; for a transaction, its compares held and its success ops ran.
     :ivar existed: the key was present before the command.
     :ivar error: why the command was refused (malformed); ``None`` otherwise.
     """
@@ -190,6 +207,113 @@ def decode_command(data: bytes) -> Command:
     return Command(op, key, rest[start + expected_length :], rest[start : start + expected_length])
 
 
+class Txn(NamedTuple):
+    """A decoded transaction.
+
+    :ivar compares: ``(key, value)`` pairs; ``value`` ``None`` means "the key is absent".
+    :ivar success: ops run when every compare holds: ``(OP_PUT, key, value)`` or
+        ``(OP_DELETE, key, None)``.
+    :ivar failure: ops run otherwise, of the same form.
+    """
+
+    compares: tuple[tuple[str, bytes | None], ...]
+    success: tuple[tuple[int, str, bytes | None], ...]
+    failure: tuple[tuple[int, str, bytes | None], ...]
+
+
+def encode_txn(
+    compares: Iterable[tuple[str, bytes | None]],
+    success: Iterable[tuple[int, str, bytes | None]],
+    failure: Iterable[tuple[int, str, bytes | None]] = (),
+) -> bytes:
+    """The command of one transaction (see the module's layout).
+
+    :raises MalformedCommand: a bad key or value, an unknown op, or more than
+        :data:`MAX_TXN_OPS` compares and ops together.
+    """
+    compares, success, failure = tuple(compares), tuple(success), tuple(failure)
+    if len(compares) + len(success) + len(failure) > MAX_TXN_OPS:
+        raise MalformedCommand(f"a transaction holds at most {MAX_TXN_OPS} compares and ops")
+    parts = [_TXN_HEADER.pack(OP_TXN, len(compares), len(success), len(failure))]
+    for key, value in compares:
+        raw = validate_key(key)
+        parts += [_KEY_LENGTH.pack(len(raw)), raw]
+        if value is None:
+            parts.append(b"\x00")
+        else:
+            value = _check_bytes("value", value)
+            parts += [b"\x01", _EXPECTED_LENGTH.pack(len(value)), value]
+    for op, key, value in success + failure:
+        raw = validate_key(key)
+        if op == OP_PUT:
+            value = _check_bytes("value", value)
+            parts += [b"\x01", _KEY_LENGTH.pack(len(raw)), raw, _EXPECTED_LENGTH.pack(len(value)), value]
+        elif op == OP_DELETE and value is None:
+            parts += [b"\x02", _KEY_LENGTH.pack(len(raw)), raw]
+        else:
+            raise MalformedCommand(f"a transaction op is a put or a delete (without value), not {op!r}")
+    return b"".join(parts)
+
+
+def decode_txn(data: bytes) -> Txn:
+    """Decode and fully validate one transaction command.
+
+    :raises MalformedCommand: for anything :func:`encode_txn` would not have produced.
+    """
+    if type(data) is not bytes:
+        data = _check_bytes("command", data)
+    if len(data) < _TXN_HEADER.size:
+        raise MalformedCommand("transaction shorter than its header")
+    op, n_compares, n_success, n_failure = _TXN_HEADER.unpack_from(data)
+    if op != OP_TXN:
+        raise MalformedCommand(f"op {op} is not a transaction")
+    if n_compares + n_success + n_failure > MAX_TXN_OPS:
+        raise MalformedCommand(f"a transaction holds at most {MAX_TXN_OPS} compares and ops")
+    at = _TXN_HEADER.size
+
+    def take(size: int) -> bytes:
+        nonlocal at
+        if at + size > len(data):
+            raise MalformedCommand("transaction runs past the end of the command")
+        chunk = data[at : at + size]
+        at += size
+        return chunk
+
+    def key() -> str:
+        (length,) = _KEY_LENGTH.unpack(take(_KEY_LENGTH.size))
+        if not 1 <= length <= MAX_KEY_BYTES:
+            raise MalformedCommand(f"key length {length} is not 1-{MAX_KEY_BYTES}")
+        try:
+            return take(length).decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedCommand("key is not valid UTF-8") from None
+
+    def value() -> bytes:
+        (length,) = _EXPECTED_LENGTH.unpack(take(_EXPECTED_LENGTH.size))
+        return take(length)
+
+    compares = []
+    for _ in range(n_compares):
+        name = key()
+        flag = take(1)[0]
+        if flag not in (0, 1):
+            raise MalformedCommand("a compare needs has_value 0 or 1")
+        compares.append((name, value() if flag else None))
+    ops = []
+    for _ in range(n_success + n_failure):
+        kind = take(1)[0]
+        if kind == OP_PUT:
+            name = key()
+            ops.append((OP_PUT, name, value()))
+        elif kind == OP_DELETE:
+            ops.append((OP_DELETE, key(), None))
+        else:
+            raise MalformedCommand(f"unknown transaction op {kind}")
+    if at != len(data):
+        raise MalformedCommand(f"{len(data) - at} trailing bytes after a transaction")
+    return Txn(tuple(compares), tuple(ops[:n_success]), tuple(ops[n_success:]))
+
+
 @implementer(ISnapshotStateMachine)
 class KVStateMachine:
     """:class:`~kommander.interfaces.ISnapshotStateMachine` holding one ``dict[str, bytes]`` per
@@ -246,6 +370,8 @@ class KVStateMachine:
                     store[key] = data[end:]
                     return KVResult("put", True, existed)
         try:
+            if type(data) is bytes and data[:1] == b"\x04":
+                return self._apply_txn(store, decode_txn(data))
             command = decode_command(entry.data)
         except MalformedCommand as e:
             # Deterministic on every node, so the log moves on and replicas stay equal.
@@ -267,6 +393,21 @@ class KVStateMachine:
             return KVResult("cas", False, existed)
         store[key] = command.value or b""
         return KVResult("cas", True, existed)
+
+    @staticmethod
+    def _apply_txn(store: dict[str, bytes], txn: Txn) -> KVResult:
+        """Check every compare against the state before the transaction, then run one branch.
+
+        ``changed`` says whether the compares held (the success branch ran); ``existed`` is
+        unused (``False``).
+        """
+        held = all(store.get(key) == expected for key, expected in txn.compares)
+        for op, key, value in txn.success if held else txn.failure:
+            if op == OP_PUT:
+                store[key] = value  # type: ignore[assignment]  # decode_txn: a put has bytes
+            else:
+                store.pop(key, None)
+        return KVResult("txn", held)
 
     def checkpoint(self, partition: int, index: int) -> None:
         """A checkpoint was applied at ``index``. Nothing to do: the runtime follows it with
