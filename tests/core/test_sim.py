@@ -195,12 +195,13 @@ RECONFIG_MUTATION_RUNS = {
     "commit_by_new_config_only": (
         RECONFIG, range(0, 60), 2, {"commit-durability", "commit-safety"}, {"commit-durability", "commit-safety"}
     ),
-    # Rare to expose (a joint configuration during a split election): seeds 23, 25 and 163 of
-    # 200 without idle periods; with them (idle_rate 0.05) only 23 stays, as idle periods leave
-    # fewer elections inside joint configurations. The idle schedules are exercised elsewhere.
+    # Rare to expose (a joint configuration during a split election). Surveyed over 300 seeds on
+    # the core with durable-vote sends and the quiescence idle periods: election-safety on 23
+    # and 99 with idle periods (idle_rate 0.05; liveness on 55, leader-completeness on 166),
+    # only on 23 without them (liveness 146, leader-completeness 166).
     "vote_by_new_config_only": (
-        {"spares": 2, "reconfig_rate": 0.9, "pre_vote": False, "idle_rate": 0.0},
-        range(0, 60),
+        {"spares": 2, "reconfig_rate": 0.9, "pre_vote": False},
+        range(0, 120),
         2,
         {"election-safety"},
         {"election-safety", "liveness"},
