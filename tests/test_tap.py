@@ -289,12 +289,23 @@ def test_make_service_builds_http_and_raft_services(tmp_path: Path) -> None:
     assert isinstance(http, StreamServerEndpointService)
     assert http.endpoint._port == 8001 and http.endpoint._interface == "127.0.0.1"
     assert isinstance(http.factory, ConnectionLimits)
+    assert (http.factory.header_timeout, http.factory.body_timeout) == (10.0, 60.0)
     root = http.factory.wrappedFactory.resource
     assert isinstance(root, KVResource) and isinstance(root.machine, KVStateMachine)
     manager = raft.manager
     assert manager is top.manager and manager.partitions == 8
     assert manager.metadata == {"http": "http://127.0.0.1:8001"}
     assert (tmp_path / "data").is_dir()
+
+
+def test_make_service_passes_the_http_deadlines(tmp_path: Path) -> None:
+    """--option http_header_timeout / http_body_timeout reach the HTTP site's connection wrapper,
+    which schedules them on the reactor given to makeService."""
+    args = with_option("--data", str(tmp_path / "data"))
+    options = parse(*args, *MEMORY, "--option", "http_header_timeout=2.5", "--option", "http_body_timeout=7")
+    clock = MemoryReactorClock()
+    factory = tap.makeService(options, reactor=clock).getServiceNamed("kommander-http").factory
+    assert (factory.header_timeout, factory.body_timeout, factory.clock) == (2.5, 7.0, clock)
 
 
 def test_make_service_without_http(tmp_path: Path) -> None:

@@ -39,7 +39,13 @@ from kommander.entry.reload import add_credential_reloads
 from kommander.hookspecs import PluginContext
 from kommander.kv.auth import TokenTable
 from kommander.kv.hosts import HostAllowlist, default_hosts
-from kommander.kv.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, ConnectionLimits
+from kommander.kv.limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    ConnectionLimits,
+)
 from kommander.registry import PluginError, PluginKind, PluginRegistry
 
 #: Defaults of the options that have one; the others default to "not given".
@@ -304,6 +310,7 @@ class Options(usage.Options):
         self.metadata = self._metadata()
         self.hosts = self._http_hosts()
         self.http_limits = self._size_options("http_max_connections", "http_max_connections_per_address")
+        self.http_deadlines = self._seconds_options("http_header_timeout", "http_body_timeout")
         if self["join"]:
             from kommander.entry.join import check_join_options
 
@@ -455,6 +462,22 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--option {name}={text!r}: use a positive number")
         return found
 
+    def _seconds_options(self, *names: str) -> dict[str, float]:
+        """Node timeouts given as ``--option NAME=S`` (seconds, fractions allowed)."""
+        found = {}
+        for name in names:
+            text = self.plugin_options.get(name)
+            if text is None:
+                continue
+            try:
+                value = float(text)
+            except ValueError:
+                raise usage.UsageError(f"--option {name}={text!r}: use a number of seconds") from None
+            if not 0 < value <= 86400:
+                raise usage.UsageError(f"--option {name}={text!r}: use more than 0 and at most 86400 seconds")
+            found[name] = value
+        return found
+
     def _raft_configuration(self) -> RaftConfiguration:
         found = _listen_address(self["listen"])
         checkpoint_every = self._int("checkpoint-every", 0, 1 << 40)
@@ -602,6 +625,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             limits.get("http_max_connections", DEFAULT_MAX_CONNECTIONS),
             limits.get("http_max_connections_per_address", DEFAULT_MAX_CONNECTIONS_PER_ADDRESS),
             seconds=reactor.seconds,
+            header_timeout=options.http_deadlines.get("http_header_timeout", DEFAULT_HEADER_TIMEOUT),
+            body_timeout=options.http_deadlines.get("http_body_timeout", DEFAULT_BODY_TIMEOUT),
+            clock=reactor,
         )
         http = strports.service(options["http"], limited, reactor=reactor)
         http.setName("kommander-http")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.web import server
+
+from kommander.kv.limits import RequestDeadlines
 
 from kommander.kv.machine import MAX_KEY_BYTES, encode_cas
 from kommander.kv.responses import error_response
@@ -38,11 +42,20 @@ class KVRequest(server.Request):
     _received = 0
     _discarded = 0
 
+    def _deadlines(self) -> Any:
+        """The connection's :class:`~kommander.kv.limits.RequestDeadlines`, if it has them."""
+        channel = self.channel
+        transport = getattr(channel, "transport", None) if channel is not None else None
+        return transport if isinstance(transport, RequestDeadlines) else None
+
     def _limit(self) -> int:
         site = getattr(self.channel, "site", None)
         return getattr(getattr(site, "resource", None), "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
 
     def gotLength(self, length: int | None) -> None:
+        deadlines = self._deadlines()
+        if deadlines is not None:
+            deadlines.headers_received()
         if length is not None and length > self._limit():
             self.requestHeaders.removeHeader(b"Expect")
             self._refuse()
@@ -61,6 +74,9 @@ class KVRequest(server.Request):
             self.channel.transport.loseConnection()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        deadlines = self._deadlines()
+        if deadlines is not None:
+            deadlines.request_received()
         if self._refused:
             # The whole refused body went by: the 413 is out, close instead of processing.
             if self.channel is not None:
@@ -68,8 +84,18 @@ class KVRequest(server.Request):
             return
         super().requestReceived(command, path, version)
 
+    def finish(self) -> None:
+        deadlines = self._deadlines()
+        if deadlines is not None:
+            # Before the channel takes up the next pipelined request (inside finish).
+            deadlines.request_done()
+        super().finish()
+
     def _refuse(self) -> None:
         self._refused = True
+        deadlines = self._deadlines()
+        if deadlines is not None:
+            deadlines.responded()  # the body's deadline still runs: the discard is bounded in time
         limit = self._limit()
         body = error_response(413, f"request body over {limit} bytes").body
         # The request line is parsed but process() has not run, so the normal response machinery

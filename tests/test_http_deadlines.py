@@ -1,0 +1,161 @@
+"""kommander.kv.limits: the HTTP API's request deadlines (slowloris), on real sockets on 127.0.0.1.
+
+The site here uses :class:`~kommander.kv.bodylimit.KVRequest`, as the node's does, so the
+deadlines follow each request's headers, body, processing and the idle time after it. The
+deadlines are short (a fraction of a second) so the tests wait little; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from test_http_hosts import node_args
+from test_http_limits import Client, until
+from test_tap import parse
+from twisted.internet import protocol, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.logger import capturedLogs
+from twisted.python import usage
+from twisted.web import resource, server
+
+from kommander.kv.bodylimit import KVRequest
+from kommander.kv.limits import ConnectionLimits
+
+HEADER_TIMEOUT = 0.3
+BODY_TIMEOUT = 0.4
+
+
+class Echo(resource.Resource):
+    isLeaf = True
+    max_body_bytes = 64  # read by KVRequest
+
+    def render_GET(self, request):  # noqa: N802
+        return b"hello"
+
+    def render_PUT(self, request):  # noqa: N802
+        return b"got " + request.content.read()
+
+
+async def serve():
+    site = server.Site(Echo(), requestFactory=KVRequest)
+    limits = ConnectionLimits(site, header_timeout=HEADER_TIMEOUT, body_timeout=BODY_TIMEOUT, clock=reactor)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(limits)
+    return limits, port
+
+
+async def connect(port) -> Client:
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    return await endpoint.connect(protocol.Factory.forProtocol(Client))
+
+
+async def trickle(client: Client, data: bytes, every: float = 0.05, limit: float = 5.0) -> None:
+    """Send ``data`` one byte per ``every`` seconds (each byte restarts twisted.web's idle timeout)
+    until the server closes the connection; fails after ``limit`` seconds."""
+    for i in range(int(limit / every)):
+        if client.closed.called:
+            return
+        client.transport.write(data[i % len(data) : i % len(data) + 1])
+        await task.deferLater(reactor, every, lambda: None)
+    raise AssertionError("the server never closed the trickling connection")
+
+
+async def close(client: Client, port) -> None:
+    if not client.closed.called:
+        client.transport.loseConnection()
+        await client.closed
+    await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_headers_sent_a_byte_at_a_time_get_408_and_the_connection_closes():
+    limits, port = await serve()
+    client = await connect(port)
+    try:
+        with capturedLogs() as events:
+            client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            await trickle(client, b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n")
+        assert client.data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), client.data
+        assert client.data.endswith(b'{"error": "request not received in time"}')
+        assert limits.timed_out == 1
+        assert any(e.get("phase") == "headers" and e.get("host") == "127.0.0.1" for e in events)
+    finally:
+        await close(client, port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_that_never_sends_is_closed_at_the_header_deadline():
+    limits, port = await serve()
+    client = await connect(port)
+    try:
+        await until(lambda: client.closed.called, "the silent connection to be closed", 5)
+        assert client.data.startswith(b"HTTP/1.1 408 ")
+        assert limits.timed_out == 1
+    finally:
+        await close(client, port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_sent_a_byte_at_a_time_gets_408():
+    limits, port = await serve()
+    client = await connect(port)
+    try:
+        client.transport.write(b"PUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n")
+        with capturedLogs() as events:
+            await trickle(client, b"v")
+        assert client.data.startswith(b"HTTP/1.1 408 "), client.data
+        assert b"got" not in client.data  # the request never reached the resource
+        assert limits.timed_out == 1
+        assert any(e.get("phase") == "body" for e in events)
+    finally:
+        await close(client, port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_body_discarded_slowly_is_closed_without_a_second_answer():
+    limits, port = await serve()
+    client = await connect(port)
+    try:
+        client.transport.write(b"PUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        await trickle(client, b"v")
+        assert client.data.count(b"HTTP/1.1 ") == 1 and client.data.startswith(b"HTTP/1.1 413 "), client.data
+        assert limits.timed_out == 1
+    finally:
+        await close(client, port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_kept_alive_connections_are_not_cut_between_requests_and_pipelining_works():
+    limits, port = await serve()
+    client = await connect(port)
+    try:
+        client.transport.write(b"PUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab")
+        await until(lambda: b"got ab" in client.data, "the first answer")
+        # Idle for several header deadlines: only twisted.web's idle timeout applies here.
+        await task.deferLater(reactor, 3 * HEADER_TIMEOUT, lambda: None)
+        assert not client.closed.called
+        # Two pipelined requests in one write, then a third sent slowly but in time.
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nPUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nc")
+        await until(lambda: b"got c" in client.data, "the pipelined answers")
+        assert client.data.count(b"HTTP/1.1 200 ") == 3
+        for piece in (b"GET / HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
+            client.transport.write(piece)
+            await task.deferLater(reactor, HEADER_TIMEOUT / 5, lambda: None)
+        await until(lambda: client.data.count(b"HTTP/1.1 200 ") == 4, "the fourth answer")
+        assert limits.timed_out == 0 and not client.closed.called
+    finally:
+        await close(client, port)
+
+
+def test_timeouts_must_be_positive():
+    for kwargs in ({"header_timeout": 0}, {"body_timeout": -1.0}, {"header_timeout": float("inf")}, {"body_timeout": True}):
+        with pytest.raises(ValueError):
+            ConnectionLimits(server.Site(Echo()), **kwargs)
+
+
+def test_twistd_options():
+    options = parse(*node_args(), "--option", "http_header_timeout=2.5", "--option", "http_body_timeout=30")
+    assert options.http_deadlines == {"http_header_timeout": 2.5, "http_body_timeout": 30.0}
+    assert parse(*node_args()).http_deadlines == {}
+    for bad in ("http_header_timeout=0", "http_body_timeout=soon", "http_header_timeout=1e9"):
+        with pytest.raises(usage.UsageError, match=bad.split("=")[0]):
+            parse(*node_args(), "--option", bad)
