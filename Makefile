@@ -52,11 +52,8 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/core_bench.py
 	$(PY) benchmarks/wal_bench.py --seconds 2
-<<<<<<< HEAD
 	$(PY) benchmarks/codec_bench.py
-=======
 	$(PY) benchmarks/partitions_bench.py
->>>>>>> quiesce2
 	$(PY) benchmarks/cluster_bench.py
 
 # 3 nodes with 1, 64 and 1,024 partitions: cold start, idle CPU, failover, restart (about 90 s).
