@@ -14,11 +14,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from kommander.core.progress import ProgressState
 from kommander.core.raft import RaftNode
 from kommander.core.types import Heartbeat
-from kommander.runtime.apply import Applier
+from kommander.results import is_deferred
+from kommander.runtime.apply import IDLE, Applier
 from kommander.runtime.checkpoints import Checkpointer
 from kommander.runtime.partition import PartitionRuntime
 from kommander.testing import nodesim_env
@@ -39,17 +41,21 @@ def deferred_recursion() -> Any:
     Deferred has fired), so a long run of entries exhausts the stack part way through."""
 
     def make(original: Any) -> Any:
-        def drain(self: PartitionRuntime) -> None:
-            if not self.apply_queue:
+        def drain(self: PartitionRuntime, outcome: Any = None) -> None:
+            # The real steps (_start, _complete), chained by callbacks instead of a loop.
+            self.applying = True
+            if not self.host.running:
                 self.applying = False
                 return
-            self.applying = True
-            entry = self.apply_queue.popleft()
-            d = defer.maybeDeferred(self._apply_one, entry)
+            step = self._start()
+            if step is IDLE:
+                self.applying = False
+                return
+            d = step if is_deferred(step) else (defer.fail(step) if isinstance(step, Failure) else defer.succeed(step))
 
-            def next_one(outcome: Any) -> None:
-                self._done(entry, outcome)
-                drain(self)
+            def next_one(result: Any) -> None:
+                if self._complete(result):
+                    drain(self)
 
             d.addBoth(next_one)
 
