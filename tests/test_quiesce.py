@@ -112,6 +112,38 @@ def test_killing_a_leader_node_re_elects_all_its_partitions():
     cluster.close()
 
 
+def test_survivors_of_a_dead_follower_go_quiet_and_wake_for_it():
+    """A node that stays dead no longer keeps every partition it shared awake: once the survivors
+    find it silent, their partitions quiesce without it (a caught-up majority remains), even after
+    writes it missed; when it comes back it is brought up to date and everything quiesces again."""
+    cluster = quiet()
+    victim = min(cluster.ids, key=lambda i: sum(cluster.leader(p).node_id == i for p in range(PARTITIONS)))
+    cluster.crash(victim)
+    survivors = [i for i in cluster.ids if i != victim]
+    cluster.wait_for_leaders(survivors, max_seconds=10)
+    for p in range(4):
+        assert cluster.write(p, b"while %s is dead" % victim.encode()).status.name == "SUCCESS"
+    config = cluster.nodes[survivors[0]].m.config
+    cluster.run_until(
+        lambda: all(n.m.awake_partitions == 0 for n in cluster.running()),
+        max_seconds=2 * config.election_timeout_max + 2,
+        what=f"every partition quiesced on the survivors without {victim}",
+    )
+    assert all(victim in n.m.unreachable_peers for n in cluster.running())
+    before = sent(cluster, "Heartbeat")
+    cluster.advance(10)
+    assert sent(cluster, "Heartbeat") == before
+    cluster.start(victim)
+    cluster.run_until(
+        lambda: all(cluster.caught_up(p) for p in range(PARTITIONS))
+        and all(n.m.awake_partitions == 0 for n in cluster.running()),
+        max_seconds=10,
+        what=f"{victim} caught up and every partition quiesced again with it",
+    )
+    assert all(n.m.unreachable_peers == frozenset() for n in cluster.running())
+    cluster.close()
+
+
 def test_isolated_quiesced_leader_steps_down():
     """A node cut off from both peers while its partitions are quiesced stops leading every one
     of them once it finds the peers silent (CheckQuorum through node liveness), while the others

@@ -18,6 +18,13 @@ configuration change in progress (see :meth:`Quiesce._config_change_pending`). "
 every node the leader tracks in its current configuration: the voters of both halves of a joint
 one and the learners, so a learner is never left without the tail of the log.
 
+**A silent member is left out.** Members the runtime's node liveness finds silent (see
+:meth:`Quiesce.note_liveness`) are not waited for, as long as the leader and the caught-up members
+that remain make a majority of the voters: otherwise one dead node would keep every partition it
+shared awake for as long as it stays dead. A member left out is sent a plain heartbeat claiming
+no commit index it may lack (so it never quiesces behind), and the leader wakes as soon as that
+node is heard from again, to bring it up to date and then quiesce with it.
+
 **When a follower quiesces**: it receives a quiesce heartbeat of its term from its leader, it is a
 member (not catching up), its last entry is ``(commit, term)`` of that heartbeat, with its
 commit index there too, its configuration is committed and no follower read of its own is out. A follower lacking anything never quiesces: its election timer keeps
@@ -25,8 +32,9 @@ running and, at worst, its PreVote wakes the leader.
 
 **What wakes a partition**: a proposal, a ReadIndex (on a follower too: the request then wakes
 its leader), a membership change, a leadership transfer, a campaign or a step-down asked for
-locally; any message but a quiesce heartbeat (on a follower) or a heartbeat
-reply from an unchanged follower (on a leader); and :meth:`Quiesce.peers_unreachable`.
+locally; any message but a quiesce heartbeat (on a follower), a heartbeat reply from an
+unchanged follower (on a leader) or a vote request a follower drops under its leader lease; and
+:meth:`Quiesce.note_liveness`.
 
 **Leases and CheckQuorum.** A quiesced follower counts as having heard from its leader (it ignores
 disruptive vote requests) for as long as the runtime keeps it quiesced, which is only while the
@@ -46,7 +54,7 @@ from collections.abc import Collection
 from kommander.core.membership import has_majority
 from kommander.core.progress import ProgressState
 from kommander.core.state import NodeState
-from kommander.core.types import Heartbeat, HeartbeatResponse, Message, Role
+from kommander.core.types import Heartbeat, HeartbeatResponse, Message, Role, VoteRequest
 
 
 class Quiesce(NodeState):
@@ -55,23 +63,39 @@ class Quiesce(NodeState):
     def _init_quiesce(self) -> None:
         #: Neither ticking nor heartbeating: the runtime need not tick this partition.
         self.quiesced = False
+        #: Nodes the runtime's node liveness last reported silent (:meth:`note_liveness`).
+        self.silent: frozenset[str] = frozenset()
+        #: On a quiesced leader: the silent members it quiesced without.
+        self._left_out: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ leader
 
     def _quiesce_leader(self) -> bool:
         """Heartbeat time on a leader: quiesce if the partition is idle. Returns whether it did
         (the quiesce heartbeats then replace this round's heartbeats)."""
-        if not self.config.quiesce or not self._leader_idle():
+        if not self.config.quiesce:
+            return False
+        left_out = self._leader_idle()
+        if left_out is None:
             return False
         committed = self.log.committed
         context = self._next_read_round()
         for peer, pr in self.progress.items():
+            if peer in left_out:
+                # It may lack entries: claim only what it holds, and do not ask it to quiesce.
+                commit = min(pr.match, committed)
+                self._msgs.append(Heartbeat(self.term, self.id, peer, commit, context))
+                pr.sent_commit = max(pr.sent_commit, commit)
+                continue
             self._msgs.append(Heartbeat(self.term, self.id, peer, committed, context, quiesce=True))
             pr.sent_commit = committed
         self.quiesced = True
+        self._left_out = left_out
         return True
 
-    def _leader_idle(self) -> bool:
+    def _leader_idle(self) -> frozenset[str] | None:
+        """Whether the partition is idle on its leader: ``None`` when not, else the silent members
+        it may quiesce without (see the module's notes)."""
         log = self.log
         last = log.last_index()
         if (
@@ -85,17 +109,26 @@ class Quiesce(NodeState):
             or self._pending_snapshot is not None
             or self._config_change_pending()
         ):
-            return False
-        for pr in self.progress.values():
-            if (
+            return None
+        silent = self.silent
+        left_out = []
+        for peer, pr in self.progress.items():
+            if silent and peer in silent:
+                left_out.append(peer)
+            elif (
                 pr.match != last
                 or pr.state is not ProgressState.REPLICATE
                 or pr.inflights
                 or not pr.recent_active
                 or pr.catching_up
             ):
-                return False
-        return True
+                return None
+        if not left_out:
+            return frozenset()
+        voters = self.membership.voters
+        if not has_majority(voters, set(voters).difference(left_out)):
+            return None
+        return frozenset(left_out)
 
     def _config_change_pending(self) -> bool:
         """Whether a membership change is under way (:mod:`kommander.core.membership`): a
@@ -145,6 +178,20 @@ class Quiesce(NodeState):
         """A message arrived while quiesced: wake unless it is the quiet traffic of a quiesced
         partition (a repeated quiesce heartbeat, a reply from an unchanged follower)."""
         kind = type(m)
+        if (
+            kind is VoteRequest
+            and self.role is Role.FOLLOWER
+            and m.src != self.leader
+            and m.term > self.term
+            and not m.transfer
+            and self._in_lease()
+        ):
+            # Dropped under the leader lease (see RaftNode.step): no reason to wake. A member a
+            # leader quiesced without, alive but unheard by it, campaigns; it must not wake the
+            # quiet followers, who would then time out on a leader that is not heartbeating. (A
+            # quiesced leader does wake: a follower's campaign is how it learns one is behind; so
+            # does a follower whose leader campaigns: its node restarted, it leads no more.)
+            return
         if m.term == self.term:
             if kind is Heartbeat and m.quiesce and self.role is not Role.LEADER and m.src == self.leader:
                 return
@@ -161,6 +208,7 @@ class Quiesce(NodeState):
         if not self.quiesced:
             return
         self.quiesced = False
+        self._left_out = frozenset()
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         if self.role is Role.LEADER:
@@ -169,7 +217,12 @@ class Quiesce(NodeState):
                 pr.recent_active = False
 
     def peers_unreachable(self, unreachable: Collection[str], rotation: int = 0) -> bool:
-        """The runtime has not heard from the nodes ``unreachable`` for an election timeout.
+        """:meth:`note_liveness` (its earlier name)."""
+        return self.note_liveness(unreachable, rotation)
+
+    def note_liveness(self, unreachable: Collection[str], rotation: int = 0) -> bool:
+        """The runtime has not heard from the nodes ``unreachable`` for an election timeout: the
+        whole set, given whenever it changes (a node found silent, or heard from again).
 
         A quiesced follower whose leader is among them wakes with its leader lease expired (it
         grants votes at once and campaigns within ``election_tick_max - election_tick`` ticks).
@@ -178,33 +231,44 @@ class Quiesce(NodeState):
         slot per live voter, ordered by id and rotated by ``rotation`` (the runtime passes the
         partition number, so the failed node's partitions spread over the survivors), and each
         takes a random time inside its own slot. A
-        quiesced leader with a voter among them wakes, and steps down at once when the others no
-        longer make a quorum (CheckQuorum, with node liveness as its evidence). Otherwise, and on a
-        partition that is not quiesced, nothing changes.
+        quiesced leader stays quiet without newly silent members while the others make a quorum
+        (they all held its whole log when it quiesced), and otherwise wakes and steps down at once
+        (CheckQuorum, with node liveness as its evidence); one quiesced without a member wakes
+        when that member is no longer among them, to bring it up to date. Otherwise nothing changes; an awake partition only
+        remembers the set, for when it next quiesces.
 
         :returns: whether the partition woke.
         """
+        silent = unreachable if type(unreachable) is frozenset else frozenset(unreachable)
+        self.silent = silent
         if not self.quiesced:
             return False
         if self.role is Role.LEADER:
-            dead = {peer for peer in self.peers if peer in unreachable}
-            if not dead:
+            left_out = self._left_out
+            if left_out and not left_out <= silent:
+                self.wake()  # a member left out is back: it needs the log's tail
+                return True
+            dead = {peer for peer in self.peers if peer in silent}
+            if not dead or dead <= left_out:
                 return False
-            self.wake()
             m = self.membership
             present = self.voters - dead
-            if self.config.check_quorum and not (
-                has_majority(m.voters, present) and (not m.outgoing or has_majority(m.outgoing, present))
-            ):
+            if has_majority(m.voters, present) and (not m.outgoing or has_majority(m.outgoing, present)):
+                # A quorum remains, and every member held the whole log when it quiesced: stay
+                # quiet without the newly silent ones, as if it had quiesced without them.
+                self._left_out = left_out | dead
+                return False
+            self.wake()
+            if self.config.check_quorum:
                 self._become_follower(self.term, None)
             return True
-        if self.leader is None or self.leader not in unreachable:
+        if self.leader is None or self.leader not in silent:
             return False
         self.wake()
         # As if a whole minimum election timeout had passed since the leader was last heard from.
         low, high = self.config.election_tick, self.config.election_tick_max
         self.election_elapsed = low
-        live = sorted(v for v in self.voters if v not in unreachable)
+        live = sorted(v for v in self.voters if v not in silent)
         width = max(1, (high - low) // max(1, len(live)))
         slot = (live.index(self.id) + rotation) % len(live) if self.id in live else 0
         self.randomized_timeout = min(high - 1, low + slot * width + self.rng.randrange(width))

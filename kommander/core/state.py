@@ -106,6 +106,7 @@ class NodeState:
     randomized_timeout: int
     lead_transferee: str | None
     quiesced: bool
+    silent: frozenset[str]
     _msgs: list[Message]
     _persisted_msgs: list[Message]
     _read_states: list[ReadState]
@@ -151,6 +152,9 @@ class NodeState:
         raise NotImplementedError
 
     def _bcast_heartbeat(self, context: int) -> None:  # replication.py
+        raise NotImplementedError
+
+    def _in_lease(self) -> bool:  # election.py
         raise NotImplementedError
 
     def _maybe_finish_transfer(self, peer: str) -> None:  # election.py

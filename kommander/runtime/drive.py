@@ -32,8 +32,10 @@ message, a proposal, a read) brings it back through :meth:`DriveLoop.mark_dirty`
 node's tick costs the same whatever its partition count. Every tick also sends one
 :class:`~kommander.core.types.NodeHeartbeat` to each peer (none while the disk is stalled: a node
 that cannot lead must not vouch for the partitions quiesced under it), and a peer not heard from
-for the minimum election timeout is *unreachable*: every partition quiesced with it wakes (see
-:meth:`~kommander.core.quiesce.Quiesce.peers_unreachable`).
+for the minimum election timeout is *unreachable*. Every partition is told the set whenever it
+changes (see :meth:`~kommander.core.quiesce.Quiesce.note_liveness`): those quiesced with a node
+that fell silent wake, a leader may quiesce without a silent member while a caught-up majority
+remains, and wakes again when that member is heard from.
 """
 
 from __future__ import annotations
@@ -392,7 +394,7 @@ class DriveLoop:
         number = runtime.number
         if not core.quiesced:
             self._awake.add(number)
-        elif self._unreachable and core.peers_unreachable(self._unreachable, number):
+        elif self._unreachable and core.note_liveness(frozenset(self._unreachable), number):
             # Quiesced with a peer already found silent (its state was from before): awake again.
             self._awake.add(number)
             self._dirty[number] = runtime
@@ -432,11 +434,7 @@ class DriveLoop:
             return
         self._unreachable.update(lost)
         self.stats["peers_lost"] += len(lost)
-        woken = 0
-        for runtime in self.runtimes:
-            if runtime.core.quiesced and runtime.core.peers_unreachable(self._unreachable, runtime.number):
-                woken += 1
-                self.mark_dirty(runtime)
+        woken = self._tell_liveness()
         self.log.warn(
             "node {node}: nothing heard from {peers} for {timeout:.2f}s; woke {woken} quiesced partitions",
             node=self.node_id,
@@ -448,7 +446,25 @@ class DriveLoop:
     def _peer_back(self, peer: str) -> None:
         self._unreachable.discard(peer)
         self._last_heard[peer] = self.reactor.seconds()
-        self.log.info("node {node}: heard from {peer} again", node=self.node_id, peer=peer)
+        woken = self._tell_liveness()
+        self.log.info(
+            "node {node}: heard from {peer} again; woke {woken} quiesced partitions",
+            node=self.node_id,
+            peer=peer,
+            woken=woken,
+        )
+
+    def _tell_liveness(self) -> int:
+        """Give every partition the new set of silent peers (awake ones keep it for when they
+        quiesce: a leader may then quiesce without a silent member). :returns: how many quiesced
+        partitions woke."""
+        silent = frozenset(self._unreachable)
+        woken = 0
+        for runtime in self.runtimes:
+            if runtime.core.note_liveness(silent, runtime.number):
+                woken += 1
+                self.mark_dirty(runtime)
+        return woken
 
     # ------------------------------------------------------------------ disk stalls
 

@@ -208,6 +208,7 @@ class Simulation(Reconfigure, Checks):
         node.next_compact = node.applied + self._compact_gap()
         node.commit_seen = node.core.log.committed
         node.last_heard = {peer: self.now for peer in self.ids if peer != node_id}
+        node.lead_pending = None
         self._log(f"start {node_id} term={node.hard.term} last={node.durable_last()}")
         self._process(node)
 
@@ -287,6 +288,8 @@ class Simulation(Reconfigure, Checks):
             # One write on disk, but checked Ready by Ready: each one's promises must hold once
             # it (and everything before it) is durable.
             node.persist(ready)
+            if node.lead_pending is not None:
+                self._check_leadership(node)
             if ready.entries:
                 self._register(node, ready.entries, node.durable_term(ready.entries[0].index - 1) or 0)
             if ready.entries and ready.entries[0].index <= node.applied:
@@ -396,7 +399,8 @@ class Simulation(Reconfigure, Checks):
     def _liveness(self, node: SimNode) -> None:
         """The runtime's node liveness: a node heartbeat to each peer (delivered at once unless
         the link is blocked or the network drops it; not an event, so it costs no steps), and
-        peers silent for the minimum election timeout reported to a quiesced core."""
+        the set of peers silent for the minimum election timeout given to the core whenever it
+        changes."""
         for peer in self.ids:
             other = self.nodes[peer]
             if peer == node.id or not other.alive or (node.id, peer) in self.blocked:
@@ -407,11 +411,12 @@ class Simulation(Reconfigure, Checks):
         core = node.core
         if core.quiesced:
             self.result_stats["quiesced_ticks"] += 1
-            timeout = self.config.election_tick * TICK
-            silent = {p for p, heard in node.last_heard.items() if self.now - heard >= timeout}
-            if silent and core.peers_unreachable(silent):
-                self.result_stats["liveness_wakes"] += 1
-                self._log(f"wake {node.id}: {sorted(silent)} silent")
+        timeout = self.config.election_tick * TICK
+        silent = frozenset(p for p, heard in node.last_heard.items() if self.now - heard >= timeout)
+        # As the runtime does: the whole set, whenever it changes (a peer lost or heard again).
+        if silent != core.silent and core.note_liveness(silent):
+            self.result_stats["liveness_wakes"] += 1
+            self._log(f"wake {node.id}: {sorted(silent)} silent")
 
     def _leader_hint(self) -> SimNode | None:
         alive = [n for n in self.nodes.values() if n.alive and n.paused_until <= self.now]

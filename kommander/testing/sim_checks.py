@@ -63,14 +63,32 @@ class Checks:
 
     # ------------------------------------------------------------------ checks
 
+    def _check_leadership(self, node: SimNode) -> None:
+        """Election Safety, counted once the leader's term is durable on it. Until then a crash
+        can take the leadership back (a sole voter wins in the Ready that records its term and
+        vote, and sends nothing under it before that write), and the term can be won again by
+        another node."""
+        term = node.lead_pending
+        if term is None:
+            return
+        hard = node.hard
+        if hard.term > term:
+            node.lead_pending = None  # moved on before the vote was written: never a leader
+            return
+        if hard.term != term:
+            return
+        node.lead_pending = None
+        holder = self.leaders.setdefault(term, node.id)
+        if holder != node.id:
+            raise Violation("election-safety", f"{holder} and {node.id} both lead term {term}")
+
     def _observe(self, node: SimNode, ready: Ready) -> None:
         core = node.core
         self._check_node(node)
         if ready.soft_state is not None and ready.soft_state.role is Role.LEADER:
             term = ready.soft_state.term
-            holder = self.leaders.setdefault(term, node.id)
-            if holder != node.id:
-                raise Violation("election-safety", f"{holder} and {node.id} both lead term {term}")
+            node.lead_pending = term
+            self._check_leadership(node)
             self.result_stats["elections"] += 1
             self._log(f"leader {node.id} term={term} last={core.log.last_index()}")
             # Leader Completeness: it must hold every entry committed in an earlier term. (A

@@ -140,6 +140,8 @@ class SimNode:
         self.commit_seen = 0
         #: Node liveness, as the runtime keeps it: peer -> time last heard from.
         self.last_heard: dict[str, int] = {}
+        #: The term this node became leader of, until that term is durable on it.
+        self.lead_pending: int | None = None
 
     def durable_term(self, index: int) -> int | None:
         if index == self.snapshot.index:

@@ -150,9 +150,12 @@ def test_any_other_message_wakes_a_quiesced_follower():
     core = net["n2"]
     core.step(Heartbeat(core.term, "n1", "n2", core.log.committed, 50, quiesce=True))
     assert core.quiesced
+    # In lease a disruptive pre-vote is dropped, and does not wake it (see below)...
     core.step(VoteRequest(core.term + 1, "n3", "n2", 0, 0, pre_vote=True))
+    assert core.quiesced
+    # ... but a vote request of its own term, even one it refuses, does.
+    core.step(VoteRequest(core.term, "n3", "n2", 0, 0))
     assert not core.quiesced
-    # In lease: a disruptive pre-vote from a node that cannot know better is refused.
     net.process("n2")
     assert core.role is Role.FOLLOWER and core.leader == "n1"
 
@@ -202,12 +205,18 @@ def test_partitioned_quiesced_leader_steps_down_at_once():
     assert core.role is Role.FOLLOWER and core.leader is None and not core.quiesced
 
 
-def test_quiesced_leader_missing_one_follower_wakes_but_keeps_leading():
-    """One silent follower of three: the leader wakes (heartbeats resume) but a quorum remains."""
+def test_quiesced_leader_missing_one_follower_stays_quiet_and_keeps_leading():
+    """One silent follower of three: a quorum that holds the whole log remains, so the leader
+    stays quiesced without it (a dead node must not wake every partition it shared), and wakes
+    when it is heard from again."""
     net = quiet_cluster()
     core = net["n1"]
-    assert core.peers_unreachable({"n3"})
-    assert core.role is Role.LEADER and not core.quiesced
+    before = len(net.delivered)
+    assert not core.peers_unreachable({"n3"})
+    assert core.role is Role.LEADER and core.quiesced
+    net.tick("n1", n=20)
+    assert len(net.delivered) == before
+    assert core.note_liveness(frozenset()) and not core.quiesced
 
 
 def test_partitioned_quiesced_leader_loses_leadership_safely():
@@ -375,3 +384,110 @@ def test_pending_follower_read_keeps_the_leader_awake_until_answered():
     assert [rs.context for rs in net.node("n2").read_states] == [5]
     net.tick("n1", n=3)
     assert leader.quiesced
+
+
+# ---------------------------------------------------------------------- a silent member left out
+
+
+def dead_follower_cluster() -> Network:
+    """n1 leads, n3 is cut off and has missed two committed entries, and the runtime's node
+    liveness reports n3 silent to n1."""
+    net = Network(3, quiesce=True)
+    net.elect("n1")
+    net.isolate("n3")
+    net.dropped.clear()
+    net.propose("n1", b"a", b"b")
+    net["n1"].note_liveness(frozenset({"n3"}))
+    net.tick("n1", "n2", n=net["n1"].config.election_tick + 3)
+    return net
+
+
+def test_leader_quiesces_without_a_silent_follower():
+    """One dead node of three no longer keeps the partition awake: the leader and the caught-up
+    follower quiesce, and the silent one is sent no quiesce mark and no commit index it lacks."""
+    net = dead_follower_cluster()
+    leader = net["n1"]
+    assert leader.quiesced and net["n2"].quiesced and leader.role is Role.LEADER
+    to_n3 = [m for m in net.dropped if type(m) is Heartbeat and m.dst == "n3"]
+    assert to_n3
+    match = leader.progress["n3"].match
+    assert match < leader.log.committed
+    assert not any(m.quiesce for m in to_n3) and all(m.commit <= match for m in to_n3)
+    before = len(net.delivered) + len(net.dropped)
+    net.tick("n1", "n2", n=50)
+    assert len(net.delivered) + len(net.dropped) == before  # quiet: nothing sent, not even to n3
+
+
+def test_left_out_follower_heard_again_wakes_the_leader_and_catches_up():
+    """When the silent node is heard from again the leader wakes, sends it the entries it missed,
+    and the partition quiesces again with all three."""
+    net = dead_follower_cluster()
+    net.heal()
+    assert not net["n1"].note_liveness(frozenset({"n3"}))  # the same report again: still quiet
+    assert net["n1"].note_liveness(frozenset())
+    assert not net["n1"].quiesced
+    net.tick("n1", n=net["n1"].config.election_tick + 3)
+    assert net["n3"].log.committed == net["n1"].log.committed == net["n1"].log.last_index()
+    assert net["n1"].quiesced and net["n2"].quiesced and net["n3"].quiesced
+
+
+def test_no_quiescence_without_a_caught_up_majority():
+    """Two silent nodes of three leave no majority: the leader never quiesces without them (and
+    CheckQuorum takes its leadership once the period ends)."""
+    net = Network(3, quiesce=True)
+    net.elect("n1")
+    net.isolate("n2")
+    net.isolate("n3")
+    net["n1"].note_liveness(frozenset({"n2", "n3"}))
+    net.tick("n1", n=net["n1"].config.election_tick * 2 + 2)
+    assert not net["n1"].quiesced and net["n1"].role is not Role.LEADER
+
+
+def test_leader_quiesced_without_one_wakes_when_another_falls_silent():
+    """Quiesced without n3, the leader wakes when n2 is reported silent too, and steps down at
+    once: the two silent nodes leave it no quorum."""
+    net = dead_follower_cluster()
+    leader = net["n1"]
+    assert leader.quiesced
+    assert leader.note_liveness(frozenset({"n2", "n3"}))
+    assert not leader.quiesced and leader.role is Role.FOLLOWER
+
+
+def test_silence_reported_while_awake_is_kept_for_quiescing():
+    """An awake partition only remembers the silent set; the old entry point means the same."""
+    net = Network(3, quiesce=True)
+    net.elect("n1", settle=False)
+    assert not net["n1"].peers_unreachable({"n3"})
+    assert net["n1"].silent == frozenset({"n3"})
+
+
+def test_campaign_of_a_left_out_member_does_not_wake_quiet_followers():
+    """A member the leader quiesced without but that is alive (only its way to the leader is cut)
+    times out and campaigns. Its vote requests are dropped under the leader lease, so they must
+    not wake the quiet follower: awake, it would time out on a leader that sends nothing and
+    depose it, again and again."""
+    net = dead_follower_cluster()
+    follower = net["n2"]
+    assert follower.quiesced
+    term = follower.term
+    last = net["n3"].log
+    for pre_vote in (True, False):
+        follower.step(VoteRequest(term + 1, "n3", "n2", last.last_index(), last.last_term(), pre_vote=pre_vote))
+        net.process("n2")
+    assert follower.quiesced and follower.term == term and follower.role is Role.FOLLOWER
+    net.tick("n2", n=follower.config.election_tick_max * 2)
+    assert follower.role is Role.FOLLOWER and net["n1"].role is Role.LEADER and net["n1"].term == term
+
+
+def test_campaign_of_the_leader_itself_wakes_quiet_followers():
+    """The leader's node restarted faster than node liveness notices: it campaigns with the
+    partition's followers still quiesced under it. Its vote requests must wake them (they are its
+    followers' only sign that it leads no more), and a leader is elected."""
+    net = quiet_cluster()
+    term = net["n1"].term
+    net.restart("n1")
+    net.tick("n1", n=net["n1"].config.election_tick_max + 1)
+    assert not net["n2"].quiesced and not net["n3"].quiesced
+    net.tick(n=net["n1"].config.election_tick_max * 2)
+    leader = net.leader()
+    assert leader is not None and net[leader].term > term

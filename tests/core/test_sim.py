@@ -195,16 +195,16 @@ RECONFIG_MUTATION_RUNS = {
     "commit_by_new_config_only": (
         RECONFIG, range(0, 60), 2, {"commit-durability", "commit-safety"}, {"commit-durability", "commit-safety"}
     ),
-    # Rare to expose (a joint configuration during a split election). Surveyed over 300 seeds on
-    # the core with durable-vote sends and the quiescence idle periods: election-safety on 23
-    # and 99 with idle periods (idle_rate 0.05; liveness on 55, leader-completeness on 166),
-    # only on 23 without them (liveness 146, leader-completeness 166).
+    # Rare to expose (a joint configuration during a split election). Surveyed over 301 seeds
+    # once leaders quiesce without a silent member: election-safety on 99, leader-completeness
+    # (a leader elected by the new half alone, lacking a committed entry) on 166, liveness on 55;
+    # before that change, election-safety on 23 and 99.
     "vote_by_new_config_only": (
         {"spares": 2, "reconfig_rate": 0.9, "pre_vote": False},
-        range(0, 120),
+        range(0, 200),
         2,
-        {"election-safety"},
-        {"election-safety", "liveness"},
+        {"election-safety", "leader-completeness"},
+        {"election-safety", "leader-completeness", "liveness"},
     ),
 }
 
@@ -246,6 +246,16 @@ def test_seeds_that_found_a_sole_voter_leading_before_its_term_was_durable():
     for seed in (6309, 10979, 5368, 17747):  # the last two: the checker's own false alarm (below)
         result = Simulation(seed, SimConfig(nodes=3, spares=2, reconfig_rate=0.2), trace_limit=0).run()
         assert result.violation is None, (seed, str(result.violation))
+
+
+def test_leadership_a_crash_took_back_before_its_vote_was_durable():
+    """Seed 4316 (spares=2, reconfig_rate 0.2), once a leader can quiesce without a silent member:
+    a sole voter became leader of term 6 in the Ready that records its vote, crashed before that
+    write, and n3 later won term 6. Nothing was ever sent or committed under the first leadership
+    (a sole voter waits for its vote to be durable), so Election Safety counts a leader only once
+    its term is durable on it; counted at once, the check reported two leaders of term 6."""
+    result = Simulation(4316, SimConfig(nodes=3, spares=2, reconfig_rate=0.2), trace_limit=0).run()
+    assert result.violation is None, str(result.violation)
 
 
 def test_prevote_off_reconfiguration_seeds_that_stalled():
