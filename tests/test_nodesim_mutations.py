@@ -25,7 +25,7 @@ MUTATION_RUNS = {
     "swallow_sm_errors": (range(0, 40), 1),
     "batch_drop_oversized": (range(0, 40), 4),
     "compact_before_verify": (range(0, 120), 25),
-    "readindex_before_noop": (range(0, 160), 130),
+    "readindex_before_noop": (range(0, 320), 205),
     "heartbeat_commit_past_match": (range(0, 80), 0),
     # A follower's read needs the follower to lag the read index when the leader's answer
     # arrives and a write acknowledged just before: rare under the base profile.
