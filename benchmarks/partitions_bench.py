@@ -8,7 +8,11 @@ For every P (default 1, 64, 1024) it prints one line:
   ``--idle`` seconds of no client traffic, as a percentage of one core, after a short settle;
 * ``failover_s``: from SIGKILLing the node leading the most partitions to every partition it led
   having a leader on the survivors (the goal: within 2x ``election_timeout_max``, 2 s by default);
-* ``restart_s``: from starting the killed node again to it reporting a leader for every partition.
+* ``degraded_idle_cpu_pct``: the survivors' CPU over ``--idle`` seconds while the killed node
+  stays down, after a short settle (a dead node must not keep every partition awake);
+* ``restart_s``: from starting the killed node again to it reporting a leader for every partition;
+* ``metrics_scrape_ms``: the median wall time of five ``GET /metrics`` of one idle node, and
+  ``metrics_bytes`` the size of one (what a Prometheus scrape costs at this partition count).
 
 Figures only, never a pass/fail. Run::
 
@@ -88,6 +92,25 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "none" if value is None else f"{value:.{digits}f}"
 
 
+def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """CPU of each process over ``seconds``, as a percentage of one core."""
+    before = {n: cpu_ticks(pid) for n, pid in pids.items()}
+    time.sleep(seconds)
+    after = {n: cpu_ticks(pid) for n, pid in pids.items()}
+    return {n: 100.0 * (after[n] - before[n]) / CLK_TCK / seconds for n in pids}
+
+
+def scrape(url: str, times: int = 5) -> tuple[float, int]:
+    """Median milliseconds of ``times`` scrapes of ``url``/metrics, and the size of the last."""
+    spent, size = [], 0
+    for _ in range(times):
+        t = time.monotonic()
+        result = http_call("GET", url + "/metrics", timeout=30)
+        spent.append(1000 * (time.monotonic() - t))
+        size = len(result.body)
+    return sorted(spent)[len(spent) // 2], size
+
+
 def run(partitions: int, idle: float, settle: float, limit: float) -> str:
     with LocalCluster(nodes=3, partitions=partitions, autostart=False) as cluster:
         ids = cluster.node_ids
@@ -96,10 +119,8 @@ def run(partitions: int, idle: float, settle: float, limit: float) -> str:
         cold = wait_all_led(cluster, ids, set(range(partitions)), limit, t0)
         time.sleep(settle)
         pids = {n: cluster.node(n).pid for n in ids}
-        before = {n: cpu_ticks(pid) for n, pid in pids.items()}
-        time.sleep(idle)
-        after = {n: cpu_ticks(pid) for n, pid in pids.items()}
-        cpu = {n: 100.0 * (after[n] - before[n]) / CLK_TCK / idle for n in ids}
+        cpu = idle_cpu(pids, idle)
+        scrape_ms, scrape_bytes = scrape(cluster.url(ids[0]))
         led = leaders(cluster, ids)
         counts = {n: sum(1 for v in led.values() if v == n) for n in ids}
         victim = max(ids, key=lambda n: counts[n])
@@ -108,6 +129,8 @@ def run(partitions: int, idle: float, settle: float, limit: float) -> str:
         t1 = time.monotonic()
         cluster.kill(victim, signal.SIGKILL)
         failover = wait_all_led(cluster, survivors, lost, limit, t1)
+        time.sleep(settle)
+        degraded = idle_cpu({n: pids[n] for n in survivors}, idle)
         t2 = time.monotonic()
         cluster.start([victim])
         restart = wait_node_knows_leaders(cluster.url(victim), partitions, limit, t2)
@@ -115,7 +138,8 @@ def run(partitions: int, idle: float, settle: float, limit: float) -> str:
         return (
             f"partitions={partitions} cold_start_s={fmt(cold)} idle_cpu_pct={cpu_text} "
             f"idle_cpu_max_pct={max(cpu.values()):.1f} failover_s={fmt(failover)} led_by_killed={len(lost)} "
-            f"restart_s={fmt(restart)}"
+            f"degraded_idle_cpu_max_pct={max(degraded.values()):.1f} restart_s={fmt(restart)} "
+            f"metrics_scrape_ms={scrape_ms:.1f} metrics_bytes={scrape_bytes}"
         )
 
 
