@@ -32,9 +32,8 @@ running and, at worst, its PreVote wakes the leader.
 
 **What wakes a partition**: a proposal, a ReadIndex (on a follower too: the request then wakes
 its leader), a membership change, a leadership transfer, a campaign or a step-down asked for
-locally; any message but a quiesce heartbeat (on a follower), a heartbeat reply from an
-unchanged follower (on a leader) or a vote request a follower drops under its leader lease; and
-:meth:`Quiesce.note_liveness`.
+locally; any message but a quiesce heartbeat (on a follower) or a heartbeat reply from an
+unchanged follower (on a leader); and :meth:`Quiesce.note_liveness`.
 
 **Leases and CheckQuorum.** A quiesced follower counts as having heard from its leader (it ignores
 disruptive vote requests) for as long as the runtime keeps it quiesced, which is only while the
@@ -54,7 +53,7 @@ from collections.abc import Collection
 from kommander.core.membership import has_majority
 from kommander.core.progress import ProgressState
 from kommander.core.state import NodeState
-from kommander.core.types import Heartbeat, HeartbeatResponse, Message, Role, VoteRequest
+from kommander.core.types import Heartbeat, HeartbeatResponse, Message, Role
 
 
 class Quiesce(NodeState):
@@ -178,20 +177,6 @@ class Quiesce(NodeState):
         """A message arrived while quiesced: wake unless it is the quiet traffic of a quiesced
         partition (a repeated quiesce heartbeat, a reply from an unchanged follower)."""
         kind = type(m)
-        if (
-            kind is VoteRequest
-            and self.role is Role.FOLLOWER
-            and m.src != self.leader
-            and m.term > self.term
-            and not m.transfer
-            and self._in_lease()
-        ):
-            # Dropped under the leader lease (see RaftNode.step): no reason to wake. A member a
-            # leader quiesced without, alive but unheard by it, campaigns; it must not wake the
-            # quiet followers, who would then time out on a leader that is not heartbeating. (A
-            # quiesced leader does wake: a follower's campaign is how it learns one is behind; so
-            # does a follower whose leader campaigns: its node restarted, it leads no more.)
-            return
         if m.term == self.term:
             if kind is Heartbeat and m.quiesce and self.role is not Role.LEADER and m.src == self.leader:
                 return

@@ -154,9 +154,6 @@ class NodeState:
     def _bcast_heartbeat(self, context: int) -> None:  # replication.py
         raise NotImplementedError
 
-    def _in_lease(self) -> bool:  # election.py
-        raise NotImplementedError
-
     def _maybe_finish_transfer(self, peer: str) -> None:  # election.py
         raise NotImplementedError
 
