@@ -21,6 +21,16 @@ def test_members_profile_has_no_violations(nodes, seeds):
     assert not failures, "\n\n".join(failures[:2])
 
 
+def test_seeds_where_a_restarted_node_started_partitions_with_the_records_learner():
+    """3-node seeds 293, 433, 961 and 1446 of a 1,500-seed soak: a node restarted while an add
+    was under way started every partition whose log held no configuration entry with the
+    record's learner in its configuration. The partition's leader, one of them, saw the learner
+    added and did nothing; the record's leader, which had not restarted, never saw it, and the
+    add never finished. (Each failed on the code before the fix.)"""
+    failures = [r.report() for r in (run_seed(s, 3, "members") for s in (293, 433, 961, 1446)) if r.violation]
+    assert not failures, "\n\n".join(failures[:1])
+
+
 def test_members_profile_changes_membership_and_never_forces(monkeypatch):
     """Runs of the profile add, remove and replace nodes, hear quorum refusals, and never pass
     ``force``."""

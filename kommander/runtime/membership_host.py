@@ -93,9 +93,16 @@ class MembershipHost:
 
     def record_membership(self) -> Membership | None:
         """The configuration a partition starts from when its own log and snapshot hold none,
-        once a record was written: the record's voters (those being removed included), its
-        learners, and this node a learner if the record does not list it. ``None`` before the
-        first record (the start-up voters are then every partition's configuration).
+        once a record was written: the record's voters (those being removed included), and this
+        node a learner if the record does not list it as one. ``None`` before the first record
+        (the start-up voters are then every partition's configuration).
+
+        The record's other learners are left out: an add writes its learner into the record
+        before any partition holds a configuration entry for it, so a node that restarted then
+        would start every partition whose log holds no configuration entry yet with a learner
+        no other node has (node sim members seed 293: the partition's leader saw the add done,
+        the record's leader never did). The record's voters are safe: a node becomes or stops
+        being one in the record only once every partition's log says so.
 
         A node restarted after it was added but before its partitions received anything (killed
         half way through a join) has an empty log and no ``--join`` answer any more: starting
@@ -106,9 +113,7 @@ class MembershipHost:
         if not record.version:
             return None
         voters = frozenset(m.id for m in record.members if m.role is not MemberRole.LEARNER)
-        learners = frozenset(m.id for m in record.members if m.role is MemberRole.LEARNER)
-        if self.node_id not in voters:
-            learners |= {self.node_id}
+        learners = frozenset() if self.node_id in voters else frozenset({self.node_id})
         return Membership(voters, learners) if voters else None
 
     def _liveness_peers(self) -> list[str]:
