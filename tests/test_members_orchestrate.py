@@ -173,6 +173,26 @@ def test_remove_a_dead_node_moves_on_and_drops_it_from_the_record():
     assert node.record.record.ids() == {"n1", "n2"}
 
 
+def test_partition_0_keeps_a_removed_node_as_a_learner_until_the_others_let_it_go():
+    """Partition 0 holds the record: dropped from it first, a lagging node would never apply the
+    entry asking for its removal, and would never hand over the partitions it leads. So partition
+    0 demotes it to a learner, keeps it while any other partition holds it, and drops it last."""
+    node = FakeNode(partitions=3)
+    node.leader[2] = "n3"  # n3 leads partition 2: only it can take itself out of that one
+    result = fired(node.cluster.remove_node("n3"))
+    node.run(1.0)
+    assert not result
+    assert (sorted(node.configs[0].voters), sorted(node.configs[0].learners)) == (["n1", "n2"], ["n3"])
+    assert sorted(node.configs[1].members) == ["n1", "n2"] and "n3" in node.configs[2].members
+    node.leader[2] = "n1"  # n3 applied the record (it still gets partition 0's log) and handed over
+    node.run(1.0)
+    assert result and result[0].status is S.SUCCESS
+    assert [sorted(c.members) for c in node.configs] == [["n1", "n2"]] * 3
+    order = [p for p, voters, learners in node.changes if "n3" not in voters | learners]
+    assert order[-1] == 0  # partition 0 let it go last
+    assert node.record.record.ids() == {"n1", "n2"}
+
+
 def test_removing_the_leader_moves_leadership_first():
     """A leader asked to remove itself hands each partition to a voter that stays instead of changing it."""
     node = FakeNode()

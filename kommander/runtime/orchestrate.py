@@ -434,6 +434,8 @@ class ClusterMembers:
             return self.catch_up.ready(p, node, progress.get(node), last, now)
 
         voters, learners = desired_configuration(record, frozenset(config.voters), frozenset(config.learners), promotable)
+        if p == RECORD_PARTITION:
+            learners = learners | self._kept_for_the_record(record, config, voters)
         if (voters, learners) == (frozenset(config.voters), frozenset(config.learners)) or not voters:
             return
         if host.node_id not in voters:
@@ -468,6 +470,23 @@ class ClusterMembers:
             host.fail_stop(f"partition {p}: change_membership failed: {failure.getErrorMessage()}")
 
         d.addCallbacks(finished, failed)
+
+    def _kept_for_the_record(self, record: MemberRecord, config: Any, voters: frozenset[str]) -> frozenset[str]:
+        """Members being removed that partition 0 keeps as learners for now: it leaves a node last,
+        once no other partition holds it. Dropped from partition 0 first, a node that had not yet
+        applied the record entry asking for its removal never learns of it, so it never hands over
+        the partitions it leads, and the removal never ends (node sim members seed 1160)."""
+        kept = set()
+        for member in record.members:
+            node = member.id
+            if member.role is not MemberRole.REMOVING or node in voters:
+                continue
+            if node not in config.voters and node not in config.learners:
+                continue  # already out of partition 0: never brought back
+            others = (self.host.membership(q) for q in range(self.host.partitions) if q != RECORD_PARTITION)
+            if any(node in c.voters or node in c.learners for c in others):
+                kept.add(node)
+        return frozenset(kept)
 
     def _advance_record(self, record: MemberRecord) -> None:
         """On the leader of partition 0: write the next record once the partitions are there."""
