@@ -15,6 +15,7 @@ from twisted.logger import Logger, formatEvent
 
 from kommander.core.types import Role, SnapshotMeta
 from kommander.interfaces import WalWrite
+from kommander.ops.metrics import NodeMetrics
 from kommander.plugins.memory_wal import MemoryWAL
 from kommander.results import RaftOperationStatus as Status
 from kommander.runtime.manager import RaftManager
@@ -187,16 +188,24 @@ def test_turns_held_at_the_bound_resume_when_a_write_completes(monkeypatch) -> N
         node.wal = DelayedWAL(cluster.clock, 0.1)
     cluster.start_all()
     cluster.wait_for_leaders()
+    metrics = {node.node_id: NodeMetrics(node.m, process=False) for node in cluster.running()}
     pending = []
     most = 0
+    exported = set()
     for step in range(40):
         for p in range(PARTITIONS):
             pending.append(cluster.leader(p).m.replicate_logs(p, "t", b"w-%d-%d" % (step, p)))
         cluster.advance(0.01)
-        most = max(most, *(len(node.m._batches) for node in cluster.running()))
+        most = max(most, *(node.m.pending_batches for node in cluster.running()))
+        for node in cluster.running():
+            # The queue depth /metrics exports is the runtime's, read through its public property.
+            text = metrics[node.node_id].render().decode()
+            line = f'kommander_wal_queue_depth{{node="{node.node_id}"}} {float(node.m.pending_batches)}'
+            assert line in text
+            exported.add(node.m.pending_batches)
     cluster.run_until(lambda: all(d.called for d in pending), 10, "every write answered")
     assert all(cluster.result(d).success for d in pending)
-    assert most <= 3
+    assert most <= 3 and max(exported) > 0
     assert sum(node.m.stats["turns_held"] for node in cluster.running()) > 0
     cluster.wait_caught_up()
     cluster.close()

@@ -449,32 +449,33 @@ class Options(usage.Options):
 
     def _size_options(self, *names: str) -> dict[str, int]:
         """Node limits given as ``--option NAME=N`` (whole numbers)."""
-        found = {}
-        for name in names:
-            text = self.plugin_options.get(name)
-            if text is None:
-                continue
-            try:
-                found[name] = int(text)
-            except ValueError:
-                raise usage.UsageError(f"--option {name}={text!r}: use a whole number") from None
-            if found[name] < 1:
-                raise usage.UsageError(f"--option {name}={text!r}: use a positive number")
-        return found
+        return self._number_options(names, int, lambda n: n >= 1, "use a whole number", "use a positive number")
 
     def _seconds_options(self, *names: str) -> dict[str, float]:
         """Node timeouts given as ``--option NAME=S`` (seconds, fractions allowed)."""
+        return self._number_options(
+            names,
+            float,
+            lambda s: 0 < s <= 86400,
+            "use a number of seconds",
+            "use more than 0 and at most 86400 seconds",
+        )
+
+    def _number_options(
+        self, names: tuple[str, ...], convert: Any, valid: Any, not_a_number: str, out_of_range: str
+    ) -> dict[str, Any]:
+        """The ``--option NAME=VALUE`` of ``names`` that were given, each converted and checked."""
         found = {}
         for name in names:
             text = self.plugin_options.get(name)
             if text is None:
                 continue
             try:
-                value = float(text)
+                value = convert(text)
             except ValueError:
-                raise usage.UsageError(f"--option {name}={text!r}: use a number of seconds") from None
-            if not 0 < value <= 86400:
-                raise usage.UsageError(f"--option {name}={text!r}: use more than 0 and at most 86400 seconds")
+                raise usage.UsageError(f"--option {name}={text!r}: {not_a_number}") from None
+            if not valid(value):
+                raise usage.UsageError(f"--option {name}={text!r}: {out_of_range}")
             found[name] = value
         return found
 

@@ -217,8 +217,8 @@ def _wal(manager: Any, node: str) -> Iterator[Any]:
     """The WAL's group-commit histograms (a WAL with ``instruments``) and the runtime's WAL queue."""
     depth = GaugeMetricFamily("kommander_wal_queue_depth", "Batches waiting for the WAL to make them durable", labels=["node"])
     bound = GaugeMetricFamily("kommander_wal_queue_bound", "Batches that may wait before the runtime stops collecting", labels=["node"])
-    depth.add_metric([node], len(getattr(manager, "_batches", ())))
-    bound.add_metric([node], getattr(manager, "max_pending_batches", 0))
+    depth.add_metric([node], manager.pending_batches)
+    bound.add_metric([node], manager.max_pending_batches)
     yield from (depth, bound)
     wal = getattr(manager.wal, "instruments", None)
     if wal is None:

@@ -385,6 +385,12 @@ class DriveLoop:
         return len(self._awake)
 
     @property
+    def pending_batches(self) -> int:
+        """WAL batches written but not yet durable (at most :attr:`max_pending_batches` before
+        the loop stops collecting)."""
+        return len(self._batches)
+
+    @property
     def unreachable_peers(self) -> frozenset[str]:
         """Peers not heard from for the minimum election timeout."""
         return frozenset(self._unreachable)

@@ -85,8 +85,8 @@ class NodeChecks:
                         self._fatal("bounds", f"{node.id} p{runtime.number} apply queue {len(runtime.apply_queue)} > {limit}")
                     if len(runtime.reads) > limit:
                         self._fatal("bounds", f"{node.id} p{runtime.number} holds {len(runtime.reads)} pending reads")
-            if bounds and len(manager._batches) > 1024:
-                self._fatal("bounds", f"{node.id} holds {len(manager._batches)} WAL batches in memory")
+            if bounds and manager.pending_batches > 1024:
+                self._fatal("bounds", f"{node.id} holds {manager.pending_batches} WAL batches in memory")
             if self.config.has("stall"):
                 self._check_stall(node)
 
