@@ -43,14 +43,14 @@ from kommander.runtime.members import RECORD_LOG_TYPE
 from kommander.runtime.partition import PartitionRuntime, Request
 from kommander.results import Event, RaftOperationStatus, ReplicationResult, partition_for_key
 from kommander.runtime.snapshots import SnapshotStore
-from kommander.runtime.tickets import refusal
+from kommander.runtime.ticket_api import TicketApi
 from kommander.runtime.transfer import TransferTracker
 
 Status = RaftOperationStatus
 
 
 @implementer(IRaft, IMessageReceiver)
-class RaftManager(MembershipHost, DriveLoop, MembershipApi):
+class RaftManager(MembershipHost, DriveLoop, MembershipApi, TicketApi):
     """A Kommander node: ``max_partitions`` Raft groups sharing one transport, WAL and clock.
 
     :param config: the node's settings; validated here.
@@ -419,72 +419,6 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi):
         )
         self.instruments.proposal_refused(Status.TOO_LARGE)
         return defer.succeed(ReplicationResult.failed(Status.TOO_LARGE, error))
-
-    def commit_logs(self, partition: int, ticket_id: int) -> defer.Deferred[ReplicationResult]:
-        """Commit a two-phase ticket: its entries are applied on every node.
-
-        A decision is never refused for a full queue (it frees what the ticket holds). When it
-        could not be written (``NOT_LEADER``, or ``TIMEOUT`` before it entered the log) the ticket
-        stays undecided and the call may be repeated; ``EXPIRED`` when ``ticket_timeout`` passed
-        first and the ticket was rolled back.
-        """
-        return self._decide(partition, ticket_id, EntryKind.COMMIT)
-
-    def rollback_logs(self, partition: int, ticket_id: int) -> defer.Deferred[ReplicationResult]:
-        """Discard a two-phase ticket. Refused for applied entries and decided tickets."""
-        return self._decide(partition, ticket_id, EntryKind.ROLLBACK)
-
-    def _decide(self, partition: int, ticket: int, kind: EntryKind) -> defer.Deferred[ReplicationResult]:
-        runtime = self._runtime(partition)
-        if runtime.core.role is not Role.LEADER:
-            return defer.succeed(
-                ReplicationResult.failed(Status.NOT_LEADER, "only the leader decides tickets", runtime.core.leader)
-            )
-        book = runtime.book
-        state = book.state(ticket, runtime.applied)
-        if state is not None and state != "expired" and not self._leads_term(runtime, book.term(ticket)):
-            state = None  # pragma: no cover - the book is cleared on every leadership change
-        if state == "pending":
-            return self._write_decision(runtime, ticket, kind, expiring=False)
-        status, why = refusal(state, ticket, self.config.ticket_timeout)
-        self.log.info(
-            "partition {p}: {decision} of ticket {ticket} {status}: {why}",
-            p=partition,
-            decision=kind.name.lower(),
-            ticket=ticket,
-            status=status.value,
-            why=why,
-        )
-        return defer.succeed(ReplicationResult.failed(status, why))
-
-    def _write_decision(self, runtime: PartitionRuntime, ticket: int, kind: EntryKind, expiring: bool) -> Any:
-        runtime.book.begin(ticket, expiring)
-
-        def done(result: ReplicationResult, request: Any) -> None:
-            # Decided once the marker is applied (the book hears it from the apply path). A
-            # marker that never entered the log leaves the ticket undecided: it can be retried.
-            if request.first == 0:
-                runtime.book.not_written(ticket)
-
-        proposal = Proposal("", b"", self._now_ts(), kind, ticket)
-        return self._submit(runtime, [proposal], done, bounded=False)
-
-    def _expire_tickets(self, runtime: PartitionRuntime, tickets: list[int]) -> None:
-        """Roll back, through the log, tickets left undecided past ``ticket_timeout``."""
-        self.log.info(
-            "partition {p}: tickets {tickets} undecided after ticket_timeout ({timeout}s); rolling them back",
-            p=runtime.number,
-            tickets=tickets,
-            timeout=self.config.ticket_timeout,
-        )
-        for ticket in tickets:
-            self._write_decision(runtime, ticket, EntryKind.ROLLBACK, expiring=True)
-
-    @staticmethod
-    def _leads_term(runtime: PartitionRuntime, term: int) -> bool:
-        """Whether this node still leads in ``term`` (its tickets are decidable only then)."""
-        core = runtime.core
-        return core.role is Role.LEADER and core.term == term
 
     def replicate_checkpoint(self, partition: int) -> defer.Deferred[ReplicationResult]:
         """Write a checkpoint marker; once applied, the state machine's ``checkpoint`` runs."""
