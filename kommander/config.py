@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, fields
 
 from kommander.core.errors import ConfigurationError
+from kommander.core.types import NODE_ID_PATTERN
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_NODE_ID = NODE_ID_PATTERN
 #: The most entries one AppendEntries may carry; the wire codec refuses more from a peer, so
 #: :attr:`RaftConfiguration.max_batch_entries` may not exceed it.
 MAX_BATCH_ENTRIES = 1 << 16

@@ -9,10 +9,15 @@ and term 0 stand for "before the first entry".
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 NodeId = str
+#: What a node id may be: 1-64 characters of letters, digits and ``_ . : -``, starting with a
+#: letter or digit. Checked wherever one comes in: the configuration, the command line, the
+#: membership record, multicast announcements and certificates.
+NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 
 class EntryKind(enum.IntEnum):

@@ -3,12 +3,12 @@ them the way Twisted will, and deriving what a node advertises from what it list
 
 from __future__ import annotations
 
-import re
-
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.python import usage
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+from kommander.core.types import NODE_ID_PATTERN
+
+_NODE_ID = NODE_ID_PATTERN
 _WILDCARDS = ("", "0.0.0.0", "::")
 
 

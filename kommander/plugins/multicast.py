@@ -56,6 +56,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from kommander.core.errors import ConfigurationError
+from kommander.core.types import NODE_ID_PATTERN
 from kommander.interfaces import IDiscovery
 from kommander.plugins.peer_secret import MAC_BYTES, SharedSecrets, announcement_key
 from kommander.runtime.ratelimit import RateLimitedLog
@@ -79,7 +80,7 @@ MAX_METADATA_CHARS = 1024
 #: Seconds (of the reactor's clock) between two log lines about ignored datagrams of one kind.
 LOG_INTERVAL = 10.0
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_NODE_ID = NODE_ID_PATTERN
 _HEADER = MAGIC + bytes([VERSION])
 _SIGNED_HEADER = MAGIC + bytes([SIGNED_VERSION])
 _KEYS = frozenset({"cluster", "node", "host", "port", "metadata"})

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,6 +26,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from kommander.core.errors import KommanderError
+from kommander.core.types import NODE_ID_PATTERN
 
 #: The log type of record entries. The NUL makes it one no application picks by accident; the
 #: manager refuses it from ``replicate_logs``.
@@ -36,7 +36,7 @@ METADATA_KEY = "members"
 #: The partition whose log carries the record (and whose leader orchestrates changes).
 RECORD_PARTITION = 0
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_NODE_ID = NODE_ID_PATTERN
 _log = Logger()
 
 
