@@ -55,8 +55,11 @@ class NodeLiveness:
         number = runtime.number
         if not core.quiesced:
             self._awake.add(number)
-        elif self._unreachable and core.note_liveness(frozenset(self._unreachable), number):
-            # Quiesced with a peer already found silent (its state was from before): awake again.
+        elif self._unreachable and core.silent != self._unreachable and core.note_liveness(
+            frozenset(self._unreachable), number
+        ):
+            # Quiesced with a peer found silent that the core was not told of (_tell_liveness
+            # keeps every core's set current, so this is a safety net, not the usual path).
             self._awake.add(number)
             self._dirty[number] = runtime
         elif (
