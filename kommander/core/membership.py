@@ -206,12 +206,27 @@ class Reconfig(NodeState):
             if peer != self.id and peer not in progress:
                 progress[peer] = Progress(next_index)
 
+    def note_leaving(self, leaving: bool) -> None:
+        """The runtime says whether this node is leaving the cluster (its membership record has
+        it as being removed). While it is, a configuration that leaves it out stops its
+        campaigns at once, committed or not (:meth:`_removal_pending`).
+
+        Once the leader that removed it stops sending (or crashes before telling it the
+        commit), a leaving node may never learn that its removal committed; it would campaign
+        for as long as it runs, raising the term of every voter without a live leader. Not
+        campaigning is always safe, and costs no liveness: a removal commits on a majority of
+        the remaining voters, so while a majority of them runs one of them holds every
+        committed entry and can win without this node as a candidate (its vote, which it
+        still gives, counts as before)."""
+        self._leaving = leaving
+
     def _removal_pending(self) -> bool:
         """Whether the latest configuration removes this voter but is not committed yet: it may
         still be needed to elect a leader that commits it, so it keeps campaigning (thesis
-        4.2.2), without counting its own vote."""
+        4.2.2), without counting its own vote; unless the runtime said it is leaving the
+        cluster (:meth:`note_leaving`)."""
         configs = self._configs
-        if len(configs) < 2 or configs[-1][0] <= self.log.committed:
+        if self._leaving or len(configs) < 2 or configs[-1][0] <= self.log.committed:
             return False
         prev = configs[-2][1]
         return self.id in prev.voters or self.id in prev.outgoing

@@ -88,6 +88,7 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig,
         self.lead_transferee: str | None = None
         # The configuration: the snapshot's, else the one given at first start, then the log's.
         self._config_watch = False
+        self._leaving = False
         self._init_membership(Membership(frozenset(config.voters), frozenset(config.learners)), entries)
         # Leader: (last index, running total of proposed bytes) per proposal batch, for
         # the uncommitted-bytes limit.

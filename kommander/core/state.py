@@ -90,6 +90,7 @@ class NodeState:
     _config_last: int
     _config_watch: bool
     _lingering: bool
+    _leaving: bool
     _joint: bool
     _simple: bool
     _solo: bool

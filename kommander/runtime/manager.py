@@ -228,6 +228,7 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi, TicketApi):
             if runtime.restoring:
                 self._restoring.add(number)
                 self.on_restore_started.fire(number)
+        self._tell_leaving()
         self._running = True
         self.transport.update_peers(self._peers_from(nodes))
         yield self.transport.start(self)

@@ -174,7 +174,20 @@ class MembershipHost:
             self.membership_warnings.append(warning)
             self.log.warn("node {node}: {warning}", node=self.node_id, warning=warning)
 
+    def _tell_leaving(self) -> None:
+        """Tell every partition whether the record has this node on its way out (being removed,
+        or no longer held): there it stops campaigning where its removal is under way
+        (:meth:`kommander.core.raft.RaftNode.note_leaving`)."""
+        record = self.record.record
+        member = record.get(self.node_id)
+        leaving = bool(record.version) and self.join_record is None and (
+            member is None or member.role is MemberRole.REMOVING
+        )
+        for runtime in self.runtimes:
+            runtime.core.note_leaving(leaving)
+
     def _record_changed(self, record: MemberRecord) -> None:
+        self._tell_leaving()
         member = record.get(self.node_id)
         if record.version and member is None and self.join_record is None:
             self.log.warn(

@@ -485,3 +485,41 @@ def test_proposals_keep_flowing_through_a_change():
     net.heartbeat("n1")
     for node in ("n1", "n2", "n3", "n4"):
         assert b"during" in net.nodes[node].applied_data
+
+
+def removed_core(leaving: bool) -> RaftNode:
+    """n3, whose log ends with the configuration removing it, not known to be committed: its
+    leader stopped sending before telling it the commit."""
+    joint = Membership(fs("n1", "n2"), outgoing=fs("n1", "n2", "n3"))
+    entries = [
+        Entry(1, 1, EntryKind.CONFIG, "", encode_membership(joint)),
+        Entry(2, 1, EntryKind.CONFIG, "", encode_membership(Membership(fs("n1", "n2")))),
+    ]
+    core = RaftNode(
+        CoreConfig("n3", ("n1", "n2", "n3"), pre_vote=False), random.Random(1), HardState(1, None, 0), None, entries
+    )
+    core.note_leaving(leaving)
+    return core
+
+
+def test_a_node_whose_removal_is_not_known_committed_campaigns():
+    """Thesis 4.2.2: until it knows its removal committed, a removed voter may be needed to
+    elect the leader that commits it, so it campaigns (without counting its own vote)."""
+    core = removed_core(leaving=False)
+    for _ in range(10 * core.config.election_tick):
+        core.tick()
+    assert core.role is Role.CANDIDATE and core.term > 1
+
+
+def test_a_node_the_cluster_has_leaving_does_not_campaign_on_an_uncommitted_removal():
+    """Node sim members seeds 122, 558 and 681 (5 nodes): a removed node whose leader crashed
+    before telling it the removal committed campaigned on, raising the term of voters that had
+    no leader. Once the membership record has it leaving, it stops; it still answers votes."""
+    core = removed_core(leaving=True)
+    for _ in range(10 * core.config.election_tick):
+        core.tick()
+    assert (core.role, core.term) == (Role.FOLLOWER, 1)
+    core.step(VoteRequest(2, "n1", "n3", 2, 1))
+    ready = core.ready()
+    granted = [m for m in ready.persisted_messages if isinstance(m, VoteResponse)]
+    assert granted and granted[0].granted
