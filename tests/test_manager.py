@@ -916,3 +916,24 @@ def test_join_refuses_more_nodes_than_expected() -> None:
     failures: list = []
     manager.join_cluster().addErrback(failures.append)
     assert failures and failures[0].check(ConfigurationError) and "expected_nodes is 2" in str(failures[0].value)
+
+
+def test_a_restart_with_a_membership_record_does_not_wait_for_the_expected_nodes() -> None:
+    """expected_nodes agrees the voters of a first start. A node restarting with a written
+    membership record starts with whatever discovery sees, the record deciding who votes: one
+    restarting while two of its peers are down would otherwise wait for them for ever (and
+    one of a cluster grown since would be refused)."""
+    from dataclasses import replace
+
+    from kommander.runtime.members import METADATA_KEY, seed_record
+
+    discovery = _GrowingDiscovery({"n1": "mem"})
+    manager = _expecting_manager(discovery, 3)
+    seed = seed_record(["n1", "n2", "n3", "n4"], {n: "tcp:host=127.0.0.1:port=1" for n in ("n1", "n2", "n3", "n4")}, {})
+    record = replace(seed, version=2)
+    manager.wal.open(manager.partitions)
+    manager.wal.write_metadata(METADATA_KEY, record.encode())
+    manager.wal.close()  # as an earlier run left it
+    joined = manager.join_cluster()
+    assert joined.called or manager.runtimes, "waited for the expected nodes"
+    assert manager.membership(0).voters == frozenset({"n1", "n2", "n3", "n4"})

@@ -181,13 +181,20 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi, TicketApi):
                 "join_cluster called twice: a RaftManager joins once; create a new one on the same WAL to rejoin"
             )
         yield defer.maybeDeferred(self.discovery.start)
-        nodes = yield initial_view(self.discovery, self.node_id, self.config.expected_nodes, self.reactor)
-        self.startup_voters = tuple(sorted(set(nodes) | {self.node_id}))
+        configured = dict(self.discovery.nodes())  # before a stored record updates the view
         yield self.wal.open(self.partitions)
         yield self.record.load()
         if self.join_record is not None:
             yield self.record.adopt(self.join_record)
-        self._check_configured_peers(nodes)
+        # Waiting for the expected cluster agrees the first voters; once a membership record is
+        # written (or the node joins with one), the record says who votes, and a cluster grown
+        # since the first start announces more nodes than expected.
+        expected = 0 if self.record.record.version else self.config.expected_nodes
+        nodes = yield initial_view(self.discovery, self.node_id, expected, self.reactor)
+        self.startup_voters = tuple(sorted(set(nodes) | {self.node_id}))
+        if hasattr(self.discovery, "update"):
+            # A fixed view (static discovery, --peers) names the members; multicast's seeds do not.
+            self._check_configured_peers(configured)
         low, high = self.config.election_ticks()
         start = self.initial_membership or self.record_membership()
         core_config = CoreConfig(
