@@ -25,12 +25,79 @@ def parse(*args: str) -> tap.Options:
 
 
 def test_join_options_are_checked():
-    """--join needs an HTTP URL and static discovery; --join auto is refused as unsupported."""
+    """--join takes an HTTP URL with static discovery, or auto with multicast discovery (no
+    --expect needed: the cluster's answer gives the voters)."""
     assert parse(*BASE, "--join", "http://127.0.0.1:8001")["join"] == "http://127.0.0.1:8001"
-    with pytest.raises(usage.UsageError, match="not supported yet"):
+    with pytest.raises(usage.UsageError, match="--discovery multicast"):
         parse(*BASE, "--join", "auto")
     with pytest.raises(usage.UsageError, match="HTTP base URL"):
         parse(*BASE, "--join", "ftp://x")
+    with pytest.raises(usage.UsageError, match="use --join auto"):
+        parse(*BASE, "--discovery", "multicast", "--join", "http://127.0.0.1:8001")
+    options = parse(*BASE, "--discovery", "multicast", "--join", "auto")
+    assert options.config.expected_nodes == 0
+    with pytest.raises(usage.UsageError, match="needs --secret-file"):
+        parse(*BASE, "--discovery", "multicast", "--join", "auto", "--join-token-file", "/dev/null")
+    for wait in ("0", "x", "4000"):
+        with pytest.raises(usage.UsageError, match="join_wait"):
+            parse(*BASE, "--discovery", "multicast", "--join", "auto", "--option", f"join_wait={wait}")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_join_auto_asks_the_members_it_hears_in_turn(monkeypatch):
+    """A member that cannot add the node is followed by the next one heard."""
+    options = parse(*BASE, "--discovery", "multicast", "--join", "auto", "--cluster-id", "c9")
+    heard = []
+    asked = []
+
+    def announced(cluster, node, keys, group, port, interface, deadline, clock):
+        heard.append((cluster, node, keys, group, port, interface))
+        return ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
+
+    def request(url, node_id, peer, http, token, timeout):
+        asked.append((url, node_id, peer, http))
+        if url.endswith("8001"):
+            raise SystemExit(f"twistd kommander: --join {url}: connection refused")
+        return "joined"
+
+    monkeypatch.setattr(join, "announced_members", announced)
+    monkeypatch.setattr(join, "request_join", request)
+    assert join.join_by_discovery(options, None, FakeClock()) == "joined"
+    assert heard == [("c9", "n4", (), "239.255.42.99", 24816, "127.0.0.1")]
+    assert [a[0] for a in asked] == ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
+    assert asked[0][1:] == ("n4", "tcp:host=127.0.0.1:port=7004", "http://127.0.0.1:8004")
+
+
+def test_join_auto_gives_up_with_what_to_check(monkeypatch):
+    """No member heard within join_wait: a message naming the group and what to compare; members
+    heard that never add the node: the last refusal. Both bounded by join_wait."""
+    options = parse(*BASE, "--discovery", "multicast", "--join", "auto", "--option", "join_wait=5")
+    clock = FakeClock()
+
+    def silent(*args):
+        clock.now += 5.0
+        return []
+
+    monkeypatch.setattr(join, "announced_members", silent)
+    with pytest.raises(SystemExit, match="no member of cluster 'kommander' announced itself.*within 5 s"):
+        join.join_by_discovery(options, None, clock)
+
+    def refusing(url, *args, **kwargs):
+        clock.now += 1.0
+        raise SystemExit(f"twistd kommander: --join {url}: n4 is being removed")
+
+    clock.now = 0.0
+    monkeypatch.setattr(join, "announced_members", lambda *args: ["http://127.0.0.1:8001"])
+    monkeypatch.setattr(join, "request_join", refusing)
+    with pytest.raises(SystemExit, match="no member added this node within 5 s; last: .*being removed"):
+        join.join_by_discovery(options, None, clock)
 
 
 def test_a_directory_with_state_ignores_join(tmp_path):

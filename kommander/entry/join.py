@@ -13,17 +13,26 @@ was removed, and must be wiped before it joins again). The cluster's answer is w
 ``DATA/join.json`` (atomically) before anything else goes there, and removed once the node has
 joined (its WAL then holds the record): a node killed in between restarts from that answer
 instead of from nothing, which would leave it a one-node cluster of its own.
+
+``--join auto`` (with ``--discovery multicast``) needs no URL: the node listens to the group's
+announcements, checked as discovery checks them, and asks the members it hears (their ``http``
+metadata) in turn, for at most ``--option join_wait=SECONDS``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.logger import Logger
 
+from kommander.core.errors import ConfigurationError
 from kommander.entry.members_cli import MembersError, add_member
 from kommander.runtime.members import Member, MemberRecord, MemberRole, RecordError
 
@@ -160,20 +169,154 @@ def request_join(url: str, node_id: str, peer: str, http: str, token: str | None
     return Joined(record, voters, learners - voters)
 
 
-def check_join_options(options: Any) -> None:
-    """``--join`` needs an endpoint peers can dial and a URL (``auto`` is not supported yet).
+#: Seconds ``--join auto`` listens for the cluster's announcements, and asks its members, before
+#: it gives up (``--option join_wait=SECONDS``).
+DEFAULT_JOIN_WAIT = 60.0
+#: Once one member is heard, how long to go on listening for others to try after it.
+GATHER_SECONDS = 2.0
 
-    :raises usage.UsageError: it has neither, or is combined with multicast discovery.
+
+def announced_members(
+    cluster_id: str,
+    node_id: str,
+    keys: tuple[bytes, ...],
+    group: str,
+    port: int,
+    interface: str,
+    deadline: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[str]:
+    """The HTTP URLs of the members of ``cluster_id`` heard announcing on the multicast group,
+    in the order first heard; empty when none was heard before ``deadline`` (of ``clock``).
+
+    A blocking listener, for the start-up of ``--join auto`` before the reactor runs. It goes on
+    listening for :data:`GATHER_SECONDS` after the first member, so that one which cannot answer
+    has others behind it. Datagrams are checked exactly as the multicast discovery checks them
+    (:func:`~kommander.plugins.multicast.decode_announcement`, signed with the cluster secret
+    when there is one); the others, and members announcing no ``http`` URL, are skipped.
+    """
+    from kommander.plugins.multicast import MAX_DATAGRAM_BYTES, MalformedAnnouncement, decode_announcement
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    try:
+        # As Twisted's listenMultiple does: the nodes on this host listen on the same port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((group, port))
+        membership = socket.inet_aton(group) + socket.inet_aton(interface)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+        urls: list[str] = []
+        skipped: set[str] = set()
+        stop = deadline
+        while len(urls) < 64:
+            left = min(stop, deadline) - clock()
+            if left <= 0:
+                break
+            readable, _, _ = select.select([sock], [], [], left)
+            if not readable:
+                continue
+            datagram = sock.recv(MAX_DATAGRAM_BYTES + 1)
+            try:
+                cluster, node, _, metadata = decode_announcement(datagram, keys)
+            except MalformedAnnouncement as e:
+                if str(e) not in skipped:
+                    skipped.add(str(e))
+                    _log.info("--join auto: ignored an announcement: {error}", error=e)
+                continue
+            url = metadata.get("http", "")
+            if cluster != cluster_id or node == node_id or not url or url in urls:
+                continue
+            _log.info("--join auto: heard member {node} of cluster {cluster} at {url}", node=node, cluster=cluster, url=url)
+            urls.append(url)
+            stop = min(stop, clock() + GATHER_SECONDS)
+        return urls
+    finally:
+        sock.close()
+
+
+def join_by_discovery(options: Any, token: str | None, clock: Callable[[], float] = time.monotonic) -> Joined:
+    """``--join auto``: find members through multicast discovery's announcements and ask each
+    in turn to add this node, listening again while none answers, until ``join_wait`` runs out.
+
+    :raises SystemExit: no member was heard, or none added this node (the message says why).
+    """
+    from kommander.plugins import multicast
+    from kommander.plugins.peer_secret import SharedSecrets, announcement_key
+
+    plugin = options.plugin_options
+    secret_file = plugin.get("secret_file")
+    try:
+        secrets = SharedSecrets.from_file(secret_file) if secret_file else None
+        wait = float(plugin.get("join_wait", DEFAULT_JOIN_WAIT))
+        port = int(plugin.get("multicast_port", multicast.DEFAULT_PORT))
+    except (ConfigurationError, ValueError) as e:
+        raise SystemExit(f"twistd kommander: --join auto: {e}") from None
+    keys = tuple(announcement_key(s) for s in secrets.secrets) if secrets is not None else ()
+    group = plugin.get("multicast_group", multicast.DEFAULT_GROUP)
+    interface = plugin.get("multicast_interface", multicast.DEFAULT_INTERFACE)
+    node_id, cluster_id = options["node-id"], options["cluster-id"]
+    deadline = clock() + wait
+    _log.info(
+        "node {node}: --join auto: listening on {group}:{port} ({interface}) for members of cluster {cluster}",
+        node=node_id, group=group, port=port, interface=interface, cluster=cluster_id,
+    )  # fmt: skip
+    failures: list[str] = []
+    rounds = 0
+    while clock() < deadline and rounds < 1000:
+        rounds += 1
+        try:
+            urls = announced_members(cluster_id, node_id, keys, group, port, interface, deadline, clock)
+        except OSError as e:
+            raise SystemExit(f"twistd kommander: --join auto: cannot listen on {group}:{port} via {interface}: {e}") from None
+        for url in urls:
+            try:
+                return request_join(
+                    url, node_id, plugin["advertise"], options.metadata.get("http", ""), token,
+                    timeout=max(1.0, deadline - clock()),
+                )  # fmt: skip
+            except SystemExit as e:
+                failures.append(str(e))
+                _log.warn("--join auto: {error}; trying another member", error=e)
+    if not failures:
+        raise SystemExit(
+            f"twistd kommander: --join auto: no member of cluster {cluster_id!r} announced itself with an HTTP URL "
+            f"on {group}:{port} via {interface} within {wait:g} s (same --cluster-id, multicast options and "
+            "--secret-file as the members? do they run with --http?)"
+        )
+    raise SystemExit(f"twistd kommander: --join auto: no member added this node within {wait:g} s; last: {failures[-1]}")
+
+
+def check_join_options(options: Any) -> None:
+    """``--join`` needs an endpoint peers can dial and a member's URL, or ``auto`` with multicast
+    discovery.
+
+    :raises usage.UsageError: it has neither, or ``auto`` is given without multicast discovery.
     """
     from twisted.python import usage
 
     from kommander.entry.members_cli import base
 
     url = options["join"]
-    if url == "auto" or options["discovery"] != "static":
-        raise usage.UsageError("--join takes a member's HTTP URL and static discovery; --join auto is not supported yet")
-    if not base(url).startswith(("http://", "https://")):
+    if url == "auto":
+        if options["discovery"] != "multicast":
+            raise usage.UsageError("--join auto finds the cluster through --discovery multicast; give a member's URL otherwise")
+        wait = options.plugin_options.get("join_wait", str(DEFAULT_JOIN_WAIT))
+        try:
+            if not 0 < float(wait) <= 3600:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError(f"--option join_wait={wait}: use seconds from 0 to 3600") from None
+        if options["join-token-file"] and not options.plugin_options.get("secret_file"):
+            # Unsigned announcements can be forged: the admin token could go to anyone.
+            raise usage.UsageError(
+                "--join auto with --join-token-file needs --secret-file (signed announcements), "
+                "or the admin token could be sent to a forged member; or give --join URL"
+            )
+    elif not base(url).startswith(("http://", "https://")):
         raise usage.UsageError(f"--join {url!r}: use a member's HTTP base URL such as http://127.0.0.1:8001")
+    elif options["discovery"] != "static":
+        raise usage.UsageError("--join URL works with static discovery; with multicast discovery use --join auto")
     if not options.plugin_options.get("advertise"):
         raise usage.UsageError("--join: this node's peer endpoint cannot be derived from --listen; pass --option advertise=ENDPOINT")
 
@@ -210,7 +353,10 @@ def join_before_start(options: Any) -> "Joined | None":
             token = read_token(options["join-token-file"])
         except StatusError as e:
             raise SystemExit(f"twistd kommander: --join-token-file: {e}") from None
-    joined = request_join(options["join"], node_id, options.plugin_options["advertise"], options.metadata.get("http", ""), token)
+    if options["join"] == "auto":
+        joined = join_by_discovery(options, token)
+    else:
+        joined = request_join(options["join"], node_id, options.plugin_options["advertise"], options.metadata.get("http", ""), token)
     if marker is not None:
         joined.save(marker)
     options.peers = joined.peers(node_id)

@@ -142,11 +142,13 @@ class Options(usage.Options):
         ["secret-file", None, None, "File of the cluster's shared secret (two lines during a rotation): peers "
          "authenticate with HMAC; integrity only, no encryption."],
         ["join", None, None, "Join a running cluster through a member's HTTP URL (a new node, empty --data): "
-         "it is added as a learner and promoted once caught up. Ignored once --data holds state."],
+         "it is added as a learner and promoted once caught up. Ignored once --data holds state. "
+         "--join auto (with --discovery multicast) asks a member it hears announcing."],
         ["join-token-file", None, None, "File holding an admin bearer token for --join, when the cluster's "
          "HTTP API has tokens."],
         ["expect", None, None, "Cluster size, this node included: wait until discovery finds that many nodes "
-         "before starting (required with --discovery multicast unless --peers lists the others)."],
+         "before its first start (required with --discovery multicast unless --peers lists the others or "
+         "the node joins with --join)."],
     ]
 
     optFlags = [
@@ -285,7 +287,7 @@ class Options(usage.Options):
     def _expected_nodes(self) -> int:
         if self["expect"] is not None:
             return self._int("expect", 1, 256)
-        if self["discovery"] == "multicast":
+        if self["discovery"] == "multicast" and not self["join"]:
             if not self.peers:
                 raise usage.UsageError(
                     "--discovery multicast needs --expect N (the cluster size) so that every node "
