@@ -12,7 +12,9 @@ For every P (default 1, 64, 1024) it prints one line:
   stays down, after a short settle (a dead node must not keep every partition awake);
 * ``restart_s``: from starting the killed node again to it reporting a leader for every partition;
 * ``metrics_scrape_ms``: the median wall time of five ``GET /metrics`` of one idle node, and
-  ``metrics_bytes`` the size of one (what a Prometheus scrape costs at this partition count).
+  ``metrics_bytes`` the size of one (what a Prometheus scrape costs at this partition count), and
+  ``get_during_scrape_max_ms`` the slowest stale ``GET /v1/kv/probe`` (a read served by the node
+  itself) sent one after another meanwhile: how long a scrape holds the node's reactor thread.
 
 Figures only, never a pass/fail. Run::
 
@@ -28,6 +30,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -100,15 +103,34 @@ def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
     return {n: 100.0 * (after[n] - before[n]) / CLK_TCK / seconds for n in pids}
 
 
-def scrape(url: str, times: int = 5) -> tuple[float, int]:
-    """Median milliseconds of ``times`` scrapes of ``url``/metrics, and the size of the last."""
+def scrape(url: str, times: int = 5) -> tuple[float, int, float]:
+    """Median milliseconds of ``times`` scrapes of ``url``/metrics, the size of the last, and
+    the slowest stale ``GET /v1/kv/...`` of the same node sent one after another meanwhile (how
+    long a scrape holds the node's reactor, which serves heartbeats too)."""
     spent, size = [], 0
-    for _ in range(times):
-        t = time.monotonic()
-        result = http_call("GET", url + "/metrics", timeout=30)
-        spent.append(1000 * (time.monotonic() - t))
-        size = len(result.body)
-    return sorted(spent)[len(spent) // 2], size
+    slowest = [0.0]
+    stop = threading.Event()
+
+    def probe() -> None:
+        for _ in range(100_000):
+            if stop.is_set():
+                return
+            t = time.monotonic()
+            http_call("GET", url + "/v1/kv/probe?consistency=stale", timeout=30)
+            slowest[0] = max(slowest[0], 1000 * (time.monotonic() - t))
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        for _ in range(times):
+            t = time.monotonic()
+            result = http_call("GET", url + "/metrics", timeout=30)
+            spent.append(1000 * (time.monotonic() - t))
+            size = len(result.body)
+    finally:
+        stop.set()
+        prober.join(timeout=60)
+    return sorted(spent)[len(spent) // 2], size, slowest[0]
 
 
 def run(partitions: int, idle: float, settle: float, limit: float) -> str:
@@ -120,7 +142,7 @@ def run(partitions: int, idle: float, settle: float, limit: float) -> str:
         time.sleep(settle)
         pids = {n: cluster.node(n).pid for n in ids}
         cpu = idle_cpu(pids, idle)
-        scrape_ms, scrape_bytes = scrape(cluster.url(ids[0]))
+        scrape_ms, scrape_bytes, status_ms = scrape(cluster.url(ids[0]))
         led = leaders(cluster, ids)
         counts = {n: sum(1 for v in led.values() if v == n) for n in ids}
         victim = max(ids, key=lambda n: counts[n])
@@ -139,7 +161,8 @@ def run(partitions: int, idle: float, settle: float, limit: float) -> str:
             f"partitions={partitions} cold_start_s={fmt(cold)} idle_cpu_pct={cpu_text} "
             f"idle_cpu_max_pct={max(cpu.values()):.1f} failover_s={fmt(failover)} led_by_killed={len(lost)} "
             f"degraded_idle_cpu_max_pct={max(degraded.values()):.1f} restart_s={fmt(restart)} "
-            f"metrics_scrape_ms={scrape_ms:.1f} metrics_bytes={scrape_bytes}"
+            f"metrics_scrape_ms={scrape_ms:.1f} metrics_bytes={scrape_bytes} "
+            f"get_during_scrape_max_ms={status_ms:.1f}"
         )
 
 

@@ -158,3 +158,51 @@ def test_long_work_in_progress_is_in_the_metrics_until_it_ends(cluster: Cluster)
     work.finish()
     found = samples(NodeMetrics(manager, process=False).render().decode())
     assert not [name for name, _ in found if name.startswith("kommander_work_")]
+
+
+class _HeldPool:
+    """A thread pool whose jobs wait until :meth:`run` (the 'thread' runs when the test says)."""
+
+    def __init__(self) -> None:
+        self.jobs: list = []
+
+    def callInThreadWithCallback(self, on_result, func, *args, **kwargs) -> None:
+        self.jobs.append((on_result, func, args, kwargs))
+
+    def run(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for on_result, func, args, kwargs in jobs:
+            on_result(True, func(*args, **kwargs))
+
+
+def test_many_partitions_are_formatted_in_a_thread_and_concurrent_scrapes_share_it(cluster, monkeypatch):
+    """From THREADED_FROM_PARTITIONS on, render_later reads the runtime at once and leaves the
+    families and the text to the reactor's thread pool; scrapes arriving meanwhile wait for that
+    one result. What it gives is what render gives."""
+    from kommander.ops import metrics
+
+    manager = cluster.managers["n1"]
+    pool = _HeldPool()
+    monkeypatch.setattr(metrics, "THREADED_FROM_PARTITIONS", 1)
+    monkeypatch.setattr(cluster.clock, "getThreadPool", lambda: pool, raising=False)
+    monkeypatch.setattr(cluster.clock, "callFromThread", lambda f, *a, **kw: f(*a, **kw), raising=False)
+    node_metrics = NodeMetrics(manager, process=False)
+    expected = node_metrics.render()
+    first, second = node_metrics.render_later(), node_metrics.render_later()
+    assert len(pool.jobs) == 1 and not first.called and not second.called
+    results = []
+    first.addCallback(results.append)
+    second.addCallback(results.append)
+    pool.run()
+    assert results[0] == results[1]
+    assert samples(results[0].decode()) == samples(expected.decode())
+    third = node_metrics.render_later()  # the next scrape starts a new render
+    assert len(pool.jobs) == 1 and not third.called
+
+
+def test_a_small_node_renders_its_metrics_at_once(cluster, monkeypatch):
+    """Below THREADED_FROM_PARTITIONS the thread hand-off would cost more than the render."""
+    pool = _HeldPool()
+    monkeypatch.setattr(cluster.clock, "getThreadPool", lambda: pool, raising=False)
+    d = NodeMetrics(cluster.managers["n1"], process=False).render_later()
+    assert d.called and not pool.jobs

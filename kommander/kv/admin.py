@@ -54,8 +54,8 @@ class AdminRoutes:
             raise bad(str(e), 404) from None
         return json_response(200 if healthy else 503, document)
 
-    def render_metrics(self) -> Response:
-        return Response(200, self.metrics.render(), _METRICS_TYPE)
+    def render_metrics(self) -> defer.Deferred[Response]:
+        return self.metrics.render_later().addCallback(lambda body: Response(200, body, _METRICS_TYPE))
 
     def members(self, request: Any) -> Response | defer.Deferred[Response]:
         path, method = request.postpath, request.method

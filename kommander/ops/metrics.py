@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
+from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
@@ -26,6 +28,11 @@ from kommander.runtime.traffic import REFUSAL_REASONS, UNKNOWN
 __all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics", "histogram"]
 
 _ROLES = ("follower", "pre-candidate", "candidate", "leader")
+_QUEUES = ("proposals", "apply", "reads")
+#: From this many partitions on, :meth:`NodeMetrics.render_later` builds and formats the
+#: exposition in a thread: at 1,024 partitions that is some 200 ms of CPU, which on the reactor
+#: thread would stall every partition's heartbeats and replies for as long.
+THREADED_FROM_PARTITIONS = 64
 
 #: Manager counters (``RaftManager.stats`` keys) exported as ``kommander_<name>_total``.
 _COUNTERS = {
@@ -49,16 +56,60 @@ class NodeMetrics:
         self.leader_changes: dict[int, int] = {}
         manager.on_leader_changed.add(self._leader_changed)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_RuntimeCollector(self))
-        if process:
-            ProcessCollector(namespace="kommander", registry=self.registry)
+        self._collector = _RuntimeCollector(self)
+        self.registry.register(self._collector)
+        self._process = ProcessCollector(namespace="kommander", registry=self.registry) if process else None
+        #: While a threaded render runs: the scrapes waiting for its result.
+        self._rendering: list[defer.Deferred[bytes]] | None = None
 
     def _leader_changed(self, partition: int, leader: Any = None, *_: Any) -> None:
         self.leader_changes[partition] = self.leader_changes.get(partition, 0) + 1
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
+        """The Prometheus text exposition of every metric (all on the calling thread)."""
         return generate_latest(self.registry)
+
+    def render_later(self) -> "defer.Deferred[bytes]":
+        """The exposition, as :meth:`render`, without holding the reactor thread for long.
+
+        With many partitions (:data:`THREADED_FROM_PARTITIONS`) only the reading of the runtime
+        happens here, into plain values; building the metric families from them and formatting
+        the text run in the reactor's thread pool. The formatting still takes the GIL, but in
+        slices the reactor interleaves with. Scrapes that arrive while one is being formatted
+        share its result, so a burst of them costs one. Otherwise this is :meth:`render`.
+        """
+        manager = self.manager
+        pool = getattr(manager.reactor, "getThreadPool", None)
+        if pool is None or len(manager.runtimes) < THREADED_FROM_PARTITIONS:
+            return defer.succeed(self.render())
+        if self._rendering is not None:
+            shared: defer.Deferred[bytes] = defer.Deferred()
+            self._rendering.append(shared)
+            return shared
+        waiting: list[defer.Deferred[bytes]] = []
+        self._rendering = waiting
+        families = list(self._collector.collect_without_partitions())
+        rows = _partition_rows(manager, self.leader_changes)
+        node, bounds, process = str(manager.node_id), _queue_bounds(manager.config), self._process
+
+        def build() -> bytes:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Fixed([*_partition_families(rows, node, bounds), *families]))
+            if process is not None:
+                registry.register(process)
+            return generate_latest(registry)
+
+        def done(result: Any) -> Any:
+            self._rendering = None
+            for d in waiting:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+            return result
+
+        d = threads.deferToThreadPool(manager.reactor, pool(), build)
+        return d.addBoth(done)
 
 
 class _RuntimeCollector:
@@ -69,8 +120,13 @@ class _RuntimeCollector:
 
     def collect(self) -> Iterator[Any]:
         manager = self.owner.manager
+        rows = _partition_rows(manager, self.owner.leader_changes)
+        yield from _partition_families(rows, str(manager.node_id), _queue_bounds(manager.config))
+        yield from self.collect_without_partitions()
+
+    def collect_without_partitions(self) -> Iterator[Any]:
+        manager = self.owner.manager
         node = str(manager.node_id)
-        yield from _partitions(manager, node, self.owner.leader_changes)
         for key, text in _COUNTERS.items():
             counter = CounterMetricFamily(f"kommander_{key}", text, labels=["node"])
             counter.add_metric([node], manager.stats.get(key, 0))
@@ -90,6 +146,16 @@ class _RuntimeCollector:
         yield from _transport(manager, node)
 
 
+class _Fixed:
+    """A collector of families built already."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Any]:
+        return self.families
+
+
 def histogram(name: str, text: str, labels: list[str]) -> HistogramMetricFamily:
     """An empty histogram family (filled with :func:`add_histogram`)."""
     return HistogramMetricFamily(name, text, labels=labels)
@@ -101,7 +167,45 @@ def add_histogram(family: HistogramMetricFamily, values: list[str], source: Any)
     family.add_metric(values, buckets, source.sum)
 
 
-def _partitions(manager: Any, node: str, leader_changes: dict[int, int]) -> Iterator[Any]:
+def _partition_rows(manager: Any, leader_changes: dict[int, int]) -> list[tuple[Any, ...]]:
+    """What the partition metrics show, read on the reactor thread as plain values (cheap: no
+    metric objects), so that the families can be built and formatted anywhere."""
+    now = manager.reactor.seconds()
+    rows = []
+    for runtime in manager.runtimes:
+        core = runtime.core
+        current = getattr(core.role, "value", str(core.role))
+        last_index = core.log.last_index()
+        followers: tuple[tuple[str, int, float | None], ...] = ()
+        if current == "leader":
+            times = getattr(runtime, "append_times", None)
+            followers = tuple(
+                (
+                    str(peer),
+                    max(0, last_index - progress.match),
+                    None if times is None else times.lag_seconds(progress.match, last_index, now),
+                )
+                for peer, progress in sorted(core.progress.items())
+            )
+        rows.append(
+            (
+                str(runtime.number),
+                current,
+                core.term,
+                core.log.committed,
+                runtime.applied,
+                last_index,
+                core.leader is not None,
+                followers,
+                leader_changes.get(runtime.number, 0),
+                (runtime.pending_entries(), len(runtime.apply_queue), runtime.pending_reads()),
+            )
+        )
+    return rows
+
+
+def _partition_families(rows: list[tuple[Any, ...]], node: str, bounds: tuple[int, int, int]) -> list[Any]:
+    """The partition metric families of :func:`_partition_rows`' rows (touches nothing else)."""
     labels = ["node", "partition"]
     role = GaugeMetricFamily("kommander_partition_role", "1 for the partition's current role", labels=[*labels, "role"])
     term = GaugeMetricFamily("kommander_partition_term", "Current Raft term", labels=labels)
@@ -126,35 +230,28 @@ def _partitions(manager: Any, node: str, leader_changes: dict[int, int]) -> Iter
     bound = GaugeMetricFamily(
         "kommander_queue_bound", "The bound of that queue (refusals or back-pressure beyond it)", labels=[*labels, "queue"]
     )
-    config = manager.config
-    now = manager.reactor.seconds()
-    for runtime in manager.runtimes:
-        core = runtime.core
-        values = [node, str(runtime.number)]
-        current = getattr(core.role, "value", str(core.role))
+    for number, current, term_, committed, applied_, last_index, leader_known, followers, changed, sizes in rows:
+        values = [node, number]
         for name in _ROLES:
             role.add_metric([*values, name], 1.0 if name == current else 0.0)
-        term.add_metric(values, core.term)
-        commit.add_metric(values, core.log.committed)
-        applied.add_metric(values, runtime.applied)
-        last_index = core.log.last_index()
+        term.add_metric(values, term_)
+        commit.add_metric(values, committed)
+        applied.add_metric(values, applied_)
         last.add_metric(values, last_index)
-        has_leader.add_metric(values, 1.0 if core.leader is not None else 0.0)
-        if current == "leader":
-            times = getattr(runtime, "append_times", None)
-            for peer, progress in sorted(core.progress.items()):
-                lag.add_metric([*values, str(peer)], max(0, last_index - progress.match))
-                if times is not None:
-                    lag_seconds.add_metric([*values, str(peer)], times.lag_seconds(progress.match, last_index, now))
-        changes.add_metric(values, leader_changes.get(runtime.number, 0))
-        for queue, size, limit in (
-            ("proposals", runtime.pending_entries(), config.max_queued_proposals),
-            ("apply", len(runtime.apply_queue), config.max_apply_queue),
-            ("reads", runtime.pending_reads(), config.max_pending_reads),
-        ):
+        has_leader.add_metric(values, 1.0 if leader_known else 0.0)
+        for peer, behind, seconds in followers:
+            lag.add_metric([*values, peer], behind)
+            if seconds is not None:
+                lag_seconds.add_metric([*values, peer], seconds)
+        changes.add_metric(values, changed)
+        for queue, size, limit in zip(_QUEUES, sizes, bounds):
             depth.add_metric([*values, queue], size)
             bound.add_metric([*values, queue], limit)
-    yield from (role, term, commit, applied, last, has_leader, lag, lag_seconds, changes, depth, bound)
+    return [role, term, commit, applied, last, has_leader, lag, lag_seconds, changes, depth, bound]
+
+
+def _queue_bounds(config: Any) -> tuple[int, int, int]:
+    return (config.max_queued_proposals, config.max_apply_queue, config.max_pending_reads)
 
 
 def _node_instruments(instruments: Any, node: str) -> Iterator[Any]:
