@@ -281,15 +281,37 @@ def test_stale_read_on_follower(cluster: Cluster) -> None:
 
 
 def test_no_leader_is_503_with_retry_after() -> None:
-    """Before any election a node knows no leader: 503, Retry-After, leader null, nothing written."""
+    """A node that can elect no leader (its peers never start) waits two election timeouts for
+    one, then answers 503, Retry-After, leader null; nothing is written."""
     cluster = Cluster(join=False)
-    for manager in cluster.managers.values():
-        manager.join_cluster()
+    manager = cluster.managers["n1"]
+    manager.join_cluster()
+    wait = 2 * manager.config.election_timeout_max
     for method, path in (("PUT", "/v1/kv/x"), ("GET", "/v1/kv/x")):
+        start = cluster.clock.seconds()
         reply = cluster.request("n1", method, path, b"v" if method == "PUT" else b"")
         assert reply.code == 503
         assert reply.headers["retry-after"] == "1"
         assert reply.json()["leader"] is None
+        assert wait <= cluster.clock.seconds() - start < wait + 0.1
+    assert all(p["last_log_index"] == 0 for p in manager.status()["partitions"])
+    # A stale read needs no leader: answered at once.
+    start = cluster.clock.seconds()
+    assert cluster.request("n1", "GET", "/v1/kv/x?consistency=stale").code == 404
+    assert cluster.clock.seconds() - start < 0.1
+
+
+def test_a_request_during_an_election_waits_for_its_leader() -> None:
+    """Before the first election, a write and a linearizable read wait for the leader instead of
+    failing: the write is done (200) or redirected to the leader (307), never a 503."""
+    cluster = Cluster(join=False)
+    for manager in cluster.managers.values():
+        manager.join_cluster()
+    assert cluster.managers["n1"].get_leader(cluster.managers["n1"].partition_for_key("x")) is None
+    reply = cluster.request("n1", "PUT", "/v1/kv/x", b"v")
+    assert reply.code in (200, 307), reply
+    # Served by n1 (a follower read asks the new leader): the key, or 404 if the PUT was redirected.
+    assert cluster.request("n1", "GET", "/v1/kv/x").code == (200 if reply.code == 200 else 404)
 
 
 def test_leader_url_unknown_is_503(cluster: Cluster) -> None:

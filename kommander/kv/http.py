@@ -53,8 +53,9 @@ from kommander.kv.auth import Outcome, Role, TokenTable
 from kommander.kv.hosts import HostAllowlist
 from kommander.kv.bodylimit import COMMAND_OVERHEAD_BYTES, DEFAULT_MAX_BODY_BYTES, KVRequest, max_command_bytes
 from kommander.kv.keys import KeyRoutes
+from kommander.kv.leaders import not_leader
 from kommander.kv.machine import KVStateMachine
-from kommander.kv.parsing import parse_cas_body, parse_key
+from kommander.kv.parsing import parse_cas_body, parse_consistency, parse_key
 from kommander.kv.responses import (
     RETRY_AFTER_SECONDS,
     BadRequest,
@@ -276,6 +277,21 @@ class KVResource(resource.Resource):
         if len(manager.runtimes) < manager.partitions:
             return error_response(503, "the node is starting")
         partition = manager.partition_for_key(key)
+        if manager.get_leader(partition) is None and not (method == b"GET" and parse_consistency(request.args) == b"stale"):
+            # An election is under way (a failover, a leadership hand-off): wait for its
+            # outcome, up to two election timeouts, rather than answer 503 at once. Without a
+            # leader by then (no quorum), the 503 follows.
+            config = manager.config
+            wait = min(config.operation_timeout, 2 * config.election_timeout_max)
+            return manager.wait_for_leader(partition, wait).addCallbacks(
+                lambda _: self._route(request, path, method, partition, key),
+                lambda _: not_leader(manager, request, partition, None),
+            )
+        return self._route(request, path, method, partition, key)
+
+    def _route(self, request: server.Request, path: list[bytes], method: bytes, partition: int, key: str) -> Any:
+        keys = self.keys
+        assert keys is not None
         if len(path) == 4:
             return keys.cas(request, partition, key)
         if method == b"GET":
