@@ -50,6 +50,9 @@ class RaftConfiguration:
     #: An idle partition stops ticking and heartbeating; one node heartbeat per peer per
     #: ``heartbeat_interval`` vouches for all of them (docs/architecture.rst, "Quiescence").
     quiesce: bool = True
+    #: Every this many seconds a node that leads more than its share of the partitions hands
+    #: some to the voters leading fewest (kommander.runtime.balance); 0 turns it off.
+    leader_balance_interval: float = 5.0
 
     #: At most this many entries / bytes in one AppendEntries.
     max_batch_entries: int = 1024
@@ -114,6 +117,9 @@ class RaftConfiguration:
             problems.append(f"port {self.port!r}: use 0-65535")
         if not isinstance(self.expected_nodes, int) or not 0 <= self.expected_nodes <= 256:
             problems.append(f"expected_nodes {self.expected_nodes!r}: use 0 (take discovery's view) or 1-256")
+        balance = self.leader_balance_interval
+        if not isinstance(balance, (int, float)) or not math.isfinite(balance) or balance < 0:
+            problems.append(f"leader_balance_interval {balance!r}: use seconds, or 0 to turn balancing off")
         if not isinstance(self.max_partitions, int) or not 1 <= self.max_partitions <= 4096:
             problems.append(f"max_partitions {self.max_partitions!r}: use 1-4096")
         for name in (

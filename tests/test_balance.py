@@ -34,6 +34,7 @@ def test_a_node_leading_every_partition_hands_them_out_until_each_leads_its_shar
         before = {p: cluster.leader(p).node_id for p in range(PARTITIONS)}
         cluster.advance(10.0)  # balanced: nobody moves anything any more
         assert {p: cluster.leader(p).node_id for p in range(PARTITIONS)} == before
+        assert all(n.m.awake_partitions == 0 for n in cluster.running())  # quiet again
         for p in range(PARTITIONS):
             assert cluster.write(p, b"after").success
         assert cluster.nodes["n1"].m.balancer.moved == 8

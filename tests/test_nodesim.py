@@ -213,3 +213,29 @@ def test_issue9_fault_class_has_no_violations(profile, seeds):
 def test_config_defaults_to_base_profile():
     """A simulation without a configuration runs the base profile."""
     assert NodeSimulation(0).config.faults == NodeSimConfig().faults == PROFILES["base"]
+
+
+@pytest.mark.parametrize("nodes", [3, 5])
+def test_leadership_balancing_under_faults_keeps_every_check(nodes, monkeypatch):
+    """The surveyed seeds run with leadership balancing off (their schedules stay put); these
+    run it every 0.3 simulated seconds, so its hand-offs meet crashes, partitions and disk faults."""
+    from kommander.runtime.balance import LeaderBalancer
+
+    moved = []
+    original = LeaderBalancer.tick
+
+    def tick(self):
+        before = self.moved
+        original(self)
+        moved.append(self.moved - before)
+
+    monkeypatch.setattr(LeaderBalancer, "tick", tick)
+    failures = []
+    for seed in range(12):
+        config = NodeSimConfig(nodes=nodes, faults=PROFILES["base"], partitions=8)
+        config.raft = {**config.raft, "leader_balance_interval": 0.3}
+        result = NodeSimulation(seed, config, "base", trace_limit=0).run()
+        if result.violation is not None:
+            failures.append(result.report())
+    assert not failures, "\n\n".join(failures[:1])
+    assert sum(moved) > 0, "no seed handed any leadership over: the test proves nothing"

@@ -6,10 +6,11 @@ work, and its death leaves that many partitions to elect at once. Each node here
 ``leader_balance_interval`` seconds, at the leaders it knows. When every partition has one, the
 picture has not changed over a whole interval (no election or hand-off under way), no membership
 change is in progress, and this node leads more than its share (``ceil(partitions / voters)``,
-counting the voters it can reach), it hands some partitions to the reachable voters leading fewest, each of which leads less than
-its share (so two nodes never pass a partition back and forth), at most a quarter of the
-partitions per round. A hand-off is the core's leadership transfer (Raft thesis 3.10): the
-target is brought up to date and elected at once, so writes pause for about one round trip.
+counting the voters it can reach), it hands some partitions to the reachable voters leading
+fewest, each of which leads less than its share (so two nodes never pass a partition back and
+forth), at most a quarter of the partitions per round. A hand-off is the core's leadership
+transfer (Raft thesis 3.10): the target is brought up to date and elected at once, so writes
+pause for about one round trip (the HTTP API waits for the new leader rather than failing).
 
 Only the node with too many acts, on what it leads; a node's view of the others' leaders can be
 stale, which costs at most a hand-off that was not needed (the next round sees the truth).

@@ -240,6 +240,7 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi, TicketApi):
         self.transport.update_peers(self._peers_from(nodes))
         yield self.transport.start(self)
         self.cluster.start()
+        self.balancer.start()
         self._unsubscribe = self.discovery.subscribe(self._nodes_changed)
         self._ticker = task.LoopingCall(self._tick)
         self._ticker.clock = self.reactor
@@ -275,6 +276,7 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi, TicketApi):
         self._flush_call = None
         self._fail_everything(Status.ERRORED, "the node is leaving the cluster")
         self.cluster.stop()
+        self.balancer.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
         yield self.transport.stop()

@@ -25,6 +25,7 @@ from kommander.runtime.members import (
     RecordKeeper,
     seed_record,
 )
+from kommander.runtime.balance import LeaderBalancer
 from kommander.runtime.orchestrate import ClusterMembers, MembershipResult
 
 
@@ -45,6 +46,7 @@ class MembershipHost:
     def _init_membership(self) -> None:
         self.record = RecordKeeper(self.wal, self.node_id, IWALMetadata.providedBy(self.wal))
         self.cluster = ClusterMembers(self)
+        self.balancer = LeaderBalancer(self, self.config.leader_balance_interval)  # type: ignore[attr-defined]
         #: Fired with the new :class:`~kommander.runtime.members.MemberRecord` each time one is
         #: applied (a member added, promoted, being removed, removed).
         self.on_members_changed = Event("on_members_changed")

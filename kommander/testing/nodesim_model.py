@@ -82,6 +82,9 @@ class NodeSimConfig:
             "snapshot_chunk_bytes": 200,
             "max_batch_entries": 32,
             "max_queued_proposals": 4000,
+            # Off, so that the surveyed seeds (mutations caught, soaks) keep their schedules;
+            # tests/test_nodesim.py runs seeds with it on.
+            "leader_balance_interval": 0.0,
         }
     )
 
