@@ -479,3 +479,20 @@ def test_access_log_only_when_asked(access_log: bool) -> None:
         site.stopFactory()
     lines = [e for e in events if '"PUT /v1/kv/al HTTP/1.1" 200' in str(e.get("log_io", ""))]
     assert len(lines) == (1 if access_log else 0)
+
+
+def test_a_follower_read_whose_leader_hands_off_meanwhile_is_read_again() -> None:
+    """The leader hands the partition to another node while a follower's read waits for its
+    confirmation: the follower reads once more through the new leader (200), not 503."""
+    cluster = Cluster(operation_timeout=2.0)
+    leader = cluster.leader_of("k")
+    assert cluster.request(leader, "PUT", "/v1/kv/k", b"v").code == 200
+    follower = cluster.follower_of("k")
+    other = next(n for n in IDS if n not in (leader, follower))
+    manager = cluster.managers[leader]
+    partition = manager.partition_for_key("k")
+    _, transport = cluster.open(follower, b"GET /v1/kv/k HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    manager.transfer_leadership(partition, other)
+    reply = cluster.wait(transport)
+    assert cluster.managers[follower].get_leader(partition) == other
+    assert (reply.code, reply.body) == (200, b"v")

@@ -53,7 +53,7 @@ from kommander.kv.auth import Outcome, Role, TokenTable
 from kommander.kv.hosts import HostAllowlist
 from kommander.kv.bodylimit import COMMAND_OVERHEAD_BYTES, DEFAULT_MAX_BODY_BYTES, KVRequest, max_command_bytes
 from kommander.kv.keys import KeyRoutes
-from kommander.kv.leaders import not_leader
+from kommander.kv.leaders import once_led
 from kommander.kv.machine import KVStateMachine
 from kommander.kv.parsing import parse_cas_body, parse_consistency, parse_key
 from kommander.kv.responses import (
@@ -281,12 +281,7 @@ class KVResource(resource.Resource):
             # An election is under way (a failover, a leadership hand-off): wait for its
             # outcome, up to two election timeouts, rather than answer 503 at once. Without a
             # leader by then (no quorum), the 503 follows.
-            config = manager.config
-            wait = min(config.operation_timeout, 2 * config.election_timeout_max)
-            return manager.wait_for_leader(partition, wait).addCallbacks(
-                lambda _: self._route(request, path, method, partition, key),
-                lambda _: not_leader(manager, request, partition, None),
-            )
+            return once_led(manager, request, partition, lambda: self._route(request, path, method, partition, key))
         return self._route(request, path, method, partition, key)
 
     def _route(self, request: server.Request, path: list[bytes], method: bytes, partition: int, key: str) -> Any:

@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from kommander.core.errors import KommanderError, NotLeader
-from kommander.kv.leaders import not_leader, unapplied, write_failed
+from kommander.kv.leaders import not_leader, once_led, unapplied, write_failed
 from kommander.kv.machine import LOG_TYPE, KVResult, KVStateMachine, encode_cas, encode_delete, encode_put
 from kommander.kv.parsing import parse_cas_body, parse_consistency, read_body, require_json
 from kommander.kv.responses import OCTETS, Response, error_response
@@ -74,8 +74,11 @@ class KeyRoutes:
     def get(self, request: Any, partition: int, key: str) -> Response | defer.Deferred[Response]:
         if parse_consistency(request.args) == b"stale":
             return self.value(partition, key)
+        return self._read(request, partition, key, again=True)
+
+    def _read(self, request: Any, partition: int, key: str, again: bool) -> defer.Deferred[Response]:
         d = self.manager.read_index(partition)
-        return d.addCallbacks(self._confirmed, self._read_failed, (partition, key), None, (request, partition))
+        return d.addCallbacks(self._confirmed, self._read_failed, (partition, key), None, (request, partition, key, again))
 
     def _confirmed(self, _: Any, partition: int, key: str) -> Response:
         return self.value(partition, key)
@@ -86,10 +89,15 @@ class KeyRoutes:
             return error_response(404, "key not found", self.manager.get_leader(partition))
         return Response(200, value, OCTETS)
 
-    def _read_failed(self, failure: Failure, request: Any, partition: int) -> Response:
+    def _read_failed(self, failure: Failure, request: Any, partition: int, key: str, again: bool) -> Any:
         leader = self.manager.get_leader(partition)
         if failure.check(NotLeader):
-            return not_leader(self.manager, request, partition, failure.value.leader_hint)
+            hint = failure.value.leader_hint
+            if hint is None and again:
+                # The leader went away before confirming (a hand-off, a failover): read once more
+                # when there is a new one.
+                return once_led(self.manager, request, partition, lambda: self._read(request, partition, key, again=False))
+            return not_leader(self.manager, request, partition, hint)
         if failure.check(defer.TimeoutError):
             return error_response(504, "the read was not confirmed in time", leader)
         if failure.check(KommanderError):

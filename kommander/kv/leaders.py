@@ -3,8 +3,10 @@ mapping of a write's non-success status to an HTTP answer, shared by every write
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from kommander.kv.redirects import base_url, same_path
@@ -36,10 +38,24 @@ def not_leader(manager: Any, request: Any, partition: int, leader: str | None) -
     return with_headers(response, (b"Location", base + same_path(request)))
 
 
-def write_failed(manager: Any, result: ReplicationResult, request: Any, partition: int) -> Response:
+def once_led(manager: Any, request: Any, partition: int, then: Callable[[], Any]) -> defer.Deferred[Any]:
+    """``then()`` once ``partition`` has a leader again; a 503 (no leader) if it has none after
+    two election timeouts. A request that finds no leader waits for the election under way (a
+    failover, a leadership hand-off) this way rather than failing at once."""
+    config = manager.config
+    wait = min(config.operation_timeout, 2 * config.election_timeout_max)
+    return manager.wait_for_leader(partition, wait).addCallbacks(
+        lambda _: then(), lambda _: not_leader(manager, request, partition, None)
+    )
+
+
+def write_failed(manager: Any, result: ReplicationResult, request: Any, partition: int) -> Response | defer.Deferred[Any]:
     """The answer to a write whose ``result.status`` is not ``SUCCESS``."""
     status = result.status
     if status is Status.NOT_LEADER:
+        if result.leader is None:
+            # Nothing was proposed: redirect to the leader once there is one.
+            return once_led(manager, request, partition, lambda: not_leader(manager, request, partition, manager.get_leader(partition)))
         return not_leader(manager, request, partition, result.leader)
     leader = manager.get_leader(partition)
     if status in (Status.TIMEOUT, Status.LEADERSHIP_LOST, Status.ABORTED):
