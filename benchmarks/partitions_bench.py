@@ -4,8 +4,12 @@ For every P (default 1, 64, 1024) it prints one line:
 
 * ``cold_start_s``: from starting the three processes to every partition having a leader (as the
   nodes' ``GET /v1/status`` report it);
+* ``balanced_s``: from the cold start until leadership stopped moving (no partition changed
+  leader for ``--steady`` seconds: leadership balancing hands partitions over for a while after a
+  cold start), and ``leaders`` how many partitions each node then led;
 * ``idle_cpu_pct``: CPU time (``utime + stime`` from ``/proc/PID/stat``) of each node over
-  ``--idle`` seconds of no client traffic, as a percentage of one core, after a short settle;
+  ``--idle`` seconds of no client traffic, as a percentage of one core, once leadership is still
+  and after a short settle (a steady-state figure: no hand-offs in the window);
 * ``failover_s``: from SIGKILLing the node leading the most partitions to every partition it led
   having a leader on the survivors (the goal: within 2x ``election_timeout_max``, 2 s by default);
 * ``degraded_idle_cpu_pct``: the survivors' CPU over ``--idle`` seconds while the killed node
@@ -91,6 +95,25 @@ def wait_node_knows_leaders(url: str, partitions: int, limit: float, started: fl
     return None
 
 
+def wait_still(cluster: LocalCluster, node_ids: list[str], steady: float, limit: float, started: float) -> float | None:
+    """Seconds since ``started`` until no partition changed leader for ``steady`` seconds
+    (None: leadership still moving after ``limit``). Polls every 2 s: a 1,024-partition status
+    costs the nodes CPU."""
+    last: dict[int, str] | None = None
+    since = time.monotonic()
+    for _ in range(int(limit / 2) + 2):
+        now = time.monotonic()
+        if now - started > limit:
+            return None
+        led = leaders(cluster, node_ids)
+        if led != last:
+            last, since = led, now
+        elif now - since >= steady:
+            return since - started
+        time.sleep(2.0)
+    return None
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     return "none" if value is None else f"{value:.{digits}f}"
 
@@ -133,12 +156,15 @@ def scrape(url: str, times: int = 5) -> tuple[float, int, float]:
     return sorted(spent)[len(spent) // 2], size, slowest[0]
 
 
-def run(partitions: int, idle: float, settle: float, limit: float) -> str:
+def run(partitions: int, idle: float, settle: float, limit: float, steady: float) -> str:
     with LocalCluster(nodes=3, partitions=partitions, autostart=False) as cluster:
         ids = cluster.node_ids
         t0 = time.monotonic()
         cluster.start()
         cold = wait_all_led(cluster, ids, set(range(partitions)), limit, t0)
+        balanced = wait_still(cluster, ids, steady, 2 * limit, t0)
+        led = leaders(cluster, ids)
+        spread = "/".join(str(sum(1 for v in led.values() if v == n)) for n in ids)
         time.sleep(settle)
         pids = {n: cluster.node(n).pid for n in ids}
         cpu = idle_cpu(pids, idle)
@@ -158,7 +184,8 @@ def run(partitions: int, idle: float, settle: float, limit: float) -> str:
         restart = wait_node_knows_leaders(cluster.url(victim), partitions, limit, t2)
         cpu_text = ",".join(f"{n}:{cpu[n]:.1f}" for n in ids)
         return (
-            f"partitions={partitions} cold_start_s={fmt(cold)} idle_cpu_pct={cpu_text} "
+            f"partitions={partitions} cold_start_s={fmt(cold)} balanced_s={fmt(balanced)} leaders={spread} "
+            f"idle_cpu_pct={cpu_text} "
             f"idle_cpu_max_pct={max(cpu.values()):.1f} failover_s={fmt(failover)} led_by_killed={len(lost)} "
             f"degraded_idle_cpu_max_pct={max(degraded.values()):.1f} restart_s={fmt(restart)} "
             f"metrics_scrape_ms={scrape_ms:.1f} metrics_bytes={scrape_bytes} "
@@ -171,11 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, nargs="+", default=[1, 64, 1024])
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU measurement")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds after election before measuring idle")
+    parser.add_argument(
+        "--steady", type=float, default=12.0, help="seconds without a leader change that count as balanced"
+    )
     parser.add_argument("--limit", type=float, default=60.0, help="give up waiting after this many seconds")
     args = parser.parse_args(argv)
     print(f"# kommander from {os.path.dirname(kommander.__file__)}; {os.cpu_count()} cores", flush=True)
     for p in args.partitions:
-        print(run(p, args.idle, args.settle, args.limit), flush=True)
+        print(run(p, args.idle, args.settle, args.limit, args.steady), flush=True)
     return 0
 
 
