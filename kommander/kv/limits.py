@@ -62,6 +62,8 @@ class RequestDeadlines(ProtocolWrapper):
     #: The node has already answered (a 413 before the body): on expiry, only close.
     _answered = False
     _timer: Any = None
+    #: The running deadline's length, for the log line.
+    _limit = 0.0
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802 (Twisted's name)
         super().makeConnection(transport)
@@ -92,8 +94,13 @@ class RequestDeadlines(ProtocolWrapper):
         super().connectionLost(reason)
 
     def _arm(self, phase: str, seconds: float) -> None:
-        self._disarm(phase)
-        self._timer = self.factory.clock.callLater(seconds, self._expired, phase, seconds)
+        self.phase = phase
+        self._limit = seconds
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)  # headers to body: one timer per request, moved
+        else:
+            self._timer = self.factory.clock.callLater(seconds, self._expired)
 
     def _disarm(self, phase: str) -> None:
         self.phase = phase
@@ -101,8 +108,9 @@ class RequestDeadlines(ProtocolWrapper):
         if timer is not None and timer.active():
             timer.cancel()
 
-    def _expired(self, phase: str, seconds: float) -> None:
+    def _expired(self) -> None:
         self._timer = None
+        phase, seconds = self.phase, self._limit
         factory = self.factory
         factory.timed_out += 1
         factory._log_timed_out(
