@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from test_kv_http import Cluster
+from test_kv_http import Cluster, lane  # noqa: F401 - lane: every test on both lanes
 from test_tap import parse
 from twisted.logger import capturedLogs
 from twisted.python import usage

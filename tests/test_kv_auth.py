@@ -7,7 +7,7 @@ import hmac
 import os
 
 import pytest
-from test_kv_http import JSON, Cluster, cas_body
+from test_kv_http import JSON, Cluster, cas_body, lane  # noqa: F401 - lane: every test on both lanes
 from twisted.logger import capturedLogs
 
 from kommander.core.errors import ConfigurationError

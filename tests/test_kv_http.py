@@ -3,6 +3,10 @@
 Three RaftManagers share a ``task.Clock``, a MemoryNetwork and MemoryWALs; requests are raw HTTP
 bytes fed to each node's real ``Site`` through a ``StringTransport``, so routing, headers and the
 early 413 are exercised exactly as a socket would exercise them.
+
+Every test runs twice (the ``lane`` fixture): against the bare site, and through
+:class:`~kommander.kv.fastlane.FastLane` in front of it as ``twistd kommander`` serves, with
+keep-alive requests so that the fast lane serves those it can.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from twisted.internet.testing import StringTransport
 
 from kommander.config import RaftConfiguration
 from kommander.hookspecs import PluginContext
+from kommander.kv.fastlane import FastLane
 from kommander.kv.http import make_site
 from kommander.kv.machine import KVStateMachine
 from kommander.runtime.manager import RaftManager
@@ -43,6 +48,10 @@ class Reply:
 
 class Cluster:
     """Three nodes on one clock, each with a KV state machine and an HTTP site."""
+
+    #: Connections go through :class:`FastLane` in front of the site, and requests are sent
+    #: keep-alive (``Connection: close`` sends a request to twisted.web); else to the bare site.
+    fast = False
 
     def __init__(self, max_body_bytes: int = 1024 * 1024, join: bool = True, **config: Any) -> None:
         self.clock = task.Clock()
@@ -95,7 +104,9 @@ class Cluster:
 
     def open(self, node: str, raw: bytes) -> tuple[Any, StringTransport]:
         """Connect to ``node``'s site and send ``raw`` without waiting."""
-        protocol = self.sites[node].buildProtocol(address.IPv4Address("TCP", "127.0.0.1", 40000))
+        site = self.sites[node]
+        factory = FastLane(site, seconds=self.clock.seconds) if self.fast else site
+        protocol = factory.buildProtocol(address.IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport()
         protocol.makeConnection(transport)
         protocol.dataReceived(raw)
@@ -116,7 +127,9 @@ class Cluster:
     ) -> Reply:
         headers = dict(headers or {})
         host = headers.pop("Host", "test")  # None: send no Host header
-        lines = [f"{method} {path} HTTP/1.1", *([f"Host: {host}"] if host is not None else []), "Connection: close"]
+        lines = [f"{method} {path} HTTP/1.1", *([f"Host: {host}"] if host is not None else [])]
+        if not self.fast:
+            lines.append("Connection: close")
         if body or method in ("PUT", "POST"):
             headers.setdefault("Content-Length", str(len(body)))
         lines += [f"{k}: {v}" for k, v in headers.items()]
@@ -137,6 +150,13 @@ def parse(data: bytes, closed: bool, head: bool = False) -> Reply | None:
     if len(body) < length:
         return None
     return Reply(int(status.split()[1]), headers, body[:length], closed)
+
+
+@pytest.fixture(autouse=True, params=["web", "fastlane"])
+def lane(request: Any, monkeypatch: Any) -> str:
+    """Run the test against the bare site, then through the fast lane."""
+    monkeypatch.setattr(Cluster, "fast", request.param == "fastlane")
+    return request.param
 
 
 @pytest.fixture
@@ -465,6 +485,8 @@ def test_access_log_only_when_asked(access_log: bool) -> None:
     """twisted.web's line per request reaches the log only with access_log=True (--http-access-log)."""
     from twisted.logger import globalLogPublisher
 
+    if Cluster.fast:
+        pytest.skip("with an access log, twistd serves every request through twisted.web (test_tap)")
     cluster = Cluster()
     leader = cluster.leader_of("al")
     site = make_site(cluster.managers[leader], cluster.machines[leader], reactor=cluster.clock, access_log=access_log)

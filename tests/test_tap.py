@@ -14,9 +14,11 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, task, threads
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
+from twisted.web.server import Site
 
 from kommander.entry import tap
 from kommander.results import Event
+from kommander.kv.fastlane import FastLane
 from kommander.kv.http import KVResource
 from kommander.kv.limits import ConnectionLimits
 from kommander.kv.machine import KVStateMachine
@@ -296,6 +298,16 @@ def test_make_service_builds_http_and_raft_services(tmp_path: Path) -> None:
     assert manager is top.manager and manager.partitions == 8
     assert manager.metadata == {"http": "http://127.0.0.1:8001"}
     assert (tmp_path / "data").is_dir()
+    # The KV hot path goes through the fast lane in front of twisted.web's site...
+    assert isinstance(http.factory.wrappedFactory, FastLane)
+    assert isinstance(http.factory.wrappedFactory.site, Site)
+
+
+def test_access_log_serves_every_request_through_twisted_web(tmp_path: Path) -> None:
+    """...except with --http-access-log: twisted.web writes the access log's lines."""
+    options = parse(*with_option("--data", str(tmp_path / "data")), *MEMORY, "--http-access-log")
+    top = tap.makeService(options, reactor=MemoryReactorClock())
+    assert isinstance(top.getServiceNamed("kommander-http").factory.wrappedFactory, Site)
 
 
 def test_make_service_passes_the_http_deadlines(tmp_path: Path) -> None:

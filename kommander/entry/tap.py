@@ -47,6 +47,7 @@ from kommander.entry.hangup import HangupService
 from kommander.entry.reload import add_credential_reloads
 from kommander.hookspecs import PluginContext
 from kommander.kv.auth import TokenTable
+from kommander.kv.fastlane import FastLane
 from kommander.kv.hosts import HostAllowlist, default_hosts
 from kommander.kv.limits import (
     DEFAULT_BODY_TIMEOUT,
@@ -155,7 +156,8 @@ class Options(usage.Options):
         ["insecure", None, "Peer traffic is unauthenticated on purpose (no --tls-* nor --secret-file)."],
         ["listen-all", None, "Allow --listen and --http endpoints without interface= (every address of the host)."],
         ["http-access-log", None, "Log one line per HTTP request (off: at thousands of requests a second "
-         "the line costs more CPU than the request)."],
+         "the line costs more CPU than the request, and every request then goes through twisted.web, "
+         "not the KV fast lane)."],
     ]
 
     def __init__(self) -> None:
@@ -521,8 +523,12 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         else:
             hangup.add("the HTTP token file", options.tokens.reload)
         limits = options.http_limits
+        # The KV hot path (GET, PUT, DELETE of one key) skips twisted.web's request machinery
+        # (kommander.kv.fastlane); with an access log every request goes through twisted.web,
+        # which writes the log lines.
+        served = site if options["http-access-log"] else FastLane(site)
         limited = ConnectionLimits(
-            site,
+            served,
             limits.get("http_max_connections", DEFAULT_MAX_CONNECTIONS),
             limits.get("http_max_connections_per_address", DEFAULT_MAX_CONNECTIONS_PER_ADDRESS),
             seconds=reactor.seconds,

@@ -142,22 +142,30 @@ class KVResource(resource.Resource):
     # ------------------------------------------------------------------ plumbing
 
     def render(self, request: server.Request) -> Any:
-        try:
-            answer = self._dispatch(request)
-        except BadRequest as e:
-            answer = e.response
-        except Exception:  # noqa: BLE001 - any bug in a route is a 500 and a log line, never a hang
-            answer = self._unexpected(Failure(), request)
+        answer = self.answer(request)
         if type(answer) is Response:
             try:
                 self._send(answer, request)
             except Exception:  # noqa: BLE001 - as for a deferred answer: logged, the connection's problem
                 _log.failure("writing the response failed")
         else:
-            answer.addErrback(self._unexpected, request)
             answer.addCallback(self._send, request)
             answer.addErrback(lambda f: _log.failure("writing the response failed", f))
         return server.NOT_DONE_YET
+
+    def answer(self, request: Any) -> Response | defer.Deferred[Response]:
+        """The answer to ``request`` (a twisted.web request or a
+        :class:`~kommander.kv.fastlane.FastRequest`), now or later; never an error: a refused
+        request is its 4xx, a bug in a route a 500 and a log line."""
+        try:
+            answer = self._dispatch(request)
+        except BadRequest as e:
+            return e.response
+        except Exception:  # noqa: BLE001 - any bug in a route is a 500 and a log line, never a hang
+            return self._unexpected(Failure(), request)
+        if type(answer) is Response:
+            return answer
+        return answer.addErrback(self._unexpected, request)
 
     @staticmethod
     def _unexpected(failure: Failure, request: server.Request) -> Response:

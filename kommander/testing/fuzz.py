@@ -9,9 +9,12 @@ and spliced. The only acceptable outcomes are:
 * codec: a decoded message (which must then survive an encode/decode round trip unchanged) or a
   :class:`~kommander.core.errors.ProtocolError` with ``remote=True``; any other exception is a bug;
 * HTTP: a response whose status is below 500, or 503/504 (no leader, outcome unknown), and no
-  failure in the log; a 500 or a logged traceback is a bug.
+  failure in the log; a 500 or a logged traceback is a bug;
+* the HTTP fast lane (:mod:`kommander.kv.fastlane`), differentially: the same input sent to a
+  bare twisted.web site and, on an identical node, through the fast lane must get the same status
+  codes and bodies whenever its head is complete.
 
-``python -m kommander.testing.fuzz --seconds 60`` (``make fuzz``) runs both for a bounded time;
+``python -m kommander.testing.fuzz --seconds 60`` (``make fuzz``) runs all three for a bounded time;
 ``tests/test_fuzz.py`` runs a fixed number of iterations with a fixed seed in the normal suite.
 Everything is deterministic for a given seed and iteration count.
 """
@@ -199,6 +202,9 @@ def http_seeds() -> list[bytes]:
     requests = [
         b"GET /v1/kv/k HTTP/1.1\r\nHost: t\r\n\r\n",
         b"GET /v1/kv/k?consistency=stale HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"GET /v1/kv/k?consistency=linearizable HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"PUT /v1/kv/%C3%A9 HTTP/1.1\r\nHost: t\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nv"
+        b"GET /v1/kv/%C3%A9 HTTP/1.1\r\nHost: t\r\n\r\n",
         b"PUT /v1/kv/k HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello",
         b"PUT /v1/kv/a%2Fb HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         b"DELETE /v1/kv/k HTTP/1.1\r\nHost: t\r\n\r\n",
@@ -221,6 +227,7 @@ class _Node:
         from kommander.config import RaftConfiguration
         from kommander.hookspecs import PluginContext
         from kommander.kv.auth import TokenTable
+        from kommander.kv.fastlane import FastLane
         from kommander.kv.http import make_site
         from kommander.kv.machine import KVStateMachine
         from kommander.plugins.memory_transport import MemoryNetwork, MemoryTransport
@@ -246,10 +253,12 @@ class _Node:
             if all(self.manager.get_leader(p) for p in range(2)):
                 break
             self.clock.advance(0.05)
-        self.sites = [
+        sites = [
             make_site(self.manager, machine, max_body_bytes=4096, reactor=self.clock),
             make_site(self.manager, machine, max_body_bytes=4096, reactor=self.clock, tokens=TokenTable(token_file)),
         ]
+        # Each also behind the fast lane, as twistd serves them.
+        self.sites = sites + [FastLane(site, seconds=self.clock.seconds) for site in sites]
 
     def exchange(self, site_index: int, raw: bytes) -> bytes:
         """Feed ``raw`` to a fresh connection, let simulated time pass, return what was written."""
@@ -294,7 +303,7 @@ def fuzz_http(iterations: int | None = 300, seed: int = 0, seconds: float | None
         for data in _inputs(http_seeds(), seed, iterations, seconds):
             report.runs += 1
             with capturedLogs() as events:
-                written = node.exchange(rng.randrange(2), data)
+                written = node.exchange(rng.randrange(len(node.sites)), data)
             failures = [e for e in events if "log_failure" in e]
             statuses = _statuses(written)
             for status in statuses:
@@ -308,6 +317,66 @@ def fuzz_http(iterations: int | None = 300, seed: int = 0, seconds: float | None
     return report
 
 
+def _answers(written: bytes) -> list[tuple[bytes, bytes]]:
+    """(status line's code, body) of each response in ``written``, headers left out (the fast
+    lane sends no ``Server`` header, and ``Date`` moves on)."""
+    out = []
+    rest = written
+    for _ in range(1000):
+        head, sep, rest = rest.partition(b"\r\n\r\n")
+        if not sep:
+            break
+        lines = head.split(b"\r\n")
+        code = lines[0].split(b" ")[1] if b" " in lines[0] else lines[0]
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                length = int(value)
+        if code == b"100":
+            continue
+        body = rest[:length]
+        # Metrics hold timings and counts of the node's own work: their code only.
+        out.append((code, b"<metrics>" if body.startswith(b"# HELP") else body))
+        rest = rest[length:]
+    return out
+
+
+def fuzz_fastlane(iterations: int | None = 300, seed: int = 0, seconds: float | None = None) -> Report:
+    """Differential: each mutated request goes to one node's bare twisted.web site and, on an
+    identical second node, through :class:`~kommander.kv.fastlane.FastLane`; both must give the
+    same answers (codes and bodies). A head that never ends may differ (twisted.web refuses a
+    bad line as it arrives, the fast lane once the head is whole or too long, the deadline
+    otherwise), so only inputs with a complete head are compared."""
+    import os
+    import tempfile
+
+    from twisted.logger import capturedLogs
+
+    report = Report("fastlane")
+    with tempfile.TemporaryDirectory() as directory:
+        token_file = os.path.join(directory, "tokens")
+        with open(token_file, "w") as f:
+            f.write(f"{_TOKEN} write\n")
+        os.chmod(token_file, 0o600)
+        web, fast = _Node(token_file), _Node(token_file)
+        rng = random.Random(seed + 2)
+        for data in _inputs(http_seeds(), seed, iterations, seconds):
+            report.runs += 1
+            site = rng.randrange(2)  # open, or with tokens
+            with capturedLogs() as events:
+                expected = _answers(web.exchange(site, data))
+                got = _answers(fast.exchange(site + 2, data))
+            failures = [e for e in events if "log_failure" in e]
+            report.count("same" if got == expected else "differ")
+            if failures:
+                report.bugs.append((data, f"logged {failures[0]['log_failure'].getErrorMessage()}"))
+            elif got != expected and b"\r\n\r\n" in data:
+                report.bugs.append((data, f"twisted.web answered {expected!r:.300}, the fast lane {got!r:.300}"))
+                break  # the two nodes' states may differ from here on
+    return report
+
+
 def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> int:
     """``python -m kommander.testing.fuzz [--seconds S] [--seed N]``; exit 1 if a bug was found."""
     parser = argparse.ArgumentParser(prog="python -m kommander.testing.fuzz", description=__doc__.split("\n")[0])
@@ -316,7 +385,7 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> i
     args = parser.parse_args(argv)
     out(f"seed {args.seed}")
     bugs = 0
-    for target in (fuzz_codec, fuzz_http):
+    for target in (fuzz_codec, fuzz_http, fuzz_fastlane):
         report = target(iterations=None, seed=args.seed, seconds=args.seconds)
         out(report.summary())
         for data, why in report.bugs[:10]:
