@@ -285,19 +285,26 @@ def _statuses(written: bytes) -> list[int]:
     return out
 
 
+def _write_token_file(directory: str) -> str:
+    """A token file in ``directory`` holding the fuzzer's write token; its path."""
+    import os
+
+    token_file = os.path.join(directory, "tokens")
+    with open(token_file, "w") as f:
+        f.write(f"{_TOKEN} write\n")
+    os.chmod(token_file, 0o600)
+    return token_file
+
+
 def fuzz_http(iterations: int | None = 300, seed: int = 0, seconds: float | None = None) -> Report:
     """Feed mutated raw requests to the KV API of a one-node cluster, open and with tokens."""
-    import os
     import tempfile
 
     from twisted.logger import capturedLogs
 
     report = Report("http")
     with tempfile.TemporaryDirectory() as directory:
-        token_file = os.path.join(directory, "tokens")
-        with open(token_file, "w") as f:
-            f.write(f"{_TOKEN} write\n")
-        os.chmod(token_file, 0o600)
+        token_file = _write_token_file(directory)
         node = _Node(token_file)
         rng = random.Random(seed + 1)
         for data in _inputs(http_seeds(), seed, iterations, seconds):
@@ -348,17 +355,13 @@ def fuzz_fastlane(iterations: int | None = 300, seed: int = 0, seconds: float | 
     same answers (codes and bodies). A head that never ends may differ (twisted.web refuses a
     bad line as it arrives, the fast lane once the head is whole or too long, the deadline
     otherwise), so only inputs with a complete head are compared."""
-    import os
     import tempfile
 
     from twisted.logger import capturedLogs
 
     report = Report("fastlane")
     with tempfile.TemporaryDirectory() as directory:
-        token_file = os.path.join(directory, "tokens")
-        with open(token_file, "w") as f:
-            f.write(f"{_TOKEN} write\n")
-        os.chmod(token_file, 0o600)
+        token_file = _write_token_file(directory)
         web, fast = _Node(token_file), _Node(token_file)
         rng = random.Random(seed + 2)
         for data in _inputs(http_seeds(), seed, iterations, seconds):
