@@ -106,9 +106,11 @@ def test_metrics_export_the_runtime_instruments(cluster: Cluster) -> None:
     partition = str(cluster.managers[leader].partition_for_key("k"))
     assert found[("kommander_proposals_total", (node, ("status", "success")))] >= 1
     assert found[("kommander_elections_won_total", (node, ("partition", partition)))] >= 1
-    bound = (node, ("partition", partition), ("queue", "proposals"))
+    depth = (node, ("partition", partition), ("queue", "proposals"))
+    bound = (node, ("queue", "proposals"))
     assert found[("kommander_queue_bound", bound)] == cluster.managers[leader].config.max_queued_proposals
-    assert found[("kommander_queue_depth", bound)] >= 0
+    assert found[("kommander_queue_depth", depth)] >= 0
+    assert found[("kommander_queue_depth_max", bound)] >= found[("kommander_queue_depth", depth)]
     lag = {labels for name, labels in found if name == "kommander_follower_lag_seconds" and ("partition", partition) in labels}
     assert len(lag) == len(IDS) - 1
     won = sum(v for (name, _), v in (
@@ -206,3 +208,68 @@ def test_a_small_node_renders_its_metrics_at_once(cluster, monkeypatch):
     monkeypatch.setattr(cluster.clock, "getThreadPool", lambda: pool, raising=False)
     d = NodeMetrics(cluster.managers["n1"], process=False).render_later()
     assert d.called and not pool.jobs
+
+
+def _partitions_in(found: dict) -> set[str]:
+    return {dict(labels)["partition"] for name, labels in found if "partition" in dict(labels)}
+
+
+def test_metrics_of_chosen_partitions_keep_the_node_wide_aggregates(cluster: Cluster) -> None:
+    """?partition=N shows that partition's series only, ?partitions=none none; the node-wide
+    aggregates are the same in every selection and agree with the per-partition series."""
+    leader = cluster.leader_of("k")
+    assert cluster.request(leader, "PUT", "/v1/kv/k", b"v").code == 200
+    every = samples(cluster.request(leader, "GET", "/metrics").body.decode())
+    one = samples(cluster.request(leader, "GET", "/metrics?partition=1").body.decode())
+    two = samples(cluster.request(leader, "GET", "/metrics?partition=0&partition=1").body.decode())
+    none = samples(cluster.request(leader, "GET", "/metrics?partitions=none").body.decode())
+    assert _partitions_in(every) == {str(p) for p in range(PARTITIONS)}
+    assert _partitions_in(two) == {"0", "1"} and _partitions_in(one) == {"1"} and _partitions_in(none) == set()
+    node = ("node", leader)
+    led = sum(v for (name, labels), v in every.items() if name == "kommander_partition_role" and ("role", "leader") in labels)
+    for found in (every, one, none):
+        assert found[("kommander_partitions", (node, ("role", "leader")))] == led >= 1
+        assert sum(v for (name, _), v in found.items() if name == "kommander_partitions") == PARTITIONS
+        assert found[("kommander_partitions_leaderless", (node,))] == 0
+    won = sum(v for (name, _), v in every.items() if name == "kommander_elections_won_total")
+    changes = sum(v for (name, _), v in every.items() if name == "kommander_leader_changes_total")
+    assert none[("kommander_node_elections_won_total", (node,))] == won >= 1
+    assert none[("kommander_node_leader_changes_total", (node,))] == changes >= 1
+    for follower in IDS:
+        if follower != leader:
+            worst = max(v for (name, labels), v in every.items()
+                        if name == "kommander_follower_lag_entries" and ("follower", follower) in labels)
+            assert none[("kommander_follower_lag_entries_max", (("follower", follower), node))] == worst
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["partition=x", "partition=-1", "partition=%d" % PARTITIONS, "partition=1e3", "partitions=some",
+     "partitions=all&partitions=none", "partition=0&partitions=all", "partition=%C2%B2"],
+)
+def test_a_bad_metrics_selection_is_refused_and_the_node_serves_on(cluster: Cluster, query: str) -> None:
+    """Malformed: 400; a partition the node does not have: 404, as for GET /v1/health."""
+    reply = cluster.request("n1", "GET", "/metrics?" + query)
+    assert reply.code == (404 if query == "partition=%d" % PARTITIONS else 400), reply.body
+    assert "partition" in reply.body.decode()
+    assert cluster.request("n1", "GET", "/metrics").code == 200
+
+
+def test_scrapes_of_different_partitions_do_not_share_a_render(cluster, monkeypatch):
+    from kommander.ops import metrics
+
+    pool = _HeldPool()
+    monkeypatch.setattr(metrics, "THREADED_FROM_PARTITIONS", 1)
+    monkeypatch.setattr(cluster.clock, "getThreadPool", lambda: pool, raising=False)
+    monkeypatch.setattr(cluster.clock, "callFromThread", lambda f, *a, **kw: f(*a, **kw), raising=False)
+    node_metrics = NodeMetrics(cluster.managers["n1"], process=False)
+    every, first = node_metrics.render_later(), node_metrics.render_later(frozenset({0}))
+    assert len(pool.jobs) == 2
+    nothing = node_metrics.render_later(frozenset())  # no partition series: at once
+    assert nothing.called and len(pool.jobs) == 2
+    pool.run()
+    texts = []
+    for d in (every, first):
+        d.addCallback(texts.append)
+    assert _partitions_in(samples(texts[0].decode())) == {str(p) for p in range(PARTITIONS)}
+    assert _partitions_in(samples(texts[1].decode())) == {"0"}

@@ -13,7 +13,7 @@ from kommander.kv.parsing import read_body, require_json
 from kommander.kv.responses import Response, bad, error_response, json_response, method_not_allowed
 from kommander.ops import health
 from kommander.ops.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
-from kommander.ops.metrics import NodeMetrics
+from kommander.ops.metrics import NodeMetrics, select_partitions
 
 _MEMBERS_METHODS = (b"GET", b"POST")
 _MEMBER_METHODS = (b"DELETE",)
@@ -54,8 +54,14 @@ class AdminRoutes:
             raise bad(str(e), 404) from None
         return json_response(200 if healthy else 503, document)
 
-    def render_metrics(self) -> defer.Deferred[Response]:
-        return self.metrics.render_later().addCallback(lambda body: Response(200, body, _METRICS_TYPE))
+    def render_metrics(self, request: Any) -> defer.Deferred[Response]:
+        try:
+            partitions = select_partitions(request.args, self.manager.partitions)
+        except ValueError as e:
+            raise bad(str(e), 400) from None
+        except LookupError as e:
+            raise bad(str(e), 404) from None
+        return self.metrics.render_later(partitions).addCallback(lambda body: Response(200, body, _METRICS_TYPE))
 
     def members(self, request: Any) -> Response | defer.Deferred[Response]:
         path, method = request.postpath, request.method

@@ -266,7 +266,7 @@ class KVResource(resource.Resource):
                 return self.admin.status()
             if path == _HEALTH:
                 return self.admin.health(request)
-            return self.admin.render_metrics()
+            return self.admin.render_metrics(request)
         if path[:2] == _MEMBERS and len(path) in (2, 3):
             return self.admin.members(request)
         raise bad("unknown path", 404)

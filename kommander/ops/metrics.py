@@ -25,7 +25,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from kommander.runtime.traffic import REFUSAL_REASONS, UNKNOWN
 
-__all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics", "histogram"]
+__all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics", "histogram", "select_partitions"]
 
 _ROLES = ("follower", "pre-candidate", "candidate", "leader")
 _QUEUES = ("proposals", "apply", "reads")
@@ -59,48 +59,61 @@ class NodeMetrics:
         self._collector = _RuntimeCollector(self)
         self.registry.register(self._collector)
         self._process = ProcessCollector(namespace="kommander", registry=self.registry) if process else None
-        #: While a threaded render runs: the scrapes waiting for its result.
-        self._rendering: list[defer.Deferred[bytes]] | None = None
+        #: While a threaded render runs: the scrapes waiting for its result, by the partitions
+        #: they asked for.
+        self._rendering: dict[frozenset[int] | None, list[defer.Deferred[bytes]]] = {}
 
     def _leader_changed(self, partition: int, leader: Any = None, *_: Any) -> None:
         self.leader_changes[partition] = self.leader_changes.get(partition, 0) + 1
 
-    def render(self) -> bytes:
-        """The Prometheus text exposition of every metric (all on the calling thread)."""
-        return generate_latest(self.registry)
+    def render(self, partitions: frozenset[int] | None = None) -> bytes:
+        """The Prometheus text exposition (all on the calling thread).
 
-    def render_later(self) -> "defer.Deferred[bytes]":
+        :param partitions: the partitions whose per-partition series to include (see
+            :func:`select_partitions`); ``None`` for every one. The node-wide series, the
+            aggregates over every partition among them, are always there.
+        """
+        if partitions is None:
+            return generate_latest(self.registry)
+        return generate_latest(self._registry(self._collector.collect_families(partitions)))
+
+    def _registry(self, families: list[Any]) -> CollectorRegistry:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Fixed(families))
+        if self._process is not None:
+            registry.register(self._process)
+        return registry
+
+    def render_later(self, partitions: frozenset[int] | None = None) -> "defer.Deferred[bytes]":
         """The exposition, as :meth:`render`, without holding the reactor thread for long.
 
-        With many partitions (:data:`THREADED_FROM_PARTITIONS`) only the reading of the runtime
-        happens here, into plain values; building the metric families from them and formatting
-        the text run in the reactor's thread pool. The formatting still takes the GIL, but in
-        slices the reactor interleaves with. Scrapes that arrive while one is being formatted
-        share its result, so a burst of them costs one. Otherwise this is :meth:`render`.
+        When the series of many partitions (:data:`THREADED_FROM_PARTITIONS`) are asked for,
+        only the reading of the runtime happens here, into plain values; building the metric
+        families from them and formatting the text run in the reactor's thread pool. The
+        formatting still takes the GIL, but in slices the reactor interleaves with. Scrapes of
+        the same partitions that arrive while one is being formatted share its result, so a
+        burst of them costs one. Otherwise this is :meth:`render`.
         """
         manager = self.manager
         pool = getattr(manager.reactor, "getThreadPool", None)
-        if pool is None or len(manager.runtimes) < THREADED_FROM_PARTITIONS:
-            return defer.succeed(self.render())
-        if self._rendering is not None:
+        shown = len(manager.runtimes) if partitions is None else len(partitions)
+        if pool is None or shown < THREADED_FROM_PARTITIONS:
+            return defer.succeed(self.render(partitions))
+        if partitions in self._rendering:
             shared: defer.Deferred[bytes] = defer.Deferred()
-            self._rendering.append(shared)
+            self._rendering[partitions].append(shared)
             return shared
         waiting: list[defer.Deferred[bytes]] = []
-        self._rendering = waiting
-        families = list(self._collector.collect_without_partitions())
+        self._rendering[partitions] = waiting
+        families = list(self._collector.collect_node(partitions))
         rows = _partition_rows(manager, self.leader_changes)
-        node, bounds, process = str(manager.node_id), _queue_bounds(manager.config), self._process
+        node, bounds = str(manager.node_id), _queue_bounds(manager.config)
 
         def build() -> bytes:
-            registry = CollectorRegistry(auto_describe=False)
-            registry.register(_Fixed([*_partition_families(rows, node, bounds), *families]))
-            if process is not None:
-                registry.register(process)
-            return generate_latest(registry)
+            return generate_latest(self._registry([*_partition_families(rows, node, bounds, partitions), *families]))
 
         def done(result: Any) -> Any:
-            self._rendering = None
+            del self._rendering[partitions]
             for d in waiting:
                 if isinstance(result, Failure):
                     d.errback(result)
@@ -118,13 +131,17 @@ class _RuntimeCollector:
     def __init__(self, owner: NodeMetrics) -> None:
         self.owner = owner
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> list[Any]:
+        return self.collect_families(None)
+
+    def collect_families(self, partitions: frozenset[int] | None) -> list[Any]:
         manager = self.owner.manager
         rows = _partition_rows(manager, self.owner.leader_changes)
-        yield from _partition_families(rows, str(manager.node_id), _queue_bounds(manager.config))
-        yield from self.collect_without_partitions()
+        bounds = _queue_bounds(manager.config)
+        return [*_partition_families(rows, str(manager.node_id), bounds, partitions), *self.collect_node(partitions)]
 
-    def collect_without_partitions(self) -> Iterator[Any]:
+    def collect_node(self, partitions: frozenset[int] | None) -> Iterator[Any]:
+        """Everything but the partition families (the elections of ``partitions`` only)."""
         manager = self.owner.manager
         node = str(manager.node_id)
         for key, text in _COUNTERS.items():
@@ -141,7 +158,7 @@ class _RuntimeCollector:
         yield running
         instruments = getattr(manager, "instruments", None)
         if instruments is not None:
-            yield from _node_instruments(instruments, node)
+            yield from _node_instruments(instruments, node, partitions)
         yield from _wal(manager, node)
         yield from _transport(manager, node)
 
@@ -204,8 +221,12 @@ def _partition_rows(manager: Any, leader_changes: dict[int, int]) -> list[tuple[
     return rows
 
 
-def _partition_families(rows: list[tuple[Any, ...]], node: str, bounds: tuple[int, int, int]) -> list[Any]:
-    """The partition metric families of :func:`_partition_rows`' rows (touches nothing else)."""
+def _partition_families(
+    rows: list[tuple[Any, ...]], node: str, bounds: tuple[int, int, int], partitions: frozenset[int] | None = None
+) -> list[Any]:
+    """The partition metric families of :func:`_partition_rows`' rows (touches nothing else):
+    the node-wide aggregates over every row, and the per-partition series of the rows in
+    ``partitions`` (every row when ``None``)."""
     labels = ["node", "partition"]
     role = GaugeMetricFamily("kommander_partition_role", "1 for the partition's current role", labels=[*labels, "role"])
     term = GaugeMetricFamily("kommander_partition_term", "Current Raft term", labels=labels)
@@ -227,10 +248,22 @@ def _partition_families(rows: list[tuple[Any, ...]], node: str, bounds: tuple[in
     depth = GaugeMetricFamily(
         "kommander_queue_depth", "Items waiting in a bounded queue of the partition", labels=[*labels, "queue"]
     )
-    bound = GaugeMetricFamily(
-        "kommander_queue_bound", "The bound of that queue (refusals or back-pressure beyond it)", labels=[*labels, "queue"]
-    )
+    roles = dict.fromkeys(_ROLES, 0)
+    leaderless = changed_all = 0
+    worst_lag: dict[str, int] = {}
+    worst_seconds: dict[str, float] = {}
+    deepest = [0, 0, 0]
     for number, current, term_, committed, applied_, last_index, leader_known, followers, changed, sizes in rows:
+        roles[current] = roles.get(current, 0) + 1
+        leaderless += not leader_known
+        changed_all += changed
+        for peer, behind, seconds in followers:
+            worst_lag[peer] = max(behind, worst_lag.get(peer, 0))
+            if seconds is not None:
+                worst_seconds[peer] = max(seconds, worst_seconds.get(peer, 0.0))
+        deepest = [max(pair) for pair in zip(deepest, sizes)]
+        if partitions is not None and int(number) not in partitions:
+            continue
         values = [node, number]
         for name in _ROLES:
             role.add_metric([*values, name], 1.0 if name == current else 0.0)
@@ -244,26 +277,108 @@ def _partition_families(rows: list[tuple[Any, ...]], node: str, bounds: tuple[in
             if seconds is not None:
                 lag_seconds.add_metric([*values, peer], seconds)
         changes.add_metric(values, changed)
-        for queue, size, limit in zip(_QUEUES, sizes, bounds):
+        for queue, size in zip(_QUEUES, sizes):
             depth.add_metric([*values, queue], size)
-            bound.add_metric([*values, queue], limit)
-    return [role, term, commit, applied, last, has_leader, lag, lag_seconds, changes, depth, bound]
+    families = [role, term, commit, applied, last, has_leader, lag, lag_seconds, changes, depth]
+    changes_all = CounterMetricFamily("kommander_node_leader_changes", "Leader changes seen, all partitions", labels=["node"])
+    changes_all.add_metric([node], changed_all)
+    families.append(changes_all)
+    return [*families, *_node_partition_families(node, roles, leaderless, worst_lag, worst_seconds, deepest, bounds)]
+
+
+def _node_partition_families(
+    node: str,
+    roles: dict[str, int],
+    leaderless: int,
+    worst_lag: dict[str, int],
+    worst_seconds: dict[str, float],
+    deepest: list[int],
+    bounds: tuple[int, int, int],
+) -> list[Any]:
+    """The aggregates over every partition: what to alert on without per-partition series."""
+    count = GaugeMetricFamily("kommander_partitions", "Partitions of this node in each role", labels=["node", "role"])
+    for name, number in roles.items():
+        count.add_metric([node, name], number)
+    without = GaugeMetricFamily("kommander_partitions_leaderless", "Partitions with no known leader", labels=["node"])
+    without.add_metric([node], leaderless)
+    lag = GaugeMetricFamily(
+        "kommander_follower_lag_entries_max",
+        "Over the partitions this node leads: the most entries a follower is behind",
+        labels=["node", "follower"],
+    )
+    for peer, behind in sorted(worst_lag.items()):
+        lag.add_metric([node, peer], behind)
+    lag_seconds = GaugeMetricFamily(
+        "kommander_follower_lag_seconds_max",
+        "Over the partitions this node leads: the oldest entry a follower has not acknowledged",
+        labels=["node", "follower"],
+    )
+    for peer, seconds in sorted(worst_seconds.items()):
+        lag_seconds.add_metric([node, peer], seconds)
+    depth = GaugeMetricFamily(
+        "kommander_queue_depth_max", "The deepest partition queue of each kind", labels=["node", "queue"]
+    )
+    bound = GaugeMetricFamily(
+        "kommander_queue_bound",
+        "The bound of each partition queue (refusals or back-pressure beyond it; the same for every partition)",
+        labels=["node", "queue"],
+    )
+    for queue, size, limit in zip(_QUEUES, deepest, bounds):
+        depth.add_metric([node, queue], size)
+        bound.add_metric([node, queue], limit)
+    return [count, without, lag, lag_seconds, depth, bound]
+
+
+def select_partitions(args: dict[bytes, list[bytes]], count: int) -> frozenset[int] | None:
+    """The partitions ``GET /metrics`` shows series of, from its query arguments.
+
+    No argument, or ``partitions=all``: every one (``None``). ``partitions=none``: none, only the
+    node-wide series. ``partition=N`` (repeatable): those.
+
+    :raises ValueError: a malformed argument.
+    :raises LookupError: a partition the node does not have.
+    """
+    chosen = args.get(b"partition")
+    mode = args.get(b"partitions")
+    if mode is not None and (len(mode) != 1 or mode[0] not in (b"all", b"none")):
+        raise ValueError("partitions must be 'all' or 'none'")
+    if chosen is not None:
+        if mode is not None:
+            raise ValueError("give either partition=N or partitions=all|none, not both")
+        numbers = set()
+        for raw in chosen:
+            text = raw.decode("ascii", "replace")
+            if not text.isascii() or not text.isdigit() or len(text) > 9:
+                raise ValueError("partition must be a non-negative integer")
+            if int(text) >= count:
+                raise LookupError(f"no partition {int(text)}: this node has {count}")
+            numbers.add(int(text))
+        return frozenset(numbers)
+    if mode == [b"none"]:
+        return frozenset()
+    return None
 
 
 def _queue_bounds(config: Any) -> tuple[int, int, int]:
     return (config.max_queued_proposals, config.max_apply_queue, config.max_pending_reads)
 
 
-def _node_instruments(instruments: Any, node: str) -> Iterator[Any]:
-    """The runtime's :class:`~kommander.runtime.instruments.NodeInstruments`."""
+def _node_instruments(instruments: Any, node: str, partitions: frozenset[int] | None) -> Iterator[Any]:
+    """The runtime's :class:`~kommander.runtime.instruments.NodeInstruments` (the elections of
+    ``partitions`` only; of every partition when ``None``), with election totals for the node."""
     labels = ["node", "partition"]
     started = CounterMetricFamily("kommander_elections_started", "Campaigns this node started", labels=labels)
     won = CounterMetricFamily("kommander_elections_won", "Campaigns this node won (it became leader)", labels=labels)
-    for partition, count in sorted(instruments.elections_started.items()):
-        started.add_metric([node, str(partition)], count)
-    for partition, count in sorted(instruments.elections_won.items()):
-        won.add_metric([node, str(partition)], count)
+    for family, counts in ((started, instruments.elections_started), (won, instruments.elections_won)):
+        for partition, count in sorted(counts.items()):
+            if partitions is None or partition in partitions:
+                family.add_metric([node, str(partition)], count)
     yield from (started, won)
+    started_all = CounterMetricFamily("kommander_node_elections_started", "Campaigns this node started, all partitions", labels=["node"])
+    won_all = CounterMetricFamily("kommander_node_elections_won", "Campaigns this node won, all partitions", labels=["node"])
+    started_all.add_metric([node], sum(instruments.elections_started.values()))
+    won_all.add_metric([node], sum(instruments.elections_won.values()))
+    yield from (started_all, won_all)
     proposals = CounterMetricFamily("kommander_proposals", "Write results by status", labels=["node", "status"])
     for status, count in sorted(instruments.outcomes().items()):
         proposals.add_metric([node, status], count)
