@@ -19,6 +19,8 @@ For every P (default 1, 64, 1024) it prints one line:
   ``metrics_bytes`` the size of one (what a Prometheus scrape costs at this partition count), and
   ``get_during_scrape_max_ms`` the slowest stale ``GET /v1/kv/probe`` (a read served by the node
   itself) sent one after another meanwhile: how long a scrape holds the node's reactor thread.
+  ``metrics_cpu_ms`` is the node's CPU per scrape (ten in a row, nothing else sent); the
+  ``metrics_node_wide_*`` figures are the same for ``GET /metrics?partitions=none``.
 
 Figures only, never a pass/fail. Run::
 
@@ -126,8 +128,21 @@ def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
     return {n: 100.0 * (after[n] - before[n]) / CLK_TCK / seconds for n in pids}
 
 
-def scrape(url: str, times: int = 5) -> tuple[float, int, float]:
-    """Median milliseconds of ``times`` scrapes of ``url``/metrics, the size of the last, and
+#: The scrape without per-partition series (docs/metrics.rst, "Choosing partitions").
+NODE_WIDE = "/metrics?partitions=none"
+
+
+def scrape_cpu_ms(url: str, pid: int, path: str = "/metrics", times: int = 10) -> float:
+    """The node's CPU milliseconds per scrape of ``url`` + ``path``, over ``times`` scrapes one
+    after another with nothing else sent to it."""
+    before = cpu_ticks(pid)
+    for _ in range(times):
+        http_call("GET", url + path, timeout=30)
+    return 1000.0 * (cpu_ticks(pid) - before) / CLK_TCK / times
+
+
+def scrape(url: str, times: int = 5, path: str = "/metrics") -> tuple[float, int, float]:
+    """Median milliseconds of ``times`` scrapes of ``url`` + ``path``, the size of the last, and
     the slowest stale ``GET /v1/kv/...`` of the same node sent one after another meanwhile (how
     long a scrape holds the node's reactor, which serves heartbeats too)."""
     spent, size = [], 0
@@ -147,7 +162,7 @@ def scrape(url: str, times: int = 5) -> tuple[float, int, float]:
     try:
         for _ in range(times):
             t = time.monotonic()
-            result = http_call("GET", url + "/metrics", timeout=30)
+            result = http_call("GET", url + path, timeout=30)
             spent.append(1000 * (time.monotonic() - t))
             size = len(result.body)
     finally:
@@ -169,6 +184,9 @@ def run(partitions: int, idle: float, settle: float, limit: float, steady: float
         pids = {n: cluster.node(n).pid for n in ids}
         cpu = idle_cpu(pids, idle)
         scrape_ms, scrape_bytes, status_ms = scrape(cluster.url(ids[0]))
+        node_ms, node_bytes, _ = scrape(cluster.url(ids[0]), path=NODE_WIDE)
+        full_cpu = scrape_cpu_ms(cluster.url(ids[0]), pids[ids[0]])
+        node_cpu = scrape_cpu_ms(cluster.url(ids[0]), pids[ids[0]], NODE_WIDE)
         led = leaders(cluster, ids)
         counts = {n: sum(1 for v in led.values() if v == n) for n in ids}
         victim = max(ids, key=lambda n: counts[n])
@@ -189,7 +207,8 @@ def run(partitions: int, idle: float, settle: float, limit: float, steady: float
             f"idle_cpu_max_pct={max(cpu.values()):.1f} failover_s={fmt(failover)} led_by_killed={len(lost)} "
             f"degraded_idle_cpu_max_pct={max(degraded.values()):.1f} restart_s={fmt(restart)} "
             f"metrics_scrape_ms={scrape_ms:.1f} metrics_bytes={scrape_bytes} "
-            f"get_during_scrape_max_ms={status_ms:.1f}"
+            f"get_during_scrape_max_ms={status_ms:.1f} metrics_cpu_ms={full_cpu:.1f} "
+            f"metrics_node_wide_ms={node_ms:.1f} metrics_node_wide_bytes={node_bytes} metrics_node_wide_cpu_ms={node_cpu:.1f}"
         )
 
 
