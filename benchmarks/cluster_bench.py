@@ -19,10 +19,17 @@ What it does, every process on 127.0.0.1 and stopped (by PID) at the end:
    the killed node is restarted (same data directory) between trials.
 5. *Overload*: open-loop writes at twice the measured capacity; statuses and RSS over time.
 6. *Partitions*: a second cluster with 8 partitions whose leaders are spread over the 3 nodes
-   (leadership transfers), 1,000 writes in flight spread over them, against one partition.
+   (leadership transfers), 1,000 writes in flight spread over them, against one partition; then
+   the same with 64 partitions.
 7. *PySyncObj*: the peer script (``../shared/peers/bench_pysyncobj.py``) in a separate venv
    (``.bench-venv``, created here when missing from ``benchmarks/requirements-bench.txt``) with
    the same payload and in-flight counts.
+8. *etcd*, when ``etcd`` is on the PATH (``apt-get install etcd-server``): the peer script
+   (``../shared/peers/bench_etcd.py``), 3 members with fsync on, PUTs at 1, 64 and 1,000
+   connections and linearizable GETs at 64 and 1,000 through its HTTP/JSON gateway, as the HTTP
+   phase loads ours; the line before the last then reads
+   ``kommander_http_put_ops_per_s=X etcd_put_ops_per_s=Y etcd_ratio=Z`` (PUTs at 1,000
+   connections).
 
 Results go to ``benchmarks/results/latest.json``; ``--plot`` draws ``docs/perf-throughput.png``;
 ``--profile S`` records the leader under 1,000 writes in flight with py-spy for S seconds and
@@ -67,6 +74,7 @@ from bench_cluster import (
 from bench_profile import phase_profile, print_profile
 
 DEFAULT_PEER_SCRIPT = REPO.parent / "shared" / "peers" / "bench_pysyncobj.py"
+DEFAULT_ETCD_SCRIPT = REPO.parent / "shared" / "peers" / "bench_etcd.py"
 RESULTS = HERE / "results" / "latest.json"
 PLOT = REPO / "docs" / "perf-throughput.png"
 LEVELS = (1, 64, 1000)
@@ -325,6 +333,39 @@ def run_pysyncobj(python: Path, script: Path, workdir: Path, inflight: int, jour
     return run
 
 
+def phase_etcd(workdir: Path, script: Path, etcd: str, seconds: float) -> dict[str, Any]:
+    """etcd (the peer script ``bench_etcd.py``: 3 members, fsync on, its HTTP/JSON gateway) PUT
+    and linearizable GET at the HTTP phase's connection counts, as ``{"put": {"1000": run}, ...}``."""
+    out = workdir / "etcd.json"
+    command = [
+        sys.executable, str(script), "--seconds", str(seconds), "--json", str(out), "--etcd", etcd,
+        "--put-connections", ",".join(map(str, LEVELS)), "--get-connections", "64,1000",
+        "--workdir", str(workdir / "etcd"), "--no-stub",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=workdir)
+    STARTED.append(proc)
+    try:
+        output, _ = proc.communicate(timeout=120 + 12 * seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        raise RuntimeError("the etcd peer script did not finish in time") from None
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"the etcd peer script failed:\n{output.decode()[-3000:]}")
+    document = json.loads(out.read_text())
+    results: dict[str, Any] = {"version": document.get("etcd_version"), "durability": document.get("durability")}
+    for phase in document["phases"]:
+        run = phase.get("etcd")
+        if not run:
+            continue
+        results.setdefault(phase["op"], {})[str(phase["connections"])] = run
+        log(
+            f"  etcd {phase['op']:<3} {phase['connections']:>5} connections: {run['ops_per_s']:>8,.0f} ops/s  "
+            f"p50 {fmt_ms(run.get('p50_ms'))}  p99 {fmt_ms(run.get('p99_ms'))} ms"
+        )
+    return results
+
+
 def phase_pysyncobj(workdir: Path, script: Path) -> dict[str, Any]:
     python = ensure_bench_venv()
     version = subprocess.run(
@@ -382,6 +423,23 @@ def goals(results: dict) -> dict[str, dict]:
     if parts and "1000" in lib:
         value = parts["ops_per_s"] / lib["1000"]["ops_per_s"]
         out["8 partitions >= 1 partition"] = {"value": value, "met": value >= 1}
+    many = results.get("partitions_64")
+    if many and "1000" in lib:
+        value = many["ops_per_s"] / lib["1000"]["ops_per_s"]
+        out["64 partitions >= 0.9x 1 partition"] = {"value": value, "met": value >= 0.9}
+    # Issue 14's goals (writes; the read goals are benchmarks/read_bench.py's).
+    out["6x PySyncObj at 1,000 in flight"] = {"value": ratio, "met": ratio is not None and ratio >= 6}
+    http = results.get("http", {})
+    if "1000" in http:
+        value = http["1000"]["ops_per_s"]
+        out["10,000 HTTP PUTs/s at 1,000 connections"] = {"value": value, "met": value >= 10_000}
+    if "64" in lib:
+        out["p99 <= 5 ms at 64 in flight"] = {"value": lib["64"]["p99_ms"], "met": lib["64"]["p99_ms"] <= 5}
+    if "1" in lib:
+        out["p50 <= 1.2 ms sequential"] = {"value": lib["1"]["p50_ms"], "met": lib["1"]["p50_ms"] <= 1.2}
+    etcd_ratio = results.get("etcd_ratio")
+    if etcd_ratio is not None:
+        out["2x etcd's HTTP PUTs at 1,000 connections"] = {"value": etcd_ratio, "met": etcd_ratio >= 2}
     over = results.get("overload")
     if over:
         full = over["statuses"].get("queue_full", 0)
@@ -431,6 +489,14 @@ def print_tables(results: dict) -> None:
                 f"{fmt_ms(run.get('p999_ms')):>7}  {('0 (never)' if fl is None else f'{fl:.3f}'):>10}  "
                 f"{('0 (never)' if fa is None else f'{fa:.3f}'):>12}  {cpu:<24}  {rss:<14}  "
                 f"{run.get('other_processes_cpu_share', 0):.0%}")  # fmt: skip
+    etcd = results.get("etcd")
+    if etcd:
+        log(f"\netcd {etcd.get('version')} (peer script, HTTP/JSON gateway, fsync per batch)")
+        log(f"{'op':>4}  {'connections':>11}  {'ops/s':>9}  {'p50 ms':>7}  {'p99 ms':>7}  {'p999 ms':>7}")
+        for op in ("put", "get"):
+            for level, run in etcd.get(op, {}).items():
+                log(f"{op:>4}  {level:>11}  {run['ops_per_s']:>9,.0f}  {fmt_ms(run.get('p50_ms')):>7}  "
+                    f"{fmt_ms(run.get('p99_ms')):>7}  {fmt_ms(run.get('p999_ms')):>7}")
     log("\nGoals")
     for name, verdict in results["goals"].items():
         value = verdict["value"]
@@ -460,8 +526,9 @@ def main() -> int:
     parser.add_argument("--failover-trials", type=int, default=10)
     parser.add_argument("--overload-seconds", type=float, default=10.0)
     parser.add_argument("--peer-script", type=Path, default=DEFAULT_PEER_SCRIPT)
+    parser.add_argument("--etcd-script", type=Path, default=DEFAULT_ETCD_SCRIPT)
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["library", "http", "failover", "overload", "partitions", "pysyncobj"])  # fmt: skip
+                        choices=["library", "http", "failover", "overload", "partitions", "pysyncobj", "etcd"])  # fmt: skip
     parser.add_argument("--plot", action="store_true", help=f"draw {PLOT.relative_to(REPO)} (matplotlib, bench venv)")
     parser.add_argument("--profile", type=float, default=0, metavar="S", help="only profile the leader for S seconds")
     parser.add_argument("--json", type=Path, default=RESULTS)
@@ -526,6 +593,9 @@ def main() -> int:
             main_cluster.stop()
         if "partitions" not in args.skip:
             results["partitions"] = timed(results, "partitions", lambda: phase_partitions(workdir, args.seconds))
+            results["partitions_64"] = timed(
+                results, "partitions_64", lambda: phase_partitions(workdir, args.seconds, partitions=64)
+            )
         if "pysyncobj" not in args.skip:
             if args.peer_script.exists():
                 log(f"PySyncObj: {args.peer_script}")
@@ -533,6 +603,17 @@ def main() -> int:
                 pysyncobj_1000 = results["pysyncobj"]["1000"]["ops_per_s"]
             else:
                 log(f"PySyncObj skipped: no peer script at {args.peer_script} (--peer-script)")
+        etcd = shutil.which("etcd")
+        if "etcd" in args.skip:
+            pass
+        elif etcd is None or not args.etcd_script.exists():
+            log(f"etcd skipped: {'no etcd on PATH (apt-get install etcd-server)' if etcd is None else f'no peer script at {args.etcd_script}'}")
+        else:
+            log(f"etcd: {args.etcd_script} with {etcd}")
+            results["etcd"] = timed(results, "etcd", lambda: phase_etcd(workdir, args.etcd_script, etcd, args.seconds))
+            http_1000 = results.get("http", {}).get("1000", {}).get("ops_per_s")
+            etcd_1000 = results["etcd"].get("put", {}).get("1000", {}).get("ops_per_s")
+            results["etcd_ratio"] = http_1000 / etcd_1000 if http_1000 and etcd_1000 else None
         results["ratio"] = kommander_1000 / pysyncobj_1000 if kommander_1000 and pysyncobj_1000 else None
         results["goals"] = goals(results)
         results["wall_s"] = round(time.monotonic() - started, 1)
@@ -549,6 +630,15 @@ def main() -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
         fmt = lambda v: "nan" if v is None else f"{v:.0f}"  # noqa: E731
+        if "etcd" in results:
+            http_1000 = results.get("http", {}).get("1000", {}).get("ops_per_s")
+            etcd_1000 = results["etcd"].get("put", {}).get("1000", {}).get("ops_per_s")
+            etcd_ratio = results.get("etcd_ratio")
+            print(
+                f"kommander_http_put_ops_per_s={fmt(http_1000)} etcd_put_ops_per_s={fmt(etcd_1000)} "
+                f"etcd_ratio={'nan' if etcd_ratio is None else f'{etcd_ratio:.2f}'}",
+                flush=True,
+            )
         ratio = results.get("ratio")
         print(
             f"kommander_ops_per_s={fmt(kommander_1000)} pysyncobj_ops_per_s={fmt(pysyncobj_1000)} "
