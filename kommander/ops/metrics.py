@@ -301,20 +301,17 @@ def _node_partition_families(
         count.add_metric([node, name], number)
     without = GaugeMetricFamily("kommander_partitions_leaderless", "Partitions with no known leader", labels=["node"])
     without.add_metric([node], leaderless)
-    lag = GaugeMetricFamily(
-        "kommander_follower_lag_entries_max",
-        "Over the partitions this node leads: the most entries a follower is behind",
-        labels=["node", "follower"],
-    )
-    for peer, behind in sorted(worst_lag.items()):
-        lag.add_metric([node, peer], behind)
-    lag_seconds = GaugeMetricFamily(
-        "kommander_follower_lag_seconds_max",
-        "Over the partitions this node leads: the oldest entry a follower has not acknowledged",
-        labels=["node", "follower"],
-    )
-    for peer, seconds in sorted(worst_seconds.items()):
-        lag_seconds.add_metric([node, peer], seconds)
+    lags = []
+    for name, text, worst in (
+        ("entries", "the most entries a follower is behind", worst_lag),
+        ("seconds", "the oldest entry a follower has not acknowledged", worst_seconds),
+    ):
+        lag = GaugeMetricFamily(
+            f"kommander_follower_lag_{name}_max", f"Over the partitions this node leads: {text}", labels=["node", "follower"]
+        )
+        for peer, value in sorted(worst.items()):
+            lag.add_metric([node, peer], value)
+        lags.append(lag)
     depth = GaugeMetricFamily(
         "kommander_queue_depth_max", "The deepest partition queue of each kind", labels=["node", "queue"]
     )
@@ -326,7 +323,7 @@ def _node_partition_families(
     for queue, size, limit in zip(_QUEUES, deepest, bounds):
         depth.add_metric([node, queue], size)
         bound.add_metric([node, queue], limit)
-    return [count, without, lag, lag_seconds, depth, bound]
+    return [count, without, *lags, depth, bound]
 
 
 def select_partitions(args: dict[bytes, list[bytes]], count: int) -> frozenset[int] | None:
