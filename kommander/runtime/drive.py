@@ -29,8 +29,8 @@ and the write that completes next resumes the loop with everything gathered mean
 has quiesced (see :mod:`kommander.core.quiesce`) and the runtime holds nothing for it that has a
 deadline (queued or in-flight requests, reads, undecided tickets); anything that reaches it (a
 message, a proposal, a read) brings it back through :meth:`DriveLoop.mark_dirty`. So an idle
-node's tick costs the same whatever its partition count. Every tick also sends one
-:class:`~kommander.core.types.NodeHeartbeat` to each peer (none while the disk is stalled: a node
+node's tick costs the same whatever its partition count. Every other tick (see
+:mod:`kommander.runtime.liveness`) also sends one :class:`~kommander.core.types.NodeHeartbeat` to each peer (none while the disk is stalled: a node
 that cannot lead must not vouch for the partitions quiesced under it), and a peer not heard from
 for the minimum election timeout is *unreachable*. Every partition is told the set whenever it
 changes (see :meth:`~kommander.core.quiesce.Quiesce.note_liveness`): those quiesced with a node
@@ -115,6 +115,10 @@ class DriveLoop(NodeLiveness):
         #: Peers silent for the liveness timeout (until heard from again).
         self._unreachable: set[str] = set()
         self._liveness_timeout = low * self.config.heartbeat_interval
+        #: Node heartbeats go out every this many ticks: a fifth of the liveness timeout or less
+        #: (every other tick with the defaults), so a peer hears about five in each timeout.
+        self._node_heartbeat_ticks = max(1, low // 5)
+        self._ticks = 0
         #: Logs messages a transport refused as too large for a frame (see ``_send_each``).
         self._log_unsendable = RateLimitedLog(self.log.warn, self.reactor.seconds)
 

@@ -1,7 +1,8 @@
 """Node liveness and the awake set, as a mixin of :class:`~kommander.runtime.drive.DriveLoop`.
 
-Every tick the node sends one :class:`~kommander.core.types.NodeHeartbeat` to each peer, and
-a peer not heard from for the minimum election timeout is *unreachable*; every partition is told
+Every other tick (a fifth of the liveness timeout or less) the node sends one
+:class:`~kommander.core.types.NodeHeartbeat` to each peer, and a peer not heard from for the
+minimum election timeout is *unreachable*; every partition is told
 the set whenever it changes (:meth:`~kommander.core.quiesce.Quiesce.note_liveness`). Only awake
 partitions are ticked: one leaves the awake set when its core has quiesced and the runtime holds
 nothing with a deadline for it. The attributes it uses are set up by ``_init_drive_loop``.
@@ -31,6 +32,8 @@ class NodeLiveness:
     _last_heard: dict[str, float]
     _unreachable: set[str]
     _liveness_timeout: float
+    _node_heartbeat_ticks: int
+    _ticks: int
     _dirty: dict[int, Any]
     _send: Any
     mark_dirty: Any
@@ -75,7 +78,7 @@ class NodeLiveness:
             self._awake.discard(number)
 
     def _liveness(self, now: float, stalled: bool) -> None:
-        """Once a tick: note who was heard from, send node heartbeats, find silent peers."""
+        """Once a tick: note who was heard from, send node heartbeats when due, find silent peers."""
         last_heard = self._last_heard
         if self._heard:
             for peer in self._heard:
@@ -84,11 +87,13 @@ class NodeLiveness:
         peers = self._liveness_peers()
         if stalled:
             return
-        outgoing: dict[str, list[tuple[int, Message]]] = {
-            peer: [(0, NodeHeartbeat(0, self.node_id, peer))] for peer in peers
-        }
-        self.stats["node_heartbeats_sent"] += len(outgoing)
-        self._send(outgoing)
+        self._ticks += 1
+        if self._ticks % self._node_heartbeat_ticks == 0:
+            outgoing: dict[str, list[tuple[int, Message]]] = {
+                peer: [(0, NodeHeartbeat(0, self.node_id, peer))] for peer in peers
+            }
+            self.stats["node_heartbeats_sent"] += len(outgoing)
+            self._send(outgoing)
         lost = [
             peer
             for peer in peers
