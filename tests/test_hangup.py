@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_tap import BASE, MEMORY, parse, with_option
+from test_tap import BASE, MEMORY, parse, with_option, in_a_scratch_directory  # noqa: F401 (in_a_scratch_directory: an autouse fixture)
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python import usage

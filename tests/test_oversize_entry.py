@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 import test_kv_http
 from kommander.entry import tap
 from kommander.plugins.memory_transport import MemoryNetwork
-from test_tap import parse, without
+from test_tap import parse, without, in_a_scratch_directory  # noqa: F401 (in_a_scratch_directory: an autouse fixture)
 
 SMALL_FRAME = ["--wal", "memory", "--option", "max_frame_bytes=65536"]
 

@@ -23,7 +23,7 @@ from kommander.plugins.builtin import peer_security
 from kommander.plugins.tcp import TCPTransport
 from kommander.plugins.tcp_security import PeerSecurity
 from test_tcp import Receiver
-from test_tap import BASE, parse
+from test_tap import BASE, parse, in_a_scratch_directory  # noqa: F401 (in_a_scratch_directory: an autouse fixture)
 from tls_helper import issue, make_ca, write_files
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_tap import BASE, parse
+from test_tap import BASE, parse, in_a_scratch_directory  # noqa: F401 (in_a_scratch_directory: an autouse fixture)
 from tls_helper import issue, make_ca, write_files
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent

@@ -41,7 +41,7 @@ MEMORY = ["--wal", "memory", "--transport", "memory"]
 
 
 @pytest.fixture(autouse=True)
-def _in_a_scratch_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def in_a_scratch_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """BASE's ``--data unused`` is relative: services built from it create it (its snapshots
     folder) in the working directory, which would otherwise be the checkout."""
     monkeypatch.chdir(tmp_path)
