@@ -280,27 +280,21 @@ def _partition_families(
         for queue, size in zip(_QUEUES, sizes):
             depth.add_metric([*values, queue], size)
     families = [role, term, commit, applied, last, has_leader, lag, lag_seconds, changes, depth]
-    changes_all = CounterMetricFamily("kommander_node_leader_changes", "Leader changes seen, all partitions", labels=["node"])
-    changes_all.add_metric([node], changed_all)
-    families.append(changes_all)
-    return [*families, *_node_partition_families(node, roles, leaderless, worst_lag, worst_seconds, deepest, bounds)]
+    totals = (roles, leaderless, changed_all, worst_lag, worst_seconds, deepest)
+    return [*families, *_node_partition_families(node, totals, bounds)]
 
 
-def _node_partition_families(
-    node: str,
-    roles: dict[str, int],
-    leaderless: int,
-    worst_lag: dict[str, int],
-    worst_seconds: dict[str, float],
-    deepest: list[int],
-    bounds: tuple[int, int, int],
-) -> list[Any]:
-    """The aggregates over every partition: what to alert on without per-partition series."""
+def _node_partition_families(node: str, totals: tuple[Any, ...], bounds: tuple[int, int, int]) -> list[Any]:
+    """The aggregates over every partition (``totals``, gathered by :func:`_partition_families`):
+    what to alert on without per-partition series."""
+    roles, leaderless, changed_all, worst_lag, worst_seconds, deepest = totals
     count = GaugeMetricFamily("kommander_partitions", "Partitions of this node in each role", labels=["node", "role"])
     for name, number in roles.items():
         count.add_metric([node, name], number)
     without = GaugeMetricFamily("kommander_partitions_leaderless", "Partitions with no known leader", labels=["node"])
     without.add_metric([node], leaderless)
+    changes = CounterMetricFamily("kommander_node_leader_changes", "Leader changes seen, all partitions", labels=["node"])
+    changes.add_metric([node], changed_all)
     lags = []
     for name, text, worst in (
         ("entries", "the most entries a follower is behind", worst_lag),
@@ -323,7 +317,7 @@ def _node_partition_families(
     for queue, size, limit in zip(_QUEUES, deepest, bounds):
         depth.add_metric([node, queue], size)
         bound.add_metric([node, queue], limit)
-    return [count, without, *lags, depth, bound]
+    return [count, without, changes, *lags, depth, bound]
 
 
 def select_partitions(args: dict[bytes, list[bytes]], count: int) -> frozenset[int] | None:

@@ -30,9 +30,10 @@ has quiesced (see :mod:`kommander.core.quiesce`) and the runtime holds nothing f
 deadline (queued or in-flight requests, reads, undecided tickets); anything that reaches it (a
 message, a proposal, a read) brings it back through :meth:`DriveLoop.mark_dirty`. So an idle
 node's tick costs the same whatever its partition count. Every other tick (see
-:mod:`kommander.runtime.liveness`) also sends one :class:`~kommander.core.types.NodeHeartbeat` to each peer (none while the disk is stalled: a node
-that cannot lead must not vouch for the partitions quiesced under it), and a peer not heard from
-for the minimum election timeout is *unreachable*. Every partition is told the set whenever it
+:mod:`kommander.runtime.liveness`) also sends one :class:`~kommander.core.types.NodeHeartbeat`
+to each peer (none while the disk is stalled: a node that cannot lead must not vouch for the
+partitions quiesced under it), and a peer not heard from for the minimum election timeout is
+*unreachable*. Every partition is told the set whenever it
 changes (see :meth:`~kommander.core.quiesce.Quiesce.note_liveness`): those quiesced with a node
 that fell silent wake, a leader may quiesce without a silent member while a caught-up majority
 remains, and wakes again when that member is heard from.
