@@ -184,12 +184,15 @@ class Election(NodeState):
 
     def _in_lease(self) -> bool:
         """Whether we heard from a live leader within the minimum election timeout, in which case
-        vote requests are ignored (CheckQuorum's leader lease)."""
-        return (
-            self.config.check_quorum
-            and self.leader is not None
-            and self.election_elapsed < self.config.election_tick
-        )
+        vote requests are ignored (CheckQuorum's leader lease). With ``vote_guard_at_start`` the
+        first minimum election timeout after starting counts as such: the leader we may have
+        heard from just before a restart may be counting on it (lease reads, readindex.py)."""
+        config = self.config
+        if not config.check_quorum:
+            return False
+        if self.leader is not None and self.election_elapsed < config.election_tick:
+            return True
+        return config.vote_guard_at_start and self._ticks < config.election_tick
 
     # ------------------------------------------------------------------ leadership transfer
 
@@ -209,6 +212,7 @@ class Election(NodeState):
             return
         self.wake()
         self.lead_transferee = target
+        self._bar_lease()
         self.election_elapsed = 0
         pr = self.progress[target]
         last = self.log.last_index()

@@ -180,6 +180,7 @@ class Reconfig(NodeState):
         self._solo = not m.joint and m.voters == {self.id}
         self._lingering = False
         if self.role is Role.LEADER:
+            self._clear_lease()  # rounds count only under the configuration that confirmed them
             self._sync_progress(prune)
 
     def _sync_progress(self, prune: bool) -> None:
@@ -333,6 +334,7 @@ class Reconfig(NodeState):
             self._become_follower(self.term, None)
             return
         self.lead_transferee = best
+        self._bar_lease()
         self.election_elapsed = 0
         pr = self.progress[best]
         last = self.log.last_index()

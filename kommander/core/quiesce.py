@@ -13,7 +13,7 @@ the partitions quiesced with it.
 unstable in its own log, every member's ``match`` equals the last index (so, since the last
 entry is of the leader's term, every member's log *is* the leader's log), every member in
 ``REPLICATE`` with nothing in flight, not catching up and heard from during this CheckQuorum
-period, no leadership transfer, no ReadIndex waiting (its own or a follower's), and no
+period, no leadership transfer, no ReadIndex waiting (its own or a follower's), no lease read since the last heartbeat, and no
 configuration change in progress (see :meth:`Quiesce._config_change_pending`). "Every member" is
 every node the leader tracks in its current configuration: the voters of both halves of a joint
 one and the learners, so a learner is never left without the tail of the log.
@@ -74,6 +74,11 @@ class Quiesce(NodeState):
         (the quiesce heartbeats then replace this round's heartbeats)."""
         if not self.config.quiesce:
             return False
+        if self._lease_used:
+            # Lease reads since the last heartbeat: stay awake, so that the lease stays fresh
+            # and the next read needs no round either.
+            self._lease_used = False
+            return False
         left_out = self._leader_idle()
         if left_out is None:
             return False
@@ -90,6 +95,7 @@ class Quiesce(NodeState):
             pr.sent_commit = committed
         self.quiesced = True
         self._left_out = left_out
+        self._clear_lease()  # quiesced followers' guard rests on node liveness, not on ticks
         return True
 
     def _leader_idle(self) -> frozenset[str] | None:

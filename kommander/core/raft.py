@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from random import Random  # the type of the injected generator; never the global one
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kommander.core.election import Election
 from kommander.core.errors import NotLeader, ProposalDropped
@@ -59,6 +59,7 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig,
     :param storage_id: identifies this node's disk; sent in every reply to a leader (0: unknown).
     :param rejoining: the storage is new (or was when a catch-up began that has not finished):
         start undecided or catching up, not as a voting member (see :mod:`kommander.core.rejoin`).
+    :param lease_clock: a monotonic clock in seconds, for lease reads (``config.lease_seconds``).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig,
         entries: Sequence[Entry] = (),
         storage_id: int = 0,
         rejoining: bool = False,
+        lease_clock: Callable[[], float] | None = None,
     ) -> None:
         hard_state = hard_state or HardState()
         self.config = config
@@ -89,6 +91,7 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig,
         # The configuration: the snapshot's, else the one given at first start, then the log's.
         self._config_watch = False
         self._leaving = False
+        self._init_lease(lease_clock)
         self._init_membership(Membership(frozenset(config.voters), frozenset(config.learners)), entries)
         # Leader: (last index, running total of proposed bytes) per proposal batch, for
         # the uncommitted-bytes limit.
@@ -394,6 +397,7 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig,
     def _drop_leader_state(self) -> None:
         if self.role is Role.LEADER:
             self._drop_reads()
+        self._clear_lease()
         self._drop_follower_reads()
         self.progress = {}
         self.lead_transferee = None
@@ -412,6 +416,7 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig,
     def _become_leader(self) -> None:
         # The term and our vote were made durable before any VoteRequest left; nothing to wait for.
         self._drop_leader_state()
+        self._lease_barred = False  # a new term
         self.role = Role.LEADER
         self.leader = self.id
         self.heartbeat_elapsed = 0

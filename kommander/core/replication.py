@@ -160,6 +160,8 @@ class Replication(NodeState):
         if m.context > pr.read_ack:
             pr.read_ack = m.context
             self._confirm_reads()
+            if self._lease_rounds:
+                self._renew_lease()
         if pr.match >= self.log.last_index():
             return
         if pr.state is ProgressState.PROBE:

@@ -42,6 +42,15 @@ class CoreConfig:
     :ivar quiesce: an idle partition stops ticking and heartbeating (see
         :mod:`kommander.core.quiesce`); needs a runtime that sends node heartbeats and reports
         silent peers.
+    :ivar lease_seconds: how long, on the ``lease_clock`` given to the node, a heartbeat round
+        acknowledged by a quorum lets the leader serve reads without another round (see
+        :meth:`~kommander.core.readindex.ReadIndex.lease_read_index`); 0 turns lease reads off.
+        Only safe when every node of the partition sets ``vote_guard_at_start``, with
+        ``check_quorum``, and when it is shorter than ``election_tick - 2`` ticks of any voter's
+        ticking by the largest clock-rate error between nodes.
+    :ivar vote_guard_at_start: refuse votes (but for a leadership transfer) for the first
+        ``election_tick`` ticks after the node starts, as if it had just heard from a leader: a
+        restarted voter has forgotten that it had, and a leader's lease counts on it.
     """
 
     node_id: str
@@ -59,6 +68,8 @@ class CoreConfig:
     max_apply_entries: int = 4096
     learners: tuple[str, ...] = ()
     quiesce: bool = False
+    lease_seconds: float = 0.0
+    vote_guard_at_start: bool = False
 
     def __post_init__(self) -> None:
         if self.node_id not in self.voters and self.node_id not in self.learners:
@@ -71,6 +82,8 @@ class CoreConfig:
             raise ValueError(f"nodes both voter and learner: {sorted(set(self.voters) & set(self.learners))}")
         if not 0 < self.heartbeat_tick < self.election_tick < self.election_tick_max:
             raise ValueError("need 0 < heartbeat_tick < election_tick < election_tick_max")
+        if self.lease_seconds < 0 or (self.lease_seconds > 0 and not self.check_quorum):
+            raise ValueError("lease_seconds must be 0, or positive with check_quorum")
 
 
 class NodeState:
@@ -119,6 +132,11 @@ class NodeState:
     _pending_reads: deque[tuple[int, ReadContext, int]]
     _reads_waiting_commit: list[ReadContext]
     _remote_reads: int
+    _lease_clock: Any  # Callable[[], float] | None
+    _lease_until: float
+    _lease_rounds: deque[tuple[int, float]]
+    _lease_barred: bool
+    _lease_used: bool
     _ticks: int
     _fr_waiting: list[int]
     _fr_inflight: dict[int, tuple[tuple[int, ...], int, int, str]]
@@ -162,6 +180,15 @@ class NodeState:
         raise NotImplementedError
 
     def _confirm_reads(self) -> None:  # readindex.py
+        raise NotImplementedError
+
+    def _clear_lease(self) -> None:  # readindex.py
+        raise NotImplementedError
+
+    def _bar_lease(self) -> None:  # readindex.py
+        raise NotImplementedError
+
+    def _renew_lease(self) -> None:  # readindex.py
         raise NotImplementedError
 
     def _maybe_commit(self) -> bool:  # replication.py

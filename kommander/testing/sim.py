@@ -79,6 +79,7 @@ class Simulation(Reconfigure, Checks, Workload):
         self.transfer_rng = random.Random(f"transfer/{seed}")
         self.idle_rng = random.Random(f"idle/{seed}")
         self.liveness_rng = random.Random(f"liveness/{seed}")
+        self.lease_rng = random.Random(f"lease/{seed}")
         #: No proposals or reads before this time (an idle period, so partitions quiesce).
         self.idle_until = 0
         self.make_sm = state_machine_factory
@@ -112,6 +113,7 @@ class Simulation(Reconfigure, Checks, Workload):
         self.live_commit_target: int | None = None
         self.result_stats = {
             "commits": 0, "elections": 0, "reads": 0, "crashes": 0, "quiesced_ticks": 0, "liveness_wakes": 0,
+            "lease_reads": 0,
         }
 
     # ------------------------------------------------------------------ events
@@ -171,6 +173,9 @@ class Simulation(Reconfigure, Checks, Workload):
 
     # ------------------------------------------------------------------ nodes
 
+    def _clock(self) -> float:
+        return float(self.now)
+
     def _start(self, node_id: str) -> None:
         node = self.nodes[node_id]
         cfg = self.config
@@ -186,6 +191,8 @@ class Simulation(Reconfigure, Checks, Workload):
             pre_vote=cfg.pre_vote,
             check_quorum=cfg.check_quorum,
             quiesce=cfg.quiesce,
+            lease_seconds=(cfg.election_tick - 2) * TICK * 0.9 / 1.1 if cfg.lease_rate else 0.0,
+            vote_guard_at_start=bool(cfg.lease_rate),
         )
         self._adopt_received(node)
         node.core = RaftNode(
@@ -194,6 +201,7 @@ class Simulation(Reconfigure, Checks, Workload):
             node.hard,
             node.snapshot,
             list(node.entries),
+            lease_clock=self._clock,
         )
         node.alive = True
         node.incarnation += 1
@@ -364,6 +372,8 @@ class Simulation(Reconfigure, Checks, Workload):
             node.received[m.meta] = attachment
         node.core.step(m)
         self._process(node)
+        if self.config.lease_rate and self.lease_rng.random() < self.config.lease_rate:
+            self._lease_reads()
 
     def _send_snapshot(self, node: SimNode, m: InstallSnapshot) -> None:
         """Stream the leader's snapshot (one message here); give the transfer up after a timeout
@@ -392,6 +402,8 @@ class Simulation(Reconfigure, Checks, Workload):
                     self._liveness(node)
                 node.core.tick()
                 self._process(node)
+        if self.config.lease_rate and self.lease_rng.random() < self.config.lease_rate:
+            self._lease_reads()
         self._schedule(TICK, "tick")
 
     def _liveness(self, node: SimNode) -> None:

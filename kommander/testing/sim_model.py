@@ -82,6 +82,11 @@ class SimConfig:
     #: While faults run, chance per chaos event of an idle period (no proposals, no reads) of
     #: 10-60 ticks, long enough for the partition to quiesce. Drawn from a generator of its own.
     idle_rate: float = 0.05
+    #: Chance per tick and per message delivered of a lease read on every node that believes it
+    #: leads (stale leaders included), checked like a ReadIndex read. Above 0 the cores get a lease
+    #: (``lease_seconds`` of ``election_tick - 2`` ticks times 0.9 / 1.1, on the simulated clock) and
+    #: the vote guard at start; its own generator, like ``transfer_rate``.
+    lease_rate: float = 0.0
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 
 from kommander.core.errors import KommanderError
 from kommander.core.types import Proposal, Role
-from kommander.testing.sim_model import TICK, SimConfig, SimNode
+from kommander.testing.sim_model import TICK, SimConfig, SimNode, Violation
 
 
 class Workload:
@@ -101,6 +101,22 @@ class Workload:
             return
         self._log(f"read {node.id} ctx={context} needs>={self.commit_max}")
         self._process(node)
+
+    def _lease_reads(self) -> None:
+        """A lease read on every live node that believes it leads: one that no longer does (cut
+        off, paused, deposed without knowing) must refuse, or return everything committed."""
+        for node in self.nodes.values():
+            if not node.alive or node.core.role is not Role.LEADER:
+                continue
+            index = node.core.lease_read_index()
+            if index is None:
+                continue
+            self.result_stats["lease_reads"] += 1
+            if index < self.commit_max:
+                raise Violation(
+                    "lease-read",
+                    f"lease read on {node.id} (term {node.core.term}) at index {index} < {self.commit_max} committed",
+                )
 
     def _on_chaos(self) -> None:
         if not self.chaos:

@@ -128,7 +128,8 @@ class Network:
     :param logs: node id -> terms of the entries it already holds (durable, from index 1).
     :param terms: node id -> its durable term (default: its last entry's term).
     :param votes: node id -> whom it voted for in that term.
-    :param config: overrides for every node's :class:`CoreConfig`.
+    :param config: overrides for every node's :class:`CoreConfig`; ``lease_clock`` is given to
+        every node's :class:`RaftNode` instead.
     """
 
     def __init__(
@@ -143,6 +144,7 @@ class Network:
     ) -> None:
         self.ids = ids(nodes) if isinstance(nodes, int) else tuple(nodes)
         self.seed = seed
+        self.lease_clock = config.pop("lease_clock", None)
         self.config = config
         self.nodes: dict[str, Node] = {}
         self.queue: deque[Message] = deque()
@@ -181,6 +183,7 @@ class Network:
             disk.hard,
             disk.snapshot if disk.snapshot.index else None,
             list(disk.entries),
+            lease_clock=self.lease_clock,  # type: ignore[arg-type]
         )
 
     # ------------------------------------------------------------------ access
