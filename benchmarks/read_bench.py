@@ -7,12 +7,14 @@ Usage::
 1. *Library API* (one process, Twisted's reactor, memory transport with the wire codec, memory
    WAL): ``read_index`` with ``--inflight`` reads in flight (closed loop) on a 1-node cluster,
    then on a 3-node cluster on its leader alone, then spread over all three nodes (the
-   followers asking the leader for the read index).
+   followers asking the leader for the read index), then lease reads on the leader alone
+   (``read_index(0, lease=True)``: no heartbeat round while the lease holds).
 2. *HTTP API* (real processes: ``benchmarks/bench_node.py`` x 3, TCP transport, Berkeley DB WAL,
    one partition): the keys are written first, then ``GET /v1/kv/{key}`` (linearizable, the
    default) over ``--connections`` persistent connections from ``benchmarks/http_load.py``
    against the leader alone, then the same number of connections against each of the three
-   nodes at once (the followers serve their share without redirecting).
+   nodes at once (the followers serve their share without redirecting), then
+   ``?consistency=lease`` against the leader alone.
 
 Every process is on 127.0.0.1 and stopped by PID at the end. One line per figure::
 
@@ -36,8 +38,10 @@ sys.path.insert(0, str(HERE))
 
 
 # --------------------------------------------------------------------------- library API
-def library(nodes: int, inflight: int, seconds: float, spread: bool) -> float:
-    """Reads per second through ``RaftManager.read_index`` on a fresh in-process cluster."""
+def library(nodes: int, inflight: int, seconds: float, spread: bool, lease: bool = False) -> float:
+    """Reads per second through ``RaftManager.read_index`` on a fresh in-process cluster (with
+    ``lease``, ``read_index(0, lease=True)``: a reader whose read is answered at once reads again
+    up to 16 times before giving the reactor a turn)."""
     from twisted.internet import reactor
 
     from kommander.config import RaftConfiguration
@@ -74,7 +78,16 @@ def library(nodes: int, inflight: int, seconds: float, spread: bool) -> float:
     def one(m) -> None:
         if state["phase"] != "run":
             return
-        d = m.read_index(0)
+        d = m.read_index(0, lease)
+        for _ in range(16):
+            if not d.called:
+                break
+            d.addErrback(lambda f: state.__setitem__("failed", state["failed"] + 1))
+            state["done"] += 1
+            d = m.read_index(0, lease)
+        else:
+            reactor.callLater(0, one, m)
+            return
 
         def ok(_):
             state["done"] += 1
@@ -114,10 +127,13 @@ def library(nodes: int, inflight: int, seconds: float, spread: bool) -> float:
     return state["done"] / (state["stop"] - state["start"])
 
 
-def run_library_child(nodes: int, inflight: int, seconds: float, spread: bool) -> float:
+def run_library_child(nodes: int, inflight: int, seconds: float, spread: bool, lease: bool = False) -> float:
     """Each run in its own process (a reactor runs once per process)."""
     done = subprocess.run(
-        [sys.executable, __file__, "--child-library", str(nodes), str(inflight), str(seconds), str(int(spread))],
+        [
+            sys.executable, __file__, "--child-library",
+            str(nodes), str(inflight), str(seconds), str(int(spread)), str(int(lease)),
+        ],
         capture_output=True, timeout=seconds + 60, cwd=REPO,
     )  # fmt: skip
     if done.returncode != 0:
@@ -126,15 +142,16 @@ def run_library_child(nodes: int, inflight: int, seconds: float, spread: bool) -
 
 
 # --------------------------------------------------------------------------- HTTP API
-def http_get_child(port: int, connections: int, seconds: float) -> None:
-    """``http_load.py`` with GETs of the keys it PUTs (bench-0 .. bench-4095)."""
+def http_get_child(port: int, connections: int, seconds: float, query: str = "") -> None:
+    """``http_load.py`` with GETs of the keys it PUTs (bench-0 .. bench-4095), ``query`` after
+    each path (``?consistency=lease``)."""
     import asyncio
 
     import http_load
 
     def build(host: str, port: int, size: int) -> list[bytes]:
         return [
-            b"GET /v1/kv/bench-%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (i, host.encode(), port)
+            b"GET /v1/kv/bench-%d%s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (i, query.encode(), host.encode(), port)
             for i in range(http_load.KEY_SPACE)
         ]
 
@@ -145,11 +162,11 @@ def http_get_child(port: int, connections: int, seconds: float) -> None:
     print(json.dumps(asyncio.run(http_load.load(args))), flush=True)
 
 
-def start_get(port: int, connections: int, seconds: float) -> subprocess.Popen:
+def start_get(port: int, connections: int, seconds: float, query: str = "") -> subprocess.Popen:
     from bench_cluster import STARTED
 
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--child-http", str(port), str(connections), str(seconds)],
+        [sys.executable, __file__, "--child-http", str(port), str(connections), str(seconds), query],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
     )  # fmt: skip
     STARTED.append(proc)
@@ -187,6 +204,11 @@ def http(seconds: float, connections: int) -> list[str]:
         per = ", ".join(f"{n}{'*' if n == leader else ''} {r['ops_per_s']:,.0f} {r['codes']}" for n, r in runs.items())
         lines.append(f"reads http all-3-nodes connections={connections}x3: {total:,.0f} reads/s ({per}; * leader)")
         lines.append(f"reads http ratio all-3-nodes/leader-alone: {total / max(1.0, alone['ops_per_s']):.2f}x")
+        leased = collect(start_get(cluster.http[leader], connections, seconds, "?consistency=lease"), seconds)
+        lines.append(
+            f"reads http leader-alone lease connections={connections}: {leased['ops_per_s']:,.0f} reads/s "
+            f"(p50 {leased.get('p50_ms', 0):.1f} ms, codes {leased['codes']})"
+        )
     finally:
         cluster.stop()
         stop_everything()
@@ -195,11 +217,11 @@ def http(seconds: float, connections: int) -> list[str]:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child-library":
-        nodes, inflight, seconds, spread = sys.argv[2:6]
-        print(library(int(nodes), int(inflight), float(seconds), spread == "1"))
+        nodes, inflight, seconds, spread, lease = sys.argv[2:7]
+        print(library(int(nodes), int(inflight), float(seconds), spread == "1", lease == "1"))
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--child-http":
-        http_get_child(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+        http_get_child(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "")
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0)
@@ -208,8 +230,13 @@ def main() -> int:
     parser.add_argument("--skip", action="append", default=[], choices=["library", "http"])
     args = parser.parse_args()
     if "library" not in args.skip:
-        for nodes, spread, label in ((1, False, "nodes=1"), (3, False, "nodes=3 leader"), (3, True, "nodes=3 all")):
-            rate = run_library_child(nodes, args.inflight, args.seconds, spread)
+        for nodes, spread, lease, label in (
+            (1, False, False, "nodes=1"),
+            (3, False, False, "nodes=3 leader"),
+            (3, True, False, "nodes=3 all"),
+            (3, False, True, "nodes=3 leader lease"),
+        ):
+            rate = run_library_child(nodes, args.inflight, args.seconds, spread, lease)
             print(f"reads library {label} inflight={args.inflight}: {rate:,.0f} reads/s", flush=True)
     if "http" not in args.skip:
         for line in http(args.seconds, args.connections):

@@ -47,6 +47,10 @@ class RaftConfiguration:
     pre_vote: bool = True
     #: A leader that has not heard from a quorum for an election timeout steps down.
     check_quorum: bool = True
+    #: Lease reads (``?consistency=lease``, ``read_index(partition, lease=True)``) assume that no
+    #: node's clock runs faster or slower than true time by more than this fraction; the lease
+    #: is ``election_timeout_min`` less two ticks, shortened for it (docs/kv-api.rst).
+    lease_clock_drift: float = 0.1
     #: An idle partition stops ticking and heartbeating; one node heartbeat per peer per
     #: ``heartbeat_interval`` vouches for all of them (docs/architecture.rst, "Quiescence").
     quiesce: bool = True
@@ -101,6 +105,19 @@ class RaftConfiguration:
         high = max(low + 1, round(self.election_timeout_max / self.heartbeat_interval))
         return low, high
 
+    def lease_seconds(self) -> float:
+        """How long a confirmed heartbeat round lets a leader serve reads without another (0: no
+        lease reads). Every voter ignores vote requests for ``election_tick`` of its ticks after
+        hearing from its leader, the first of which may come at once and one more early after a
+        wall-clock step: two ticks are left out. A voter whose clock runs fast by ``drift`` ends
+        its guard ``1 + drift`` times early, and a leader whose clock runs slow by ``drift`` sees
+        its lease end ``1 - drift`` times late: the lease is shortened by their ratio."""
+        low, _ = self.election_ticks()
+        if not self.check_quorum or low <= 2:
+            return 0.0
+        drift = self.lease_clock_drift
+        return (low - 2) * self.heartbeat_interval * (1.0 - drift) / (1.0 + drift)
+
     def validate(self) -> "RaftConfiguration":
         """Check every field; raise :class:`ConfigurationError` saying what to change.
 
@@ -120,6 +137,9 @@ class RaftConfiguration:
         balance = self.leader_balance_interval
         if not isinstance(balance, (int, float)) or not math.isfinite(balance) or balance < 0:
             problems.append(f"leader_balance_interval {balance!r}: use seconds, or 0 to turn balancing off")
+        drift = self.lease_clock_drift
+        if not isinstance(drift, (int, float)) or not 0 <= drift < 1:
+            problems.append(f"lease_clock_drift {drift!r}: use a fraction in [0, 1), such as 0.1")
         if not isinstance(self.max_partitions, int) or not 1 <= self.max_partitions <= 4096:
             problems.append(f"max_partitions {self.max_partitions!r}: use 1-4096")
         for name in (

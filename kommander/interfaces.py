@@ -322,10 +322,13 @@ class IRaft(Interface):
     def replicate_checkpoint(partition: int) -> "Deferred[ReplicationResult]":
         """Write a checkpoint marker; once applied the log below it may be compacted."""
 
-    def read_index(partition: int) -> "Deferred[int]":
+    def read_index(partition: int, lease: bool = False) -> "Deferred[int]":
         """Linearizable read barrier: fires with a commit index once it is applied locally.
 
         A follower asks its leader for the index and fires once it applied it. Fails with
         :class:`kommander.errors.NotLeader` when this node knows no leader to ask (or is catching
         up on new storage, or the leader changed before confirming).
+
+        With ``lease``, a leader whose lease holds answers at once, without a heartbeat round;
+        this trusts the clocks (docs/kv-api.rst, "Lease reads"). Elsewhere it is the plain barrier.
         """

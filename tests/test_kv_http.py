@@ -300,6 +300,20 @@ def test_stale_read_on_follower(cluster: Cluster) -> None:
     assert cluster.request(follower, "GET", "/v1/kv/nothing?consistency=stale").code == 404
 
 
+def test_lease_read_on_leader_and_follower(cluster: Cluster) -> None:
+    """?consistency=lease: the leader answers from its lease (after the round that wakes an idle
+    partition), a follower as for a linearizable read; an unknown consistency names the choices."""
+    leader, follower = cluster.leader_of("l"), cluster.follower_of("l")
+    cluster.request(leader, "PUT", "/v1/kv/l", b"v")
+    for node in (leader, leader, follower):
+        assert cluster.request(node, "GET", "/v1/kv/l?consistency=lease").body == b"v"
+        assert cluster.request(node, "GET", "/v1/kv/nothing?consistency=lease").code == 404
+    assert cluster.managers[leader].instruments.lease_reads >= 1
+    assert cluster.managers[follower].instruments.lease_reads == 0
+    reply = cluster.request(leader, "GET", "/v1/kv/l?consistency=bogus")
+    assert reply.code == 400 and "lease" in reply.json()["error"]
+
+
 def test_no_leader_is_503_with_retry_after() -> None:
     """A node that can elect no leader (its peers never start) waits two election timeouts for
     one, then answers 503, Retry-After, leader null; nothing is written."""

@@ -239,3 +239,22 @@ def test_leadership_balancing_under_faults_keeps_every_check(nodes, monkeypatch)
             failures.append(result.report())
     assert not failures, "\n\n".join(failures[:1])
     assert sum(moved) > 0, "no seed handed any leadership over: the test proves nothing"
+
+
+@pytest.mark.parametrize(
+    ("profile", "nodes", "seeds"),
+    [("base", 3, range(0, 100)), ("base", 5, range(0, 40)), ("stall", 3, range(0, 60)), ("members", 3, range(0, 40))],
+    ids=["base-3", "base-5", "stall-3", "members-3"],
+)
+def test_lease_reads_keep_every_check(profile, nodes, seeds):
+    """With most reads asking for a lease (read_index(lease=True)), the histories stay
+    linearizable under every fault of the profile, and leases do answer reads."""
+    failures, leased = [], 0
+    for seed in seeds:
+        config = NodeSimConfig(nodes=nodes, faults=PROFILES[profile], lease_reads=0.7)
+        result = NodeSimulation(seed, config, profile, trace_limit=0).run()
+        leased += result.stats.get("lease_reads", 0)
+        if result.violation is not None:
+            failures.append(result.report())
+    assert not failures, "\n\n".join(failures[:2])
+    assert leased >= len(seeds)

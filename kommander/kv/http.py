@@ -2,7 +2,8 @@
 
 =========================================  =====================================================
 ``PUT /v1/kv/{key}``                       body = value; 200 ``{"index": N}`` once applied
-``GET /v1/kv/{key}[?consistency=stale]``   200 value bytes, 404 absent; linearizable by default
+``GET /v1/kv/{key}[?consistency=C]``       200 value bytes, 404 absent; C is lease or stale, or
+                                           linearizable (the default)
 ``DELETE /v1/kv/{key}``                    200 ``{"index": N}``, 404 absent
 ``POST /v1/kv/{key}/cas``                  ``{"expected": str|null, "value": str}``; 200 or 409
 ``POST /v1/txn``                           compares, then success or failure ops, in one entry

@@ -72,12 +72,13 @@ class KeyRoutes:
     # ------------------------------------------------------------------ reads
 
     def get(self, request: Any, partition: int, key: str) -> Response | defer.Deferred[Response]:
-        if parse_consistency(request.args) == b"stale":
+        consistency = parse_consistency(request.args)
+        if consistency == b"stale":
             return self.value(partition, key)
-        return self._read(request, partition, key, again=True)
+        return self._read(request, partition, key, again=True, lease=consistency == b"lease")
 
-    def _read(self, request: Any, partition: int, key: str, again: bool) -> defer.Deferred[Response]:
-        d = self.manager.read_index(partition)
+    def _read(self, request: Any, partition: int, key: str, again: bool, lease: bool = False) -> defer.Deferred[Response]:
+        d = self.manager.read_index(partition, lease)
         return d.addCallbacks(self._confirmed, self._read_failed, (partition, key), None, (request, partition, key, again))
 
     def _confirmed(self, _: Any, partition: int, key: str) -> Response:

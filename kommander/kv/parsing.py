@@ -95,13 +95,16 @@ def parse_cas_body(body: bytes) -> tuple[bytes | None, bytes]:
 
 
 def parse_consistency(args: dict[bytes, list[bytes]]) -> bytes:
-    """``b"linearizable"`` (the default) or ``b"stale"`` from a GET's query.
+    """``b"linearizable"`` (the default), ``b"lease"`` or ``b"stale"`` from a GET's query.
 
     :raises BadRequest: any other value, or the parameter given twice.
     """
     values = args.get(b"consistency")
     if values is None:
         return b"linearizable"
-    if len(values) != 1 or values[0] not in (b"linearizable", b"stale"):
-        raise bad("consistency must be 'stale' (or 'linearizable', the default)")
+    if len(values) != 1 or values[0] not in _CONSISTENCIES:
+        raise bad("consistency must be 'lease' or 'stale' (or 'linearizable', the default)")
     return values[0]
+
+
+_CONSISTENCIES = (b"linearizable", b"lease", b"stale")

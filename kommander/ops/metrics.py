@@ -374,6 +374,9 @@ def _node_instruments(instruments: Any, node: str, partitions: frozenset[int] | 
     for status, count in sorted(instruments.outcomes().items()):
         proposals.add_metric([node, status], count)
     yield proposals
+    leased = CounterMetricFamily("kommander_lease_reads", "Reads a leader's lease answered without a heartbeat round", labels=["node"])
+    leased.add_metric([node], instruments.lease_reads)
+    yield leased
     for name, source, text in (
         ("kommander_proposal_seconds", instruments.proposal_seconds, "From a batch entering the log to its first result"),
         ("kommander_read_index_seconds", instruments.read_index_seconds, "From a linearizable read's start to its index being applied"),

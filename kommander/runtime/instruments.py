@@ -136,6 +136,8 @@ class NodeInstruments:
         #: successes are counted apart, in one integer (the hot path).
         self.proposals: Counter[str] = Counter()
         self.proposals_ok = 0
+        #: Reads a leader's lease answered without a heartbeat round (``read_index(lease=True)``).
+        self.lease_reads = 0
         #: partition -> campaigns started (candidate in a new term) and won (became leader).
         self.elections_started: Counter[int] = Counter()
         self.elections_won: Counter[int] = Counter()

@@ -51,6 +51,7 @@ class NodeSimulation(Lifecycle, Workload, Members, NodeChecks):
         #: Idle periods (no clients, so partitions quiesce): their own generator, so a seed's
         #: other random choices stay what they were.
         self.idle_rng = random.Random(f"idle/{seed}")
+        self.lease_rng = random.Random(f"lease/{seed}")
         self.idle_steps = 0
         self.clock = task.Clock()
         self.clock.advance(1_000.0)

@@ -49,6 +49,10 @@ class NodeReactor:
     def seconds(self) -> float:
         return self.origin + (self.clock.seconds() - self.origin) * self.rate + self.offset
 
+    def monotonic(self) -> float:
+        """The process's monotonic clock: it runs at ``rate`` too, but never jumps."""
+        return self.origin + (self.clock.seconds() - self.origin) * self.rate
+
     def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:  # noqa: N802
         def run() -> None:
             if self.alive:

@@ -68,6 +68,8 @@ class NodeSimConfig:
     clients: int = 2
     #: chance per step (10 ms) of a fault event
     chaos_rate: float = 0.04
+    #: chance that a read asks for a lease (``read_index(lease=True)``); its own generator
+    lease_reads: float = 0.0
     #: chance that a fresh leader is cut off at once (with ``net``)
     swizzle_rate: float = 0.15
     keys: int = 3

@@ -154,7 +154,10 @@ class Workload:
         invoked, process = self.clock.seconds(), self._process()
         sm, manager = node.sm, node.manager
         follower = not node.leads(partition)
-        d = manager.read_index(partition)
+        lease = bool(self.config.lease_reads) and self.lease_rng.random() < self.config.lease_reads
+        d = manager.read_index(partition, lease)
+        if lease and d.called and not follower:
+            self.stats["lease_reads"] += 1  # answered at once: the leader's lease held
 
         def read(index: int) -> None:
             value = sm.get(partition, key)
