@@ -70,9 +70,8 @@ class ReadIndex(NodeState):
         if (
             clock is None
             or self.role is not Role.LEADER
-            or self._lease_barred
+            or self._lease_barred  # set whenever a transfer starts (lead_transferee)
             or self.quiesced
-            or self.lead_transferee is not None
             or self.log.term(self.log.committed) != self.term
         ):
             return None
