@@ -290,9 +290,10 @@ class Lifecycle:
                 return
 
     def _wipe(self, node: SimNode) -> None:
-        """Lose ``node``'s data directory, as an operator may: one node at a time, and only once
-        the last wiped node holds everything that was committed when it lost its disk (Raft keeps
-        a committed entry only while a majority keeps its disk)."""
+        """Lose ``node``'s data directory, as an operator may (docs/operations.rst): one node at
+        a time, and only once the last wiped node holds everything that was committed when it
+        lost its disk and is a member again in every partition (Raft keeps a committed entry, and
+        a vote, only while a majority keeps its disk)."""
         if self.repairing:
             return
         targets = {}
@@ -308,9 +309,15 @@ class Lifecycle:
     def _repaired(self) -> None:
         for node_id, targets in list(self.repairing.items()):
             node = self.nodes[node_id]
-            if node.up and all(node.manager.runtimes[p].applied >= t for p, t in targets.items()):
+            runtimes = node.manager.runtimes if node.up else ()
+            # Holding the data is not enough: a partition that committed nothing has nothing to
+            # catch up on, yet its standing stays undecided until the node learns the cluster's
+            # history, and the votes it lost are not covered until then. Wiping a second node
+            # before that loses a majority's votes (wipe seeds 186, 476 and 506 counted the node
+            # as repaired on its applied index alone, and the second wipe elected two leaders).
+            if runtimes and all(runtimes[p].applied >= t and not runtimes[p].core.catching_up for p, t in targets.items()):
                 del self.repairing[node_id]
-                self._log(f"{node_id} holds everything committed before its wipe")
+                self._log(f"{node_id} holds everything committed before its wipe and is a member again")
 
     def _heal(self) -> None:
         """Every fault ends: the network is whole, disks behave, every node runs."""
