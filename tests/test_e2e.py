@@ -165,12 +165,17 @@ def test_sigkill_of_a_leader_and_of_the_whole_cluster_loses_no_acknowledged_writ
         assert_linearizable(workload.history, cluster)
 
 
-def test_paused_leader_is_replaced_and_steps_down_after_resuming():
+@pytest.mark.parametrize("lease_reads", [0.0, 0.7], ids=["readindex", "lease"])
+def test_paused_leader_is_replaced_and_steps_down_after_resuming(lease_reads):
     """SIGSTOP of a leader: the others elect a new one and keep serving; after SIGCONT the old
-    leader follows the new term, and the history stays linearizable."""
+    leader follows the new term, and the history stays linearizable. With lease reads too: the
+    paused leader's lease, timed on the monotonic clock, has run out when it resumes, so the
+    reads waiting in its sockets are not answered from it."""
     with LocalCluster(nodes=3, partitions=1) as cluster:
         cluster.wait_for_leaders(30)
-        workload = Workload([cluster.url(n) for n in cluster.node_ids], clients=5, seed=23, timeout=2.0)
+        workload = Workload(
+            [cluster.url(n) for n in cluster.node_ids], clients=5, seed=23, timeout=2.0, lease_reads=lease_reads
+        )
         workload.start(duration=90)
         try:
             workload.wait_for_writes(PROGRESS, 20, at_least=1.0)

@@ -170,9 +170,11 @@ class KVClient:
     def put(self, base_url: str, key: str, value: bytes) -> Operation:
         return self._run("put", base_url, key, "PUT", body=value, value=value)[0]
 
-    def get(self, base_url: str, key: str) -> Operation:
-        """A linearizable read (the default consistency)."""
-        return self._run("get", base_url, key, "GET")[0]
+    def get(self, base_url: str, key: str, lease: bool = False) -> Operation:
+        """A linearizable read: the default consistency, or with ``lease`` a leader's lease read
+        (``?consistency=lease``), which is recorded the same way: it must be linearizable too as
+        long as the clocks keep the documented bounds."""
+        return self._run("get", base_url, key, "GET", query="?consistency=lease" if lease else "")[0]
 
     def delete(self, base_url: str, key: str) -> Operation:
         return self._run("delete", base_url, key, "DELETE")[0]
@@ -201,6 +203,7 @@ class Workload:
     :param unknown_on_503: see :class:`KVClient`.
     :param pause: seconds a client waits after an operation that failed, so a cluster without
         a leader is not flooded.
+    :param lease_reads: share of the reads sent as lease reads (``?consistency=lease``).
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class Workload:
         own_key_ratio: float = 0.15,
         unknown_on_503: bool = False,
         pause: float = 0.05,
+        lease_reads: float = 0.0,
     ) -> None:
         self._urls = urls if callable(urls) else (lambda: list(urls))
         self.keys = [f"k{i}" for i in range(keys)]
@@ -220,6 +224,7 @@ class Workload:
         self.timeout = timeout
         self.own_key_ratio = own_key_ratio
         self.pause = pause
+        self.lease_reads = lease_reads
         self.history: list[Operation] = []
         #: Own keys whose write was acknowledged (200): key -> value. Never overwritten.
         self.acknowledged: dict[str, bytes] = {}
@@ -310,7 +315,9 @@ class Workload:
         key = rng.choice(self.keys)
         roll = rng.random()
         if roll < 0.35:
-            op = client.get(url, key)
+            # The roll's own fraction picks lease reads, so the other choices' randomness (and
+            # with it a seed's run without lease reads) stays the same.
+            op = client.get(url, key, lease=roll < 0.35 * self.lease_reads)
             if op.outcome is Outcome.OK:
                 seen[key] = op.result
         elif roll < 0.65:
