@@ -8,13 +8,14 @@ Usage::
    WAL): ``read_index`` with ``--inflight`` reads in flight (closed loop) on a 1-node cluster,
    then on a 3-node cluster on its leader alone, then spread over all three nodes (the
    followers asking the leader for the read index), then lease reads on the leader alone
-   (``read_index(0, lease=True)``: no heartbeat round while the lease holds).
+   (``read_index(0, lease=True)``: no heartbeat round while the lease holds) and spread over
+   all three (the followers' requests answered from the leader's lease).
 2. *HTTP API* (real processes: ``benchmarks/bench_node.py`` x 3, TCP transport, Berkeley DB WAL,
    one partition): the keys are written first, then ``GET /v1/kv/{key}`` (linearizable, the
    default) over ``--connections`` persistent connections from ``benchmarks/http_load.py``
    against the leader alone, then the same number of connections against each of the three
    nodes at once (the followers serve their share without redirecting), then
-   ``?consistency=lease`` against the leader alone.
+   ``?consistency=lease`` against the leader alone and against all three at once.
 
 Every process is on 127.0.0.1 and stopped by PID at the end. One line per figure::
 
@@ -209,6 +210,12 @@ def http(seconds: float, connections: int) -> list[str]:
             f"reads http leader-alone lease connections={connections}: {leased['ops_per_s']:,.0f} reads/s "
             f"(p50 {leased.get('p50_ms', 0):.1f} ms, codes {leased['codes']})"
         )
+        procs = {node: start_get(port, connections, seconds, "?consistency=lease") for node, port in cluster.http.items()}
+        runs = {node: collect(p, seconds) for node, p in procs.items()}
+        total = sum(r["ops_per_s"] for r in runs.values())
+        per = ", ".join(f"{n}{'*' if n == leader else ''} {r['ops_per_s']:,.0f} {r['codes']}" for n, r in runs.items())
+        lines.append(f"reads http all-3-nodes lease connections={connections}x3: {total:,.0f} reads/s ({per}; * leader)")
+        lines.append(f"reads http ratio all-3-nodes lease/leader-alone lease: {total / max(1.0, leased['ops_per_s']):.2f}x")
     finally:
         cluster.stop()
         stop_everything()
@@ -235,6 +242,7 @@ def main() -> int:
             (3, False, False, "nodes=3 leader"),
             (3, True, False, "nodes=3 all"),
             (3, False, True, "nodes=3 leader lease"),
+            (3, True, True, "nodes=3 all lease"),
         ):
             rate = run_library_child(nodes, args.inflight, args.seconds, spread, lease)
             print(f"reads library {label} inflight={args.inflight}: {rate:,.0f} reads/s", flush=True)

@@ -86,7 +86,7 @@ messages = st.one_of(
     st.builds(InstallSnapshot, **header, meta=metas),
     st.builds(SnapshotChunk, **header, meta=metas, offset=n63, data=st.binary(max_size=64), done=st.booleans()),
     st.builds(SnapshotChunkAck, **header, meta=metas, offset=n63, success=st.booleans()),
-    st.builds(ReadIndexRequest, **header, request_id=n63),
+    st.builds(ReadIndexRequest, **header, request_id=n63, lease=st.booleans()),
     st.builds(ReadIndexResponse, **header, request_id=n63, index=n63, success=st.booleans()),
 )
 short_text = st.text(max_size=1024)
@@ -190,6 +190,17 @@ def test_type_codes_are_stable():
 def test_encoding_is_compact_array():
     """TimeoutNow for partition 0 is exactly [7, 0, 1, "a", "b", 5] in CBOR: nine bytes."""
     assert encode_message(0, TimeoutNow(1, "a", "b", 5)) == bytes.fromhex("860700016161 616205".replace(" ", ""))
+
+
+def test_a_read_index_request_carries_lease_only_when_set():
+    """A plain request keeps the original six elements (a node that predates ``lease`` decodes
+    it); a lease request has a seventh and round-trips."""
+    plain = encode_message(0, ReadIndexRequest(2, "b", "a", 9))
+    assert plain[0] == 0x86
+    assert decode_message(plain, 1) == (0, ReadIndexRequest(2, "b", "a", 9, False))
+    leased = encode_message(0, ReadIndexRequest(2, "b", "a", 9, True))
+    assert leased[0] == 0x87
+    assert decode_message(leased, 1) == (0, ReadIndexRequest(2, "b", "a", 9, True))
 
 
 def test_entry_layout():

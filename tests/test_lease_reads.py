@@ -26,6 +26,8 @@ def test_the_lease_is_election_timeout_min_less_two_ticks_and_the_drift_allowanc
 
 
 def test_a_leader_answers_a_lease_read_at_once_and_a_follower_asks_its_leader() -> None:
+    """On a follower a lease read still asks the leader, which answers it from its lease (no
+    heartbeat round); a plain read on the follower takes a round."""
     cluster = Cluster(3, 1, seed=31).start_all()
     leader = cluster.wait_for_leaders()[0]
     written = cluster.write(0, b"w")
@@ -42,9 +44,14 @@ def test_a_leader_answers_a_lease_read_at_once_and_a_follower_asks_its_leader() 
     assert leader.m.instruments.lease_reads == 20
     assert not leader.m.runtimes[0].core.quiesced
     follower = next(n for n in cluster.running() if n is not leader)
+    core = leader.m.runtimes[0].core
+    rounds = core._read_seq
     index = cluster.wait(follower.m.read_index(0, lease=True))
     assert index >= written.log_index and b"w" in follower.data(0)
     assert follower.m.instruments.lease_reads == 0
+    assert core.lease_answers == 1
+    cluster.wait(follower.m.read_index(0))
+    assert core.lease_answers == 1 and core._read_seq > rounds
     cluster.close()
 
 

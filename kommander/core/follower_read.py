@@ -11,6 +11,12 @@ Batching: every read registered on a follower between two ``ready()`` calls shar
 :class:`~kommander.core.types.ReadIndexRequest`, and the leader confirms every request that
 arrived before a round with that one round.
 
+Lease reads: when every read a request carries is a lease read, the request says so
+(``lease``), and a leader whose lease holds answers it at once with its commit index
+(:meth:`~kommander.core.readindex.ReadIndex.lease_read_index`), as it would its own lease read.
+One plain read among them makes the whole request plain: a confirmed round serves lease reads
+too. (A node that predates the flag refuses such a request as malformed: docs/wire.rst.)
+
 What the follower refuses (``NotLeader``, so that the runtime can redirect): reads while it knows
 no leader, while it campaigns, and while it is catching up on new storage (it is not a member
 yet, see :mod:`kommander.core.rejoin`). What drops its waiting reads (``dropped_reads``): a
@@ -38,20 +44,25 @@ class FollowerRead(NodeState):
         self._ticks = 0
         #: Contexts of reads registered since the last request.
         self._fr_waiting = []
+        #: Whether every read in ``_fr_waiting`` is a lease read.
+        self._fr_lease = True
         #: request id -> (contexts, tick sent, term, leader asked).
         self._fr_inflight = {}
         #: The next request id; 0 until the first request draws a random start.
         self._fr_next_id = 0
 
-    def _follower_read(self, context: int) -> None:
+    def _follower_read(self, context: int, lease: bool = False) -> None:
         if self.role is not Role.FOLLOWER or self.leader is None or self.catching_up:
             raise NotLeader(self.leader)
         self._fr_waiting.append(context)
+        if not lease:
+            self._fr_lease = False
 
     def _send_read_request(self) -> None:
         """Called by ``ready()`` while reads wait: one request carries all of them."""
         waiting = self._fr_waiting
         leader = self.leader
+        lease, self._fr_lease = self._fr_lease, True
         if self.role is not Role.FOLLOWER or leader is None:
             self._dropped_reads.extend(waiting)
             waiting.clear()
@@ -63,7 +74,7 @@ class FollowerRead(NodeState):
         self._fr_next_id += 1
         self._fr_inflight[request_id] = (tuple(waiting), self._ticks, self.term, leader)
         waiting.clear()
-        self._msgs.append(ReadIndexRequest(self.term, self.id, leader, request_id))
+        self._msgs.append(ReadIndexRequest(self.term, self.id, leader, request_id, lease))
 
     def awaits_read_index(self, m: ReadIndexResponse) -> bool:
         """Whether ``m`` answers a request this node has out (else stepping it changes nothing;
@@ -102,6 +113,7 @@ class FollowerRead(NodeState):
         if self._fr_waiting:
             self._dropped_reads.extend(self._fr_waiting)
             self._fr_waiting.clear()
+        self._fr_lease = True
         if self._fr_inflight:
             for contexts, _, _, _ in self._fr_inflight.values():
                 self._dropped_reads.extend(contexts)

@@ -59,6 +59,8 @@ class ReadIndex(NodeState):
         self._lease_barred = False
         #: A lease read was served since the last heartbeat.
         self._lease_used = False
+        #: Follower lease reads (``ReadIndexRequest.lease``) this node answered from its lease.
+        self.lease_answers = 0
 
     def lease_read_index(self) -> int | None:
         """The index a read may be served at right now without a heartbeat round (the leader's
@@ -102,17 +104,19 @@ class ReadIndex(NodeState):
         self._lease_barred = True
         self._clear_lease()
 
-    def read_index(self, context: int) -> None:
+    def read_index(self, context: int, lease: bool = False) -> None:
         """Ask for a linearizable read barrier; ``ready().read_states`` later carries
         ``ReadState(context, index)``, or ``ready().dropped_reads`` carries ``context`` if
         leadership is lost first. On a follower the leader is asked for the index (see
-        :mod:`kommander.core.follower_read`).
+        :mod:`kommander.core.follower_read`); with ``lease`` the leader may answer from its
+        lease. (A leader's own lease read is :meth:`lease_read_index`; here ``lease`` changes
+        nothing on a leader.)
 
         :raises NotLeader: when this node neither leads nor can ask a leader (no leader known,
             a candidate, or catching up on new storage).
         """
         if self.role is not Role.LEADER:
-            self._follower_read(context)
+            self._follower_read(context, lease)
             # Awake while the request is out: ticks expire it (follower_read.py), and the leader
             # wakes when it arrives.
             self.wake()
@@ -195,6 +199,14 @@ class ReadIndex(NodeState):
         if self.role is not Role.LEADER:
             self._answer_remote(context, 0, False)
             return
+        if m.lease:
+            index = self.lease_read_index()
+            if index is not None:
+                # The lease says no other leader can exist now, so our commit index is the
+                # latest: as good for the follower's reads as for our own.
+                self.lease_answers += 1
+                self._answer_remote(context, index, True)
+                return
         if self._remote_reads >= MAX_REMOTE_READS:
             self._answer_remote(context, 0, False)
             return

@@ -137,8 +137,10 @@ class NodeState:
     _lease_rounds: deque[tuple[int, float]]
     _lease_barred: bool
     _lease_used: bool
+    lease_answers: int
     _ticks: int
     _fr_waiting: list[int]
+    _fr_lease: bool
     _fr_inflight: dict[int, tuple[tuple[int, ...], int, int, str]]
     _fr_next_id: int
     storage_id: int
@@ -194,7 +196,7 @@ class NodeState:
     def _maybe_commit(self) -> bool:  # replication.py
         raise NotImplementedError
 
-    def _follower_read(self, context: int) -> None:  # follower_read.py
+    def _follower_read(self, context: int, lease: bool = False) -> None:  # follower_read.py
         raise NotImplementedError
 
     def _drop_follower_reads(self) -> None:  # follower_read.py

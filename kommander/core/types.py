@@ -301,12 +301,15 @@ class ReadIndexRequest:
     """Follower read (as etcd's forwarded ``MsgReadIndex``): the follower asks its leader for a
     read index for every read that waited on it since its last request. ``request_id`` is the
     follower's, unique per core instance (its first one is drawn at random, so a restarted
-    follower cannot mistake an answer meant for its previous life for one of its own)."""
+    follower cannot mistake an answer meant for its previous life for one of its own).
+    ``lease``: every read it carries is a lease read, so a leader whose lease holds may answer
+    at once with its commit index instead of waiting for a heartbeat round."""
 
     term: int
     src: NodeId
     dst: NodeId
     request_id: int
+    lease: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -481,7 +481,8 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi, TicketApi):
         its leader for the index (``kommander.core.follower_read``) and fires once it applied it.
         With ``lease``, a leader whose lease holds (``kommander.core.readindex``) takes its commit
         index at once, without a heartbeat round, trusting the clocks' rates to within
-        ``lease_clock_drift``; without a lease it is the same barrier as without ``lease``.
+        ``lease_clock_drift``; a follower's request then asks its leader to answer from its lease
+        the same way. Without a lease it is the same barrier as without ``lease``.
         Fails with :class:`NotLeader` when this node knows no leader to ask, is catching up on new
         storage, or the leader changed (or did not answer) before confirming; with
         :class:`QueueFull` when ``max_pending_reads`` reads are pending on it; with
@@ -514,7 +515,7 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi, TicketApi):
         self._next_context += 1
         context = self._next_context
         try:
-            runtime.core.read_index(context)
+            runtime.core.read_index(context, lease)
         except NotLeader as e:
             return defer.fail(e)
         d: defer.Deferred[int] = defer.Deferred()

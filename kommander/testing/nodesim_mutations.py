@@ -187,7 +187,7 @@ def readindex_before_noop() -> Any:
     its commit index may lag what the previous leader acknowledged."""
 
     def make(original: Any) -> Any:
-        def read_index(self: RaftNode, context: int) -> None:
+        def read_index(self: RaftNode, context: int, lease: bool = False) -> None:
             from kommander.core.errors import NotLeader
             from kommander.core.types import Role
 

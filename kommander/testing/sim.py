@@ -114,6 +114,7 @@ class Simulation(Reconfigure, Checks, Workload):
         self.result_stats = {
             "commits": 0, "elections": 0, "reads": 0, "crashes": 0, "quiesced_ticks": 0, "liveness_wakes": 0,
             "lease_reads": 0,
+            "follower_lease_reads": 0,
         }
 
     # ------------------------------------------------------------------ events
@@ -403,7 +404,7 @@ class Simulation(Reconfigure, Checks, Workload):
                 node.core.tick()
                 self._process(node)
         if self.config.lease_rate and self.lease_rng.random() < self.config.lease_rate:
-            self._lease_reads()
+            self._lease_reads(followers=True)
         self._schedule(TICK, "tick")
 
     def _liveness(self, node: SimNode) -> None:

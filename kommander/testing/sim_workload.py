@@ -102,11 +102,18 @@ class Workload:
         self._log(f"read {node.id} ctx={context} needs>={self.commit_max}")
         self._process(node)
 
-    def _lease_reads(self) -> None:
+    def _lease_reads(self, followers: bool = False) -> None:
         """A lease read on every live node that believes it leads: one that no longer does (cut
-        off, paused, deposed without knowing) must refuse, or return everything committed."""
+        off, paused, deposed without knowing) must refuse, or return everything committed. And
+        with ``followers`` (at ticks, not deliveries: each makes messages of its own), now and
+        then one on a running follower, which asks its leader to answer from its lease
+        (``ReadIndexRequest.lease``); its ReadState is checked like every read's."""
         for node in self.nodes.values():
-            if not node.alive or node.core.role is not Role.LEADER:
+            if not node.alive:
+                continue
+            if node.core.role is not Role.LEADER:
+                if followers and node.paused_until <= self.now and self.lease_rng.random() < 0.3:
+                    self._follower_lease_read(node)
                 continue
             index = node.core.lease_read_index()
             if index is None:
@@ -117,6 +124,19 @@ class Workload:
                     "lease-read",
                     f"lease read on {node.id} (term {node.core.term}) at index {index} < {self.commit_max} committed",
                 )
+
+    def _follower_lease_read(self, node: SimNode) -> None:
+        context = self.next_context
+        self.next_context += 1
+        self.reads[context] = (node.id, self.commit_max)
+        try:
+            node.core.read_index(context, lease=True)
+        except KommanderError:
+            del self.reads[context]
+            return
+        self.result_stats["follower_lease_reads"] += 1
+        self._log(f"lease read {node.id} ctx={context} needs>={self.commit_max}")
+        self._process(node)
 
     def _on_chaos(self) -> None:
         if not self.chaos:

@@ -179,6 +179,7 @@ _OPTIONAL: dict[type, tuple[tuple[str, str], ...]] = {
     AppendEntriesResponse: (("storage_id", _U), ("catching_up", _B)),
     HeartbeatResponse: (("storage_id", _U), ("catching_up", _B)),
     Heartbeat: (("quiesce", _B),),
+    ReadIndexRequest: (("lease", _B),),
 }
 _DEFAULTS = {_U: 0, _B: False}
 _SCHEMA = {

@@ -139,7 +139,7 @@ def read_before_noop_commits():
     records may be older than what an earlier leader committed."""
 
     def make(original):
-        def read_index(self, context):
+        def read_index(self, context, lease=False):
             if self.role is not Role.LEADER:
                 raise NotLeader(self.leader)
             self._register_read(context)
@@ -205,6 +205,22 @@ def lease_outlives_guard():
     return patched(RaftNode, "_renew_lease", make)
 
 
+def follower_lease_without_lease():
+    """A leader answers a follower's lease request at its commit index whether or not its lease
+    holds (a stale leader's followers then read old data)."""
+
+    def make(original):
+        def handle(self, m):
+            if m.lease and self.role is Role.LEADER:
+                self._answer_remote((m.src, m.request_id), self.log.committed, True)
+                return
+            original(self, m)
+
+        return handle
+
+    return patched(RaftNode, "_handle_read_index_request", make)
+
+
 MUTATIONS = {
     "vote_before_persist": (vote_before_persist, "persistence"),
     "ack_before_persist": (ack_before_persist, "persistence"),
@@ -218,6 +234,7 @@ MUTATIONS = {
     "commit_by_new_config_only": (commit_by_new_config_only, "commit-durability"),
     "vote_by_new_config_only": (vote_by_new_config_only, None),
     "lease_outlives_guard": (lease_outlives_guard, "lease-read"),
+    "follower_lease_without_lease": (follower_lease_without_lease, "linearizability"),
 }
 
 #: SimConfig overrides for lease reads, which lease_outlives_guard needs. (A lease kept through

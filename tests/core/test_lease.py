@@ -3,7 +3,7 @@ while no other node can have been elected, and the voters' guard that promises i
 
 from __future__ import annotations
 
-from kommander.core.types import AppendEntriesResponse, Role, TimeoutNow
+from kommander.core.types import AppendEntriesResponse, Heartbeat, ReadIndexRequest, ReadState, Role, TimeoutNow
 
 from .harness import Network
 
@@ -167,3 +167,74 @@ def test_lease_off_without_a_clock_or_seconds():
     clock = Clock()
     net = Network(3, lease_clock=clock)
     assert net.elect("n1").lease_read_index() is None
+
+
+# ---------------------------------------------------------------------- follower lease reads
+
+
+def _follower_lease_read(net: Network, follower: str, context: int, lease: bool = True) -> ReadIndexRequest:
+    net[follower].read_index(context, lease=lease)
+    net.process(follower)
+    (request,) = [m for m in net.queue if type(m) is ReadIndexRequest]
+    return request
+
+
+def test_a_follower_lease_read_is_answered_from_the_leader_lease_without_a_round():
+    """The request says every read it carries is a lease read; the leader, its lease holding,
+    answers with its commit index at once: no heartbeat round goes out for it."""
+    net, clock = lease_net()
+    leader = net.elect("n1")
+    net.propose("n1", b"a")
+    request = _follower_lease_read(net, "n2", 5)
+    assert request.lease
+    heartbeats = net.count(Heartbeat, src="n1")
+    net.stabilize()
+    assert net.node("n2").read_states == [ReadState(5, leader.log.committed)]
+    assert leader.lease_answers == 1
+    assert net.count(Heartbeat, src="n1") == heartbeats
+
+
+def test_a_follower_lease_read_waits_for_a_round_once_the_lease_ran_out():
+    """Past the lease the leader confirms the request with a heartbeat round, as a plain one."""
+    net, clock = lease_net()
+    leader = net.elect("n1")
+    clock.now = LEASE + 0.1  # the clock ran on, no round since
+    _follower_lease_read(net, "n2", 5)
+    heartbeats = net.count(Heartbeat, src="n1")
+    net.stabilize()
+    assert net.node("n2").read_states == [ReadState(5, leader.log.committed)]
+    assert leader.lease_answers == 0
+    assert net.count(Heartbeat, src="n1") > heartbeats
+
+
+def test_one_plain_read_makes_the_whole_request_plain():
+    """A plain read waiting beside lease reads needs a confirmed round, which serves them all."""
+    net, clock = lease_net()
+    leader = net.elect("n1")
+    net["n3"].read_index(1, lease=True)
+    net["n3"].read_index(2)
+    request = _follower_lease_read(net, "n3", 3)
+    assert not request.lease
+    net.stabilize()
+    assert [rs.context for rs in net.node("n3").read_states] == [1, 2, 3]
+    assert leader.lease_answers == 0
+    request = _follower_lease_read(net, "n3", 4)  # the next request starts over
+    assert request.lease
+
+
+def test_a_cut_off_leader_answers_no_follower_lease_read_once_another_can_lead():
+    """A follower still attached to a leader cut off from the rest: once the others can have
+    elected, the old leader confirms nothing from its lease (and without a quorum, nothing)."""
+    net, clock = lease_net(5)
+    old = net.elect("n1")
+    tick(net, clock, n=3)
+    net.partition(["n1", "n2"], ["n3", "n4", "n5"])
+    for _ in range(60):
+        tick(net, clock)
+        if any(net[i].role is Role.LEADER for i in ("n3", "n4", "n5")):
+            break
+    assert old.role is Role.LEADER and old.lease_read_index() is None
+    net["n2"].read_index(9, lease=True)
+    net.stabilize()
+    assert net.node("n2").read_states == []
+    assert old.lease_answers == 0
