@@ -90,17 +90,22 @@ class Workload:
         node = self._leader_hint()
         if node is None or node.core.role is not Role.LEADER:
             return
+        self._take_read(node)
+
+    def _take_read(self, node: SimNode, lease: bool = False) -> bool:
+        """Ask ``node`` for a read barrier; False when it refuses at once."""
         context = self.next_context
         self.next_context += 1
         # Linearizability: the read must see everything committed anywhere before it began.
         self.reads[context] = (node.id, self.commit_max)
         try:
-            node.core.read_index(context)
+            node.core.read_index(context, lease)
         except KommanderError:
             del self.reads[context]
-            return
-        self._log(f"read {node.id} ctx={context} needs>={self.commit_max}")
+            return False
+        self._log(f"{'lease read' if lease else 'read'} {node.id} ctx={context} needs>={self.commit_max}")
         self._process(node)
+        return True
 
     def _lease_reads(self, followers: bool = False) -> None:
         """A lease read on every live node that believes it leads: one that no longer does (cut
@@ -113,7 +118,8 @@ class Workload:
                 continue
             if node.core.role is not Role.LEADER:
                 if followers and node.paused_until <= self.now and self.lease_rng.random() < 0.3:
-                    self._follower_lease_read(node)
+                    if self._take_read(node, lease=True):
+                        self.result_stats["follower_lease_reads"] += 1
                 continue
             index = node.core.lease_read_index()
             if index is None:
@@ -124,19 +130,6 @@ class Workload:
                     "lease-read",
                     f"lease read on {node.id} (term {node.core.term}) at index {index} < {self.commit_max} committed",
                 )
-
-    def _follower_lease_read(self, node: SimNode) -> None:
-        context = self.next_context
-        self.next_context += 1
-        self.reads[context] = (node.id, self.commit_max)
-        try:
-            node.core.read_index(context, lease=True)
-        except KommanderError:
-            del self.reads[context]
-            return
-        self.result_stats["follower_lease_reads"] += 1
-        self._log(f"lease read {node.id} ctx={context} needs>={self.commit_max}")
-        self._process(node)
 
     def _on_chaos(self) -> None:
         if not self.chaos:
