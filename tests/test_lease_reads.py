@@ -49,9 +49,10 @@ def test_a_leader_answers_a_lease_read_at_once_and_a_follower_asks_its_leader() 
     index = cluster.wait(follower.m.read_index(0, lease=True))
     assert index >= written.log_index and b"w" in follower.data(0)
     assert follower.m.instruments.lease_reads == 0
-    assert core.lease_answers == 1
+    assert core.lease_answers == 1 and leader.m.instruments.lease_answers == 1
     cluster.wait(follower.m.read_index(0))
     assert core.lease_answers == 1 and core._read_seq > rounds
+    assert leader.m.instruments.lease_answers == 1 and follower.m.instruments.lease_answers == 0
     cluster.close()
 
 

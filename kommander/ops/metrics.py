@@ -377,6 +377,13 @@ def _node_instruments(instruments: Any, node: str, partitions: frozenset[int] | 
     leased = CounterMetricFamily("kommander_lease_reads", "Reads a leader's lease answered without a heartbeat round", labels=["node"])
     leased.add_metric([node], instruments.lease_reads)
     yield leased
+    answered = CounterMetricFamily(
+        "kommander_lease_read_index_answers",
+        "Followers' lease reads this node, leading, answered from its lease without a heartbeat round",
+        labels=["node"],
+    )
+    answered.add_metric([node], instruments.lease_answers)
+    yield answered
     for name, source, text in (
         ("kommander_proposal_seconds", instruments.proposal_seconds, "From a batch entering the log to its first result"),
         ("kommander_read_index_seconds", instruments.read_index_seconds, "From a linearizable read's start to its index being applied"),

@@ -54,6 +54,7 @@ from kommander.core.types import (
     AppendEntries,
     InstallSnapshot,
     Message,
+    ReadIndexRequest,
     ReadIndexResponse,
     NodeHeartbeat,
     Ready,
@@ -87,8 +88,8 @@ class DriveLoop(NodeLiveness):
     """The IO loop of :class:`~kommander.runtime.manager.RaftManager` (mixed into it).
 
     Uses the manager's ``reactor``, ``config``, ``wal``, ``transport``, ``clock``, ``runtimes``,
-    ``transfers``, ``stats``, ``log``, ``node_id``, ``on_leader_changed``, ``on_fail_stop``,
-    ``_running``, ``_leader_waiters`` and ``leave_cluster``.
+    ``transfers``, ``stats``, ``instruments``, ``log``, ``node_id``, ``on_leader_changed``,
+    ``on_fail_stop``, ``_running``, ``_leader_waiters`` and ``leave_cluster``.
     """
 
     #: At most this many turns wait for their WAL write; beyond it the loop stops collecting
@@ -223,7 +224,13 @@ class DriveLoop(NodeLiveness):
                 peer=peer,
             )
             return
-        runtime.core.step(message)
+        core = runtime.core
+        if type(message) is ReadIndexRequest and message.lease:
+            answered = core.lease_answers
+            core.step(message)
+            self.instruments.lease_answers += core.lease_answers - answered
+        else:
+            core.step(message)
         self.mark_dirty(runtime)
 
     # ------------------------------------------------------------------ the drive loop

@@ -138,6 +138,9 @@ class NodeInstruments:
         self.proposals_ok = 0
         #: Reads a leader's lease answered without a heartbeat round (``read_index(lease=True)``).
         self.lease_reads = 0
+        #: Followers' lease reads (``ReadIndexRequest.lease``) this node, leading, answered from
+        #: its lease at once instead of confirming them with a heartbeat round.
+        self.lease_answers = 0
         #: partition -> campaigns started (candidate in a new term) and won (became leader).
         self.elections_started: Counter[int] = Counter()
         self.elections_won: Counter[int] = Counter()
