@@ -344,8 +344,12 @@ class Cluster:
 
 
 def deltas(before: dict[str, dict], after: dict[str, dict], leaders: set[str], ops: int) -> dict:
-    """CPU seconds, fsyncs and peak RSS per node between two probes, and fsyncs per operation."""
-    out: dict[str, Any] = {"cpu_s": {}, "runqueue_wait_s": {}, "fsyncs": {}, "wal_transactions": {}, "peak_rss_mib": {}, "wal_writes": {}}
+    """CPU seconds, fsyncs, turns that wrote (``wal_writes``), messages sent and peak RSS per node
+    between two probes; fsyncs, messages and CPU microseconds per operation."""
+    out: dict[str, Any] = {
+        "cpu_s": {}, "runqueue_wait_s": {}, "fsyncs": {}, "wal_transactions": {}, "peak_rss_mib": {}, "wal_writes": {},
+        "messages_sent": {},
+    }  # fmt: skip
     for node_id in sorted(after):
         a, b = after[node_id], before.get(node_id)
         label = node_id + ("(L)" if node_id in leaders else "")
@@ -358,11 +362,14 @@ def deltas(before: dict[str, dict], after: dict[str, dict], leaders: set[str], o
         out["fsyncs"][label] = (a["fsyncs"] or 0) - (b["fsyncs"] or 0)
         out["wal_transactions"][label] = (a["wal_transactions"] or 0) - (b["wal_transactions"] or 0)
         out["wal_writes"][label] = a["manager"]["wal_writes"] - b["manager"]["wal_writes"]
+        out["messages_sent"][label] = a["manager"]["messages_sent"] - b["manager"]["messages_sent"]
         out["peak_rss_mib"][label] = round(a["proc_memory"]["hwm_mib"], 1)
     total = sum(out["fsyncs"].values())
     leader_fsyncs = sum(v for k, v in out["fsyncs"].items() if k.endswith("(L)"))
     out["fsyncs_per_op_leader"] = leader_fsyncs / ops if ops else None
     out["fsyncs_per_op_cluster"] = total / ops if ops else None
+    out["messages_per_op_cluster"] = sum(out["messages_sent"].values()) / ops if ops else None
+    out["cpu_us_per_op_cluster"] = sum(out["cpu_s"].values()) / ops * 1e6 if ops else None
     return out
 
 

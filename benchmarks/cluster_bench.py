@@ -20,7 +20,8 @@ What it does, every process on 127.0.0.1 and stopped (by PID) at the end:
 5. *Overload*: open-loop writes at twice the measured capacity; statuses and RSS over time.
 6. *Partitions*: a second cluster with 8 partitions whose leaders are spread over the 3 nodes
    (leadership transfers), 1,000 writes in flight spread over them, against one partition; then
-   the same with 64 partitions.
+   the same with 64 partitions (``--partition-counts`` chooses the counts). Each prints the CPU
+   and messages per write and the writing turns per second: where many partitions lose to one.
 7. *PySyncObj*: the peer script (``../shared/peers/bench_pysyncobj.py``) in a separate venv
    (``.bench-venv``, created here when missing from ``benchmarks/requirements-bench.txt``) with
    the same payload and in-flight counts.
@@ -277,7 +278,11 @@ def phase_partitions(workdir: Path, seconds: float, partitions: int = 8, infligh
             **deltas(before, after, set(by_node), total_ops),
         }
         spread = ", ".join(f"{n}: {len(ps)}" for n, ps in sorted(by_node.items()))
-        log(f"  {partitions} partitions (leaders {spread}), {inflight} in flight: {result['ops_per_s']:,.0f} ops/s")
+        log(
+            f"  {partitions} partitions (leaders {spread}), {inflight} in flight: {result['ops_per_s']:,.0f} ops/s"
+            f"  CPU {result['cpu_us_per_op_cluster']:.0f} us/op, {result['messages_per_op_cluster']:.2f} messages/op,"
+            f" {sum(result['wal_writes'].values()) / len(result['wal_writes']) / seconds:.0f} writing turns/s per node (cluster-wide figures)"
+        )
         return result
     finally:
         cluster.stop()
@@ -536,6 +541,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the data directories and node logs")
     parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                         help="first wait up to S seconds for other processes to leave the CPUs alone")  # fmt: skip
+    parser.add_argument("--partition-counts", type=lambda text: [int(n) for n in text.split(",")], default=[8, 64],
+                        metavar="N,N", help="partition counts of the partitions phase (default 8,64)")  # fmt: skip
     parser.add_argument("--node-args", default="", help="extra twistd kommander options for every node, quoted")
     args = parser.parse_args()
     Cluster.extra_args = shlex.split(args.node_args)
@@ -592,10 +599,11 @@ def main() -> int:
         finally:
             main_cluster.stop()
         if "partitions" not in args.skip:
-            results["partitions"] = timed(results, "partitions", lambda: phase_partitions(workdir, args.seconds))
-            results["partitions_64"] = timed(
-                results, "partitions_64", lambda: phase_partitions(workdir, args.seconds, partitions=64)
-            )
+            for count in args.partition_counts:
+                key = "partitions" if count == 8 else f"partitions_{count}"  # the names earlier runs used
+                results[key] = timed(
+                    results, key, lambda count=count: phase_partitions(workdir, args.seconds, partitions=count)
+                )
         if "pysyncobj" not in args.skip:
             if args.peer_script.exists():
                 log(f"PySyncObj: {args.peer_script}")
