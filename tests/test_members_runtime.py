@@ -84,7 +84,8 @@ def test_replace_a_dead_node():
         cluster.wait_for_leaders(among=["n1", "n2"])
         result = cluster.wait(record_leader(cluster).m.remove_node("n3"), 20, "remove n3")
         assert result.status is S.SUCCESS, result
-        assert all(n.m.record.record.get("n3") is None for n in cluster.running())
+        # Followers apply the record once they learn its commit index (next message or heartbeat).
+        cluster.run_until(lambda: all(n.m.record.record.get("n3") is None for n in cluster.running()), 1, "n3 out")
         assert cluster.wait(grow(cluster), 20, "add n4").success
         final = frozenset({"n1", "n2", "n4"})
         cluster.run_until(lambda: everywhere(cluster, lambda m, p: m.membership(p).voters == final), 30, "n4 voter")
@@ -141,6 +142,7 @@ def test_the_record_survives_a_restart_and_wins_over_the_start_up_peers():
         cluster.wait_for_leaders(among=["n1", "n2"])
         assert cluster.wait(record_leader(cluster).m.remove_node("n3"), 20).success
         follower = next(n for n in cluster.running() if n is not record_leader(cluster))
+        cluster.run_until(lambda: follower.m.record.record.get("n3") is None, 1, "the follower applied it")
         cluster.restart(follower.node_id)
         m = cluster.nodes[follower.node_id].m
         assert m.record.record.ids() == {"n1", "n2"}
@@ -248,6 +250,9 @@ def test_voters_and_status_follow_the_replicated_membership():
         assert cluster.wait(record_leader(cluster).m.remove_node("n2"), 30, "remove n2").success
         cluster.run_until(
             lambda: all(n.m.voters == ("n1", "n3", "n4") for n in cluster.running(["n1", "n3", "n4"])), 30, "n2 out"
+        )
+        cluster.run_until(  # the record's removal is applied once its commit index is known
+            lambda: all("n2" not in n.m.record.record.ids() for n in cluster.running(["n1", "n3", "n4"])), 1, "record"
         )
         for node_id in ("n1", "n3", "n4"):
             status = cluster.nodes[node_id].m.status()

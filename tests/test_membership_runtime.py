@@ -50,7 +50,7 @@ def test_add_learner_then_promote():
         assert result.status is Status.SUCCESS, result
         final = Membership(voters("n1", "n2", "n3", "n4"))
         cluster.run_until(lambda: all(n.m.membership(P) == final for n in cluster.running()), 10, "all see it")
-        assert (P, final) in cluster.nodes["n4"].memberships
+        cluster.run_until(lambda: (P, final) in cluster.nodes["n4"].memberships, 1, "n4 applied it")
         assert cluster.nodes["n4"].data(P)[:5] == [b"w%d" % i for i in range(5)]
         assert cluster.write(P, b"after").success
     finally:

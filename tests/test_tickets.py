@@ -146,8 +146,8 @@ def test_an_undecided_ticket_expires_through_the_log_on_every_node() -> None:
     m = leader.m
     with capturedLogs() as events:
         ticket = propose(cluster, 0, [b"e1", b"e2"]).ticket_id
-        for node in cluster.running():
-            assert ticket in node.m.runtimes[0].tickets
+        # Followers apply the proposal once they learn its commit index (the next heartbeat).
+        cluster.run_until(lambda: all(ticket in n.m.runtimes[0].tickets for n in cluster.running()), 0.2, "applied")
         cluster.advance(1.5)
         assert ticket in m.runtimes[0].tickets  # not yet
         cluster.run_until(lambda: all(not n.m.runtimes[0].tickets for n in cluster.running()), 2)

@@ -5,7 +5,9 @@ etcd forwards ``MsgReadIndex``): the leader registers the request like one of it
 confirms it with a heartbeat round a quorum acknowledges (:mod:`kommander.core.readindex`), and
 answers with its commit index of when the request arrived. The follower hands that index out as a
 ``ReadState``; the runtime serves the read once the follower has *applied* up to it, which makes
-the read see every write acknowledged before it was issued.
+the read see every write acknowledged before it was issued. Followers learn commit indexes lazily
+(:meth:`~kommander.core.replication.Replication._bcast_commit`), so the leader heartbeats the
+follower its commit index just before answering, and the read need not wait for the next one.
 
 Batching: every read registered on a follower between two ``ready()`` calls shares one
 :class:`~kommander.core.types.ReadIndexRequest`, and the leader confirms every request that

@@ -215,4 +215,9 @@ class ReadIndex(NodeState):
 
     def _answer_remote(self, context: tuple[str, int], index: int, success: bool) -> None:
         peer, request_id = context
+        pr = self.progress.get(peer) if success else None
+        if pr is not None:
+            # The follower serves the read once it has applied ``index``, and followers learn
+            # the commit index lazily (Replication._bcast_commit): tell it first, in order.
+            self._send_commit(peer, pr, self._read_seq)
         self._msgs.append(ReadIndexResponse(self.term, self.id, peer, request_id, index, success))

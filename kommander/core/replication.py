@@ -92,12 +92,15 @@ class Replication(NodeState):
                 pr.sent_commit = commit
 
     def _bcast_commit(self) -> None:
-        """Tell followers about a new commit index: piggy-backed on new entries where there are
-        some, by heartbeat otherwise."""
-        context = self._read_seq
+        """The commit index moved: a follower with entries waiting is sent them now, and they
+        carry it. The others learn it with their next AppendEntries or the next periodic
+        heartbeat, at most a ``heartbeat_interval`` later, and not from a heartbeat of its own:
+        at one write in flight those heartbeats and their replies were half of every node's
+        messages, and they competed for the CPU with the next write. Nothing waits for a
+        follower's commit index but reads on that follower, and the leader tells it at once when
+        it answers one (:meth:`_answer_remote`)."""
         for peer, pr in self.progress.items():
-            if not self._send_append(peer, pr):
-                self._send_commit(peer, pr, context)
+            self._send_append(peer, pr)
 
     def _send_commit(self, peer: str, pr: Progress, context: int) -> None:
         """Heartbeat ``peer`` if it can learn a commit index it was not sent yet: the part of our
@@ -143,10 +146,6 @@ class Replication(NodeState):
         self._maybe_finish_transfer(m.src)
         while self._send_append(m.src, pr):
             pass
-        if not self._commit_dirty:
-            # The commit index may have moved before this follower's ack arrived: tell it now
-            # rather than at the next heartbeat. (A pending broadcast tells everyone anyway.)
-            self._send_commit(m.src, pr, self._read_seq)
 
     def _handle_heartbeat_response(self, m: HeartbeatResponse) -> None:
         pr = self.progress.get(m.src)

@@ -172,6 +172,9 @@ class NodeState:
     def _send_append(self, peer: str, pr: Progress, send_empty: bool = False) -> bool:  # replication.py
         raise NotImplementedError
 
+    def _send_commit(self, peer: str, pr: Progress, context: int) -> None:  # replication.py
+        raise NotImplementedError
+
     def _bcast_heartbeat(self, context: int) -> None:  # replication.py
         raise NotImplementedError
 

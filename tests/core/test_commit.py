@@ -139,14 +139,21 @@ def test_stale_ack_of_an_old_term_is_ignored():
     assert net["n1"].log.committed == 0
 
 
-def test_follower_acking_after_the_commit_learns_it_without_a_tick():
-    """A follower acking after the commit is told the commit index at once, not at the next heartbeat."""
+def test_followers_learn_the_commit_index_with_the_next_append_or_heartbeat():
+    """No heartbeat of its own tells followers a new commit index: the next AppendEntries carries
+    it, or else the next periodic heartbeat."""
     net = Network(3)
     net.elect("n1", settle=False)
-    assert [net[i].log.committed for i in net.ids] == [1, 1, 1]
+    assert [net[i].log.committed for i in net.ids] == [1, 0, 0]
+    mark = len(net.delivered)
     net.propose("n1", b"x")
-    assert [net[i].log.committed for i in net.ids] == [2, 2, 2]
-    assert net.node("n3").applied_data == [b"x"]
+    assert [net[i].log.committed for i in net.ids] == [2, 1, 1]  # the no-op's, from x's message
+    assert sorted(type(m).__name__ for m in net.delivered[mark:]) == ["AppendEntries"] * 2 + ["AppendEntriesResponse"] * 2
+    net.propose("n1", b"y")
+    assert [net[i].log.committed for i in net.ids] == [3, 2, 2]
+    net.heartbeat("n1")
+    assert [net[i].log.committed for i in net.ids] == [3, 3, 3]
+    assert net.node("n3").applied_data == [b"x", b"y"]
 
 
 def test_commit_broadcast_skips_followers_with_nothing_new():
@@ -163,4 +170,6 @@ def test_commit_broadcast_skips_followers_with_nothing_new():
         if type(m) in (Heartbeat, AppendEntries):
             usable = m.commit if type(m) is Heartbeat else min(m.commit, m.prev_index + len(m.entries))
             sent[m.dst] = max(sent.get(m.dst, 0), usable)
+    assert [net[i].log.committed for i in net.ids] == [6, 5, 5]
+    net.heartbeat("n1")
     assert [net[i].log.committed for i in net.ids] == [6, 6, 6]

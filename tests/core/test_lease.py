@@ -181,17 +181,20 @@ def _follower_lease_read(net: Network, follower: str, context: int, lease: bool 
 
 def test_a_follower_lease_read_is_answered_from_the_leader_lease_without_a_round():
     """The request says every read it carries is a lease read; the leader, its lease holding,
-    answers with its commit index at once: no heartbeat round goes out for it."""
+    answers with its commit index at once: no heartbeat round goes out for it. One heartbeat,
+    ahead of the answer, tells the follower that commit index, which it must apply first."""
     net, clock = lease_net()
     leader = net.elect("n1")
     net.propose("n1", b"a")
     request = _follower_lease_read(net, "n2", 5)
     assert request.lease
     heartbeats = net.count(Heartbeat, src="n1")
+    rounds = leader._read_seq
     net.stabilize()
     assert net.node("n2").read_states == [ReadState(5, leader.log.committed)]
     assert leader.lease_answers == 1
-    assert net.count(Heartbeat, src="n1") == heartbeats
+    assert leader._read_seq == rounds and net.count(Heartbeat, src="n1") == heartbeats + 1
+    assert net["n2"].log.committed == leader.log.committed
 
 
 def test_a_follower_lease_read_waits_for_a_round_once_the_lease_ran_out():

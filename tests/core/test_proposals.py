@@ -94,6 +94,7 @@ def test_proposed_entries_get_the_batch_ticket():
     first, last = leader.propose([Proposal("t", b"p%d" % i, kind=EntryKind.PROPOSED) for i in range(3)])
     net.process("n1")
     net.stabilize()
+    net.heartbeat("n1")  # n2 learns the commit index
     batch = [e for e in net.applied("n2") if e.kind is EntryKind.PROPOSED]
     assert first == 3 and [(e.index, e.ticket) for e in batch] == [(3, 3), (4, 3), (5, 3)]
 
