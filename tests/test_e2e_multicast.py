@@ -94,10 +94,12 @@ def send():
         encode_announcement("c1", "n2", ep, {}),
         encode_announcement("c1", "n3", ep, {"http": "http://127.0.0.1:9003"}, key=b"k" * 32),
         encode_announcement("c1", "n1", ep, {"http": "http://127.0.0.1:9004"}),
-        encode_announcement("c1", "n5", ep, {"http": "http://127.0.0.1:9005"}),
     ]
-    for _ in range(20):
-        for d in datagrams:
+    # n5 only from the fourth round on: the listener joins the group while the first round is
+    # being sent, and joining between n1's datagram and n5's would hear n5 first.
+    later = encode_announcement("c1", "n5", ep, {"http": "http://127.0.0.1:9005"})
+    for round_ in range(20):
+        for d in datagrams + ([later] if round_ >= 3 else []):
             out.sendto(d, (GROUP, PORT))
         time.sleep(0.1)
 
