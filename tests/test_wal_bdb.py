@@ -11,11 +11,12 @@ from twisted.internet import defer, reactor, task
 from zope.interface.verify import verifyObject
 
 from kommander.core.errors import ConfigurationError, KommanderError
-from kommander.core.types import Entry, HardState
+from kommander.core.types import Entry, HardState, SnapshotMeta
 from kommander.interfaces import IWAL, WalState, WalWrite
 from kommander.plugins import bdb_codec as codec
 from kommander.plugins.bdb import DURABILITY_MODES, BerkeleyDBWAL
 from kommander.plugins.wal_common import WALError
+from kommander.plugins.wal_writer import COMPACT, WRITE
 from kommander.testing.wal_conformance import WALConformanceTests, entries
 
 
@@ -290,6 +291,113 @@ async def test_values_beyond_64_bits_refused(make):
         with pytest.raises(KommanderError):
             await wal.write(batch)
     assert await wal.load(0) == WalState()
+
+
+# ---------------------------------------------------------------------- compaction in slices
+
+
+def _runs(store, partition=0):
+    """``(first index, count)`` of every run stored for ``partition`` (writer thread only)."""
+    out = []
+    cursor = store._logs[partition].cursor()
+    try:
+        record = cursor.first()
+        while record is not None:
+            out.append((codec.key_index(record[0])[0], codec.run_count(record[1])))
+            record = cursor.next()
+    finally:
+        cursor.close()
+    return out
+
+
+async def _write_runs(wal, runs, size):
+    for k in range(runs):
+        await wal.write([WalWrite(0, HardState(1, None, 0), entries(k * size + 1, (k + 1) * size, 1))])
+
+
+@pytest_twisted.ensureDeferred
+async def test_compaction_deletes_the_covered_runs_a_slice_per_transaction(make):
+    """A compaction records its checkpoint at once but deletes at most ``trim_entries`` entries
+    per transaction: its own, each write's after it, and one per idle moment of the writer. A
+    compaction of 50,000 entries in one transaction held every write queued behind it for 65-130
+    ms. The entries it covers are never read back meanwhile."""
+    wal = make()
+    await wal.open(1)
+    await _write_runs(wal, 20, 5)  # runs 1-5, 6-10, ..., 96-100
+
+    def steps(store):
+        store.trim_entries = 10
+        seen = []
+        store.apply([(COMPACT, (0, SnapshotMeta(90, 1)))])
+        seen.append(_runs(store))
+        store.apply([(WRITE, ([WalWrite(0, None, entries(101, 101, 1))],))])
+        seen.append(_runs(store))
+        store.trim()
+        seen.append(_runs(store))
+        seen.append(store.load(0))
+        return seen
+
+    after_compact, after_write, after_trim, loaded = await wal._run_in_writer(steps)
+    assert after_compact[0] == (11, 5) and len(after_compact) == 18  # two runs of 5: 10 entries
+    assert after_write[0] == (21, 5) and after_write[-1] == (101, 1)
+    assert after_trim[0] == (31, 5)
+    assert loaded.checkpoint == SnapshotMeta(90, 1)
+    assert loaded.entries == entries(91, 101, 1)
+    # Idle, the writer deletes the rest by itself (bounded wait).
+    for _ in range(200):
+        if not await wal._run_in_writer(lambda store: store.trim_pending()):
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert await wal._run_in_writer(_runs) == [(91, 5), (96, 5), (101, 1)]
+    assert (await wal.load(0)).entries == entries(91, 101, 1)
+    assert await wal.read(0, 91, 101) == entries(91, 101, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_runs_left_below_a_checkpoint_are_trimmed_after_a_reopen(make, tmp_path):
+    """Closed (or crashed) before the last slice: the next open finds the covered runs, never
+    returns them, and goes on deleting them."""
+    wal = make()
+    await wal.open(1)
+    await _write_runs(wal, 10, 5)
+    release = paused(wal)
+    wal._run_in_writer(lambda store: setattr(store, "trim_entries", 5))
+    compacted = wal.compact(0, SnapshotMeta(40, 1))
+    closed = wal.close()
+    release.set()
+    await compacted
+    await closed
+    reopened = make()
+    opened = reopened.open(1)
+    first_look = reopened._run_in_writer(lambda store: (store.trim_pending(), _runs(store)))
+    await opened
+    pending, runs = await first_look
+    assert pending and runs[0] == (6, 5) and len(runs) == 9
+    state = await reopened.load(0)
+    assert state.checkpoint == SnapshotMeta(40, 1) and state.entries == entries(41, 50, 1)
+    for _ in range(200):
+        if not await reopened._run_in_writer(lambda store: store.trim_pending()):
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert await reopened._run_in_writer(_runs) == [(41, 5), (46, 5)]
+    await reopened.write([WalWrite(0, None, entries(51, 52, 1))])
+    assert (await reopened.load(0)).entries == entries(41, 52, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_compaction_to_the_end_removes_every_run_at_once(make):
+    """When nothing survives the checkpoint the table is emptied in the compaction itself."""
+    wal = make()
+    await wal.open(1)
+    await _write_runs(wal, 10, 5)
+
+    def compact_all(store):
+        store.trim_entries = 5
+        store.apply([(COMPACT, (0, SnapshotMeta(50, 1)))])
+        return store.trim_pending(), _runs(store)
+
+    assert await wal._run_in_writer(compact_all) == (False, [])
+    assert await wal.load(0) == WalState(HardState(1, None, 0), SnapshotMeta(50, 1), ())
 
 
 # ---------------------------------------------------------------------- Berkeley DB's own log files

@@ -317,8 +317,17 @@ class ThreadedWAL:
         store = self.store
         carried: _Operation | None = None
         next_checkpoint = time.monotonic() + self.checkpoint_interval
+        trim_pending = getattr(store, "trim_pending", None)
+        idle_trim = trim_pending is not None
         while True:
             operation, carried = carried, None
+            if operation is None and idle_trim and trim_pending():
+                # Nothing queued: delete a slice of what a compaction left (see BDBStore.trim).
+                try:
+                    operation = operations.get_nowait()
+                except queue.Empty:
+                    idle_trim = self._trim(store)
+                    continue
             if operation is None:
                 try:
                     operation = operations.get(timeout=max(0.0, next_checkpoint - time.monotonic()))
@@ -347,6 +356,7 @@ class ThreadedWAL:
                 except Exception as exc:  # apply reports failures itself; this only guards the thread
                     results = [WALError(f"write failed: {exc}", cause=exc)] * len(group)
                 sample = (time.perf_counter() - started, len(group), *_payload(group))
+                idle_trim = trim_pending is not None
                 self._deliver([(op.deferred, error is None, error) for op, error in zip(group, results)], sample)
                 # Bound the log files under heavy writing too, not only every checkpoint_interval.
                 self._checkpoint(store, self._checkpoint_kbytes)
@@ -369,6 +379,19 @@ class ThreadedWAL:
             return False, exc
         except Exception as exc:
             return False, WALError(f"{operation.kind} failed: {exc}", cause=exc)
+
+    def _trim(self, store: Any) -> bool:
+        try:
+            store.trim()
+        except Exception as exc:
+            # Not fatal by itself: the next write's transaction trims too, and fails loudly if the
+            # storage is broken. Until a write succeeds, the writer waits for work instead.
+            self._reactor.callFromThread(
+                _log.error, "{name}: trimming compacted entries in {path} failed: {error!r}",
+                name=self.storage_name, path=self.path, error=exc,
+            )
+            return False
+        return True
 
     def _checkpoint(self, store: Any, kbytes: int) -> None:
         try:
