@@ -418,6 +418,28 @@ def test_fail_stop_of_a_running_node_stops_the_reactor_and_exits_nonzero() -> No
     assert reactor.stopped and raft.exit_status == 1 and len(reactor.triggers) == 1
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_node_process_freezes_its_start_up_heap_once_joined(freeze: bool) -> None:
+    """With ``freeze_heap`` (twistd's own process) the objects alive at the join leave the
+    collector's generations, so full collections under load no longer walk them; without it
+    (a process embedding the node) the collector is left alone."""
+    import gc
+
+    manager = _FailingManager()
+    joining: defer.Deferred[None] = defer.Deferred()
+    manager.join_cluster = lambda: joining  # type: ignore[method-assign]
+    manager.node_id, manager.partitions, manager.metadata = "n1", 1, {}
+    raft = tap.RaftService(manager, _Reactor(), freeze_heap=freeze)
+    gc.unfreeze()
+    try:
+        raft.startService()
+        assert gc.get_freeze_count() == 0
+        joining.callback(None)
+        assert (gc.get_freeze_count() > 0) is freeze
+    finally:
+        gc.unfreeze()
+
+
 def test_raft_service_joins_and_leaves(tmp_path: Path) -> None:
     """Starting the service joins the cluster (single node, memory plugins); stopping leaves it."""
     clock = task.Clock()
@@ -482,6 +504,24 @@ def test_node_processes_tune_the_garbage_collector() -> None:
     try:
         tap.tune_garbage_collector()
         assert gc.get_threshold() == tap.GC_THRESHOLDS
+    finally:
+        gc.set_threshold(*before)
+
+
+def test_twistd_s_service_tunes_its_process_and_an_embedded_one_does_not() -> None:
+    """makeService on the global reactor (twistd) tunes the collector and freezes the heap once
+    joined; given a reactor (an application or a test sharing its process), it does neither."""
+    import gc
+
+    before = gc.get_threshold()
+    options = parse(*without("--http"), "--peers", "", *MEMORY)
+    try:
+        embedded = tap.makeService(options, reactor=task.Clock())
+        assert gc.get_threshold() == before
+        assert embedded.getServiceNamed(tap.RaftService.name).freeze_heap is False
+        owned = tap.makeService(parse(*without("--http"), "--peers", "", *MEMORY))
+        assert gc.get_threshold() == tap.GC_THRESHOLDS
+        assert owned.getServiceNamed(tap.RaftService.name).freeze_heap is True
     finally:
         gc.set_threshold(*before)
 

@@ -448,7 +448,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     :raises SystemExit: a plugin refused its configuration; the message says why (twistd does
         not turn exceptions from here into usage errors, and a traceback would hide the reason).
     """
-    if reactor is None:
+    tuned = reactor is None
+    if tuned:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
@@ -545,7 +546,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         from kommander.entry.join import forget_join
 
         on_joined = lambda: forget_join(data_dir)  # noqa: E731
-    RaftService(manager, reactor, on_joined).setServiceParent(top)
+    RaftService(manager, reactor, on_joined, freeze_heap=tuned).setServiceParent(top)
     add_credential_reloads(hangup, built["transport"])
     discovery_reload = getattr(built["discovery"], "reload_secrets", None)
     if discovery_reload is not None and getattr(built["discovery"], "secrets", None) is not None:
