@@ -37,7 +37,7 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.protocols.basic import LineReceiver
 
 from kommander.kv.machine import LOG_TYPE, encode_put
-from kommander.entry.tap import Options, makeService
+from kommander.entry.tap import Options, RaftService, makeService, tune_garbage_collector
 from latency import percentiles
 
 #: Distinct keys the generated writes cycle through: the KV store's size stays bounded, so memory
@@ -73,6 +73,10 @@ class Node:
         options = Options()
         options.parseOptions(argv)
         self.service = makeService(options, reactor)
+        # Given a reactor, makeService leaves the process's collector alone (tests share their
+        # process); this process is the node's own, as under twistd: tune it as twistd does.
+        tune_garbage_collector()
+        self.service.getServiceNamed(RaftService.name).freeze_heap = True
         self.manager = self.service.manager
         self.stopping = False
 
