@@ -26,6 +26,11 @@ Figures only, never a pass/fail. Run::
 
     .venv/bin/python benchmarks/partitions_bench.py                 # P = 1, 64, 1024
     .venv/bin/python benchmarks/partitions_bench.py --partitions 1024 --idle 20
+    .venv/bin/python benchmarks/partitions_bench.py --partitions 1 16 64 256 1024 --idle 10 --json partitions.json --plot docs/perf-idle-cpu.png
+
+``--json`` writes every count's figures to a file and ``--plot`` draws idle CPU against the
+partition count from it (``benchmarks/plot_results.py --kind idle``, with the bench venv's
+matplotlib).
 
 The nodes run with the defaults of ``twistd kommander`` (TCP transport, Berkeley DB WAL).
 """
@@ -33,11 +38,14 @@ The nodes run with the defaults of ``twistd kommander`` (TCP transport, Berkeley
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import kommander
@@ -221,11 +229,49 @@ def main(argv: list[str] | None = None) -> int:
         "--steady", type=float, default=12.0, help="seconds without a leader change that count as balanced"
     )
     parser.add_argument("--limit", type=float, default=60.0, help="give up waiting after this many seconds")
+    parser.add_argument("--json", type=Path, help="also write the figures of every count to this file")
+    parser.add_argument("--plot", type=Path, help="draw idle CPU against partitions into this PNG (needs --json)")
     args = parser.parse_args(argv)
+    if args.plot is not None and args.json is None:
+        parser.error("--plot draws from the --json file: give both")
     print(f"# kommander from {os.path.dirname(kommander.__file__)}; {os.cpu_count()} cores", flush=True)
+    runs = []
     for p in args.partitions:
-        print(run(p, args.idle, args.settle, args.limit, args.steady), flush=True)
+        line = run(p, args.idle, args.settle, args.limit, args.steady)
+        print(line, flush=True)
+        runs.append(figures_of(line))
+    if args.json is not None:
+        document = {"machine": {"cpus": os.cpu_count()}, "idle_s": args.idle, "runs": runs}
+        args.json.write_text(json.dumps(document, indent=1) + "\n")
+        print(f"wrote {args.json}", flush=True)
+    if args.plot is not None:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_cluster import ensure_bench_venv
+
+        plotter = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plot_results.py")
+        subprocess.run(
+            [str(ensure_bench_venv()), plotter, "--kind", "idle", str(args.json), str(args.plot)], check=True, timeout=120
+        )
+        print(f"wrote {args.plot}", flush=True)
     return 0
+
+
+def figures_of(line: str) -> dict[str, Any]:
+    """The ``key=value`` pairs of a result line; numbers as numbers, ``idle_cpu_pct`` per node."""
+    figures: dict[str, Any] = {}
+    for pair in line.split():
+        key, _, value = pair.partition("=")
+        if key == "idle_cpu_pct":
+            figures[key] = {node: float(pct) for node, pct in (item.split(":") for item in value.split(","))}
+            continue
+        try:
+            figures[key] = int(value)
+        except ValueError:
+            try:
+                figures[key] = float(value)
+            except ValueError:
+                figures[key] = value  # "none" when a wait gave up, or "a/b/c" leader counts
+    return figures
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/read_bench.py [--seconds 4] [--skip library] [--skip http]
+        [--inflight 1,64,1000] [--connections 1,64,256] [--json PATH] [--plot PATH]
 
 1. *Library API* (one process, Twisted's reactor, memory transport with the wire codec, memory
    WAL): ``read_index`` with ``--inflight`` reads in flight (closed loop) on a 1-node cluster,
@@ -16,6 +17,11 @@ Usage::
    against the leader alone, then the same number of connections against each of the three
    nodes at once (the followers serve their share without redirecting), then
    ``?consistency=lease`` against the leader alone and against all three at once.
+
+``--inflight`` and ``--connections`` take comma-separated levels (each figure is measured at every
+level; the HTTP levels share one cluster). ``--json`` writes the figures to a file, ``--plot``
+draws reads per second against the level from it (``benchmarks/plot_results.py --kind reads``,
+with the bench venv's matplotlib).
 
 Every process is on 127.0.0.1 and stopped by PID at the end. One line per figure::
 
@@ -181,7 +187,9 @@ def collect(proc: subprocess.Popen, seconds: float) -> dict:
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
-def http(seconds: float, connections: int) -> list[str]:
+def http(seconds: float, levels: list[int], figures: dict[str, dict[str, float]]) -> list[str]:
+    """Every HTTP figure at each number of connections in ``levels``, on one cluster; each also
+    goes into ``figures[name][str(connections)]`` (reads per second)."""
     from bench_cluster import Cluster, stop_everything
     from cluster_bench import run_http_client
 
@@ -192,34 +200,61 @@ def http(seconds: float, connections: int) -> list[str]:
         cluster.start()
         leader = cluster.wait_leaders()[0]
         run_http_client(cluster.http[leader], 64, 2.0)  # writes every key (4,096 of them) at least once
-        cluster.wait_leaders(caught_up=True)
-        alone = collect(start_get(cluster.http[leader], connections, seconds), seconds)
-        codes = alone["codes"]
-        lines.append(
-            f"reads http leader-alone connections={connections}: {alone['ops_per_s']:,.0f} reads/s "
-            f"(p50 {alone.get('p50_ms', 0):.1f} ms, codes {codes})"
-        )
-        procs = {node: start_get(port, connections, seconds) for node, port in cluster.http.items()}
-        runs = {node: collect(p, seconds) for node, p in procs.items()}
-        total = sum(r["ops_per_s"] for r in runs.values())
-        per = ", ".join(f"{n}{'*' if n == leader else ''} {r['ops_per_s']:,.0f} {r['codes']}" for n, r in runs.items())
-        lines.append(f"reads http all-3-nodes connections={connections}x3: {total:,.0f} reads/s ({per}; * leader)")
-        lines.append(f"reads http ratio all-3-nodes/leader-alone: {total / max(1.0, alone['ops_per_s']):.2f}x")
-        leased = collect(start_get(cluster.http[leader], connections, seconds, "?consistency=lease"), seconds)
-        lines.append(
-            f"reads http leader-alone lease connections={connections}: {leased['ops_per_s']:,.0f} reads/s "
-            f"(p50 {leased.get('p50_ms', 0):.1f} ms, codes {leased['codes']})"
-        )
-        procs = {node: start_get(port, connections, seconds, "?consistency=lease") for node, port in cluster.http.items()}
-        runs = {node: collect(p, seconds) for node, p in procs.items()}
-        total = sum(r["ops_per_s"] for r in runs.values())
-        per = ", ".join(f"{n}{'*' if n == leader else ''} {r['ops_per_s']:,.0f} {r['codes']}" for n, r in runs.items())
-        lines.append(f"reads http all-3-nodes lease connections={connections}x3: {total:,.0f} reads/s ({per}; * leader)")
-        lines.append(f"reads http ratio all-3-nodes lease/leader-alone lease: {total / max(1.0, leased['ops_per_s']):.2f}x")
+        for connections in levels:
+            cluster.wait_leaders(caught_up=True)
+            lines.extend(http_level(cluster, leader, seconds, connections, figures))
     finally:
         cluster.stop()
         stop_everything()
     return lines
+
+
+def http_level(cluster, leader: str, seconds: float, connections: int, figures: dict[str, dict[str, float]]) -> list[str]:
+    """The leader alone, then all three nodes, then the same with lease reads, at ``connections``."""
+
+    def record(name: str, rate: float) -> None:
+        figures.setdefault(name, {})[str(connections)] = round(rate, 1)
+
+    lines = []
+    alone = collect(start_get(cluster.http[leader], connections, seconds), seconds)
+    record("http leader-alone", alone["ops_per_s"])
+    codes = alone["codes"]
+    lines.append(
+        f"reads http leader-alone connections={connections}: {alone['ops_per_s']:,.0f} reads/s "
+        f"(p50 {alone.get('p50_ms', 0):.1f} ms, codes {codes})"
+    )
+    procs = {node: start_get(port, connections, seconds) for node, port in cluster.http.items()}
+    runs = {node: collect(p, seconds) for node, p in procs.items()}
+    total = sum(r["ops_per_s"] for r in runs.values())
+    record("http all-3-nodes", total)
+    per = ", ".join(f"{n}{'*' if n == leader else ''} {r['ops_per_s']:,.0f} {r['codes']}" for n, r in runs.items())
+    lines.append(f"reads http all-3-nodes connections={connections}x3: {total:,.0f} reads/s ({per}; * leader)")
+    lines.append(f"reads http ratio all-3-nodes/leader-alone: {total / max(1.0, alone['ops_per_s']):.2f}x")
+    leased = collect(start_get(cluster.http[leader], connections, seconds, "?consistency=lease"), seconds)
+    record("http leader-alone lease", leased["ops_per_s"])
+    lines.append(
+        f"reads http leader-alone lease connections={connections}: {leased['ops_per_s']:,.0f} reads/s "
+        f"(p50 {leased.get('p50_ms', 0):.1f} ms, codes {leased['codes']})"
+    )
+    procs = {node: start_get(port, connections, seconds, "?consistency=lease") for node, port in cluster.http.items()}
+    runs = {node: collect(p, seconds) for node, p in procs.items()}
+    total = sum(r["ops_per_s"] for r in runs.values())
+    record("http all-3-nodes lease", total)
+    per = ", ".join(f"{n}{'*' if n == leader else ''} {r['ops_per_s']:,.0f} {r['codes']}" for n, r in runs.items())
+    lines.append(f"reads http all-3-nodes lease connections={connections}x3: {total:,.0f} reads/s ({per}; * leader)")
+    lines.append(f"reads http ratio all-3-nodes lease/leader-alone lease: {total / max(1.0, leased['ops_per_s']):.2f}x")
+    return lines
+
+
+def levels(text: str) -> list[int]:
+    """``"1,64,1000"`` -> ``[1, 64, 1000]`` (each at least 1)."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated whole numbers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every level is at least 1")
+    return values
 
 
 def main() -> int:
@@ -232,23 +267,50 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--inflight", type=int, default=1000, help="library reads in flight")
-    parser.add_argument("--connections", type=int, default=256, help="HTTP connections per node")
+    parser.add_argument("--inflight", type=levels, default=[1000], help="library reads in flight (levels: 1,64,1000)")
+    parser.add_argument("--connections", type=levels, default=[256], help="HTTP connections per node (levels)")
     parser.add_argument("--skip", action="append", default=[], choices=["library", "http"])
+    parser.add_argument("--json", type=Path, help="write the figures (reads/s by level) to this file")
+    parser.add_argument("--plot", type=Path, help="draw them into this PNG (needs --json)")
     args = parser.parse_args()
+    if args.plot is not None and args.json is None:
+        parser.error("--plot draws from the --json file: give both")
+    figures: dict[str, dict[str, float]] = {}
     if "library" not in args.skip:
-        for nodes, spread, lease, label in (
-            (1, False, False, "nodes=1"),
-            (3, False, False, "nodes=3 leader"),
-            (3, True, False, "nodes=3 all"),
-            (3, False, True, "nodes=3 leader lease"),
-            (3, True, True, "nodes=3 all lease"),
-        ):
-            rate = run_library_child(nodes, args.inflight, args.seconds, spread, lease)
-            print(f"reads library {label} inflight={args.inflight}: {rate:,.0f} reads/s", flush=True)
+        for inflight in args.inflight:
+            for nodes, spread, lease, label in (
+                (1, False, False, "nodes=1"),
+                (3, False, False, "nodes=3 leader"),
+                (3, True, False, "nodes=3 all"),
+                (3, False, True, "nodes=3 leader lease"),
+                (3, True, True, "nodes=3 all lease"),
+            ):
+                rate = run_library_child(nodes, inflight, args.seconds, spread, lease)
+                figures.setdefault(f"library {label}", {})[str(inflight)] = round(rate, 1)
+                print(f"reads library {label} inflight={inflight}: {rate:,.0f} reads/s", flush=True)
     if "http" not in args.skip:
-        for line in http(args.seconds, args.connections):
+        for line in http(args.seconds, args.connections, figures):
             print(line, flush=True)
+    if args.json is not None:
+        import os
+        import platform
+
+        document = {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "seconds": args.seconds,
+            "reads_per_s": figures,
+        }
+        args.json.write_text(json.dumps(document, indent=1) + "\n")
+        print(f"wrote {args.json}", flush=True)
+    if args.plot is not None:
+        from bench_cluster import ensure_bench_venv
+
+        python = ensure_bench_venv()
+        subprocess.run(
+            [str(python), str(HERE / "plot_results.py"), "--kind", "reads", str(args.json), str(args.plot)],
+            check=True, timeout=120,
+        )  # fmt: skip
+        print(f"wrote {args.plot}", flush=True)
     return 0
 
 
