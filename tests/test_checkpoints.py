@@ -705,3 +705,40 @@ def test_crash_of_the_leader_mid_transfer_lets_the_new_leader_finish() -> None:
     assert follower.state_machine.data(0) == values(40)
     assert len(follower.state_machine.restores) == 1
     cluster.close()
+
+
+def test_entries_a_compaction_drops_are_freed_a_slice_per_turn() -> None:
+    """Freeing a checkpoint's 50,000 dropped entries at once held the reactor 6-30 ms on every
+    node at the same moment; they go a slice (FREE_SLICE) per reactor turn instead, newest
+    compaction first, and a small compaction is freed at once."""
+    from kommander.runtime.checkpoints import FREE_SLICE
+
+    class Turns:
+        """A reactor that runs nothing by itself: each test step is one turn."""
+
+        def __init__(self) -> None:
+            self.calls: list[Any] = []
+
+        def callLater(self, delay: float, f: Any) -> Any:
+            assert delay == 0
+            self.calls.append(f)
+            return SimpleNamespace(active=lambda: f in self.calls)
+
+    reactor = Turns()
+    checkpointer = Checkpointer(SimpleNamespace(reactor=reactor))
+    big = [Entry(i, 1) for i in range(1, 2 * FREE_SLICE + 100)]
+    other = [Entry(i, 1) for i in range(1, FREE_SLICE + 2)]
+    checkpointer._free_gradually(big)
+    checkpointer._free_gradually(other)
+    assert len(big) == 2 * FREE_SLICE + 99 and len(other) == FREE_SLICE + 1  # nothing freed yet
+    assert len(reactor.calls) == 1
+    sizes = []
+    for _ in range(10):  # bounded
+        if not reactor.calls:
+            break
+        reactor.calls.pop(0)()
+        sizes.append((len(big), len(other)))
+    assert sizes == [(2 * FREE_SLICE + 99, 1), (FREE_SLICE + 100, 0), (100, 0), (0, 0)]
+    assert not checkpointer._freeing
+    checkpointer._free_gradually([Entry(1, 1)])
+    assert not reactor.calls and not checkpointer._freeing

@@ -290,11 +290,15 @@ class RaftNode(Election, Replication, ReadIndex, FollowerRead, Rejoin, Reconfig,
             if self.role is Role.LEADER and self._maybe_commit():
                 self._commit_dirty = True
 
-    def compact(self, meta: SnapshotMeta) -> None:
+    def compact(self, meta: SnapshotMeta) -> list[Entry]:
         """Forget entries up to ``meta.index``: the state machine's snapshot now covers them.
-        The core's snapshot meta then carries the configuration at that index."""
+        The core's snapshot meta then carries the configuration at that index.
+
+        :returns: the entries forgotten (the caller may hold them to free them gradually).
+        """
         if meta.index > self.log.snapshot.index:
-            self.log.compact(self._compact_membership(meta))
+            return self.log.compact(self._compact_membership(meta))
+        return []
 
     def limit_apply(self, index: int) -> None:
         """Hand out committed entries only up to ``index`` until called again: the runtime's

@@ -277,7 +277,8 @@ def test_compact_drops_applied_prefix():
     """compact() forgets entries up to the snapshot; terms below it become CompactedError."""
     log = stable_log([1, 1, 2, 2], committed=4)
     log.take_applicable(3)
-    log.compact(SnapshotMeta(3, 2))
+    dropped = log.compact(SnapshotMeta(3, 2))
+    assert [(e.index, e.term) for e in dropped] == [(1, 1), (2, 1), (3, 2)]  # the caller frees them
     assert log.first_index == 4
     assert log.term(3) == 2
     assert [e.index for e in log.entries] == [4]
@@ -292,8 +293,8 @@ def test_compact_beyond_applied_raises_and_older_snapshot_is_ignored():
     log.take_applicable(2)
     with pytest.raises(AssertionError):
         log.compact(SnapshotMeta(3, 2))
-    log.compact(SnapshotMeta(2, 1))
-    log.compact(SnapshotMeta(1, 1))
+    assert len(log.compact(SnapshotMeta(2, 1))) == 2
+    assert log.compact(SnapshotMeta(1, 1)) == []
     assert log.first_index == 3
 
 
