@@ -216,33 +216,22 @@ def http_level(cluster, leader: str, seconds: float, connections: int, figures: 
         figures.setdefault(name, {})[str(connections)] = round(rate, 1)
 
     lines = []
-    alone = collect(start_get(cluster.http[leader], connections, seconds), seconds)
-    record("http leader-alone", alone["ops_per_s"])
-    codes = alone["codes"]
-    lines.append(
-        f"reads http leader-alone connections={connections}: {alone['ops_per_s']:,.0f} reads/s "
-        f"(p50 {alone.get('p50_ms', 0):.1f} ms, codes {codes})"
-    )
-    procs = {node: start_get(port, connections, seconds) for node, port in cluster.http.items()}
-    runs = {node: collect(p, seconds) for node, p in procs.items()}
-    total = sum(r["ops_per_s"] for r in runs.values())
-    record("http all-3-nodes", total)
-    per = ", ".join(f"{n}{'*' if n == leader else ''} {r['ops_per_s']:,.0f} {r['codes']}" for n, r in runs.items())
-    lines.append(f"reads http all-3-nodes connections={connections}x3: {total:,.0f} reads/s ({per}; * leader)")
-    lines.append(f"reads http ratio all-3-nodes/leader-alone: {total / max(1.0, alone['ops_per_s']):.2f}x")
-    leased = collect(start_get(cluster.http[leader], connections, seconds, "?consistency=lease"), seconds)
-    record("http leader-alone lease", leased["ops_per_s"])
-    lines.append(
-        f"reads http leader-alone lease connections={connections}: {leased['ops_per_s']:,.0f} reads/s "
-        f"(p50 {leased.get('p50_ms', 0):.1f} ms, codes {leased['codes']})"
-    )
-    procs = {node: start_get(port, connections, seconds, "?consistency=lease") for node, port in cluster.http.items()}
-    runs = {node: collect(p, seconds) for node, p in procs.items()}
-    total = sum(r["ops_per_s"] for r in runs.values())
-    record("http all-3-nodes lease", total)
-    per = ", ".join(f"{n}{'*' if n == leader else ''} {r['ops_per_s']:,.0f} {r['codes']}" for n, r in runs.items())
-    lines.append(f"reads http all-3-nodes lease connections={connections}x3: {total:,.0f} reads/s ({per}; * leader)")
-    lines.append(f"reads http ratio all-3-nodes lease/leader-alone lease: {total / max(1.0, leased['ops_per_s']):.2f}x")
+    for query, tag in (("", ""), ("?consistency=lease", " lease")):
+        alone = collect(start_get(cluster.http[leader], connections, seconds, query), seconds)
+        record(f"http leader-alone{tag}", alone["ops_per_s"])
+        lines.append(
+            f"reads http leader-alone{tag} connections={connections}: {alone['ops_per_s']:,.0f} reads/s "
+            f"(p50 {alone.get('p50_ms', 0):.1f} ms, codes {alone['codes']})"
+        )
+        procs = {node: start_get(port, connections, seconds, query) for node, port in cluster.http.items()}
+        runs = {node: collect(p, seconds) for node, p in procs.items()}
+        total = sum(r["ops_per_s"] for r in runs.values())
+        record(f"http all-3-nodes{tag}", total)
+        per = ", ".join(f"{n}{'*' if n == leader else ''} {r['ops_per_s']:,.0f} {r['codes']}" for n, r in runs.items())
+        lines.append(f"reads http all-3-nodes{tag} connections={connections}x3: {total:,.0f} reads/s ({per}; * leader)")
+        lines.append(
+            f"reads http ratio all-3-nodes{tag}/leader-alone{tag}: {total / max(1.0, alone['ops_per_s']):.2f}x"
+        )
     return lines
 
 
