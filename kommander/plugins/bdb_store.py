@@ -489,8 +489,7 @@ class BDBStore:
         for partition in sorted(pending):
             if budget <= 0:
                 break
-            through = min(pending[partition], (staged.get(partition) or self._bounds[partition]).floor)
-            deleted, done = _delete_through(self._logs[partition], through, txn, budget)
+            deleted, done = _delete_through(self._logs[partition], pending[partition], txn, budget)
             budget -= deleted
             if done:
                 del pending[partition]
