@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kommander.testing.netproxy import LinkProxies
 from kommander.testing.procs import ConnectRefused, HTTPResult, free_ports, http_call, twistd_command
 
 __all__ = [
@@ -119,6 +120,7 @@ _LIVE_CLUSTERS: "set[LocalCluster]" = set()
 def _stop_leftovers() -> None:
     for cluster in list(_LIVE_CLUSTERS):
         cluster.stop(graceful=False)
+        cluster.close_network()
 
 
 @dataclass(eq=False)
@@ -136,6 +138,9 @@ class LocalCluster:
         unless :attr:`failed` was set, so a failing test's logs survive).
     :param autostart: start every node on entering the ``with`` block; when false, call
         :meth:`start` yourself (e.g. to decide which nodes can win the first election).
+    :param network: put a :class:`~kommander.testing.netproxy.LinkProxies` on every link between
+        two nodes (each node is given the proxies as its peers' endpoints), so that
+        :attr:`net` can cut links: network partitions, one-way ones included, on loopback.
     """
 
     nodes: int = 3
@@ -146,6 +151,9 @@ class LocalCluster:
     directory: str | None = None
     keep: bool = False
     autostart: bool = True
+    network: bool = False
+    #: The proxies between the nodes when ``network`` is true (closed by :meth:`close_network`).
+    net: LinkProxies | None = field(default=None, init=False)
     members: dict[str, Node] = field(default_factory=dict, init=False)
     failed: bool = field(default=False, init=False)
     _own_directory: bool = field(default=False, init=False)
@@ -163,6 +171,8 @@ class LocalCluster:
             path = os.path.join(self.directory, node_id)
             os.makedirs(path, exist_ok=True)
             self.members[node_id] = Node(node_id, ports[2 * i], ports[2 * i + 1], path)
+        if self.network:
+            self.net = LinkProxies({n.node_id: n.raft_port for n in self.members.values()})
         self._twistd = twistd_command()
 
     # ------------------------------------------------------------------ lifecycle
@@ -184,6 +194,12 @@ class LocalCluster:
             self.failed = True
             print(f"\ncluster directory kept: {self.directory}\n{self.tails()}", file=sys.stderr)
         self.stop()
+        self.close_network()
+
+    def close_network(self) -> None:
+        """Close the link proxies, if any (the nodes can no longer reach each other)."""
+        if self.net is not None:
+            self.net.close()
 
     @property
     def node_ids(self) -> list[str]:
@@ -200,7 +216,7 @@ class LocalCluster:
 
     def command(self, node: Node) -> list[str]:
         """The documented ``twistd -n kommander`` command line of ``node``."""
-        peers = ",".join(f"{n.node_id}=tcp:host=127.0.0.1:port={n.raft_port}" for n in self.members.values())
+        peers = ",".join(f"{n.node_id}=tcp:host=127.0.0.1:port={self._peer_port(node, n)}" for n in self.members.values())
         return [
             *self._twistd,
             "-n",
@@ -217,6 +233,12 @@ class LocalCluster:
             *(["--checkpoint-every", str(self.checkpoint_every)] if self.checkpoint_every is not None else []),
             *self.extra_args,
         ]  # fmt: skip
+
+    def _peer_port(self, node: Node, peer: Node) -> int:
+        """The port ``node`` reaches ``peer`` on: its Raft port, or the link's proxy."""
+        if self.net is None or peer is node:
+            return peer.raft_port
+        return self.net.port(node.node_id, peer.node_id)
 
     def start(self, node_ids: Iterable[str] | None = None) -> None:
         """Start the given nodes (all by default) that are not running."""

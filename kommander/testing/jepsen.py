@@ -13,8 +13,14 @@ nemesis that injects one fault at a time and heals it:
 ``crash``   SIGKILL every node at once, restart them all
 ``wipe``    SIGKILL a node, delete its data directory, restart it empty
 ``term``    SIGTERM a node (graceful shutdown), restart it later
+``partition`` cut the network between nodes, heal it later: isolate a node (half the time a
+            leader) both ways, or only its outgoing or its incoming links (one-way partitions),
+            or, with four nodes or more, split the cluster in two; the links either hold their
+            bytes (delivered late on healing) or reset every connection
 
-Network partitions need network namespaces and are not simulated. After the last fault everything
+Partitions go through :class:`~kommander.testing.netproxy.LinkProxies` on loopback: every link
+between two nodes crosses a proxy the nemesis can cut, while clients reach every node. After the
+last fault everything
 is healed and the run checks that (1) the cluster elects leaders again within a bound, (2) all
 nodes apply the same commit index and hold the same value for every key, (3) every acknowledged
 write of a client's own key is on every node, (4) the whole history, including final
@@ -41,7 +47,7 @@ from kommander.testing.cluster import ClusterError, LocalCluster
 from kommander.testing.linearizability import Operation, Outcome, check
 from kommander.testing.workload import KVClient, Workload
 
-FAULTS = ("kill", "pause", "crash", "wipe", "term")
+FAULTS = ("kill", "pause", "crash", "wipe", "term", "partition")
 #: Seconds a cluster gets to elect leaders again after a fault is healed.
 RECOVERY_SECONDS = 30.0
 
@@ -114,6 +120,9 @@ class Nemesis:
             cluster.start()
             return
         node = self._target()
+        if fault == "partition":
+            self._partition(node, hold)
+            return
         if fault == "pause":
             self.log(f"pause: SIGSTOP {node} for {hold:.1f}s")
             cluster.pause(node)
@@ -130,6 +139,24 @@ class Nemesis:
             self._restart_wiped(node)
         else:
             cluster.restart(node)
+
+    def _partition(self, node: str, hold: float) -> None:
+        net = self.cluster.net
+        if net is None:
+            raise ValueError("the partition fault needs LocalCluster(network=True)")
+        mode = self.rng.choice(("stall", "reset"))
+        nodes = self.cluster.node_ids
+        shape = self.rng.choice(("both", "out", "in") + (("split",) if len(nodes) >= 4 else ()))
+        if shape == "split":
+            side = self.rng.sample(nodes, self.rng.randint(1, len(nodes) // 2))
+            net.split(side, mode)
+            what = f"{','.join(sorted(side))} | {','.join(sorted(set(nodes) - set(side)))}"
+        else:
+            net.isolate(node, mode, shape)
+            what = {"both": f"{node} isolated", "out": f"{node} unheard", "in": f"{node} deaf"}[shape]
+        self.log(f"partition: {what} ({mode}) for {hold:.1f}s")
+        time.sleep(hold)
+        net.heal()
 
     def _restart_wiped(self, node: str) -> None:
         """Restart a wiped node and wait until it holds everything committed before and is a
@@ -192,7 +219,9 @@ def run(
 
     lease = f", {lease_reads:.0%} of reads lease reads" if lease_reads else ""
     say(f"seed {seed}: {nodes} nodes, {partitions} partitions, {clients} clients, faults {','.join(faults)}{lease}")
-    cluster = LocalCluster(nodes=nodes, partitions=partitions, checkpoint_every=checkpoint_every, keep=keep)
+    cluster = LocalCluster(
+        nodes=nodes, partitions=partitions, checkpoint_every=checkpoint_every, keep=keep, network="partition" in faults
+    )
     with cluster:
         cluster.wait_for_leaders(RECOVERY_SECONDS)
         workload = Workload(
