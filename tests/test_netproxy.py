@@ -82,6 +82,27 @@ def recv_exactly(s: socket.socket, n: int) -> bytes:
     return data
 
 
+def assert_held_until_healed(net: LinkProxies, s: socket.socket, data: bytes) -> None:
+    """``data`` sent on ``s`` does not come back while the cut lasts, and does once healed."""
+    s.sendall(data)
+    s.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        s.recv(len(data))
+    net.heal()
+    s.settimeout(2.0)
+    assert recv_exactly(s, len(data)) == data  # delivered late, as TCP would after the partition
+    s.close()
+
+
+def assert_closed(s: socket.socket) -> None:
+    s.settimeout(2.0)
+    try:
+        assert s.recv(4) == b""
+    except ConnectionResetError:
+        pass  # the RST itself
+    s.close()
+
+
 def test_forwards_both_ways(net):
     s = dial(net)
     s.sendall(b"hello")
@@ -91,49 +112,24 @@ def test_forwards_both_ways(net):
     s.close()
 
 
-def test_a_stalled_link_holds_the_bytes_until_healed(net):
+@pytest.mark.parametrize(
+    "link",
+    [("a", "b"), ("b", "a")],
+    ids=["a's bytes held before b", "b's echo held before a"],
+)
+def test_a_stalled_link_holds_its_bytes_one_way_until_healed(net, link):
     s = dial(net)
     s.sendall(b"ping")
     assert recv_exactly(s, 4) == b"ping"
-    net.cut([("a", "b")], "stall")
-    s.sendall(b"late")
-    s.settimeout(0.5)
-    with pytest.raises(socket.timeout):
-        s.recv(4)  # nothing reached the echo server
-    assert net.cut_links == {("a", "b"): "stall"}
-    net.heal()
-    s.settimeout(2.0)
-    assert recv_exactly(s, 4) == b"late"  # delivered late, as TCP would after the partition
-    s.close()
-
-
-def test_a_one_way_cut_lets_the_other_direction_through(net):
-    s = dial(net)
-    s.sendall(b"abcd")
-    assert recv_exactly(s, 4) == b"abcd"
-    # b -> a cut: b's echo is held, but a's bytes still reach b.
-    net.cut([("b", "a")], "stall")
-    s.sendall(b"efgh")
-    s.settimeout(0.5)
-    with pytest.raises(socket.timeout):
-        s.recv(4)
-    net.heal()
-    s.settimeout(2.0)
-    assert recv_exactly(s, 4) == b"efgh"
-    s.close()
+    net.cut([link], "stall")
+    assert net.cut_links == {link: "stall"}
+    assert_held_until_healed(net, s, b"late")
 
 
 def test_a_new_connection_across_a_stalled_link_is_held(net):
     net.isolate("a", "stall", "out")
     s = dial(net)  # accepted: a partition does not refuse, it drops
-    s.sendall(b"held")
-    s.settimeout(0.5)
-    with pytest.raises(socket.timeout):
-        s.recv(4)
-    net.heal()
-    s.settimeout(2.0)
-    assert recv_exactly(s, 4) == b"held"
-    s.close()
+    assert_held_until_healed(net, s, b"held")
 
 
 def test_a_reset_closes_the_connections_and_refuses_new_ones_until_healed(net):
@@ -141,19 +137,8 @@ def test_a_reset_closes_the_connections_and_refuses_new_ones_until_healed(net):
     s.sendall(b"ping")
     assert recv_exactly(s, 4) == b"ping"
     net.split(["a"], "reset")
-    s.settimeout(2.0)
-    try:
-        assert s.recv(4) == b""
-    except ConnectionResetError:
-        pass  # the RST itself
-    s.close()
-    refused = dial(net)
-    refused.settimeout(2.0)
-    try:
-        assert refused.recv(4) == b""
-    except ConnectionResetError:
-        pass
-    refused.close()
+    assert_closed(s)
+    assert_closed(dial(net))
     assert net.stats["reset"] == 1 and net.stats["refused"] == 1
     net.heal()
     again = dial(net)
