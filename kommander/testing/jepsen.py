@@ -20,8 +20,7 @@ nemesis that injects one fault at a time and heals it:
 
 Partitions go through :class:`~kommander.testing.netproxy.LinkProxies` on loopback: every link
 between two nodes crosses a proxy the nemesis can cut, while clients reach every node. After the
-last fault everything
-is healed and the run checks that (1) the cluster elects leaders again within a bound, (2) all
+last fault everything is healed and the run checks that (1) the cluster elects leaders again within a bound, (2) all
 nodes apply the same commit index and hold the same value for every key, (3) every acknowledged
 write of a client's own key is on every node, (4) the whole history, including final
 linearizable reads through every node, is linearizable, and (5) no request got a 500. The exit
