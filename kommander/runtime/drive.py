@@ -17,13 +17,15 @@ to the transport, which closes that one connection. The runtime's parts report t
 through :meth:`DriveLoop.fail_stop` too (see :class:`~kommander.runtime.host.RuntimeHost`).
 
 **Disk stalls.** A leader sends heartbeats before its own WAL write is durable, so a leader whose
-disk hangs would keep its followers content while nothing it proposes is ever applied. When the
-oldest outstanding WAL write is older than the minimum election timeout, the node steps down from
-every partition it leads and, until the write completes, neither ticks (so it never campaigns) nor
-takes messages (Raft tolerates the loss; buffering them would grow without bound). The pipeline to
-the WAL is bounded too: with :attr:`DriveLoop.max_pending_batches` turns waiting for durability the
-loop stops collecting ``Ready`` s, proposals stay in their bounded queues (``QUEUE_FULL`` beyond),
-and the write that completes next resumes the loop with everything gathered meanwhile.
+disk hangs would keep its followers content while nothing it proposes is ever applied. When a WAL
+write is outstanding and the WAL has completed none for the minimum election timeout (counted from
+the later of the oldest outstanding write's issue and the last completion: a write queued behind
+another that completes is waiting for a working disk), the node steps down from every partition it
+leads and, until the write completes, neither ticks (so it never campaigns) nor takes messages
+(Raft tolerates the loss; buffering them would grow without bound). The pipeline to the WAL is
+bounded too: with :attr:`DriveLoop.max_pending_batches` turns waiting for durability the loop
+stops collecting ``Ready`` s, proposals stay in their bounded queues (``QUEUE_FULL`` beyond), and
+the write that completes next resumes the loop with everything gathered meanwhile.
 
 **Quiescence.** Only awake partitions are ticked: a partition leaves the awake set when its core
 has quiesced (see :mod:`kommander.core.quiesce`) and the runtime holds nothing for it that has a
@@ -103,8 +105,11 @@ class DriveLoop(NodeLiveness):
         self._dirty: dict[int, PartitionRuntime] = {}
         self._flush_call: Any = None
         self._batches: deque[_Batch] = deque()
-        #: Reactor time the outstanding WAL write found stalled was issued, or ``None``.
+        #: Reactor time the stall clock of the WAL write found stalled started, or ``None``.
         self._stalled_since: float | None = None
+        #: Reactor time the oldest outstanding WAL write last completed (the disk made progress;
+        #: a later write completing first does not count).
+        self._wal_progress = self.reactor.seconds()
         low, _ = self.config.election_ticks()
         self._stall_timeout = low * self.config.heartbeat_interval
         for name in ("messages_dropped_stalled", "turns_held", "disk_stalls", "node_heartbeats_sent", "peers_lost"):
@@ -376,6 +381,8 @@ class DriveLoop(NodeLiveness):
         """Release, in order, what waited for durability: persisted messages, then advance()."""
         outgoing: dict[str, list[tuple[int, Message]]] = {}
         batches = self._batches
+        if batches and batches[0].done:
+            self._wal_progress = self.reactor.seconds()
         while batches and batches[0].done:
             batch = batches.popleft()
             for runtime, ready in batch.readies:
@@ -402,20 +409,27 @@ class DriveLoop(NodeLiveness):
 
     @property
     def disk_stalled(self) -> bool:
-        """Whether a WAL write has been outstanding for longer than an election timeout (the node
-        then leads nothing, does not campaign and drops incoming messages until it completes)."""
+        """Whether the WAL has completed no write for an election timeout while one is outstanding
+        (the node then leads nothing, does not campaign and drops incoming messages until one
+        completes)."""
         return self._stalled_since is not None
 
-    def _oldest_pending_write(self) -> float | None:
-        """Reactor time the oldest WAL write not yet durable was issued (writes complete in order)."""
+    def _waiting_on_disk_since(self) -> float | None:
+        """Reactor time since which the WAL has made no progress on an outstanding write: the
+        later of the oldest write not yet durable's issue (writes complete in order) and the last
+        completion; ``None`` while nothing is outstanding.
+
+        Not the oldest write's age alone: under load a write waits behind the sync before its own
+        (a group commit takes whatever arrived meanwhile), so it is outstanding for up to two syncs
+        while the disk completes one every sync."""
         for batch in self._batches:
             if not batch.done:
-                return batch.started
+                return max(batch.started, self._wal_progress)
         return None
 
     def _watch_disk(self, now: float) -> bool:
         """Whether the WAL is stalled; on finding it so, step down from every partition led."""
-        oldest = self._oldest_pending_write()
+        oldest = self._waiting_on_disk_since()
         if oldest is None or now - oldest < self._stall_timeout:
             if self._stalled_since is not None:
                 self.log.warn(
@@ -430,9 +444,10 @@ class DriveLoop(NodeLiveness):
             self._stalled_since = oldest
             self.stats["disk_stalls"] += 1
             self.log.error(
-                "node {node}: a WAL write is outstanding for {age:.2f}s, longer than the election "
-                "timeout ({timeout:.2f}s): the disk is stalled; stepping down as leader of partitions "
-                "[{led}] and not campaigning until the write completes",
+                "node {node}: a WAL write is outstanding and the WAL has completed none for "
+                "{age:.2f}s, longer than the election timeout ({timeout:.2f}s): the disk is stalled; "
+                "stepping down as leader of partitions [{led}] and not campaigning until the write "
+                "completes",
                 node=self.node_id,
                 age=now - oldest,
                 timeout=self._stall_timeout,
