@@ -80,6 +80,39 @@ def test_entries_held_by_undecided_tickets_count_towards_the_proposal_bound() ->
     cluster.close()
 
 
+def full_queue_lines(events: list, setting: str) -> list[str]:
+    return [formatEvent(e) for e in events if setting in e.get("log_format", "")]
+
+
+def test_a_queue_that_fills_again_and_again_is_logged_once_per_10_seconds() -> None:
+    """Under a steady overload the proposal and read queues fill and drain many times a second;
+    each time used to log a warning (255 lines in 10 s on a bench leader at twice its capacity).
+    Now the first is logged, then at most one line per 10 s, counting the episodes left out."""
+    cluster = Cluster(3, 1, seed=34, max_queued_proposals=4, max_pending_reads=2).start_all()
+    leader = cluster.wait_for_leaders()[0]
+    m = leader.m
+
+    def overload() -> None:
+        writes = [m.replicate_logs(0, "t", b"w") for _ in range(6)]
+        reads = [m.read_index(0) for _ in range(3)]
+        assert cluster.result(writes[-1]).status is Status.QUEUE_FULL
+        assert isinstance(failure_of(cluster, reads[-1]), QueueFull)
+        cluster.run_until(lambda: all(d.called for d in writes + reads), 5, "the queues drained")
+        assert all(cluster.result(d).success for d in writes[:4])
+
+    with capturedLogs() as events:
+        for _ in range(5):  # well within 10 s of the clock
+            overload()
+        for setting in ("max_queued_proposals", "max_pending_reads"):
+            assert len(full_queue_lines(events, setting)) == 1, setting
+        cluster.advance(10.5)
+        overload()
+    for setting in ("max_queued_proposals", "max_pending_reads"):
+        lines = full_queue_lines(events, setting)
+        assert len(lines) == 2 and "the queue filled 4 more times since the last such line" in lines[1], lines
+    cluster.close()
+
+
 # ---------------------------------------------------------------------- reads
 
 

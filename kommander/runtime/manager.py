@@ -494,8 +494,9 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi, TicketApi):
         if runtime.pending_reads() >= limit:
             if not runtime.reads_full:
                 runtime.reads_full = True
-                self.log.warn(
-                    "partition {p}: {limit} reads pending (max_pending_reads); refusing reads until some finish",
+                runtime.log_reads_full(
+                    "partition {p}: {limit} reads pending (max_pending_reads); refusing reads until some "
+                    "finish (the queue filled {suppressed} more times since the last such line)",
                     p=partition,
                     limit=limit,
                 )

@@ -35,6 +35,7 @@ from kommander.runtime.tickets import HeldTickets, TicketBook
 from kommander.runtime.apply_loop import ApplyLoop
 from kommander.runtime.instruments import AppendTimes, replay_progress
 from kommander.runtime.membership import MembershipChanges
+from kommander.runtime.ratelimit import RateLimitedLog
 from kommander.runtime.transfer import SnapshotReceiver
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,10 +92,14 @@ class PartitionRuntime(ApplyLoop):
         #: Contexts of reads that timed out while the core still holds them (until it confirms or
         #: drops them): they count towards ``max_pending_reads`` like live ones.
         self.abandoned_reads: set[int] = set()
-        #: Whether the last read_index was refused for a full read queue (logged once per episode).
+        #: Whether the last read_index was refused for a full read queue. The first refusal of
+        #: each such episode is logged, at most once per 10 s: under a steady overload the queue
+        #: fills and drains many times a second.
         self.reads_full = False
+        self.log_reads_full = RateLimitedLog(_log.warn, self._seconds)
         #: Likewise for proposals and QUEUE_FULL.
         self.queue_full = False
+        self._log_queue_full = RateLimitedLog(_log.warn, self._seconds)
         #: On a leader: when its recent batches were appended (followers' lag in seconds).
         self.append_times = AppendTimes()
         self.applied = core.log.applied
@@ -140,6 +145,9 @@ class PartitionRuntime(ApplyLoop):
         # Restored from a snapshot (start-up, install): recount the held entries.
         self._tickets = tickets if isinstance(tickets, HeldTickets) else HeldTickets(tickets)
 
+    def _seconds(self) -> float:
+        return self.host.reactor.seconds()
+
     # ------------------------------------------------------------------ proposing
 
     def pending_entries(self) -> int:
@@ -164,9 +172,10 @@ class PartitionRuntime(ApplyLoop):
         if bounded and self.pending_entries() + len(request.proposals) > self.host.config.max_queued_proposals:
             if not self.queue_full:
                 self.queue_full = True
-                _log.warn(
+                self._log_queue_full(
                     "partition {p}: {n} entries on their way to the state machine (max_queued_proposals "
-                    "{limit}); answering QUEUE_FULL until some are applied",
+                    "{limit}); answering QUEUE_FULL until some are applied (the queue filled "
+                    "{suppressed} more times since the last such line)",
                     p=self.number,
                     n=self.pending_entries(),
                     limit=self.host.config.max_queued_proposals,
