@@ -229,3 +229,29 @@ def test_deadlines_apply_to_the_fast_lane(cluster: Cluster) -> None:
     protocol.dataReceived(get("k"))
     settle(cluster)
     assert [r.code for r in replies(transport.value())] == [200, 200]
+
+
+def test_the_client_address_is_asked_of_the_transport_once_per_connection(cluster: Cluster, monkeypatch) -> None:
+    """Every request of a connection carries the client's address (the refusal log lines name
+    it); the transport is asked once, not per request (a new address object each time)."""
+    from kommander.kv import fastlane
+
+    seen = []
+
+    class Recorded(fastlane.FastRequest):
+        __slots__ = ()
+
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            seen.append(self.getClientAddress())
+
+    monkeypatch.setattr(fastlane, "FastRequest", Recorded)
+    leader = cluster.leader_of("k")
+    protocol, transport = connect(cluster, leader)
+    peer = address.IPv4Address("TCP", "127.0.0.9", 40001)
+    asked = []
+    transport.getPeer = lambda: asked.append(1) or peer  # type: ignore[method-assign]
+    protocol.dataReceived(put("k", b"v1") + get("k") + get("k"))
+    settle(cluster)
+    assert [r.code for r in replies(transport.value())] == [200, 200, 200]
+    assert len(asked) == 1 and seen == [peer, peer, peer]

@@ -172,6 +172,10 @@ class FastChannel(Protocol):
         self._serving = False  # inside the _serve loop (an answer given at once continues it)
         self._paused = False
         self._closed = False
+        #: The client's address, asked of the transport once: through the wrappers it is a new
+        #: address object per call, and a profile of a leader at 1,000 connections put that at
+        #: 2.5 % of its CPU when asked per request.
+        self._peer: Any = None
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
         if self._web is not None:
@@ -246,7 +250,10 @@ class FastChannel(Protocol):
         deadlines = self._deadlines()
         if deadlines is not None:
             deadlines.request_received()
-        return FastRequest(head.method, head.uri, head.key, head.query, head.headers, body, self.transport.getPeer())
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = self.transport.getPeer()
+        return FastRequest(head.method, head.uri, head.key, head.query, head.headers, body, peer)
 
     def _respond_later(self, response: Response) -> None:
         self._respond(response)
