@@ -51,6 +51,25 @@ def test_allowlist_matches_names_without_ports() -> None:
             HostAllowlist(bad)
 
 
+def test_answers_are_kept_for_a_bounded_number_of_host_values(monkeypatch) -> None:
+    """A Host value seen before is answered without parsing it again (every request of a client
+    carries the same one), the same answer, and a client sending ever new values cannot grow the
+    kept answers beyond CACHED_HOSTS."""
+    from kommander.kv import hosts as module
+
+    hosts = HostAllowlist(["node1.example"])
+    parsed = []
+    real = module.host_name
+    monkeypatch.setattr(module, "host_name", lambda header: parsed.append(header) or real(header))
+    for _ in range(100):
+        assert hosts.allows(b"node1.example:8001") and not hosts.allows(b"evil.example")
+    assert parsed == [b"node1.example:8001", b"evil.example"]
+    for i in range(10 * module.CACHED_HOSTS):
+        assert not hosts.allows(b"e%d.example" % i)
+        assert len(hosts._seen) <= module.CACHED_HOSTS
+    assert hosts.allows(b"node1.example") and hosts.allows(b"10.1.2.3")
+
+
 def test_default_hosts() -> None:
     assert set(default_hosts("http://node1.example:8001", "10.0.0.5")) == {
         "localhost", "127.0.0.1", "::1", "node1.example", "10.0.0.5",
