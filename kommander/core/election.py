@@ -44,6 +44,8 @@ class Election(NodeState):
                 return
         if self.heartbeat_elapsed >= self.config.heartbeat_tick:
             self.heartbeat_elapsed = 0
+            if self._heartbeat_redundant():
+                return  # every follower is busy with AppendEntries that say all a heartbeat would
             if self._quiesce_leader():
                 return  # idle: one last heartbeat, marked quiesce, instead (quiesce.py)
             self._bcast_heartbeat(self._next_read_round())

@@ -37,6 +37,7 @@ class Progress:
         "storage_id",
         "catching_up",
         "sent_round",
+        "acked",
     )
 
     def __init__(self, next_index: int) -> None:
@@ -62,6 +63,9 @@ class Progress:
         self.catching_up = False
         #: The leader's heartbeat round (ReadIndex context) when it last sent an AppendEntries.
         self.sent_round = 0
+        #: Acknowledged an AppendEntries since the leader's last heartbeat tick (see
+        #: ``Replication._heartbeat_redundant``).
+        self.acked = False
 
     def __repr__(self) -> str:
         return (

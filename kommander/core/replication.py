@@ -91,6 +91,22 @@ class Replication(NodeState):
             if commit > pr.sent_commit:
                 pr.sent_commit = commit
 
+    def _heartbeat_redundant(self) -> bool:
+        """Whether this tick's heartbeat round would tell the followers nothing: each of them
+        acknowledged an AppendEntries since the last tick (so it hears from us, and what we sent
+        is not stuck), each was sent all of the commit index it can use, and no read or lease
+        waits for a round. Under load that is every tick, and with many partitions the
+        heartbeats and their replies were four in ten of all messages. A follower that goes
+        quiet, a lost AppendEntries and a commit index the followers lack all bring the round
+        back at the next tick. Clears the acknowledgements for the next tick either way."""
+        redundant = not (self._read_round_needed or self._pending_reads or self._lease_used)
+        committed = self.log.committed
+        for pr in self.progress.values():
+            if redundant and (not pr.acked or pr.sent_commit < min(pr.match, committed)):
+                redundant = False
+            pr.acked = False
+        return redundant
+
     def _bcast_commit(self) -> None:
         """The commit index moved: a follower with entries waiting is sent them now, and they
         carry it. The others learn it with their next AppendEntries or the next periodic
@@ -129,6 +145,7 @@ class Replication(NodeState):
                     pr.become_probe()
                 self._send_append(m.src, pr, send_empty=True)
             return
+        pr.acked = True
         if not pr.maybe_update(m.index):
             if pr.state is not ProgressState.PROBE or m.index != pr.match:
                 return

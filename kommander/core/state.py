@@ -178,6 +178,9 @@ class NodeState:
     def _bcast_heartbeat(self, context: int) -> None:  # replication.py
         raise NotImplementedError
 
+    def _heartbeat_redundant(self) -> bool:  # replication.py
+        raise NotImplementedError
+
     def _maybe_finish_transfer(self, peer: str) -> None:  # election.py
         raise NotImplementedError
 

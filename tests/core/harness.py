@@ -343,12 +343,17 @@ class Network:
         """Tick the leader ``node_id`` until it sends one round of heartbeats, and deliver.
 
         Followers learn a commit index that moved after their own acknowledgement only from the
-        next AppendEntries or heartbeat; this is how tests let them catch up."""
+        next AppendEntries or heartbeat; this is how tests let them catch up. A leader skips the
+        round of a tick after which every follower acknowledged an AppendEntries and was sent
+        the commit index it can use (``_heartbeat_redundant``): then the next tick sends it."""
         core = self[node_id]
         assert core.role is Role.LEADER, f"{node_id} does not lead: {core!r}"
-        for _ in range(core.config.heartbeat_tick):
+        rounds = core._read_seq
+        for _ in range(2 * core.config.heartbeat_tick):
             core.tick()
             self.process(node_id)
+            if core._read_seq != rounds or core.role is not Role.LEADER:
+                break
         self.deliver()
 
     def elect(self, node_id: str, settle: bool = True) -> RaftNode:
