@@ -508,6 +508,39 @@ def test_node_processes_tune_the_garbage_collector() -> None:
         gc.set_threshold(*before)
 
 
+def test_a_checkpoint_s_worth_of_entries_draws_no_young_collection() -> None:
+    """Holding the entries a partition keeps between two checkpoints (``checkpoint_every`` of
+    them, then freed together) starts no collection of the youngest generation: such a
+    collection walks every one of them and can free none. With the old (50,000, 20, 100) it
+    ran about once per checkpoint."""
+    import gc
+
+    from kommander.config import RaftConfiguration
+    from kommander.core.types import Entry
+
+    # The entries, and a fifth as much again for the rest of what a loaded node holds.
+    held = RaftConfiguration("n1").checkpoint_every * 6 // 5
+    young: list[int] = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 0:
+            young.append(1)
+
+    before = gc.get_threshold()
+    try:
+        tap.tune_garbage_collector()
+        gc.collect()
+        gc.callbacks.append(count)
+        for _ in range(2):  # two checkpoint cycles: the count falls back as the entries go
+            log = [Entry(i, 1, data=b"v") for i in range(1, held + 1)]
+            del log
+    finally:
+        if count in gc.callbacks:
+            gc.callbacks.remove(count)
+        gc.set_threshold(*before)
+    assert young == []
+
+
 def test_twistd_s_service_tunes_its_process_and_an_embedded_one_does_not() -> None:
     """makeService on the global reactor (twistd) tunes the collector and freezes the heap once
     joined; given a reactor (an application or a test sharing its process), it does neither."""

@@ -97,7 +97,16 @@ class RaftService(service.Service):
 #: write, and with Python's defaults (700, 10, 10) the collector kept re-scanning the log held in
 #: memory between checkpoints: 7% of the instructions per write (callgrind, 3-node in-process
 #: cluster at 1,000 writes in flight). Cycles are still collected, in larger steps.
-GC_THRESHOLDS = (50_000, 20, 100)
+#:
+#: The youngest generation's count is objects allocated less objects freed, and what it grows by
+#: on a loaded node is nearly all the log's entries, kept until a checkpoint covers them
+#: (``checkpoint_every``, 50,000 by default). At 50,000 a collection came about once per
+#: checkpoint on every node, walked those 50,000 entries for 6-28 ms and could free none of them.
+#: At twice the default a partition's checkpoint frees its entries before the count gets there,
+#: and collections under load come only from what grows beyond the log (docs/performance.rst,
+#: "The collector and the log"). With many busy partitions the log held is larger than any
+#: threshold: collections then come as often per entry as before and each walks twice as many.
+GC_THRESHOLDS = (100_000, 20, 100)
 
 
 def freeze_heap() -> None:
