@@ -96,7 +96,7 @@ class Replication(NodeState):
         acknowledged an AppendEntries since the last tick (so it hears from us, and what we sent
         is not stuck), each was sent all of the commit index it can use, and no read or lease
         waits for a round. Under load that is every tick, and with many partitions the
-        heartbeats and their replies were four in ten of all messages. A follower that goes
+        heartbeats and their replies were about half of all messages. A follower that goes
         quiet, a lost AppendEntries and a commit index the followers lack all bring the round
         back at the next tick. Clears the acknowledgements for the next tick either way."""
         redundant = not (self._read_round_needed or self._pending_reads or self._lease_used)
