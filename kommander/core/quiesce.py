@@ -72,12 +72,13 @@ class Quiesce(NodeState):
     def _quiesce_leader(self) -> bool:
         """Heartbeat time on a leader: quiesce if the partition is idle. Returns whether it did
         (the quiesce heartbeats then replace this round's heartbeats)."""
-        if not self.config.quiesce:
-            return False
         if self._lease_used:
             # Lease reads since the last heartbeat: stay awake, so that the lease stays fresh
-            # and the next read needs no round either.
+            # and the next read needs no round either. Cleared here even with quiescence off,
+            # or the leader would never skip a redundant round again (replication.py).
             self._lease_used = False
+            return False
+        if not self.config.quiesce:
             return False
         left_out = self._leader_idle()
         if left_out is None:

@@ -111,3 +111,22 @@ def test_lease_reads_keep_the_rounds_that_renew_the_lease():
     # Every tick with a lease read since the last one sends its round, so the lease holds.
     assert served >= TICKS - 2
     assert heartbeats(net, "n1") - before >= 2 * (TICKS - 2)
+
+
+def test_without_quiescence_a_lease_read_holds_back_only_the_next_round():
+    """The flag "a lease read was served since the last tick" was cleared only where a leader
+    decides to quiesce, so with ``quiesce = false`` one lease read kept every later round."""
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    net = Network(3, lease_clock=clock, lease_seconds=0.3, check_quorum=True, quiesce=False)
+    net.elect("n1")
+    core = net["n1"]
+    net.tick("n1")  # a confirmed round: the lease holds
+    assert core.lease_read_index() is not None
+    before = heartbeats(net, "n1")
+    loaded(net, "n1", TICKS)
+    # The round right after the read renews the lease; the loaded ticks after it send none.
+    assert heartbeats(net, "n1") - before == 2
