@@ -83,6 +83,41 @@ def test_now_keeps_increasing_when_the_wall_clock_goes_back() -> None:
     assert unpack(second) == (5000, 1)
 
 
+def test_the_system_clock_is_read_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a physical source the clock reads the system clock itself (the fast path of
+    now()), with the same results: the current millisecond, then the logical counter."""
+    import kommander.plugins.hlc as hlc
+
+    ns = [1_700_000_000_123_456_789]
+    monkeypatch.setattr(hlc, "_time_ns", lambda: ns[0])
+    clock = HybridLogicalClock("n1")
+    assert clock._physical_ms is None
+    assert [unpack(clock.now()) for _ in range(2)] == [(1_700_000_000_123, 0), (1_700_000_000_123, 1)]
+    ns[0] = -5_000_000  # a system clock set before 1970 is clamped, and readings still increase
+    assert unpack(clock.now()) == (1_700_000_000_123, 2)
+    assert unpack(HybridLogicalClock("n2").now()) == (0, 1)  # as with a wall clock at 0
+    ns[0] = 1_700_000_000_150_000_000  # update() reads it too: 50 ms behind the remote reading
+    assert unpack(clock.update(pack(1_700_000_000_200, 7))) == (1_700_000_000_200, 8)
+
+
+def test_the_builtin_plugin_reads_a_simulated_reactor_s_time() -> None:
+    """The ``hlc`` plugin follows a ``task.Clock`` (deterministic test clusters) and reads the
+    system clock inline under a real reactor, whose time is the system clock."""
+    from twisted.internet import reactor, task
+
+    from kommander.config import RaftConfiguration
+    from kommander.plugins.builtin import kommander_clocks
+    from kommander.registry import PluginContext
+
+    config = RaftConfiguration(node_id="n1").validate()
+    fake = task.Clock()
+    fake.advance(12.5)
+    simulated = kommander_clocks()["hlc"](PluginContext(fake, config))
+    assert unpack(simulated.now()) == (12_500, 0)
+    real = kommander_clocks()["hlc"](PluginContext(reactor, config))
+    assert real._physical_ms is None
+
+
 def test_logical_overflow_borrows_from_physical() -> None:
     """Past logical 0xFFFF the reading carries into the physical part instead of wrapping."""
     clock = HybridLogicalClock("n1", FakeWall(7))

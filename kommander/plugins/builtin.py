@@ -34,6 +34,7 @@ Options read from :attr:`PluginContext.options <kommander.hookspecs.PluginContex
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -248,7 +249,8 @@ def _hlc(ctx: PluginContext) -> Any:
 
     return HybridLogicalClock(
         ctx.config.node_id,
-        physical_ms,
+        # A real reactor's time is the system clock, which the HLC reads faster by itself.
+        None if getattr(reactor, "seconds", None) is time.time else physical_ms,
         max_drift_ms=int_option(ctx, "hlc_max_drift_ms", DEFAULT_MAX_DRIFT_MS, low=0),
     )
 

@@ -415,7 +415,8 @@ class RaftManager(MembershipHost, DriveLoop, MembershipApi, TicketApi):
         if type(data) is bytes:  # the common case, without building and checking a list
             if len(data) > limit:
                 return self._too_large(partition, log_type, len(data))
-            proposals = [Proposal(log_type, data, self._now_ts(), kind)]
+            clock = self.clock  # _now_ts(), inlined: once per write
+            proposals = [Proposal(log_type, data, clock.now() if clock is not None else 0, kind)]
         else:
             items = [data] if isinstance(data, (bytearray, memoryview)) else list(data)
             if not items or not all(isinstance(d, (bytes, bytearray, memoryview)) for d in items):
