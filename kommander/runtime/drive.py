@@ -312,7 +312,8 @@ class DriveLoop(NodeLiveness):
                     writes.append(WalWrite(runtime.number, ready.hard_state, ready.entries))
                     self.stats["wal_entries"] += len(ready.entries)
                 readies.append((runtime, ready))
-            if core.has_ready():
+            if rounds == 16 and core.has_ready():
+                # Left over after the cap (below it the loop ended on has_ready() being false).
                 self._dirty[runtime.number] = runtime
             self._update_awake(runtime)
             if self.rejoining and runtime.number in self.rejoining and not core.catching_up:
