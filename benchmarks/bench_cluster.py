@@ -263,12 +263,17 @@ class Cluster:
 
     #: Extra ``twistd kommander`` options for every node (``--node-args``), for experiments.
     extra_args: list[str] = []
+    #: With a directory (``--cprofile``), every node runs ``cProfile`` between a probe and the next
+    #: one (the phases bracket each measured load with two probes) and writes
+    #: ``<dir>/<cluster>-<window>.<node>.pstats``.
+    cprofile_dir: Path | None = None
 
     def __init__(self, workdir: Path, name: str, partitions: int, size: int = 3, election_max: float = 1.0) -> None:
         self.workdir = workdir / name
         self.workdir.mkdir(parents=True)
         self.partitions = partitions
         self.election_max = election_max
+        self._probes = 0
         ids = [f"n{i + 1}" for i in range(size)]
         ports = free_ports(2 * size)
         raft = {node_id: ports[i] for i, node_id in enumerate(ids)}
@@ -333,7 +338,16 @@ class Cluster:
         raise RuntimeError(f"no agreed leaders within {timeout:.0f}s; logs in {self.workdir}")
 
     def probe(self) -> dict[str, dict]:
-        waiting = {node.node_id: node.request("probe") for node in self.alive()}
+        cprofile: dict[str, str] = {}
+        if self.cprofile_dir is not None:
+            window, closing = divmod(self._probes, 2)
+            self._probes += 1
+            stem = self.cprofile_dir / f"{self.workdir.name}-{window}"
+            cprofile = {n: f"{stem}.{n}.pstats" if closing else "start" for n in self.nodes}
+        waiting = {
+            node.node_id: node.request("probe", **({"cprofile": cprofile[node.node_id]} if cprofile else {}))
+            for node in self.alive()
+        }
         found = {node_id: w.wait(30) for node_id, w in waiting.items()}
         for node_id, document in found.items():
             pid = self.nodes[node_id].pid
@@ -370,6 +384,9 @@ def deltas(before: dict[str, dict], after: dict[str, dict], leaders: set[str], o
     out["fsyncs_per_op_cluster"] = total / ops if ops else None
     out["messages_per_op_cluster"] = sum(out["messages_sent"].values()) / ops if ops else None
     out["cpu_us_per_op_cluster"] = sum(out["cpu_s"].values()) / ops * 1e6 if ops else None
+    profiles = sorted(document["cprofile"] for document in after.values() if document.get("cprofile"))
+    if profiles:
+        out["cprofile"] = profiles
     return out
 
 

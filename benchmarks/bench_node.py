@@ -13,6 +13,8 @@ the library API (:meth:`RaftManager.replicate_logs`), so no client protocol is m
 
 ``status``      the node's partition table (:meth:`RaftManager.status`) and whether it is running
 ``probe``       WAL log flushes (fsyncs) and transactions, the manager's and transport's counters
+                with ``cprofile`` set: ``"start"`` starts a ``cProfile`` of this process, a path
+                stops it and writes its statistics there (``cluster_bench.py --cprofile``)
 ``load``        closed loop: ``inflight`` requests outstanding, each completion issues the next
 ``overload``    open loop at a fixed rate, sampling RSS and queue depths while it runs
 ``transfer``    hand leadership of a partition to another node
@@ -87,8 +89,20 @@ class Node:
         document["pid"] = os.getpid()
         return document
 
-    async def probe(self, _: dict) -> dict:
+    async def probe(self, msg: dict) -> dict:
         wal = self.manager.wal
+        cprofile = msg.get("cprofile")
+        written = None
+        if cprofile == "start":
+            import cProfile
+
+            self._cprofile = cProfile.Profile()
+            self._cprofile.enable()
+        elif cprofile is not None and getattr(self, "_cprofile", None) is not None:
+            self._cprofile.disable()
+            self._cprofile.dump_stats(cprofile)
+            self._cprofile = None
+            written = cprofile
         flushes = transactions = None
         if hasattr(wal, "_run_in_writer") and self.manager.running:
             # Berkeley DB's own count of log flushes to disk: every fsync the WAL did, checkpoints
@@ -104,6 +118,7 @@ class Node:
             "transport": transport_stats,
             "memory": memory_kib(),
             "cpu_s": sum(os.times()[:2]),
+            "cprofile": written,
         }
 
     # ------------------------------------------------------------------ leadership

@@ -34,7 +34,9 @@ What it does, every process on 127.0.0.1 and stopped (by PID) at the end:
 
 Results go to ``benchmarks/results/latest.json``; ``--plot`` draws ``docs/perf-throughput.png``;
 ``--profile S`` records the leader under 1,000 writes in flight with py-spy for S seconds and
-prints its hottest functions. The last line printed is always::
+prints its hottest functions; ``--cprofile DIR`` runs ``cProfile`` in every node over each
+measured load, for ``cprofile_compare.py`` to set two runs side by side, calls and time per write.
+The last line printed is always::
 
     kommander_ops_per_s=X pysyncobj_ops_per_s=Y ratio=Z
 
@@ -544,8 +546,13 @@ def main() -> int:
     parser.add_argument("--partition-counts", type=lambda text: [int(n) for n in text.split(",")], default=[8, 64],
                         metavar="N,N", help="partition counts of the partitions phase (default 8,64)")  # fmt: skip
     parser.add_argument("--node-args", default="", help="extra twistd kommander options for every node, quoted")
+    parser.add_argument("--cprofile", type=Path, default=None, metavar="DIR",
+                        help="cProfile every node over each measured load; pstats files in DIR (see cprofile_compare.py)")
     args = parser.parse_args()
     Cluster.extra_args = shlex.split(args.node_args)
+    if args.cprofile is not None:
+        args.cprofile.mkdir(parents=True, exist_ok=True)
+        Cluster.cprofile_dir = args.cprofile.resolve()
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="kommander-bench-", dir=args.workdir))
