@@ -34,6 +34,7 @@ import time
 from typing import Any, NamedTuple
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet import tcp
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web.http import RESPONSES, datetimeToString, parse_qs
@@ -59,6 +60,44 @@ _DIGITS = re.compile(rb"[0-9]{1,12}")
 _ELSEWHERE = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"http2-settings", b"te", b"trailer"))
 
 _log = Logger()
+
+#: What :func:`_send_now` relies on in Twisted's TCP connections besides the documented
+#: ``writeSomeData``: the two write buffers, the flags :meth:`write` checks and the producer.
+_SEND_NOW_NEEDS = ("writeSomeData", "dataBuffer", "offset", "_writeDisconnected", "disconnecting", "connected", "producer", "TLS")
+
+
+def _plain_tcp(transport: Any) -> Any:
+    """The plain TCP connection under ``transport`` (through :class:`RequestDeadlines`), if that
+    is what it is: not TLS, not another wrapper; otherwise ``None``."""
+    inner = transport.transport if isinstance(transport, RequestDeadlines) else transport
+    if type(inner) is not tcp.Server or not all(hasattr(inner, name) for name in _SEND_NOW_NEEDS):
+        return None
+    return None if inner.TLS else inner
+
+
+def _send_now(connection: Any, data: bytes) -> None:
+    """Write ``data`` on a plain TCP ``connection``, sending what the socket takes at once.
+
+    ``transport.write`` only buffers, registers the socket for writing (a system call) and sends
+    in the reactor's next iteration, which then unregisters it (another one): with 1,000
+    keep-alive connections each answer took two ``epoll_ctl`` calls and a write event of its own.
+    With nothing buffered, the answer goes out now; what the socket does not take (a full send
+    buffer) and everything after a failed send (the reactor's next write reports the loss as
+    usual) go through ``write``. Anything buffered or a producer: ``write`` alone, in order."""
+    if (
+        connection.connected
+        and not connection.disconnecting
+        and not connection._writeDisconnected
+        and connection.producer is None
+        and connection.offset == len(connection.dataBuffer)
+        and not connection._tempDataLen
+    ):
+        sent = connection.writeSomeData(data)
+        if type(sent) is int:
+            if sent >= len(data):
+                return
+            data = data[sent:]
+    connection.write(data)
 
 
 class _Headers:
@@ -176,6 +215,9 @@ class FastChannel(Protocol):
         #: address object per call, and a profile of a leader at 1,000 connections put that at
         #: 2.5 % of its CPU when asked per request.
         self._peer: Any = None
+        #: The plain TCP connection answers are sent on at once (:func:`_send_now`), ``None``
+        #: for TLS and other transports (decided at the first answer), ``False`` before it.
+        self._direct: Any = False
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
         if self._web is not None:
@@ -273,7 +315,13 @@ class FastChannel(Protocol):
             parts.append(b"%s: %s\r\n" % (name, value))
         parts.append(b"\r\n")
         parts.append(body)
-        self.transport.write(b"".join(parts))
+        direct = self._direct
+        if direct is False:
+            direct = self._direct = _plain_tcp(self.transport)
+        if direct is None:
+            self.transport.write(b"".join(parts))
+        else:
+            _send_now(direct, b"".join(parts))
         deadlines = self._deadlines()
         if deadlines is not None:
             deadlines.request_done()
