@@ -189,5 +189,31 @@ async def test_a_failed_send_closes_the_connection_through_the_reactor_as_before
             await close(client)
 
 
+def buffered(connection: Any) -> int:
+    """Bytes of answers waiting in Twisted's write buffer of ``connection``."""
+    return len(connection.dataBuffer) - connection.offset + connection._tempDataLen
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_does_not_read_its_answers_stops_being_read() -> None:
+    """Pipelined requests whose answers the client never reads: the node stops reading (and
+    answering) once Twisted's write buffer is full, instead of buffering every answer."""
+    async with Served() as served:
+        client = await served.connect()
+        try:
+            client.transport.pauseProducing()
+            requests = 1000
+            client.transport.write(get(b"v", 100_000) * requests)  # 100 MB of answers
+            await until(lambda: served.channels and served.channels[0]._direct, "the first answer")
+            connection = served.channels[0]._direct
+            await task.deferLater(reactor, 0.5, lambda: None)
+            assert buffered(connection) < 1 << 20
+            client.transport.resumeProducing()
+            await until(lambda: len(client.data) >= requests * 100_000, "every answer", 60)
+            assert bodies(bytes(client.data)) == [b"v" * 100_000] * requests
+        finally:
+            await close(client)
+
+
 def test_other_transports_are_written_as_before() -> None:
     assert fastlane._plain_tcp(StringTransport()) is None

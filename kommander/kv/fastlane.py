@@ -35,9 +35,11 @@ from typing import Any, NamedTuple
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web.http import RESPONSES, datetimeToString, parse_qs
+from zope.interface import implementer
 
 from kommander.kv.limits import RequestDeadlines
 from kommander.kv.responses import Response
@@ -62,8 +64,8 @@ _ELSEWHERE = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"http2-set
 _log = Logger()
 
 #: What :func:`_send_now` relies on in Twisted's TCP connections besides the documented
-#: ``writeSomeData``: the two write buffers, the flags :meth:`write` checks and the producer.
-_SEND_NOW_NEEDS = ("writeSomeData", "dataBuffer", "offset", "_writeDisconnected", "disconnecting", "connected", "producer", "TLS")
+#: ``writeSomeData``: the two write buffers and the flags :meth:`write` checks.
+_SEND_NOW_NEEDS = ("writeSomeData", "dataBuffer", "offset", "_tempDataLen", "_writeDisconnected", "disconnecting", "connected", "TLS")
 
 
 def _plain_tcp(transport: Any) -> Any:
@@ -83,12 +85,13 @@ def _send_now(connection: Any, data: bytes) -> None:
     keep-alive connections each answer took two ``epoll_ctl`` calls and a write event of its own.
     With nothing buffered, the answer goes out now; what the socket does not take (a full send
     buffer) and everything after a failed send (the reactor's next write reports the loss as
-    usual) go through ``write``. Anything buffered or a producer: ``write`` alone, in order."""
+    usual) go through ``write``. Anything buffered: ``write`` alone, in order. The producer's
+    state needs no care: it is paused only while something is buffered, and a send that
+    buffers nothing cannot fill the buffer."""
     if (
         connection.connected
         and not connection.disconnecting
         and not connection._writeDisconnected
-        and connection.producer is None
         and connection.offset == len(connection.dataBuffer)
         and not connection._tempDataLen
     ):
@@ -197,9 +200,16 @@ def _parse_head(head: bytes, limit: int, start: int) -> _Head | object:
     return _Head(method, uri, key, query, headers, start, start + length)
 
 
+@implementer(IPushProducer)
 class FastChannel(Protocol):
     """One HTTP connection: the fast lane until a request does not fit, then twisted.web's
-    :class:`~twisted.web.http.HTTPChannel` for the rest of it."""
+    :class:`~twisted.web.http.HTTPChannel` for the rest of it.
+
+    It is its transport's producer, as twisted.web's channel is: a client that pipelines
+    requests and does not read the answers fills the transport's write buffer, and the channel
+    then stops reading and answering until the buffer has drained, instead of buffering every
+    answer (a GET of a large value asked a thousand times is a thousand values in memory).
+    """
 
     def __init__(self, lane: "FastLane", addr: Any) -> None:
         self._lane = lane
@@ -209,7 +219,9 @@ class FastChannel(Protocol):
         self._request: FastRequest | None = None  # being served
         self._web: Any = None  # twisted.web's channel, once handed over
         self._serving = False  # inside the _serve loop (an answer given at once continues it)
-        self._paused = False
+        self._paused = False  # reading paused: a request is served and the next is buffered
+        self._blocked = False  # reading paused: the transport's write buffer is full
+        self._reading_paused = False
         self._closed = False
         #: The client's address, asked of the transport once: through the wrappers it is a new
         #: address object per call, and a profile of a leader at 1,000 connections put that at
@@ -218,6 +230,9 @@ class FastChannel(Protocol):
         #: The plain TCP connection answers are sent on at once (:func:`_send_now`), ``None``
         #: for TLS and other transports (decided at the first answer), ``False`` before it.
         self._direct: Any = False
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        self.transport.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
         if self._web is not None:
@@ -230,7 +245,30 @@ class FastChannel(Protocol):
             self._serve()
         elif len(self._buffer) > _HIGH_WATER and not self._paused:
             self._paused = True
-            self.transport.pauseProducing()
+            self._update_reading()
+
+    # IPushProducer, for the transport: its write buffer went over its bufferSize, or drained.
+
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        self._blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        self._blocked = False
+        self._update_reading()
+        self._serve()
+
+    def stopProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        """The connection is going; connectionLost follows."""
+
+    def _update_reading(self) -> None:
+        paused = self._paused or self._blocked
+        if paused != self._reading_paused:
+            self._reading_paused = paused
+            if paused:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
         self._closed = True
@@ -246,7 +284,7 @@ class FastChannel(Protocol):
             return  # an answer given at once: the loop below takes the next request
         self._serving = True
         try:
-            while self._request is None and self._web is None and not self._closed and self._buffer:
+            while self._request is None and self._web is None and not self._closed and not self._blocked and self._buffer:
                 request = self._next()
                 if request is None:
                     return  # wait for more bytes
@@ -327,13 +365,14 @@ class FastChannel(Protocol):
             deadlines.request_done()
         if self._paused:
             self._paused = False
-            self.transport.resumeProducing()
+            self._update_reading()
 
     def _hand_over(self) -> None:
-        """Give the connection, with what is buffered, to twisted.web for good."""
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+        """Give the connection, with what is buffered, to twisted.web for good (it registers as
+        the transport's producer itself)."""
+        self._paused = self._blocked = False
+        self._update_reading()
+        self.transport.unregisterProducer()
         web = self._lane.site.buildProtocol(self._addr)
         self._web = web
         data, self._buffer = bytes(self._buffer), bytearray()
