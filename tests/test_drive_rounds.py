@@ -8,6 +8,8 @@ write, each walking fourteen fields).
 
 from __future__ import annotations
 
+from typing import Any
+
 from kommander.core.types import Ready
 
 from runtime_harness import Cluster
@@ -30,24 +32,25 @@ def counted(core, readies: int) -> dict[str, int]:
     return calls
 
 
-def test_a_turn_asks_has_ready_once_more_than_it_takes_readys() -> None:
+def leader_turn(readies: int) -> tuple[Any, Any, dict[str, int]]:
+    """A 3-node cluster's leader manager and its partition, whose core claims ``readies`` extra
+    Readys, marked dirty for a turn."""
     cluster = Cluster(3, 1, seed=3).start_all()
-    leader = cluster.wait_for_leaders()[0]
-    manager = leader.m
+    manager = cluster.wait_for_leaders()[0].m
     runtime = manager.runtimes[0]
-    calls = counted(runtime.core, 1)
+    calls = counted(runtime.core, readies)
     manager.mark_dirty(runtime)
+    return manager, runtime, calls
+
+
+def test_a_turn_asks_has_ready_once_more_than_it_takes_readys() -> None:
+    manager, _, calls = leader_turn(1)
     manager._flush()
     assert calls == {"has_ready": 2, "ready": 1}
 
 
 def test_a_core_with_more_than_16_readys_stays_dirty_for_the_next_turn() -> None:
-    cluster = Cluster(3, 1, seed=3).start_all()
-    leader = cluster.wait_for_leaders()[0]
-    manager = leader.m
-    runtime = manager.runtimes[0]
-    calls = counted(runtime.core, 20)
-    manager.mark_dirty(runtime)
+    manager, runtime, calls = leader_turn(20)
     manager._flush()
     assert calls["ready"] == 16
     assert manager._dirty.get(0) is runtime
