@@ -215,5 +215,20 @@ async def test_a_client_that_does_not_read_its_answers_stops_being_read() -> Non
             await close(client)
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_idle_fast_lane_connection_is_closed_at_the_idle_timeout() -> None:
+    served = Served()
+    served.factory.idle_timeout = 0.3
+    async with served:
+        client = await served.connect()
+        try:
+            client.transport.write(get(b"a"))
+            await until(lambda: bodies_prefix(client.data) == [b"a"], "the answer")
+            await until(lambda: client.closed.called, "the idle connection to be closed", 5)
+            assert served.factory.idle_closed == 1
+        finally:
+            await close(client)
+
+
 def test_other_transports_are_written_as_before() -> None:
     assert fastlane._plain_tcp(StringTransport()) is None

@@ -147,16 +147,27 @@ async def test_kept_alive_connections_are_not_cut_between_requests_and_pipelinin
 
 
 def test_timeouts_must_be_positive():
-    for kwargs in ({"header_timeout": 0}, {"body_timeout": -1.0}, {"header_timeout": float("inf")}, {"body_timeout": True}):
+    for kwargs in (
+        {"header_timeout": 0},
+        {"body_timeout": -1.0},
+        {"header_timeout": float("inf")},
+        {"body_timeout": True},
+        {"idle_timeout": 0},
+    ):
         with pytest.raises(ValueError):
             ConnectionLimits(server.Site(Echo()), **kwargs)
 
 
 def test_twistd_options():
-    options = parse(*node_args(), "--option", "http_header_timeout=2.5", "--option", "http_body_timeout=30")
-    assert options.http_deadlines == {"http_header_timeout": 2.5, "http_body_timeout": 30.0}
+    options = parse(
+        *node_args(),
+        "--option", "http_header_timeout=2.5",
+        "--option", "http_body_timeout=30",
+        "--option", "http_idle_timeout=15",
+    )  # fmt: skip
+    assert options.http_deadlines == {"http_header_timeout": 2.5, "http_body_timeout": 30.0, "http_idle_timeout": 15.0}
     assert parse(*node_args()).http_deadlines == {}
-    for bad in ("http_header_timeout=0", "http_body_timeout=soon", "http_header_timeout=1e9"):
+    for bad in ("http_header_timeout=0", "http_body_timeout=soon", "http_header_timeout=1e9", "http_idle_timeout=-1"):
         with pytest.raises(usage.UsageError, match=bad.split("=")[0]):
             parse(*node_args(), "--option", bad)
 
@@ -174,14 +185,18 @@ class CountingClock(task.Clock):
         return super().callLater(*args, **kwargs)
 
 
-def clocked_connection(header: float, body: float):
+def clocked_connection(header: float, body: float, idle: float = 60.0):
     """A RequestDeadlines connection on a CountingClock, over a StringTransport."""
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import StringTransport
 
     clock = CountingClock()
     limits = ConnectionLimits(
-        protocol.Factory.forProtocol(protocol.Protocol), header_timeout=header, body_timeout=body, clock=clock
+        protocol.Factory.forProtocol(protocol.Protocol),
+        header_timeout=header,
+        body_timeout=body,
+        idle_timeout=idle,
+        clock=clock,
     )
     address = IPv4Address("TCP", "127.0.0.1", 40000)
     conn = limits.buildProtocol(address)
@@ -232,6 +247,26 @@ def test_a_body_deadline_shorter_than_the_running_timer_moves_it_earlier():
     assert not transport.disconnecting
     clock.advance(0.1)
     assert transport.disconnecting and b"408 Request Timeout" in transport.value()
+
+
+def test_a_kept_alive_connection_idle_past_the_idle_timeout_is_closed_without_an_answer():
+    """The KV fast lane has no idle timeout of its own (twisted.web's is 60 s): without this, a
+    client could keep thousands of idle connections open for good."""
+    clock, conn, transport = clocked_connection(header=10.0, body=60.0, idle=30.0)
+    serve_one(conn)
+    clock.advance(29.9)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnecting and transport.value() == b""
+    assert conn.factory.idle_closed == 1 and conn.factory.timed_out == 0
+
+
+def test_a_busy_connection_is_never_idle_long_enough():
+    clock, conn, transport = clocked_connection(header=10.0, body=60.0, idle=1.0)
+    for _ in range(1000):
+        serve_one(conn)
+        clock.advance(0.5)  # 500 s in all, never 1 s between two requests
+    assert not transport.disconnecting and conn.factory.idle_closed == 0
 
 
 def test_a_closed_connection_leaves_no_timer():

@@ -52,6 +52,7 @@ from kommander.kv.hosts import HostAllowlist, default_hosts
 from kommander.kv.limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
     ConnectionLimits,
@@ -212,7 +213,7 @@ class Options(usage.Options):
         self.metadata = self._metadata()
         self.hosts = self._http_hosts()
         self.http_limits = self._size_options("http_max_connections", "http_max_connections_per_address")
-        self.http_deadlines = self._seconds_options("http_header_timeout", "http_body_timeout")
+        self.http_deadlines = self._seconds_options("http_header_timeout", "http_body_timeout", "http_idle_timeout")
         if self["join"]:
             from kommander.entry.join import check_join_options
 
@@ -535,6 +536,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             seconds=reactor.seconds,
             header_timeout=options.http_deadlines.get("http_header_timeout", DEFAULT_HEADER_TIMEOUT),
             body_timeout=options.http_deadlines.get("http_body_timeout", DEFAULT_BODY_TIMEOUT),
+            idle_timeout=options.http_deadlines.get("http_idle_timeout", DEFAULT_IDLE_TIMEOUT),
             clock=reactor,
         )
         http = strports.service(options["http"], limited, reactor=reactor)
