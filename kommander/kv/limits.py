@@ -137,33 +137,31 @@ class RequestDeadlines(ProtocolWrapper):
             return
         self._deadline = 0.0
         phase, seconds = self.phase, self._limit
+        self.phase = "closed"
         factory = self.factory
+        host = getattr(self, "limit_host", "?")
         if phase == "idle":
             # No request under way: nothing to answer, the connection is only closed.
             factory.idle_closed += 1
             factory._log_idle(
                 "HTTP connection from {host} closed: idle for {seconds}s (http_idle_timeout;"
                 " {suppressed} more since the last such line)",
-                host=getattr(self, "limit_host", "?"),
+                host=host,
                 seconds=seconds,
             )
-            self.phase = "closed"
-            self.loseConnection()
-            return
-        factory.timed_out += 1
-        factory._log_timed_out(
-            "HTTP connection from {host} closed: request {phase} not received within {seconds}s"
-            " (http_{phase_name}_timeout; {suppressed} more since the last such line)",
-            host=getattr(self, "limit_host", "?"),
-            phase=phase,
-            phase_name="header" if phase == "headers" else "body",
-            seconds=seconds,
-        )
-        self.phase = "closed"
-        if not self._answered:
-            self.write(_TIMEOUT_RESPONSE)
+        else:
+            factory.timed_out += 1
+            factory._log_timed_out(
+                "HTTP connection from {host} closed: request {phase} not received within {seconds}s"
+                " (http_{phase_name}_timeout; {suppressed} more since the last such line)",
+                host=host,
+                phase=phase,
+                phase_name="header" if phase == "headers" else "body",
+                seconds=seconds,
+            )
+            if not self._answered:
+                self.write(_TIMEOUT_RESPONSE)
         self.loseConnection()
-
 
 
 class ConnectionLimits(WrappingFactory):
